@@ -1,0 +1,91 @@
+"""Every error a user can cause, as a small tree of named classes.
+
+    MergebuildError                 base; carries the node name and a hint
+    ├── MergefileError              bad YAML, unknown keys, wrong parameters (file:line)
+    ├── GraphError                  unknown reference, cycle, missing target
+    ├── SourceError                 source directory or hub repo unusable
+    ├── CheckpointError             unreadable, truncated or unsafe weights file
+    ├── IncompatibleModelsError     parents that cannot be merged (names, shapes, vocab)
+    ├── StoreError                  store locked, full disk, corrupt object
+    └── BuildInterrupted            Ctrl-C / SIGTERM during a build
+
+The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class MergebuildError(Exception):
+    """Base of all user-facing errors."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, node: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.node = node
+        self.hint = hint
+
+    def __str__(self) -> str:
+        where = f"node '{self.node}': " if self.node else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}{self.message}{hint}"
+
+
+class MergefileError(MergebuildError):
+    """The Mergefile cannot be read or does not validate."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        node: str | None = None,
+        hint: str | None = None,
+    ):
+        super().__init__(message, node=node, hint=hint)
+        self.file = file
+        self.line = line
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        return where + super().__str__()
+
+
+class GraphError(MergefileError):
+    """The nodes do not form a valid DAG, or a target is unknown."""
+
+
+class SourceError(MergebuildError):
+    """A source node's weights cannot be found or used."""
+
+    exit_code = 3
+
+
+class CheckpointError(MergebuildError):
+    """A weights file is unreadable, truncated, unsafe or not safetensors."""
+
+    exit_code = 3
+
+
+class IncompatibleModelsError(MergebuildError):
+    """Parents of a merge disagree in tensor names, shapes, dtypes or vocabulary."""
+
+    exit_code = 3
+
+
+class StoreError(MergebuildError):
+    """The store cannot be written or holds a corrupt object."""
+
+    exit_code = 4
+
+
+class BuildInterrupted(MergebuildError):
+    """The build was interrupted; nothing was published."""
+
+    exit_code = 130

@@ -1,0 +1,1 @@
+"""Merge methods: pure torch functions over one output tensor, and their registry."""
