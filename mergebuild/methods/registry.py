@@ -110,3 +110,149 @@ def register(method: Method) -> Method:
 
 def get_method(name: str) -> Method | None:
     return METHODS.get(name)
+
+
+# --- more methods (methods-B) ---
+# Names, defaults and base policies follow mergekit 0.1.5; where mergekit gives no range,
+# only values that cannot mean anything (negative counts or tolerances) are refused.
+# As in methods-A, sce's `int8_mask` (a memory knob with no effect on results) is not accepted.
+
+_WEIGHT = Param("weight", "float", scope="parent", help="relative weight of this model")
+
+register(
+    Method(
+        name="nuslerp",
+        function="mergebuild.methods.nuslerp:nuslerp",
+        summary="slerp two models (or their task vectors, with a base) at t = w2 / (w1 + w2)",
+        base="optional",
+        params=(
+            _WEIGHT,
+            Param(
+                "nuslerp_flatten",
+                "bool",
+                default=True,
+                help="interpolate the whole tensor as one vector",
+            ),
+            Param(
+                "nuslerp_row_wise",
+                "bool",
+                default=False,
+                help="without flatten: vectors along dim 0 instead of the last dim",
+            ),
+        ),
+        min_parents=2,
+        max_parents=2,
+    )
+)
+register(
+    Method(
+        name="multislerp",
+        function="mergebuild.methods.multislerp:multislerp",
+        summary="weighted barycentric slerp of any number of models (task vectors with a base)",
+        base="optional",
+        params=(
+            _WEIGHT,
+            Param(
+                "normalize_weights",
+                "bool",
+                default=True,
+                help="divide the weights by their sum",
+            ),
+            Param("eps", "float", default=1e-8, minimum=0.0, help="numerical guard"),
+        ),
+    )
+)
+register(
+    Method(
+        name="karcher",
+        function="mergebuild.methods.karcher:karcher",
+        summary="iterative Riemannian mean of the normalised models, scaled by their mean norm",
+        params=(
+            Param("max_iter", "int", default=10, minimum=0, help="maximum iterations"),
+            Param("tol", "float", default=1e-5, minimum=0.0, help="convergence tolerance"),
+        ),
+    )
+)
+register(
+    Method(
+        name="model_stock",
+        function="mergebuild.methods.model_stock:model_stock",
+        summary="move from the base towards the models' mean by their task vectors' cosine",
+        base="required",
+        params=(
+            Param(
+                "filter_wise",
+                "bool",
+                default=False,
+                help="one cosine per row instead of per tensor",
+            ),
+        ),
+        min_parents=2,
+    )
+)
+register(
+    Method(
+        name="sce",
+        function="mergebuild.methods.sce:sce",
+        summary="select high-variance positions, energy-weight task vectors, erase sign conflicts",
+        base="required",
+        params=(
+            Param(
+                "select_topk",
+                "float",
+                default=1.0,
+                help="fraction of positions kept by variance across models (1 keeps all)",
+            ),
+        ),
+    )
+)
+register(
+    Method(
+        name="nearswap",
+        function="mergebuild.methods.nearswap:nearswap",
+        summary="take the model's values where they lie within t of the base's",
+        base="required",
+        params=(Param("t", "float", help="distance under which values are swapped"),),
+        min_parents=1,
+        max_parents=1,
+    )
+)
+_RAM_EPSILON = Param(
+    "epsilon",
+    "float",
+    default=1e-5,
+    minimum=0.0,
+    help="task-vector entries with |value| above this are active",
+)
+register(
+    Method(
+        name="ram",
+        function="mergebuild.methods.ram:ram",
+        summary="sum task-vector entries unique to one model, average shared ones",
+        base="required",
+        params=(_RAM_EPSILON,),
+    )
+)
+register(
+    Method(
+        name="ramplus_tl",
+        function="mergebuild.methods.ram:ramplus_tl",
+        summary="RAM with each model's unique entries scaled by its shared/unique ratio",
+        base="required",
+        params=(
+            Param("r", "float", default=0.1, help="strength of the unique-entry boost"),
+            Param("alpha", "float", default=0.2, minimum=0.0, help="cap on the ratio"),
+            _RAM_EPSILON,
+        ),
+    )
+)
+register(
+    Method(
+        name="arcee_fusion",
+        function="mergebuild.methods.arcee_fusion:arcee_fusion",
+        summary="take the model's changes where their KL-weighted importance is an outlier",
+        base="required",
+        min_parents=1,
+        max_parents=1,
+    )
+)
