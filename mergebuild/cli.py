@@ -1,0 +1,170 @@
+"""The command line: parse arguments, call the Project API, print results; no logic lives here."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from .errors import MergebuildError
+
+
+class _Group(click.Group):
+    """Turns every user error into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MergebuildError as exc:
+            click.echo(f"mergebuild: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mergebuild: interrupted; nothing half-built was published", err=True)
+            sys.exit(130)
+
+
+def _sigterm(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-f", "--file", "mergefile", default="Mergefile", show_default=True,
+              type=click.Path(dir_okay=False), help="The Mergefile to read.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="The store (default: cache/ beside the Mergefile, or $MERGEBUILD_CACHE).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors (and requested output).")
+@click.version_option(package_name="mergebuild")
+@click.pass_context
+def main(ctx: click.Context, mergefile: str, cache_dir: str | None, quiet: bool) -> None:
+    """make for model merges: build a Mergefile's merge chain, rebuilding only what is stale."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(mergefile=mergefile, cache_dir=cache_dir, quiet=quiet)
+    signal.signal(signal.SIGTERM, _sigterm)
+
+
+def _project(ctx: click.Context):
+    from .project import Project
+
+    return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"])
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("-n", "--dry-run", is_flag=True, help="Print the plan; build nothing.")
+@click.option("-B", "--force", is_flag=True, help="Rebuild the targets even if up to date.")
+@click.option("-k", "--keep-going", is_flag=True, help="Build what does not depend on a failure.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.pass_context
+def make(ctx, targets, dry_run, force, keep_going, device):
+    """Build TARGETS (default: every final node) and their stale ancestors."""
+    if dry_run:
+        ctx.invoke(plan, targets=targets)
+        return
+    from .report import make_reporter
+
+    project = _project(ctx)
+    result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
+                          reporter=make_reporter(ctx.obj["quiet"]))
+    if not ctx.obj["quiet"]:
+        for name in project.targets_or_default(list(targets)):
+            for r in result.results:
+                if r.name == name and r.path:
+                    click.echo(f"{name}: {r.path}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def plan(ctx, targets, as_json):
+    """Show what make would build, and why, without building."""
+    from .report import plan_rows
+
+    states = _project(ctx).plan(list(targets))
+    if as_json:
+        click.echo(json.dumps([
+            {"node": s.name, "kind": s.kind, "status": s.status, "reasons": s.reasons,
+             "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None}
+            for s in states], indent=2))
+        return
+    rows = plan_rows(states)
+    width = max(len(r[0]) for r in rows)
+    for name, what, status, why in rows:
+        line = f"{name:<{width}}  {what:<18} {status}"
+        click.echo(f"{line}  {why}".rstrip())
+    stale = sum(1 for s in states if s.status == "stale")
+    click.echo(f"{stale} to build" if stale else "nothing to do: every node is up to date")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["tree", "dot", "mermaid"]), default="tree",
+              show_default=True)
+@click.option("--dot", "fmt", flag_value="dot", help="Same as --format dot.")
+@click.option("--mermaid", "fmt", flag_value="mermaid", help="Same as --format mermaid.")
+@click.pass_context
+def graph(ctx, fmt):
+    """Show the Mergefile's DAG as a tree, DOT or Mermaid."""
+    from .graph import build_graph, render_dot, render_mermaid, render_tree
+    from .mergefile import load_mergefile
+
+    g = build_graph(load_mergefile(ctx.obj["mergefile"]))
+    if fmt == "dot":
+        click.echo(render_dot(g), nl=False)
+    elif fmt == "mermaid":
+        click.echo(render_mermaid(g), nl=False)
+    else:
+        from rich.console import Console
+
+        Console().print(render_tree(g))
+
+
+@main.command()
+@click.argument("node")
+@click.pass_context
+def path(ctx, node):
+    """Print the directory of NODE's current build (exit 1 if it is not built)."""
+    click.echo(str(_project(ctx).path(node)))
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def methods(names):
+    """List merge methods and their parameters."""
+    from .methods.registry import METHODS
+
+    shown = sorted({m.name: m for m in METHODS.values()}.values(), key=lambda m: m.name)
+    if names:
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise MergebuildError(f"unknown merge method '{unknown[0]}'",
+                                  hint="run 'mergebuild methods' for the list")
+        shown = [METHODS[n] for n in names]
+    for m in shown:
+        base = {"none": "no base", "required": "needs base_model",
+                "optional": "base_model optional"}[m.base]
+        click.echo(f"{m.name}  ({base}{', randomised' if m.randomized else ''})  {m.summary}")
+        for p in m.params:
+            default = "required" if p.required else f"default {p.default!r}"
+            rng = ""
+            if p.minimum is not None or p.maximum is not None:
+                rng = f", range [{p.minimum}, {p.maximum}]"
+            if p.choices:
+                rng = f", one of {', '.join(map(str, p.choices))}"
+            scope = "per model" if p.scope == "parent" else "node-wide"
+            varies = ", may vary by layer" if p.varies else ""
+            click.echo(f"    {p.name}: {p.kind}, {scope}, {default}{rng}{varies}"
+                       f"{'  ' + p.help if p.help else ''}")
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    main(obj={})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(obj={})
+

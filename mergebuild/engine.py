@@ -1,0 +1,402 @@
+"""The streaming merge engine: parents' headers → checked tensor table → one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .checkpoint import CheckpointReader, TensorInfo
+from .errors import IncompatibleModelsError, SourceError
+from .hashing import manifest_digest, stat_signature
+from .methods.registry import Method, TensorParams
+from .parameters import layer_index, replace_layer_index, resolve_value
+from .sources import CONFIG_FILES, TOKENIZER_FILES
+
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_FLOAT_CODES = {"F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"}
+_PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+
+
+@dataclass(frozen=True)
+class Participant:
+    node: str
+    parameters: Mapping[str, Any]  # after mergekit's precedence (entry, node, default)
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    sources: tuple[tuple[str, tuple[int, int], Mapping[str, Any]], ...]  # (node, range, params)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything the engine needs to build one merge node, as plain data."""
+
+    node: str
+    key: str
+    method: Method
+    parents: Mapping[str, Path]  # parent node → its model directory
+    participants: tuple[Participant, ...]
+    base: str | None
+    donor: str
+    global_parameters: Mapping[str, Any]
+    out_dtype: str | None
+    slices: tuple[SliceInput, ...] | None = None
+    chat_template: str | None = None
+    max_shard_bytes: int = 5 * 2**30
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made: the base and participant tensors it reads."""
+
+    name: str
+    dtype: str  # safetensors dtype code of the output
+    shape: tuple[int, ...]
+    base: TensorInfo | None
+    inputs: tuple[TensorInfo, ...]
+    parameters: tuple[Mapping[str, Any], ...]
+    layer: int | None
+    num_layers: int
+
+
+@dataclass
+class BuildOutput:
+    files: dict[str, tuple[str, int]]  # filename → (sha256 hex, size)
+    digest: str
+    device: str
+    tensors: int = 0
+    bytes_written: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
+
+
+def select_device(requested: str) -> str:
+    import torch
+
+    if requested in ("auto", None):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SourceError("--device cuda was asked for but no CUDA device is available",
+                          hint="use --device cpu or auto")
+    return requested
+
+
+# --- planning the tensor table (no torch) -------------------------------------------------
+
+
+def _num_layers(reader: CheckpointReader) -> int:
+    cfg = reader.config or {}
+    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
+    if isinstance(n, int) and n > 0:
+        return n
+    indices = [layer_index(t) for t in reader.tensors]
+    present = [i for i in indices if i is not None]
+    return max(present) + 1 if present else 0
+
+
+def _vocab_hint(name: str) -> bool:
+    return any(h in name for h in ("embed", "lm_head", "wte", "output.weight"))
+
+
+def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
+    if job.out_dtype and info.dtype in _FLOAT_CODES:
+        return TORCH_DTYPES[job.out_dtype]
+    return info.dtype
+
+
+def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
+    """The output tensor table, after checking that every parent fits (before any arithmetic)."""
+    if job.slices is not None:
+        return _plan_slices(job, readers)
+    donor = readers[job.donor]
+    names = list(donor.tensors)
+    involved = [job.base] if job.base and job.method.base != "none" else []
+    involved += [p.node for p in job.participants]
+    for node in dict.fromkeys(involved):
+        _check_same_tensors(job, donor, job.donor, readers[node], node)
+    num_layers = _num_layers(donor)
+    tasks: list[TensorTask] = []
+    for name in names:
+        info = donor.tensors[name]
+        base = readers[job.base].tensors[name] if job.base and job.method.base != "none" else None
+        inputs = tuple(readers[p.node].tensors[name] for p in job.participants)
+        tasks.append(TensorTask(
+            name=name, dtype=_out_dtype(job, info), shape=info.shape, base=base, inputs=inputs,
+            parameters=tuple(p.parameters for p in job.participants), layer=layer_index(name),
+            num_layers=num_layers,
+        ))
+    return tasks
+
+
+def _check_same_tensors(job: BuildJob, ref: CheckpointReader, ref_name: str,
+                        other: CheckpointReader, other_name: str) -> None:
+    if other is ref:
+        return
+    missing = sorted(set(ref.tensors) - set(other.tensors))
+    extra = sorted(set(other.tensors) - set(ref.tensors))
+    if missing or extra:
+        what = (f"'{other_name}' lacks tensor {missing[0]}" if missing
+                else f"'{other_name}' has tensor {extra[0]} that '{ref_name}' lacks")
+        count = len(missing) + len(extra)
+        raise IncompatibleModelsError(
+            f"parents do not have the same tensors: {what} ({count} differ)", node=job.node,
+            hint="merge only fine-tunes of the same base architecture",
+        )
+    for name, info in ref.tensors.items():
+        o = other.tensors[name]
+        if o.shape != info.shape:
+            if _vocab_hint(name) and info.shape[1:] == o.shape[1:]:
+                raise IncompatibleModelsError(
+                    f"vocabulary mismatch: '{ref_name}' has {info.shape[0]} tokens, "
+                    f"'{other_name}' has {o.shape[0]} ({name})", node=job.node,
+                    hint="merge models that share a tokenizer, or resize embeddings first",
+                )
+            raise IncompatibleModelsError(
+                f"shape mismatch at {name}: '{ref_name}' {list(info.shape)} vs "
+                f"'{other_name}' {list(o.shape)}", node=job.node,
+                hint="merge only fine-tunes of the same base architecture",
+            )
+
+
+def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
+    assert job.slices is not None
+    first_node = job.slices[0].sources[0][0]
+    last_node = job.slices[-1].sources[0][0]
+    tasks: list[TensorTask] = []
+
+    def non_layer(reader: CheckpointReader, pre: bool) -> list[str]:
+        return [n for n in reader.tensors if layer_index(n) is None
+                and any(h in n for h in _PRE_LAYER_HINTS) == pre]
+
+    def simple(node: str, name: str) -> TensorTask:
+        info = readers[node].tensors[name]
+        return TensorTask(name=name, dtype=_out_dtype(job, info), shape=info.shape, base=None,
+                          inputs=(info,), parameters=({},), layer=None, num_layers=1)
+
+    widths = []
+    for s in job.slices:
+        node0, (start0, end0), _ = s.sources[0]
+        for node, (start, end), _ in s.sources:
+            n = _num_layers(readers[node])
+            if end > n:
+                raise IncompatibleModelsError(
+                    f"layer_range [{start}, {end}) is out of range: '{node}' has {n} layers",
+                    node=job.node, hint=f"use an end of at most {n}",
+                )
+        widths.append(end0 - start0)
+
+    for name in non_layer(readers[first_node], pre=True):
+        tasks.append(simple(first_node, name))
+    out_layer = 0
+    for s, width in zip(job.slices, widths, strict=True):
+        node0, (start0, _), _ = s.sources[0]
+        template = [n for n in readers[node0].tensors if layer_index(n) == start0]
+        for offset in range(width):
+            for name in template:
+                out_name = replace_layer_index(name, out_layer)
+                infos, params = [], []
+                base_info = None
+                for node, (start, _), p in s.sources:
+                    src_name = replace_layer_index(name, start + offset)
+                    info = readers[node].tensors.get(src_name)
+                    if info is None:
+                        raise IncompatibleModelsError(
+                            f"'{node}' lacks tensor {src_name} needed by a slice", node=job.node,
+                            hint="slice sources must share the layer structure",
+                        )
+                    if job.base and node == job.base and job.method.base != "none":
+                        base_info = info
+                    else:
+                        infos.append(info)
+                        params.append(p)
+                ref = infos[0] if infos else base_info
+                assert ref is not None
+                for info in infos:
+                    if info.shape != ref.shape:
+                        raise IncompatibleModelsError(
+                            f"shape mismatch at {out_name}: {list(ref.shape)} vs "
+                            f"{list(info.shape)}", node=job.node,
+                        )
+                tasks.append(TensorTask(
+                    name=out_name, dtype=_out_dtype(job, ref), shape=ref.shape, base=base_info,
+                    inputs=tuple(infos), parameters=tuple(params), layer=offset, num_layers=width,
+                ))
+            out_layer += 1
+    for name in non_layer(readers[last_node], pre=False):
+        tasks.append(simple(last_node, name))
+    return tasks
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+def tensor_seed(key: str, tensor_name: str) -> int:
+    """The seed of a randomised method for one tensor: independent of order and device."""
+    return xxhash.xxh3_64_intdigest(f"{key}\0{tensor_name}".encode()) & (2**63 - 1)
+
+
+def _resolve(values: Mapping[str, Any], task: TensorTask) -> dict[str, Any]:
+    return {k: resolve_value(v, task.name, task.layer, task.num_layers) for k, v in values.items()}
+
+
+def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) -> BuildOutput:
+    """Build ``job`` into ``out_dir`` (a fresh temp dir); the caller publishes it."""
+    import torch
+
+    from .checkpoint import CheckpointWriter
+
+    device = select_device(job.device)
+    readers: dict[str, CheckpointReader] = {}
+    try:
+        for node, directory in job.parents.items():
+            readers[node] = CheckpointReader(directory)
+        before = {node: _stat_weights(r) for node, r in readers.items()}
+        tasks = plan_tensors(job, readers)
+        func = job.method.load()
+        layout = [(t.name, t.dtype, t.shape) for t in tasks]
+        writer = CheckpointWriter(out_dir, layout, max_shard_bytes=job.max_shard_bytes,
+                                  metadata={"format": "pt"})
+        total_bytes = sum(_nbytes(t) for t in tasks)
+        done_bytes = 0
+        try:
+            for i, task in enumerate(tasks):
+                out = _compute(job, task, readers, func, device, torch)
+                writer.write(task.name, out)
+                done_bytes += _nbytes(task)
+                if progress:
+                    progress(i + 1, len(tasks), done_bytes, total_bytes)
+            hashes = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        for node, r in readers.items():
+            if _stat_weights(r) != before[node]:
+                raise SourceError(
+                    f"the weights of '{node}' changed on disk while being merged", node=job.node,
+                    hint="run make again once nothing is writing the parent",
+                )
+        files = {name: (sha, (out_dir / name).stat().st_size) for name, sha in hashes.items()}
+        files.update(_copy_support_files(job, readers, out_dir))
+    finally:
+        for r in readers.values():
+            r.close()
+    digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
+    return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
+                       bytes_written=total_bytes)
+
+
+def _nbytes(task: TensorTask) -> int:
+    size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}.get(task.dtype, 4)
+    n = 1
+    for d in task.shape:
+        n *= d
+    return n * size
+
+
+def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:
+    return [(str(p), stat_signature(p)) for p in reader.weight_files()]
+
+
+_TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch) -> Any:
+    by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
+
+    def load(info: TensorInfo):
+        reader = readers[by_file[str(info.file)]]
+        return reader.load(info.name)
+
+    if len(task.inputs) == 1 and task.base is None and job.method.name == "passthrough":
+        scale = _resolve(task.parameters[0], task).get("scale", 1.0)
+        x = load(task.inputs[0])
+        if scale == 1.0 or task.dtype not in _TORCH_OF_CODE:
+            out = x
+        else:
+            out = x.to(device=device, dtype=torch.float32) * float(scale)
+        return out.to(dtype=getattr(torch, _TORCH_OF_CODE.get(task.dtype, "float32"))
+                      if task.dtype in _TORCH_OF_CODE else out.dtype).cpu()
+
+    if task.dtype not in _TORCH_OF_CODE:
+        return load(task.inputs[0] if task.inputs else task.base).clone()
+    parents = [load(info).to(device=device, dtype=torch.float32) for info in task.inputs]
+    base = load(task.base).to(device=device, dtype=torch.float32) if task.base else None
+    params = TensorParams(
+        tensor_name=task.name,
+        globals=_resolve(job.global_parameters, task),
+        parents=tuple(_resolve(p, task) for p in task.parameters),
+    )
+    generator = None
+    if job.method.randomized:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(tensor_seed(job.key, task.name))
+    try:
+        out = func(parents, base, params, generator)
+    except ValueError as exc:
+        raise IncompatibleModelsError(f"{job.method.name} failed on {task.name}: {exc}",
+                                      node=job.node) from None
+    return out.to(dtype=getattr(torch, _TORCH_OF_CODE[task.dtype])).cpu()
+
+
+def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tuple[str, int]]:
+    """Config and tokenizer from the donor; config adjusted for slices and dtype."""
+    import hashlib
+
+    donor_dir = Path(job.parents[job.donor])
+    written: dict[str, tuple[str, int]] = {}
+
+    def put(name: str, data: bytes) -> None:
+        path = out_dir / name
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        written[name] = (hashlib.sha256(data).hexdigest(), len(data))
+
+    config = dict(readers[job.donor].config or {})
+    if config:
+        if job.slices is not None:
+            total = sum(s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices)
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in config:
+                    config[key] = total
+        if job.out_dtype:
+            config["torch_dtype"] = job.out_dtype
+            if "dtype" in config:
+                config["dtype"] = job.out_dtype
+        put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    for name in (*[c for c in CONFIG_FILES if c != "config.json"], *TOKENIZER_FILES):
+        src = donor_dir / name
+        # Never follow a link out of the donor directory.
+        if not src.is_file() or src.is_symlink() and not _inside(src, donor_dir):
+            continue
+        if name == "tokenizer_config.json" and job.chat_template is not None:
+            data = json.loads(src.read_text(encoding="utf-8"))
+            data["chat_template"] = job.chat_template
+            put(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+            continue
+        put(name, src.read_bytes())
+    return written
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+__all__ = ["BuildJob", "BuildOutput", "Participant", "SliceInput", "plan_tensors", "run_build",
+           "select_device", "tensor_seed"]

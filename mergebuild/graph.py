@@ -1,0 +1,117 @@
+"""The Mergefile's nodes as a DAG: cycle and target checks, order, and tree/DOT/Mermaid views."""
+
+from __future__ import annotations
+
+import difflib
+
+import networkx as nx
+
+from .errors import GraphError
+from .mergefile import Mergefile, MergeSpec, SourceSpec
+
+
+def build_graph(mf: Mergefile) -> nx.DiGraph:
+    """Nodes with an edge parent → child; raises GraphError on a cycle."""
+    g = nx.DiGraph()
+    for name, node in mf.nodes.items():
+        g.add_node(name, spec=node)
+    for name, node in mf.nodes.items():
+        if isinstance(node, MergeSpec):
+            for ref in node.parent_refs():
+                if ref == name:
+                    raise GraphError(f"node '{name}' uses itself as a parent", file=str(mf.path),
+                                     line=node.line, node=name,
+                                     hint="a merge must be made from other nodes")
+                g.add_edge(ref, name)
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return g
+    names = [edge[0] for edge in cycle] + [cycle[0][0]]
+    first = names[0]
+    spec = mf.nodes[first]
+    raise GraphError(f"cycle: {' → '.join(names)}", file=str(mf.path), line=spec.line,
+                     node=first, hint="a node cannot depend on its own descendants")
+
+
+def check_targets(mf: Mergefile, targets: list[str]) -> None:
+    for t in targets:
+        if t not in mf.nodes:
+            close = difflib.get_close_matches(t, list(mf.nodes), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else (
+                f"nodes: {', '.join(sorted(n for n in mf.nodes if '/' not in n))}"
+            )
+            raise GraphError(f"no node named '{t}' in the Mergefile", file=str(mf.path), hint=hint)
+
+
+def build_order(g: nx.DiGraph, targets: list[str]) -> list[str]:
+    """The targets and their ancestors, parents before children, ties broken by name."""
+    wanted: set[str] = set()
+    for t in targets:
+        wanted.add(t)
+        wanted |= nx.ancestors(g, t)
+    return list(nx.lexicographical_topological_sort(g.subgraph(wanted)))
+
+
+def default_targets(g: nx.DiGraph) -> list[str]:
+    """Merge nodes that no other node uses (the chain's final models)."""
+    return sorted(
+        n for n in g.nodes if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec)
+    )
+
+
+def _label(g: nx.DiGraph, name: str) -> str:
+    spec = g.nodes[name]["spec"]
+    if isinstance(spec, SourceSpec):
+        return f"{name} (source: {spec.uri if spec.kind != 'local' else 'local'})"
+    return f"{name} ({spec.method})"
+
+
+def render_tree(g: nx.DiGraph, roots: list[str] | None = None):
+    """A rich Tree per root: each node with its parents below it."""
+    from rich.tree import Tree
+
+    roots = roots or default_targets(g) or sorted(g.nodes)
+    top = Tree("[bold]Mergefile[/bold]")
+
+    def add(tree, name: str, seen: tuple[str, ...]) -> None:
+        branch = tree.add(_label(g, name))
+        if name in seen:
+            return
+        for parent in sorted(g.predecessors(name)):
+            add(branch, parent, (*seen, name))
+
+    for root in roots:
+        add(top, root, ())
+    return top
+
+
+def _node_id(name: str) -> str:
+    return "n_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def render_dot(g: nx.DiGraph) -> str:
+    lines = ["digraph mergefile {", "  rankdir=LR;"]
+    for name in sorted(g.nodes):
+        spec = g.nodes[name]["spec"]
+        shape = "box" if isinstance(spec, SourceSpec) else "ellipse"
+        label = _label(g, name).replace('"', '\\"')
+        lines.append(f'  {_node_id(name)} [label="{label}", shape={shape}];')
+    for a, b in sorted(g.edges):
+        lines.append(f"  {_node_id(a)} -> {_node_id(b)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_mermaid(g: nx.DiGraph) -> str:
+    lines = ["graph LR"]
+    for name in sorted(g.nodes):
+        spec = g.nodes[name]["spec"]
+        label = _label(g, name).replace('"', "'")
+        if isinstance(spec, SourceSpec):
+            lines.append(f'  {_node_id(name)}["{label}"]')
+        else:
+            lines.append(f'  {_node_id(name)}(("{label}"))')
+    for a, b in sorted(g.edges):
+        lines.append(f"  {_node_id(a)} --> {_node_id(b)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,439 @@
+"""The Python API: load a Mergefile, plan what is stale and why, build it, find builds."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import ENGINE_VERSION, __version__
+from .errors import BuildInterrupted, MergebuildError, StoreError
+from .graph import build_graph, build_order, check_targets, default_targets
+from .hashing import recipe_key
+from .mergefile import LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
+from .methods.registry import METHODS
+from .recipe import (
+    build_recipe,
+    donor,
+    global_parameters,
+    parent_names,
+    parent_parameters,
+    participants,
+    recipe_changes,
+)
+from .sources import ResolvedSource, materialize, resolve_source
+from .store import Store
+
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+@dataclass
+class NodeState:
+    """One node of a plan: its identity, whether it must be built, and why."""
+
+    name: str
+    kind: str  # "source" | "merge"
+    status: str  # "source" | "fresh" | "stale"
+    reasons: list[str] = field(default_factory=list)
+    key: str | None = None
+    digest: str | None = None
+    path: Path | None = None
+    method: str | None = None
+    recipe: dict[str, Any] | None = None
+    source: ResolvedSource | None = None
+
+
+@dataclass
+class NodeResult:
+    name: str
+    outcome: str  # "built" | "reused" | "fresh" | "failed" | "skipped"
+    detail: str = ""
+    seconds: float = 0.0
+    bytes_written: int = 0
+    path: Path | None = None
+
+
+@dataclass
+class MakeResult:
+    results: list[NodeResult]
+    seconds: float
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.outcome in ("failed", "skipped") for r in self.results)
+
+
+class Reporter:
+    """What a make tells its user; the CLI passes a rich or plain implementation."""
+
+    def plan(self, states: list[NodeState]) -> None: ...
+    def node_start(self, state: NodeState, tensors: int | None = None) -> None: ...
+    def node_progress(self, name: str, done: int, total: int, bytes_done: int,
+                      bytes_total: int) -> None: ...
+    def node_done(self, result: NodeResult) -> None: ...
+    def waiting(self, name: str) -> None: ...
+    def summary(self, result: MakeResult) -> None: ...
+
+
+def default_store_dir(mergefile_path: Path) -> Path:
+    env = os.environ.get("MERGEBUILD_CACHE")
+    if env:
+        return Path(env)
+    return mergefile_path.resolve().parent / "cache"
+
+
+class Project:
+    """A Mergefile and its store.
+
+    Example:
+        >>> project = Project("Mergefile.example")
+        >>> [s.status for s in project.plan(["final-model"])]
+    """
+
+    def __init__(self, mergefile: str | Path = "Mergefile", cache_dir: str | Path | None = None):
+        self.mergefile: Mergefile = load_mergefile(mergefile)
+        self.graph = build_graph(self.mergefile)
+        self.store = Store(Path(cache_dir) if cache_dir else default_store_dir(self.mergefile.path))
+        self._sources: dict[str, ResolvedSource] = {}
+
+    # planning ----------------------------------------------------------------------------
+    def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
+        targets = list(targets) or default_targets(self.graph)
+        check_targets(self.mergefile, targets)
+        return targets
+
+    def _resolve_source(self, spec: SourceSpec) -> ResolvedSource:
+        if spec.name not in self._sources:
+            self._sources[spec.name] = resolve_source(spec, self.store)
+        return self._sources[spec.name]
+
+    def plan(self, targets: list[str] | tuple[str, ...] = (), force: bool = False
+             ) -> list[NodeState]:
+        """Each node the targets need, parents first, with its status and stale reasons.
+
+        Reads no weight bytes: local sources are identified through the stat cache, built
+        nodes through the store's metadata. Imports no torch.
+        """
+        targets = self.targets_or_default(targets)
+        states: dict[str, NodeState] = {}
+        for name in build_order(self.graph, targets):
+            spec = self.mergefile.nodes[name]
+            if isinstance(spec, SourceSpec):
+                src = self._resolve_source(spec)
+                states[name] = NodeState(name=name, kind="source", status="source",
+                                         digest=src.digest, source=src, path=src.directory)
+                continue
+            states[name] = self._plan_merge(spec, states, force and name in targets)
+        return list(states.values())
+
+    def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
+                    ) -> NodeState:
+        method = METHODS[spec.method]
+        pending = [r for r in spec.parent_refs() if states[r].digest is None]
+        recipe = build_recipe(spec, method,
+                              lambda ref: states[ref].digest or f"pending:{ref}",
+                              self.mergefile.defaults)
+        state = NodeState(name=spec.name, kind="merge", status="stale", method=method.name,
+                          recipe=recipe)
+        previous = self.store.read_ref(spec.name)
+        if pending:
+            if previous and isinstance(previous.get("recipe"), dict):
+                reasons = recipe_changes(previous["recipe"], recipe, parent_names(spec, method))
+                reasons = [r + (" (stale)" if r.split(": ", 1)[-1] in pending else "")
+                           for r in reasons]
+            else:
+                reasons = ["new node"]
+            state.reasons = reasons
+            return state
+        key = recipe_key(recipe)
+        state.key = key
+        found = self.store.lookup(key)
+        if found and not force:
+            state.status, state.digest, state.path = "fresh", found.digest, found.path
+            return state
+        if force:
+            state.reasons = ["forced (--force)"]
+        elif self.store.object_dir(key).exists():
+            state.reasons = ["output corrupt or incomplete in the store"]
+        elif previous is None:
+            state.reasons = ["new node"]
+        elif previous.get("key") == key:
+            state.reasons = ["output missing from the store"]
+        else:
+            state.reasons = recipe_changes(previous.get("recipe") or {}, recipe,
+                                           parent_names(spec, method))
+        return state
+
+    def path(self, node: str) -> Path:
+        """The directory of ``node``'s current build; StoreError if it is not built."""
+        check_targets(self.mergefile, [node])
+        state = next(s for s in self.plan([node]) if s.name == node)
+        if state.status == "source":
+            if state.path is None or not state.path.exists():
+                raise StoreError("source is not available locally", node=node,
+                                 hint="run 'mergebuild make' on a node that uses it")
+            return state.path
+        if state.status != "fresh" or state.path is None:
+            why = "; ".join(state.reasons) or "stale"
+            raise StoreError(f"not built ({why})", node=node,
+                             hint=f"run 'mergebuild make {node}'")
+        return state.path
+
+    # building ----------------------------------------------------------------------------
+    def make(
+        self,
+        targets: list[str] | tuple[str, ...] = (),
+        *,
+        force: bool = False,
+        keep_going: bool = False,
+        device: str = "auto",
+        reporter: Reporter | None = None,
+    ) -> MakeResult:
+        """Build every stale node the targets need; reuse the rest.
+
+        A node whose parents were rebuilt is looked up again with their new digests: when a
+        parent's bytes did not change, the child is reused (early cutoff).
+        """
+        reporter = reporter or Reporter()
+        started = time.monotonic()
+        targets = self.targets_or_default(targets)
+        states = self.plan(targets, force=force)
+        reporter.plan(states)
+        by_name = {s.name: s for s in states}
+        results: list[NodeResult] = []
+        failed: set[str] = set()
+        for state in states:
+            if state.kind == "source":
+                continue
+            spec = self.mergefile.nodes[state.name]
+            assert isinstance(spec, MergeSpec)
+            blocked = [r for r in spec.parent_refs() if r in failed]
+            if blocked:
+                failed.add(state.name)
+                results.append(NodeResult(state.name, "skipped",
+                                          f"parent '{blocked[0]}' failed"))
+                reporter.node_done(results[-1])
+                continue
+            try:
+                result = self._make_node(spec, state, by_name, force and state.name in targets,
+                                         device, reporter)
+            except MergebuildError as exc:
+                if not keep_going:
+                    raise
+                failed.add(state.name)
+                result = NodeResult(state.name, "failed", str(exc))
+            results.append(result)
+            if result.outcome != "fresh":
+                reporter.node_done(result)
+        outcome = MakeResult(results=results, seconds=time.monotonic() - started)
+        reporter.summary(outcome)
+        return outcome
+
+    def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str, reporter: Reporter) -> NodeResult:
+        method = METHODS[spec.method]
+        if state.status == "fresh":
+            return NodeResult(spec.name, "fresh", path=state.path)
+        recipe = build_recipe(spec, method, lambda ref: states[ref].digest,  # type: ignore[arg-type,return-value]
+                              self.mergefile.defaults)
+        key = recipe_key(recipe)
+        state.key, state.recipe = key, recipe
+        found = None if force else self.store.lookup(key)
+        if found:
+            state.status, state.digest, state.path = "fresh", found.digest, found.path
+            self._record(spec, method, state)
+            return NodeResult(spec.name, "reused",
+                              "parents rebuilt with identical output (early cutoff)",
+                              path=found.path)
+        with self.store.lock(key, on_wait=lambda: reporter.waiting(spec.name)):
+            found = None if force else self.store.lookup(key)
+            if found:
+                state.status, state.digest, state.path = "fresh", found.digest, found.path
+                self._record(spec, method, state)
+                return NodeResult(spec.name, "reused", "built by another mergebuild",
+                                  path=found.path)
+            t0 = time.monotonic()
+            path, written = self._build(spec, method, state, states, key, recipe, device,
+                                        reporter)
+        state.status, state.path = "fresh", path
+        self._record(spec, method, state)
+        return NodeResult(spec.name, "built", "; ".join(state.reasons),
+                          seconds=time.monotonic() - t0, bytes_written=written, path=path)
+
+    def _record(self, spec: MergeSpec, method, state: NodeState) -> None:
+        previous = self.store.read_ref(spec.name)
+        if previous and previous.get("key") == state.key:
+            return
+        self.store.write_ref(spec.name, {
+            "key": state.key, "digest": state.digest, "recipe": state.recipe,
+            "parents": parent_names(spec, method), "mergefile": str(self.mergefile.path),
+        })
+
+    def _build(self, spec, method, state: NodeState, states: dict[str, NodeState], key: str,
+               recipe: dict[str, Any], device: str, reporter: Reporter) -> tuple[Path, int]:
+        from .engine import BuildJob, Participant, SliceInput, run_build
+        from .provenance import write_provenance
+
+        parent_dirs: dict[str, Path] = {}
+        for ref in spec.parent_refs():
+            parent = states[ref]
+            if parent.kind == "source":
+                assert parent.source is not None
+                parent_dirs[ref] = materialize(parent.source)
+            else:
+                assert parent.path is not None
+                parent_dirs[ref] = parent.path
+        slices = None
+        if spec.slices is not None:
+            slices = tuple(
+                SliceInput(sources=tuple(
+                    (src.ref, src.layer_range, parent_parameters(method, spec, src.parameters))
+                    for src in s.sources))
+                for s in spec.slices
+            )
+        job = BuildJob(
+            node=spec.name, key=key, method=method, parents=parent_dirs,
+            participants=tuple(Participant(ref, parent_parameters(method, spec, params))
+                               for ref, params in participants(spec, method)),
+            base=spec.base, donor=donor(spec),
+            global_parameters=global_parameters(method, spec),
+            out_dtype=spec.dtype or self.mergefile.defaults.get("dtype"),
+            slices=slices, chat_template=spec.chat_template,
+            max_shard_bytes=int(self.mergefile.defaults.get("max_shard_size")
+                                or DEFAULT_SHARD_BYTES),
+            device=device or self.mergefile.defaults.get("device", "auto"),
+        )
+        reporter.node_start(state)
+        tmp = self.store.new_tmp(key)
+        started = _now()
+        try:
+            output = run_build(job, tmp, progress=lambda *a: reporter.node_progress(spec.name, *a))
+            state.digest = output.digest
+            record = self._build_record(spec, method, state, states, key, recipe, output,
+                                        started)
+            write_provenance(tmp, record)
+            path = self.store.publish(tmp, key)
+        except KeyboardInterrupt:
+            self.store.abandon(tmp)
+            raise BuildInterrupted("interrupted; nothing was published", node=spec.name,
+                                   hint="run make again to finish") from None
+        except OSError as exc:
+            self.store.abandon(tmp)
+            raise self.store.os_error(exc, "build failed", node=spec.name) from None
+        except BaseException:
+            self.store.abandon(tmp)
+            raise
+        return path, output.bytes_written
+
+    def _build_record(self, spec, method, state, states, key, recipe, output, started):
+        import safetensors
+        import torch
+
+        from .provenance import BuildRecord, ParentRef, read_statement
+
+        roles: dict[str, str] = {}
+        if spec.base:
+            roles[spec.base] = "base"
+        for ref in spec.parent_refs():
+            roles.setdefault(ref, "slice" if spec.slices is not None else "model")
+        parents = []
+        for ref in spec.parent_refs():
+            p = states[ref]
+            if p.kind == "source":
+                src = p.source
+                assert src is not None
+                parents.append(ParentRef(
+                    name=ref, role=roles[ref], kind="hub" if src.kind == "hub" else "local",
+                    uri=src.uri, digest=src.digest, revision=src.revision, commit=src.commit,
+                    files=dict(src.files),
+                ))
+            else:
+                assert p.path is not None
+                parents.append(ParentRef(
+                    name=ref, role=roles[ref], kind="node", uri=f"mergebuild:node/{ref}",
+                    digest=p.digest or "", statement=read_statement(p.path), method=p.method,
+                ))
+        return BuildRecord(
+            node=spec.name, key=key, digest=output.digest, method=method.name, recipe=recipe,
+            spec=self._user_spec(spec, method), mergefile_digest=self._mergefile_digest(),
+            mergefile_excerpt=self.excerpt(spec.name), parents=tuple(parents),
+            outputs=output.files,
+            builder={"mergebuild": __version__, "torch": torch.__version__,
+                     "safetensors": safetensors.__version__,
+                     "python": platform.python_version()},
+            device=output.device, engine_version=ENGINE_VERSION, started=started,
+            finished=_now(), invocation_id=secrets.token_hex(8),
+            rebuild_command=f"mergebuild -f {self.mergefile.path.name} make {spec.name}",
+        )
+
+    def _user_spec(self, spec: MergeSpec, method) -> dict[str, Any]:
+        out: dict[str, Any] = {"merge_method": method.name,
+                               "parameters": global_parameters(method, spec)}
+        if spec.base:
+            out["base_model"] = spec.base
+        if spec.slices is not None:
+            out["slices"] = [{"sources": [
+                {"model": s.ref, "layer_range": list(s.layer_range),
+                 "parameters": parent_parameters(method, spec, s.parameters)}
+                for s in sl.sources]} for sl in spec.slices]
+        else:
+            out["models"] = [{"model": p.ref,
+                              "parameters": parent_parameters(method, spec, p.parameters)}
+                             for p in spec.models]
+        for key, value in (("dtype", spec.dtype or self.mergefile.defaults.get("dtype")),
+                           ("tokenizer_source", spec.tokenizer_source),
+                           ("chat_template", spec.chat_template)):
+            if value is not None:
+                out[key] = value
+        return out
+
+    def _mergefile_digest(self) -> str:
+        import hashlib
+
+        return "sha256:" + hashlib.sha256(self.mergefile.text.encode()).hexdigest()
+
+    def excerpt(self, node: str) -> str:
+        """The YAML of ``node`` and its ancestors: enough to rebuild it."""
+        names = build_order(self.graph, [node])
+        models: dict[str, Any] = {}
+        for name in names:
+            spec = self.mergefile.nodes[name]
+            if isinstance(spec, SourceSpec):
+                if not spec.implicit:
+                    models[name] = {"source": _display_uri(spec, self.mergefile.directory)}
+            else:
+                models[name] = _plain(spec.body)
+        return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
+
+
+def _display_uri(spec: SourceSpec, base: Path) -> str:
+    if spec.kind != "local":
+        return spec.uri
+    try:
+        return "./" + str(Path(spec.uri).relative_to(base))
+    except ValueError:
+        return spec.uri
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, (LineDict, dict)):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+

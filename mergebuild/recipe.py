@@ -1,0 +1,170 @@
+"""The canonical recipe of a merge node (what its key hashes) and the reasons two recipes differ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import ENGINE_VERSION
+from .mergefile import MergeSpec
+from .methods.registry import REQUIRED, Method
+
+
+def _param_defaults(method: Method, scope: str) -> dict[str, Any]:
+    return {p.name: p.default for p in method.params if p.scope == scope and not p.required}
+
+
+def parent_parameters(
+    method: Method, spec: MergeSpec, entry_params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Per-parent parameters after mergekit's precedence: the entry, the node, the default."""
+    out: dict[str, Any] = {}
+    for p in method.params:
+        if p.scope != "parent":
+            continue
+        if p.name in entry_params:
+            out[p.name] = entry_params[p.name]
+        elif p.name in spec.parameters:
+            out[p.name] = spec.parameters[p.name]
+        elif p.default is not REQUIRED:
+            out[p.name] = p.default
+    return out
+
+
+def global_parameters(method: Method, spec: MergeSpec) -> dict[str, Any]:
+    out = _param_defaults(method, "global")
+    for name, value in spec.parameters.items():
+        p = method.param(name)
+        if p is not None and p.scope == "global":
+            out[name] = value
+    return out
+
+
+def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
+    """(parent node, its raw parameters) for each model that takes part in the arithmetic."""
+    entries = [(p.ref, p.parameters) for p in spec.models]
+    if method.base != "none" and spec.base is not None:
+        entries = [(ref, params) for ref, params in entries if ref != spec.base]
+    return entries
+
+
+def donor(spec: MergeSpec) -> str:
+    """The node whose config and tokenizer the output takes: explicit, else base, else first."""
+    first = spec.models[0].ref if spec.models else spec.slices[0].sources[0].ref  # type: ignore[index]
+    if spec.tokenizer_source and spec.tokenizer_source not in ("base", "union"):
+        return spec.tokenizer_source
+    return spec.base or first
+
+
+def build_recipe(
+    spec: MergeSpec,
+    method: Method,
+    digest_of: Callable[[str], str],
+    defaults: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The canonical recipe: method, parameters after defaults, parents by digest, output
+    dtype, engine version. Node names, comments, key order and descriptions are not in it.
+    """
+    recipe: dict[str, Any] = {
+        "engine": ENGINE_VERSION,
+        "method": method.name,
+        "parameters": global_parameters(method, spec),
+        "dtype": spec.dtype or defaults.get("dtype"),
+        "donor": digest_of(donor(spec)),
+        "shard_size": defaults.get("max_shard_size"),
+    }
+    if spec.base is not None:
+        recipe["base"] = digest_of(spec.base)
+    if spec.slices is not None:
+        recipe["slices"] = [
+            [
+                {
+                    "model": digest_of(src.ref),
+                    "layer_range": list(src.layer_range),
+                    "parameters": parent_parameters(method, spec, src.parameters),
+                }
+                for src in s.sources
+            ]
+            for s in spec.slices
+        ]
+    else:
+        recipe["models"] = [
+            {"model": digest_of(ref), "parameters": parent_parameters(method, spec, params)}
+            for ref, params in participants(spec, method)
+        ]
+    if spec.chat_template is not None:
+        recipe["chat_template"] = spec.chat_template
+    return recipe
+
+
+def parent_names(spec: MergeSpec, method: Method) -> dict[str, Any]:
+    """The node names aligned with the digests of :func:`build_recipe`, for reasons."""
+    names: dict[str, Any] = {"donor": donor(spec), "base": spec.base}
+    if spec.slices is not None:
+        names["slices"] = [[src.ref for src in s.sources] for s in spec.slices]
+    else:
+        names["models"] = [ref for ref, _ in participants(spec, method)]
+    return names
+
+
+def _fmt(value: Any) -> str:
+    return "unset" if value is None else str(value)
+
+
+def recipe_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], new_names: Mapping[str, Any]
+) -> list[str]:
+    """Why ``new`` differs from ``old``, as short human-readable reasons."""
+    reasons: list[str] = []
+    if old.get("engine") != new.get("engine"):
+        reasons.append(f"engine changed ({_fmt(old.get('engine'))} → {new.get('engine')})")
+    if old.get("method") != new.get("method"):
+        reasons.append(f"method changed ({_fmt(old.get('method'))} → {new.get('method')})")
+    old_p, new_p = old.get("parameters", {}), new.get("parameters", {})
+    for name in sorted(set(old_p) | set(new_p)):
+        if old_p.get(name) != new_p.get(name):
+            reasons.append(
+                f"parameter changed: {name} {_fmt(old_p.get(name))} → {_fmt(new_p.get(name))}"
+            )
+    for field, label in (("dtype", "dtype"), ("shard_size", "shard size"),
+                         ("chat_template", "chat template")):
+        if old.get(field) != new.get(field):
+            reasons.append(f"{label} changed ({_fmt(old.get(field))} → {_fmt(new.get(field))})")
+    changed_parents: list[str] = []
+    if old.get("base") != new.get("base"):
+        changed_parents.append(_fmt(new_names.get("base")))
+    if old.get("donor") != new.get("donor") and new_names.get("donor") not in changed_parents:
+        changed_parents.append(_fmt(new_names.get("donor")))
+    for kind in ("models", "slices"):
+        old_list, new_list = old.get(kind), new.get(kind)
+        if old_list is None and new_list is None:
+            continue
+        if old_list is None or new_list is None or len(old_list) != len(new_list):
+            reasons.append(f"{kind} list changed")
+            continue
+        names = new_names.get(kind) or []
+        for i, (a, b) in enumerate(zip(old_list, new_list, strict=True)):
+            pairs = zip(a, b, strict=False) if kind == "slices" else [(a, b)]
+            entry_names = names[i] if kind == "slices" else [names[i]]
+            if kind == "slices" and len(a) != len(b):
+                reasons.append(f"slice {i} changed")
+                continue
+            for j, (x, y) in enumerate(pairs):
+                who = entry_names[j] if j < len(entry_names) else f"#{i}"
+                if x.get("model") != y.get("model") and who not in changed_parents:
+                    changed_parents.append(who)
+                for name in sorted(set(x.get("parameters", {})) | set(y.get("parameters", {}))):
+                    va, vb = x["parameters"].get(name), y["parameters"].get(name)
+                    if va != vb:
+                        reasons.append(
+                            f"parameter changed: {name} of {who} {_fmt(va)} → {_fmt(vb)}"
+                        )
+                if x.get("layer_range") != y.get("layer_range"):
+                    reasons.append(
+                        f"layer_range of {who} changed ({x.get('layer_range')} → "
+                        f"{y.get('layer_range')})"
+                    )
+    reasons.extend(f"parent changed: {name}" for name in changed_parents)
+    if not reasons:
+        reasons.append("recipe changed")
+    return reasons

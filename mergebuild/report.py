@@ -1,0 +1,166 @@
+"""What a make shows a person: rich tables and bars on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from .project import MakeResult, NodeResult, NodeState, Reporter
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _short(digest: str | None) -> str:
+    if not digest:
+        return "-"
+    algo, _, hexd = digest.partition(":")
+    return f"{algo}:{hexd[:12]}" if hexd else digest[:12]
+
+
+def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for s in states:
+        if s.kind == "source":
+            what = s.source.kind if s.source else "source"
+            rows.append((s.name, f"source ({what})", _short(s.digest), ""))
+        else:
+            rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
+    return rows
+
+
+class PlainReporter(Reporter):
+    """One line per event; for CI logs and pipes."""
+
+    def __init__(self, out: TextIO | None = None, quiet: bool = False, show_plan: bool = True):
+        self.out = out or sys.stdout
+        self.quiet = quiet
+        self.show_plan = show_plan
+        self._last_progress: dict[str, float] = {}
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.out, flush=True)
+
+    def plan(self, states: list[NodeState]) -> None:
+        if not self.show_plan:
+            return
+        stale = [s for s in states if s.status == "stale"]
+        if not stale:
+            self._print("nothing to do: every node is up to date")
+            return
+        for s in stale:
+            self._print(f"stale {s.name}: {'; '.join(s.reasons)}")
+
+    def node_start(self, state: NodeState, tensors: int | None = None) -> None:
+        self._print(f"building {state.name} ({state.method})")
+
+    def node_progress(self, name, done, total, bytes_done, bytes_total) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last_progress.get(name, 0) > 5:
+            self._last_progress[name] = now
+            if done != total:
+                self._print(f"  {name}: {done}/{total} tensors, {_size(bytes_done)}")
+
+    def node_done(self, result: NodeResult) -> None:
+        if result.outcome == "built":
+            rate = result.bytes_written / result.seconds if result.seconds > 0 else 0
+            self._print(f"built {result.name} in {result.seconds:.2f}s "
+                        f"({_size(result.bytes_written)}, {_size(rate)}/s) -> {result.path}")
+        elif result.outcome == "reused":
+            self._print(f"reused {result.name}: {result.detail}")
+        else:
+            print(f"{result.outcome} {result.name}: {result.detail}", file=sys.stderr, flush=True)
+
+    def waiting(self, name: str) -> None:
+        self._print(f"waiting: another mergebuild is building {name}")
+
+    def summary(self, result: MakeResult) -> None:
+        built, reused = result.count("built"), result.count("reused")
+        fresh = result.count("fresh")
+        failed = result.count("failed") + result.count("skipped")
+        written = sum(r.bytes_written for r in result.results)
+        self._print(f"done in {result.seconds:.2f}s: {built} built, {reused + fresh} up to date"
+                    f"{f', {failed} failed' if failed else ''}, {_size(written)} written")
+
+
+class RichReporter(PlainReporter):
+    """A plan table, one progress bar per node being built, and a summary."""
+
+    def __init__(self, quiet: bool = False, show_plan: bool = True):
+        super().__init__(quiet=quiet, show_plan=show_plan)
+        from rich.console import Console
+
+        self.console = Console(stderr=False)
+        self._progress = None
+        self._task = None
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False, markup=False)
+
+    def plan(self, states: list[NodeState]) -> None:
+        if self.quiet or not self.show_plan:
+            return
+        if not any(s.status == "stale" for s in states):
+            self._print("nothing to do: every node is up to date")
+            return
+        from rich.table import Table
+
+        table = Table(title="plan", title_justify="left")
+        for col in ("node", "method", "status", "why"):
+            table.add_column(col)
+        for row in plan_rows(states):
+            style = "yellow" if row[2] == "stale" else None
+            table.add_row(*row, style=style)
+        self.console.print(table)
+
+    def node_start(self, state: NodeState, tensors: int | None = None) -> None:
+        if self.quiet:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(f"{state.name} ({state.method})", total=None)
+
+    def node_progress(self, name, done, total, bytes_done, bytes_total) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=bytes_done, total=bytes_total)
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def node_done(self, result: NodeResult) -> None:
+        self._stop()
+        super().node_done(result)
+
+    def summary(self, result: MakeResult) -> None:
+        self._stop()
+        super().summary(result)
+
+
+def make_reporter(quiet: bool = False) -> Reporter:
+    if sys.stdout.isatty() and not quiet:
+        return RichReporter(quiet=quiet)
+    return PlainReporter(quiet=quiet)

@@ -1,0 +1,160 @@
+"""Resolve source nodes to content digests (local dirs via the stat cache, demo models, hub)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .errors import SourceError
+from .hashing import canonical_json, manifest_digest
+from .mergefile import SourceSpec
+from .store import Store
+
+# Files a merge reads or copies from a model directory.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+CONFIG_FILES = ("config.json", "generation_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source node with its identity; ``directory`` is None until fetched/generated."""
+
+    name: str
+    kind: str  # "local" | "demo" | "hub"
+    uri: str
+    digest: str
+    directory: Path | None
+    files: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None
+    commit: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_files(directory: Path) -> list[Path]:
+    """The files of a model directory that define it: weights, index, config, tokenizer."""
+    files = [p for p in directory.iterdir() if p.is_file() and p.suffix == ".safetensors"]
+    for name in ("model.safetensors.index.json", *CONFIG_FILES, *TOKENIZER_FILES):
+        p = directory / name
+        if p.is_file():
+            files.append(p)
+    return sorted(files)
+
+
+def check_model_directory(directory: Path, node: str, allow_pickle: bool = False) -> None:
+    """Fail with a one-line SourceError if ``directory`` cannot be a merge input."""
+    if not directory.exists():
+        raise SourceError(f"source directory {directory} does not exist", node=node,
+                          hint="fix the path in the Mergefile or create the model there")
+    if not directory.is_dir():
+        raise SourceError(f"source {directory} is not a directory", node=node,
+                          hint="point 'source:' at a Hugging Face model directory")
+    names = [p.name for p in directory.iterdir()]
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        if allow_pickle:
+            raise SourceError(
+                f"{directory} holds only pickle weights; loading them is not supported yet",
+                node=node, hint="convert them to safetensors first",
+            )
+        raise SourceError(
+            f"{directory} holds only pickle weights (.bin/.pt), which can run code when loaded",
+            node=node, hint="convert them to safetensors (e.g. with the safetensors convert tool)",
+        )
+    raise SourceError(f"no weights (*.safetensors) in {directory}", node=node,
+                      hint="point 'source:' at a Hugging Face model directory")
+
+
+def resolve_local(spec: SourceSpec, store: Store) -> ResolvedSource:
+    directory = Path(spec.uri)
+    check_model_directory(directory, spec.name, spec.allow_pickle)
+    files: dict[str, str] = {}
+    for path in model_files(directory):
+        try:
+            files[path.name] = store.stat_cache.digest(path)
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror}", node=spec.name) from None
+    return ResolvedSource(
+        name=spec.name, kind="local", uri=directory.as_uri(), digest=manifest_digest(files, "xxh128"),
+        directory=directory, files=files,
+    )
+
+
+def _demo_identity(name: str) -> str:
+    # The generator's own source is the demo model's identity: change it, and every
+    # demo-derived build becomes stale, without generating anything to plan.
+    source = (Path(__file__).parent / "demo.py").read_bytes()
+    text = canonical_json({"demo": name, "generator": xxhash.xxh3_128_hexdigest(source)})
+    return "xxh128:" + xxhash.xxh3_128_hexdigest(text.encode())
+
+
+def resolve_demo(spec: SourceSpec, store: Store) -> ResolvedSource:
+    name = spec.uri[len("demo://"):].strip("/")
+    if name not in DEMO_MODELS:
+        raise SourceError(f"unknown demo model '{name}'", node=spec.name,
+                          hint=f"demo models: {', '.join(DEMO_MODELS)}")
+    digest = _demo_identity(name)
+    root = store.demo / digest.split(":", 1)[1][:16]
+    return ResolvedSource(name=spec.name, kind="demo", uri=spec.uri, digest=digest,
+                          directory=root / name, extra={"demo_root": str(root)})
+
+
+def materialize_demo(source: ResolvedSource) -> Path:
+    """Generate the demo models on first use (deterministic, a fraction of a second)."""
+    from .demo import generate_demo_models
+
+    assert source.directory is not None
+    generate_demo_models(Path(source.extra["demo_root"]))
+    return source.directory
+
+
+def resolve_hub_source(spec: SourceSpec, store: Store, *, frozen: dict | None = None):
+    from .hub import parse_hub_uri, resolve
+
+    repo_id, revision = parse_hub_uri(spec.uri)
+    locked = (frozen or {}).get(spec.name)
+    resolution = resolve(repo_id, revision, node=spec.name, locked_commit=locked)
+    files = {f.path: (f"sha256:{f.sha256}" if f.sha256 else f"git:{f.blob_id}")
+             for f in resolution.files}
+    return ResolvedSource(
+        name=spec.name, kind="hub", uri=f"hf://{repo_id}", digest=resolution.digest,
+        directory=None, files=files, revision=revision, commit=resolution.commit,
+        extra={"resolution": resolution},
+    )
+
+
+def resolve_source(spec: SourceSpec, store: Store, *, frozen: dict | None = None
+                   ) -> ResolvedSource:
+    """A source's identity, without reading weight bytes whenever the stat cache allows."""
+    if spec.kind == "local":
+        return resolve_local(spec, store)
+    if spec.kind == "demo":
+        return resolve_demo(spec, store)
+    return resolve_hub_source(spec, store, frozen=frozen)
+
+
+def materialize(source: ResolvedSource) -> Path:
+    """The local directory holding the source's files, generating or fetching it if needed."""
+    if source.kind == "local":
+        assert source.directory is not None
+        return source.directory
+    if source.kind == "demo":
+        return materialize_demo(source)
+    from .hub import fetch
+
+    return fetch(source.extra["resolution"], node=source.name)

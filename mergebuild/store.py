@@ -1,0 +1,270 @@
+"""The content-addressed store: objects by recipe key, atomic publish, per-key locks, refs.
+
+Layout of a store directory::
+
+    objects/<key[:2]>/<key>/   published builds (read-only Hugging Face model directories)
+    tmp/<key>.<random>/        builds in progress; anything here older than its lock is garbage
+    locks/<key>.lock           flock'd while a key is built, so two makes never build it twice
+    refs/<node>.json           the last build of each node name: key, digest, recipe (for
+                               "what changed" reasons and human-facing names)
+    demo/                      demo models generated on first use
+    state.db                   the stat cache (SQLite)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .hashing import StatCache
+
+
+@dataclass(frozen=True)
+class StoredBuild:
+    key: str
+    digest: str
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below root (files first, then their directories)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _make_readonly(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o444)
+        os.chmod(dirpath, 0o555)
+
+
+def _make_writable(root: Path) -> None:
+    if not root.exists():
+        return
+    for dirpath, _dirnames, _filenames in os.walk(root):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(dirpath, name), 0o644)
+
+
+def remove_tree(root: Path) -> None:
+    """Remove a (possibly read-only) directory tree."""
+    _make_writable(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+class Store:
+    """A store directory. Creating one creates nothing on disk until something is written."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.locks = self.root / "locks"
+        self.refs = self.root / "refs"
+        self.demo = self.root / "demo"
+        self.stat_cache = StatCache(self.root / "state.db")
+
+    # objects -----------------------------------------------------------------------------
+    def object_dir(self, key: str) -> Path:
+        return self.objects / key[:2] / key
+
+    def lookup(self, key: str) -> StoredBuild | None:
+        """The published build of ``key`` if it exists and passes a cheap integrity check."""
+        path = self.object_dir(key)
+        meta = _read_json(path / "provenance.json")
+        if meta is None:
+            return None
+        try:
+            internal = meta["predicate"]["buildDefinition"]["internalParameters"]
+            digest = internal["digest"]
+            if internal["key"] != key:
+                return None
+        except (KeyError, TypeError):
+            return None
+        if quick_problems(path, meta):
+            return None
+        return StoredBuild(key=key, digest=digest, path=path)
+
+    def discard(self, key: str) -> None:
+        """Remove a published object that failed its integrity check."""
+        path = self.object_dir(key)
+        if path.exists():
+            trash = self.tmp / f"{key}.corrupt.{secrets.token_hex(4)}"
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                _make_writable(path)
+                os.rename(path, trash)
+            remove_tree(trash)
+
+    # building ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the per-key build lock; blocks (calling ``on_wait`` once) while another holds it."""
+        self._mkdir(self.locks)
+        path = self.locks / f"{key}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def new_tmp(self, key: str) -> Path:
+        self._mkdir(self.tmp)
+        path = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
+
+    def publish(self, tmp_dir: Path, key: str) -> Path:
+        """fsync the finished build and rename it into place; it becomes read-only."""
+        final = self.object_dir(key)
+        try:
+            fsync_tree(tmp_dir)
+            _make_readonly(tmp_dir)
+            self._mkdir(final.parent)
+            if final.exists():
+                # Only a corrupt leftover can be here (lookup failed under the lock).
+                self.discard(key)
+            os.rename(tmp_dir, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot publish build {key[:12]}") from None
+        return final
+
+    def abandon(self, tmp_dir: Path) -> None:
+        remove_tree(tmp_dir)
+
+    # refs --------------------------------------------------------------------------------
+    def _ref_path(self, node: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
+        return self.refs / f"{safe}.json"
+
+    def read_ref(self, node: str) -> dict[str, Any] | None:
+        return _read_json(self._ref_path(node))
+
+    def write_ref(self, node: str, record: dict[str, Any]) -> None:
+        self._mkdir(self.refs)
+        path = self._ref_path(node)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self.os_error(exc, f"cannot record the build of '{node}'", node=node) from None
+
+    # maintenance -------------------------------------------------------------------------
+    def iter_objects(self) -> Iterator[Path]:
+        if not self.objects.is_dir():
+            return
+        for prefix in sorted(self.objects.iterdir()):
+            if prefix.is_dir():
+                yield from sorted(p for p in prefix.iterdir() if p.is_dir())
+
+    def dead_tmp_dirs(self) -> list[Path]:
+        """Temp dirs whose build lock is not held (their process died or was killed)."""
+        dead: list[Path] = []
+        if not self.tmp.is_dir():
+            return dead
+        for path in sorted(self.tmp.iterdir()):
+            key = path.name.split(".", 1)[0]
+            lock = self.locks / f"{key}.lock"
+            if ".corrupt." in path.name or not lock.exists() or not _lock_held(lock):
+                dead.append(path)
+        return dead
+
+    # helpers -----------------------------------------------------------------------------
+    def _mkdir(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot create {path}") from None
+
+    def os_error(self, exc: OSError, what: str, node: str | None = None) -> StoreError:
+        if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+            return StoreError(f"{what}: no space left on the device holding {self.root}",
+                              node=node, hint="free space or pass --cache-dir on a larger disk")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StoreError(f"{what}: permission denied in {self.root}", node=node,
+                              hint="check the store's permissions or pass --cache-dir")
+        return StoreError(f"{what}: {exc.strerror or exc}", node=node)
+
+
+def _lock_held(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def quick_problems(directory: Path, statement: dict[str, Any]) -> list[str]:
+    """Cheap integrity check: every subject file exists with its recorded size."""
+    problems: list[str] = []
+    for subject in statement.get("subject", []):
+        name = subject.get("name", "")
+        if "/" in name or name.startswith("."):
+            continue  # whole-directory subjects and the like
+        size = (subject.get("annotations") or {}).get("size")
+        try:
+            st = os.stat(directory / name)
+        except OSError:
+            problems.append(f"{name} is missing")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{name} is not a regular file")
+        elif size is not None and st.st_size != size:
+            problems.append(f"{name} has {st.st_size} bytes, expected {size}")
+    return problems
