@@ -1,0 +1,303 @@
+"""Render the Hugging Face model card (README.md) of a built merge from its build record.
+
+The card is a pure function of the record: same record → same bytes. Run times and the
+invocation id are left out (they live in provenance.json), so a reproduced build gets the
+same card.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from mergebuild.lineage import (
+    LineageNode,
+    format_parameters,
+    hub_id,
+    iter_lineage,
+    lineage_from_statement,
+    lineage_hub_ids,
+    lineage_methods,
+    short_digest,
+)
+from mergebuild.provenance import BuildRecord, build_statement, scrub_text
+
+MERGEBUILD_URL = "https://github.com/mergebuild/mergebuild"
+
+_EVALUATION_INTRO = (
+    "A merge can keep its average score while losing what one parent was chosen for. "
+    "Before relying on this model:"
+)
+_EVALUATION_PER_PARENT = (
+    "- Evaluate it on each parent's specialty, not only on averaged benchmarks, "
+    "and compare with that parent on that task:"
+)
+_EVALUATION_CHECKS = (
+    "- Compare with the base model on general ability, to catch regressions the merge "
+    + "introduced.",
+    "- Check the chat template, tokenizer and special tokens come from the parent you "
+    + "intended, and that generation stops where it should.",
+    "- Evaluate each intermediate stage as well; a weak intermediate limits every stage "
+    + "built on it.",
+)
+_PROVENANCE_TEXT = (
+    "## Provenance\n\n"
+    "`provenance.json` beside this card is an in-toto Statement (v1) with a SLSA "
+    "Provenance (v1) predicate: every file's sha256, every parent's digest and hub commit, "
+    "and each upstream stage's own statement embedded, so the whole chain is one document. "
+    "`mergebuild lineage DIR` shows the tree and `mergebuild verify DIR` re-checks every "
+    "byte, without the Mergefile.\n"
+)
+
+
+def render_card(record: BuildRecord) -> str:
+    """The model card of ``record``: Hub metadata, lineage, parameters, rebuild, advice.
+
+    Front matter: ``base_model`` lists every hub repo the whole lineage reaches (through
+    any number of intermediate stages, sorted, deduplicated), ``base_model_relation:
+    merge``, ``library_name: transformers`` and ``tags`` (merge, mergebuild, methods).
+
+    Example:
+        >>> text = render_card(record)
+        >>> ModelCard(text).data.base_model
+        ['org/base', 'org/coder']
+    """
+    statement = build_statement(record)
+    root = lineage_from_statement(statement)
+    spec = statement["predicate"]["buildDefinition"]["externalParameters"]["spec"]
+    sections = [
+        _front_matter(root),
+        _introduction(record, root, spec),
+        _lineage_section(root),
+        _parameters_section(record, spec),
+        _build_section(record),
+        _rebuild_section(record),
+        _evaluation_section(root),
+        _provenance_section(),
+    ]
+    return scrub_text("\n".join(sections))
+
+
+def _front_matter(root: LineageNode) -> str:
+    metadata: dict[str, Any] = {}
+    hubs = lineage_hub_ids(root)
+    if hubs:
+        metadata["base_model"] = hubs
+        metadata["base_model_relation"] = "merge"
+    metadata["library_name"] = "transformers"
+    tags = ["merge", "mergebuild"]
+    tags += [m for m in lineage_methods(root) if m not in tags]
+    metadata["tags"] = tags
+    body = yaml.safe_dump(
+        metadata, sort_keys=False, allow_unicode=True, default_flow_style=False, width=10_000
+    )
+    return f"---\n{body}---\n"
+
+
+def _introduction(record: BuildRecord, root: LineageNode, spec: Mapping[str, Any]) -> str:
+    stages = [n for n in iter_lineage(root) if n.is_build]
+    sources = [n for n in iter_lineage(root) if not n.is_build]
+    hubs = lineage_hub_ids(root)
+    local = sum(1 for s in sources if s.kind != "hub")
+    parents = ", ".join(f"`{_display_name(p)}` ({p.role})" for p in root.children)
+    lines = [f"# {record.node}", ""]
+    description = spec.get("description") if isinstance(spec, Mapping) else None
+    if isinstance(description, str) and description.strip():
+        lines += [description.strip(), ""]
+    lines += [
+        (
+            f"`{record.node}` is a model merge built with [mergebuild]({MERGEBUILD_URL}): "
+            f"**{record.method}** of {parents or 'no parents'}."
+        ),
+        "",
+        (
+            f"Its lineage has {_count(len(stages), 'merge stage')} and "
+            f"{_count(len(sources), 'original checkpoint')} "
+            f"({_count(len(hubs), 'Hugging Face repo')}, "
+            f"{_count(local, 'local directory', 'local directories')})."
+        ),
+        "",
+        f"- Content digest: `{record.digest}`",
+        f"- Recipe key: `{record.key}`",
+        f"- Merge engine version: `{record.engine_version}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _lineage_section(root: LineageNode) -> str:
+    nodes = list(iter_lineage(root))
+    ids = {_identity(n): f"n{i}" for i, n in enumerate(nodes)}
+    mermaid = ["graph TD"]
+    for node in nodes:
+        mermaid.append(f'  {ids[_identity(node)]}["{_mermaid_label(node)}"]')
+    edges: list[str] = []
+    for node in nodes:
+        for parent in node.children:
+            edge = (
+                f"  {ids[_identity(parent)]} -->|{parent.role or 'parent'}| {ids[_identity(node)]}"
+            )
+            if edge not in edges:
+                edges.append(edge)
+    mermaid += edges
+    lines = ["## Lineage", "", "```mermaid", *mermaid, "```", ""]
+    lines += [
+        "### Merge stages",
+        "",
+        "| Stage | Method | Key parameters | Parents |",
+        "|---|---|---|---|",
+    ]
+    for stage in (n for n in nodes if n.is_build):
+        parents = "<br>".join(_parent_cell(p) for p in stage.children)
+        lines.append(
+            f"| `{_cell(stage.name)}` | {_cell(stage.method or '?')} | "
+            f"{_cell(format_parameters(stage.params)) or '—'} | {parents or '—'} |"
+        )
+    lines += [
+        "",
+        "### Original checkpoints",
+        "",
+        "| Source | Kind | Location | Revision | Commit | Digest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for source in (n for n in nodes if not n.is_build):
+        location = hub_id(source.uri) if source.kind == "hub" else None
+        lines.append(
+            f"| `{_cell(source.name)}` | {source.kind} | `{_cell(location or source.uri)}` | "
+            f"{_code(source.revision)} | {_code(source.commit)} | `{short_digest(source.digest)}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _parameters_section(record: BuildRecord, spec: Any) -> str:
+    text = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return "\n".join(
+        [
+            f"## Merge parameters of `{record.node}`",
+            "",
+            "The node as written in the Mergefile, after defaults:",
+            "",
+            _fenced(text, "yaml"),
+            "",
+        ]
+    )
+
+
+def _build_section(record: BuildRecord) -> str:
+    lines = ["## Built with", "", "| Component | Version |", "|---|---|"]
+    for name in sorted(record.builder):
+        lines.append(f"| {_cell(name)} | `{_cell(str(record.builder[name]))}` |")
+    lines += [f"| device | `{_cell(record.device)}` |", ""]
+    return "\n".join(lines)
+
+
+def _rebuild_section(record: BuildRecord) -> str:
+    return "\n".join(
+        [
+            "## How to rebuild",
+            "",
+            "This Mergefile excerpt holds this node and every node it depends on:",
+            "",
+            _fenced(record.mergefile_excerpt.rstrip("\n") + "\n", "yaml"),
+            "",
+            "Then run:",
+            "",
+            _fenced(record.rebuild_command.strip() + "\n", "sh"),
+            "",
+            (
+                f"A faithful rebuild has the content digest `{record.digest}`. Deterministic "
+                "methods reproduce bit for bit on the same device type; "
+                "`mergebuild make --check` audits exactly that."
+            ),
+            "",
+        ]
+    )
+
+
+def _evaluation_section(root: LineageNode) -> str:
+    lines = [
+        "## Evaluation advice",
+        "",
+        _EVALUATION_INTRO,
+        "",
+        _EVALUATION_PER_PARENT,
+    ]
+    for source in (n for n in iter_lineage(root) if not n.is_build):
+        if source.kind == "hub":
+            at = f" @ `{source.revision}`" if source.revision else ""
+            lines.append(f"  - `{_display_name(source)}`{at} (Hugging Face)")
+        else:
+            lines.append(f"  - `{source.name}` ({source.kind}: `{source.uri}`)")
+    lines += [*_EVALUATION_CHECKS, ""]
+    return "\n".join(lines)
+
+
+def _provenance_section() -> str:
+    return _PROVENANCE_TEXT
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _identity(node: LineageNode) -> tuple[str, str, str]:
+    return (node.kind, node.uri, node.digest)
+
+
+def _display_name(node: LineageNode) -> str:
+    if node.kind == "hub":
+        return hub_id(node.uri) or node.name
+    return node.name
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def _mermaid_label(node: LineageNode) -> str:
+    if node.is_build:
+        parts = [node.name, node.method or "?"]
+    elif node.kind == "hub":
+        parts = [hub_id(node.uri) or node.name]
+        if node.revision:
+            parts.append(f"@ {node.revision}")
+    else:
+        parts = [node.name, "local"]
+    parts.append(short_digest(node.digest, 8))
+    return "<br/>".join(_mermaid_escape(p) for p in parts)
+
+
+def _mermaid_escape(text: str) -> str:
+    return (
+        text.replace("&", "#amp;")
+        .replace('"', "#quot;")
+        .replace("<", "#lt;")
+        .replace(">", "#gt;")
+        .replace("\n", " ")
+    )
+
+
+def _parent_cell(parent: LineageNode) -> str:
+    name = _display_name(parent)
+    text = f"{parent.role or 'parent'}: `{_cell(name)}`"
+    if parent.revision:
+        text += f" @ `{_cell(parent.revision)}`"
+    if parent.commit:
+        text += f" (commit `{_cell(parent.commit[:12])}`)"
+    return text + f" `{short_digest(parent.digest)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _code(value: str | None) -> str:
+    return f"`{_cell(value)}`" if value else "—"
+
+
+def _fenced(text: str, language: str) -> str:
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}{fence}"

@@ -1,0 +1,434 @@
+"""Read a built model's lineage and check its bytes, from the artifacts alone.
+
+Everything here works on a model directory (``provenance.json`` with the upstream
+statements embedded); no Mergefile and no store are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from mergebuild.errors import StoreError
+from mergebuild.provenance import (
+    CARD_FILE,
+    PROVENANCE_FILE,
+    digest_set,
+    digest_string,
+    digests_match,
+    dir_hash,
+    directory_digest,
+    read_statement,
+    sha256_file,
+    statement_problems,
+    subject_files,
+)
+
+if TYPE_CHECKING:
+    from rich.tree import Tree
+
+# Keys of a node spec that say where parents come from rather than how they are merged.
+_STRUCTURAL_KEYS = frozenset(
+    {
+        "method",
+        "description",
+        "name",
+        "model",
+        "models",
+        "base_model",
+        "base",
+        "parents",
+        "parameters",
+        "slices",
+        "sources",
+        "source",
+        "path",
+        "repo",
+        "revision",
+    }
+)
+
+PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+
+
+@dataclass(frozen=True)
+class LineageNode:
+    """One model in a lineage tree; ``children`` are its parents.
+
+    ``kind`` is ``"node"`` for a merge built by mergebuild (its own statement was
+    embedded), ``"hub"`` or ``"local"`` for a source. ``role`` is the part it played for
+    the model below it (``"base"``, ``"model"``, ``"slice"``), ``None`` at the root.
+    """
+
+    name: str
+    kind: str
+    digest: str
+    uri: str
+    method: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    role: str | None = None
+    key: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    children: tuple[LineageNode, ...] = ()
+
+    @property
+    def is_build(self) -> bool:
+        """True for a merge stage (a node, or a local directory with its own provenance)."""
+        return self.kind == "node" or bool(self.children)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem found in a model directory.
+
+    ``path`` is relative to the directory (``provenance.json#a/b`` for a problem inside
+    the embedded chain); ``kind`` is one of :data:`PROBLEM_KINDS`.
+    """
+
+    path: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind}: {self.detail}"
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def key_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs of a node worth showing in one line, sorted by name.
+
+    The node's ``parameters``, each parent's ``parameters`` as ``<parent>.<name>``, and
+    other top-level scalar settings (``dtype``, ``tokenizer_source``…).
+    """
+    params: dict[str, Any] = {}
+    if not isinstance(spec, Mapping):
+        return params
+    if isinstance(spec.get("parameters"), Mapping):
+        params.update({str(k): v for k, v in spec["parameters"].items() if _showable(v)})
+    for entry in spec.get("models") or ():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("parameters"), Mapping):
+            continue
+        parent = entry.get("model") or entry.get("name") or "?"
+        for name, value in entry["parameters"].items():
+            if _showable(value):
+                params[f"{parent}.{name}"] = value
+    for name, value in spec.items():
+        if name not in _STRUCTURAL_KEYS and _showable(value) and not isinstance(value, list):
+            params[str(name)] = value
+    return {k: params[k] for k in sorted(params)}
+
+
+def _showable(value: Any) -> bool:
+    scalar = (str, int, float, bool, type(None))
+    return isinstance(value, scalar) or (
+        isinstance(value, list) and all(isinstance(v, scalar) for v in value)
+    )
+
+
+def format_parameters(params: Mapping[str, Any]) -> str:
+    """``{"t": 0.5, "dtype": "bfloat16"}`` → ``"dtype=bfloat16, t=0.5"`` (given order)."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+
+
+def short_digest(digest: str, length: int = 12) -> str:
+    """``"sha256:abcdef…"`` cut to ``length`` hex digits."""
+    algorithm, sep, value = digest.partition(":")
+    return f"{algorithm}:{value[:length]}" if sep else digest[:length]
+
+
+def hub_id(uri: str) -> str | None:
+    """``"hf://org/name@rev"`` → ``"org/name"``; ``None`` if the URI is not a hub URI."""
+    for prefix in ("hf://", "https://huggingface.co/"):
+        if uri.startswith(prefix):
+            path = uri[len(prefix) :]
+            break
+    else:
+        return None
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0] == "models":
+        parts = parts[1:]
+    if not parts:
+        return None
+    repo = "/".join(parts[:2]) if len(parts) > 1 else parts[0]
+    return repo.split("@", 1)[0]
+
+
+def lineage_from_statement(statement: Mapping[str, Any]) -> LineageNode:
+    """The lineage tree of the build a statement describes (embedded chain included)."""
+    definition = statement["predicate"]["buildDefinition"]
+    external = definition.get("externalParameters", {})
+    internal = definition.get("internalParameters", {})
+    name = str(external.get("node", "?"))
+    return LineageNode(
+        name=name,
+        kind="node",
+        digest=str(internal.get("digest", "")),
+        uri=f"mergebuild:node/{name}",
+        method=external.get("method"),
+        params=key_parameters(external.get("spec", {})),
+        key=internal.get("key"),
+        children=tuple(_dependency_node(d) for d in definition.get("resolvedDependencies", [])),
+    )
+
+
+def _dependency_node(dep: Mapping[str, Any]) -> LineageNode:
+    annotations = dep.get("annotations") or {}
+    digests = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
+    common = {
+        "name": str(dep.get("name") or dep.get("uri") or "?"),
+        "kind": str(annotations.get("kind", "node" if annotations.get("statement") else "local")),
+        "digest": digest_string(digests) if digests else "",
+        "uri": str(dep.get("uri", "")),
+        "role": annotations.get("role"),
+        "revision": annotations.get("revision"),
+        "commit": annotations.get("commit"),
+    }
+    upstream = annotations.get("statement")
+    if isinstance(upstream, Mapping):
+        node = lineage_from_statement(upstream)
+        return LineageNode(
+            **common, method=node.method, params=node.params, key=node.key, children=node.children
+        )
+    return LineageNode(**common, method=annotations.get("method"))
+
+
+def load_lineage(directory: Path) -> LineageNode:
+    """The lineage tree of a built model directory, from its ``provenance.json`` alone.
+
+    Raises:
+        StoreError: provenance is missing or invalid.
+    """
+    return lineage_from_statement(read_statement(Path(directory)))
+
+
+def iter_lineage(node: LineageNode) -> Iterator[LineageNode]:
+    """Every node of the tree, parents before children, each distinct model once.
+
+    Models reached by several paths (a shared ancestor) are yielded the first time.
+    """
+    seen: set[tuple[str, str, str]] = set()
+
+    def visit(n: LineageNode) -> Iterator[LineageNode]:
+        identity = (n.kind, n.uri, n.digest)
+        if identity in seen:
+            return
+        seen.add(identity)
+        for child in n.children:
+            yield from visit(child)
+        yield n
+
+    yield from visit(node)
+
+
+def lineage_hub_ids(node: LineageNode) -> list[str]:
+    """Hub repo ids reached anywhere in the lineage, deduplicated and sorted."""
+    ids = {hub_id(n.uri) for n in iter_lineage(node) if n.kind == "hub"}
+    return sorted((i for i in ids if i), key=lambda s: (s.lower(), s))
+
+
+def lineage_methods(node: LineageNode) -> list[str]:
+    """Merge methods used anywhere in the lineage, deduplicated and sorted."""
+    return sorted({n.method for n in iter_lineage(node) if n.is_build and n.method})
+
+
+def lineage_to_json(node: LineageNode) -> dict[str, Any]:
+    """A JSON-ready dict of the tree; parents are under ``"parents"``."""
+    out: dict[str, Any] = {
+        "name": node.name,
+        "kind": node.kind,
+        "role": node.role,
+        "uri": node.uri,
+        "digest": node.digest,
+    }
+    if node.is_build:
+        out.update(method=node.method, key=node.key, params=dict(node.params))
+    elif node.method:
+        out["method"] = node.method
+    if node.kind == "hub":
+        out.update(repo=hub_id(node.uri), revision=node.revision, commit=node.commit)
+    out["parents"] = [lineage_to_json(c) for c in node.children]
+    return out
+
+
+def render_lineage_tree(node: LineageNode) -> Tree:
+    """A ``rich`` tree of the lineage (rich is imported only here)."""
+    from rich.tree import Tree
+
+    tree = Tree(_label(node))
+
+    def add(branch: Tree, n: LineageNode) -> None:
+        for child in n.children:
+            add(branch.add(_label(child)), child)
+
+    add(tree, node)
+    return tree
+
+
+def _label(node: LineageNode) -> str:
+    from rich.markup import escape
+
+    role = f"[dim]({escape(node.role)})[/] " if node.role else ""
+    digest = f"[dim]{escape(short_digest(node.digest))}[/]"
+    if node.kind == "hub":
+        at = f"@{node.revision}" if node.revision else ""
+        commit = f" commit {node.commit[:12]}" if node.commit else ""
+        repo = hub_id(node.uri) or node.uri
+        return f"{role}[bold]{escape(node.name)}[/] hub {escape(repo + at)}{commit} {digest}"
+    if not node.is_build:
+        return f"{role}[bold]{escape(node.name)}[/] local {escape(node.uri)} {digest}"
+    params = f" {escape(format_parameters(node.params))}" if node.params else ""
+    method = escape(node.method or "?")
+    return f"{role}[bold]{escape(node.name)}[/] [cyan]{method}[/]{params} {digest}"
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def verify_directory(directory: Path) -> list[Problem]:
+    """Re-hash every file against the provenance subjects and check the embedded chain.
+
+    Returns every problem found (empty when the directory is intact): a subject file that
+    is ``missing``, shorter than recorded (``truncated``), of other size or content
+    (``modified``), a file no subject names (``unexpected``; dot-files are ignored), and
+    ``invalid-provenance`` for a statement or embedded chain that does not hold together.
+    """
+    return _check(Path(directory), rehash=True)
+
+
+def quick_check(directory: Path) -> list[Problem]:
+    """The cheap check before reusing a store object: files exist with their sizes.
+
+    No file is read except ``provenance.json``.
+    """
+    return _check(Path(directory), rehash=False)
+
+
+def _check(directory: Path, *, rehash: bool) -> list[Problem]:
+    if not (directory / PROVENANCE_FILE).is_file():
+        return [Problem(PROVENANCE_FILE, "missing", f"no {PROVENANCE_FILE} in {directory}")]
+    try:
+        statement = read_statement(directory)
+    except StoreError as exc:
+        return [Problem(PROVENANCE_FILE, "invalid-provenance", exc.message)]
+    expected = subject_files(statement)
+    problems: list[Problem] = []
+    for name, (sha256, size) in sorted(expected.items()):
+        if not _safe_name(name):
+            problems.append(
+                Problem(name, "invalid-provenance", "subject name escapes the directory")
+            )
+            continue
+        problems += _check_file(directory / name, name, sha256, size, rehash=rehash)
+    problems += _unexpected_files(directory, set(expected))
+    if rehash:
+        problems += chain_problems(statement)
+    return problems
+
+
+def _safe_name(name: str) -> bool:
+    path = PurePosixPath(name)
+    return (
+        bool(name)
+        and "\\" not in name
+        and not path.is_absolute()
+        and ".." not in path.parts
+        and name != PROVENANCE_FILE
+    )
+
+
+def _check_file(
+    path: Path, name: str, sha256: str, size: int | None, *, rehash: bool
+) -> list[Problem]:
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        return [Problem(name, "missing", "listed in provenance but not present")]
+    if not path.is_file():
+        return [Problem(name, "missing", "listed in provenance but not a regular file")]
+    if size is not None and actual_size < size:
+        return [Problem(name, "truncated", f"{actual_size} bytes, expected {size}")]
+    if size is not None and actual_size > size:
+        return [Problem(name, "modified", f"{actual_size} bytes, expected {size}")]
+    if rehash:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            return [Problem(name, "modified", f"sha256 {actual[:12]}…, expected {sha256[:12]}…")]
+    return []
+
+
+def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
+    problems = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for filename in sorted(files):
+            if filename.startswith("."):
+                continue
+            rel = (Path(root) / filename).relative_to(directory).as_posix()
+            if rel not in expected and rel != PROVENANCE_FILE:
+                problems.append(Problem(rel, "unexpected", "not listed in provenance"))
+    return problems
+
+
+def chain_problems(statement: Mapping[str, Any], where: str = "") -> list[Problem]:
+    """Internal consistency of a statement and every upstream statement embedded in it.
+
+    Checks that the directory subject agrees with the build digest and with the file
+    subjects, and that each embedded upstream statement describes exactly the digest
+    its dependency entry names.
+    """
+    definition = statement["predicate"]["buildDefinition"]
+    node = str(definition.get("externalParameters", {}).get("node", "?"))
+    chain = f"{where}/{node}" if where else node
+    path = f"{PROVENANCE_FILE}#{chain}"
+    problems = []
+    own = directory_digest(statement)
+    if not own:
+        problems.append(Problem(path, "invalid-provenance", "no whole-directory subject"))
+    else:
+        recorded = definition.get("internalParameters", {}).get("digest")
+        try:
+            if recorded is not None and not digests_match(own, digest_set(str(recorded))):
+                problems.append(
+                    Problem(path, "invalid-provenance", f"directory digest is not {recorded}")
+                )
+        except ValueError as exc:
+            problems.append(Problem(path, "invalid-provenance", str(exc)))
+        outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
+        if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
+            problems.append(
+                Problem(path, "invalid-provenance", "dirHash does not match the file subjects")
+            )
+    for dep in definition.get("resolvedDependencies", []):
+        upstream = (dep.get("annotations") or {}).get("statement")
+        if upstream is None:
+            continue
+        dep_path = f"{path}/{dep.get('name', '?')}"
+        structural = statement_problems(upstream)
+        if structural:
+            problems.append(Problem(dep_path, "invalid-provenance", structural[0]))
+            continue
+        upstream_digest = directory_digest(upstream)
+        wanted = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
+        if not digests_match(upstream_digest, wanted):
+            problems.append(
+                Problem(
+                    dep_path,
+                    "invalid-provenance",
+                    f"embedded statement describes {_show(upstream_digest)}, "
+                    f"dependency names {_show(wanted)}",
+                )
+            )
+        problems += chain_problems(upstream, chain)
+    return problems
+
+
+def _show(digests: Mapping[str, str]) -> str:
+    plain = {k: v for k, v in digests.items() if k != "dirHash"}
+    return short_digest(digest_string(plain)) if plain else "no digest"

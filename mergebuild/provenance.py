@@ -1,0 +1,475 @@
+"""Turn a build record into an in-toto Statement v1 with an SLSA Provenance v1 predicate.
+
+The statement written as ``provenance.json`` beside every built model says what went in
+(every parent with its digest, hub commit, per-file digests and, for upstream nodes, their
+own statement embedded), what was done (the node as written and its canonical recipe), by
+what (tool versions, device) and when. Timestamps and the invocation id live only here;
+they never enter a key.
+
+Layout of one statement (names are ours where the spec leaves them open)::
+
+    _type          https://in-toto.io/Statement/v1
+    subject[]      one per file: {name, digest: {sha256}, annotations: {size}}
+                   plus one directory subject, name ".":
+                   {digest: {sha256: <content digest>, dirHash: <over the outputs>},
+                    annotations: {kind: "directory", files, size}}
+    predicateType  https://slsa.dev/provenance/v1
+    predicate.buildDefinition
+        buildType            https://mergebuild.dev/buildtypes/merge/v<ENGINE_VERSION>
+        externalParameters   {node, method, spec, mergefile_digest}
+        internalParameters   {key, digest, engine_version, device, recipe}
+        resolvedDependencies [{name, uri, digest, annotations: {kind, role, revision,
+                               commit, files, method, statement}}]
+    predicate.runDetails
+        builder   {id, version: {mergebuild, torch, safetensors, python}}
+        metadata  {invocationId, startedOn, finishedOn}
+
+No secrets are ever written: every string is scrubbed of Hugging Face tokens, URL
+credentials and values under secret-looking keys (:func:`scrub_secrets`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from mergebuild.errors import StoreError
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE_PREFIX = "https://mergebuild.dev/buildtypes/merge/v"
+BUILDER_ID = "https://mergebuild.dev/builder/local"
+
+PROVENANCE_FILE = "provenance.json"
+CARD_FILE = "README.md"
+DIRECTORY_SUBJECT = "."
+
+# Lowercase hex lengths of the digests we write or accept; others are left alone.
+DIGEST_HEX_LENGTHS = {"sha256": 64, "xxh128": 32, "dirHash": 64, "gitCommit": (40, 64)}
+
+REDACTED = "[REDACTED]"
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    """One parent of a merge, as it was resolved for this build.
+
+    ``digest`` and the values of ``files`` are ``"sha256:<hex>"`` or ``"xxh128:<hex>"``.
+    For ``kind == "node"`` (or a local directory that carries its own provenance),
+    ``statement`` is that upstream build's statement; it is embedded so that the whole
+    chain is one document.
+    """
+
+    name: str
+    role: str
+    kind: str
+    uri: str
+    digest: str
+    revision: str | None = None
+    commit: str | None = None
+    files: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    statement: Mapping | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """Everything known about one finished build of one merge node."""
+
+    node: str
+    key: str
+    digest: str
+    method: str
+    recipe: Mapping
+    spec: Mapping
+    mergefile_digest: str
+    mergefile_excerpt: str
+    parents: tuple[ParentRef, ...]
+    outputs: Mapping[str, tuple[str, int]]
+    builder: Mapping[str, str]
+    device: str
+    engine_version: str
+    started: str
+    finished: str
+    invocation_id: str
+    rebuild_command: str
+
+
+# --------------------------------------------------------------------------- secrets
+
+_TOKEN_PATTERNS = (
+    re.compile(r"hf_[A-Za-z0-9]{20,}"),
+    re.compile(r"api_org_[A-Za-z0-9]{20,}"),
+)
+_URL_CREDENTIALS = re.compile(r"((?:https?|ssh|git\+https?|git\+ssh)://)[^/@\s]+@")
+_TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token(?:=|\s+))\S+")
+_YAML_SECRET_LINE = re.compile(
+    r"(?im)^(\s*-?\s*[\w-]*(?:token|secret|password|passwd|api_key|apikey)\s*:[ \t]*)(\S.*)$"
+)
+_SECRET_KEY = re.compile(
+    r"(?:^|[_-])(?:token|secret|password|passwd|api_?key|auth|authorization|credentials?)"
+    r"(?:$|[_-])"
+)
+
+
+def scrub_text(text: str) -> str:
+    """Remove anything that looks like a credential from free text."""
+    for pattern in _TOKEN_PATTERNS:
+        text = pattern.sub(REDACTED, text)
+    text = _URL_CREDENTIALS.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    text = _TOKEN_FLAG.sub(lambda m: m.group(1) + REDACTED, text)
+    return _YAML_SECRET_LINE.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+def scrub_secrets(value: Any) -> Any:
+    """Return a JSON-ready copy of ``value`` with credentials removed.
+
+    Strings lose Hugging Face tokens (``hf_…``), URL user-info and ``--token`` arguments;
+    string values under keys such as ``token``, ``hf_token`` or ``api_key`` are replaced
+    whole (``tokenizer`` and friends are left alone). Tuples become lists, other
+    non-JSON values become their ``str``.
+    """
+    if isinstance(value, Mapping):
+        clean: dict[str, Any] = {}
+        for k, v in value.items():
+            key = str(k)
+            if isinstance(v, str) and v and _SECRET_KEY.search(key.lower()):
+                clean[key] = REDACTED
+            else:
+                clean[key] = scrub_secrets(v)
+        return clean
+    if isinstance(value, (list, tuple)):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str):
+        return scrub_text(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return scrub_text(str(value))
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def digest_set(digest: str) -> dict[str, str]:
+    """Split ``"sha256:<hex>"`` into the DigestSet ``{"sha256": "<hex>"}``.
+
+    Raises:
+        ValueError: the string has no ``algorithm:`` prefix or no value.
+    """
+    algorithm, sep, value = digest.partition(":")
+    if not sep or not algorithm or not value:
+        raise ValueError(f"digest {digest!r} is not of the form '<algorithm>:<hex>'")
+    return {algorithm: value.lower()}
+
+
+def digest_string(digests: Mapping[str, str], prefer: Iterable[str] = ("sha256", "xxh128")) -> str:
+    """The inverse of :func:`digest_set`: ``{"sha256": h}`` → ``"sha256:h"``."""
+    for algorithm in prefer:
+        if algorithm in digests:
+            return f"{algorithm}:{digests[algorithm]}"
+    algorithm = min(digests)
+    return f"{algorithm}:{digests[algorithm]}"
+
+
+def digests_match(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """DigestSets match when they share an algorithm and every shared one agrees."""
+    shared = set(a) & set(b)
+    return bool(shared) and all(a[k].lower() == b[k].lower() for k in shared)
+
+
+def dir_hash(files: Mapping[str, str]) -> str:
+    """The in-toto ``dirHash`` of a file tree, from each file's sha256 hex.
+
+    sha256 over ``"<sha256>  <name>\\n"`` lines sorted by name (as ``sha256sum`` prints).
+    """
+    lines = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path, chunk_size: int = 8 << 20) -> str:
+    """Stream a file through sha256 and return the hex digest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- statement
+
+
+def build_type(engine_version: str) -> str:
+    """The buildType URI for a given merge-semantics (engine) version."""
+    return f"{BUILD_TYPE_PREFIX}{engine_version}"
+
+
+def _file_subject(name: str, sha256: str, size: int) -> dict[str, Any]:
+    return {"name": name, "digest": {"sha256": sha256.lower()}, "annotations": {"size": size}}
+
+
+def _dependency(parent: ParentRef) -> dict[str, Any]:
+    digest = digest_set(parent.digest)
+    if parent.commit and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", parent.commit.lower()):
+        digest["gitCommit"] = parent.commit.lower()
+    annotations: dict[str, Any] = {"kind": parent.kind, "role": parent.role}
+    if parent.revision is not None:
+        annotations["revision"] = parent.revision
+    if parent.commit is not None:
+        annotations["commit"] = parent.commit
+    if parent.files:
+        annotations["files"] = {name: parent.files[name] for name in sorted(parent.files)}
+    if parent.method is not None:
+        annotations["method"] = parent.method
+    if parent.statement is not None:
+        annotations["statement"] = parent.statement
+    return {"name": parent.name, "uri": parent.uri, "digest": digest, "annotations": annotations}
+
+
+def build_statement(
+    record: BuildRecord, card_sha256: str | None = None, card_size: int | None = None
+) -> dict:
+    """Build the in-toto Statement v1 / SLSA Provenance v1 document for a record.
+
+    Args:
+        record: the finished build.
+        card_sha256: sha256 hex of the ``README.md`` written beside the outputs; when
+            given, the card is one of the subjects (with ``card_size`` as its size
+            annotation when known).
+
+    Returns:
+        A JSON-ready dict, scrubbed of secrets. Same record → equal dict.
+    """
+    subjects = [
+        _file_subject(name, sha, size) for name, (sha, size) in sorted(record.outputs.items())
+    ]
+    if card_sha256 is not None:
+        subject = _file_subject(CARD_FILE, card_sha256, card_size or 0)
+        if card_size is None:
+            del subject["annotations"]
+        subjects.append(subject)
+        subjects.sort(key=lambda s: s["name"])
+    directory_digest = digest_set(record.digest)
+    directory_digest["dirHash"] = dir_hash(
+        {n: sha.lower() for n, (sha, _) in record.outputs.items()}
+    )
+    subjects.append(
+        {
+            "name": DIRECTORY_SUBJECT,
+            "digest": directory_digest,
+            "annotations": {
+                "kind": "directory",
+                "files": len(record.outputs),
+                "size": sum(size for _, size in record.outputs.values()),
+            },
+        }
+    )
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects,
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": build_type(record.engine_version),
+                "externalParameters": {
+                    "node": record.node,
+                    "method": record.method,
+                    "spec": record.spec,
+                    "mergefile_digest": record.mergefile_digest,
+                },
+                "internalParameters": {
+                    "key": record.key,
+                    "digest": record.digest,
+                    "engine_version": record.engine_version,
+                    "device": record.device,
+                    "recipe": record.recipe,
+                },
+                "resolvedDependencies": [_dependency(p) for p in record.parents],
+            },
+            "runDetails": {
+                "builder": {
+                    "id": BUILDER_ID,
+                    "version": {k: str(record.builder[k]) for k in sorted(record.builder)},
+                },
+                "metadata": {
+                    "invocationId": record.invocation_id,
+                    "startedOn": record.started,
+                    "finishedOn": record.finished,
+                },
+            },
+        },
+    }
+    return scrub_secrets(statement)
+
+
+def dumps_statement(statement: Mapping) -> bytes:
+    """Serialise a statement the one way we write it (sorted keys, 2-space indent)."""
+    return (json.dumps(statement, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_provenance(directory: Path, record: BuildRecord) -> None:
+    """Write ``README.md`` (the model card) and then ``provenance.json`` into ``directory``.
+
+    The statement's subjects are every file of ``record.outputs``, the card, and the
+    whole-directory subject. Each file is written to a temporary name and renamed.
+    """
+    from mergebuild.card import render_card  # card builds on this module
+
+    directory = Path(directory)
+    card = render_card(record).encode("utf-8")
+    _write_atomic(directory / CARD_FILE, card)
+    statement = build_statement(record, hashlib.sha256(card).hexdigest(), len(card))
+    _write_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def statement_problems(statement: Any) -> list[str]:
+    """Structural problems of a statement as mergebuild writes it (empty when valid)."""
+    if not isinstance(statement, Mapping):
+        return ["not a JSON object"]
+    problems = []
+    if statement.get("_type") != STATEMENT_TYPE:
+        problems.append(f"_type is {statement.get('_type')!r}, expected {STATEMENT_TYPE}")
+    if statement.get("predicateType") != PREDICATE_TYPE:
+        problems.append(f"predicateType is not {PREDICATE_TYPE}")
+    subjects = statement.get("subject")
+    if not isinstance(subjects, list) or not subjects:
+        problems.append("subject is missing or empty")
+        subjects = []
+    for i, subject in enumerate(subjects):
+        if not isinstance(subject, Mapping) or not isinstance(subject.get("name"), str):
+            problems.append(f"subject[{i}] has no name")
+            continue
+        digest = subject.get("digest")
+        if not isinstance(digest, Mapping) or not digest:
+            problems.append(f"subject {subject['name']!r} has no digest")
+            continue
+        problems += [f"subject {subject['name']!r}: {p}" for p in _digest_problems(digest)]
+        if subject["name"] != DIRECTORY_SUBJECT and "sha256" not in digest:
+            problems.append(f"subject {subject['name']!r} has no sha256 digest")
+        annotations = subject.get("annotations", {})
+        if not isinstance(annotations, Mapping):
+            problems.append(f"subject {subject['name']!r}: annotations is not an object")
+        elif "size" in annotations and not _is_size(annotations["size"]):
+            problems.append(f"subject {subject['name']!r}: size is not a non-negative integer")
+    predicate = statement.get("predicate")
+    if not isinstance(predicate, Mapping):
+        return problems + ["predicate is missing"]
+    definition = predicate.get("buildDefinition")
+    if not isinstance(definition, Mapping):
+        return problems + ["predicate.buildDefinition is missing"]
+    if not isinstance(definition.get("buildType"), str):
+        problems.append("buildDefinition.buildType is missing")
+    if not isinstance(definition.get("externalParameters"), Mapping):
+        problems.append("buildDefinition.externalParameters is missing")
+    deps = definition.get("resolvedDependencies", [])
+    if not isinstance(deps, list):
+        problems.append("buildDefinition.resolvedDependencies is not a list")
+        deps = []
+    for i, dep in enumerate(deps):
+        if not isinstance(dep, Mapping) or not (dep.get("uri") or dep.get("digest")):
+            problems.append(f"resolvedDependencies[{i}] has neither uri nor digest")
+        elif "digest" in dep:
+            problems += [f"resolvedDependencies[{i}]: {p}" for p in _digest_problems(dep["digest"])]
+    run = predicate.get("runDetails")
+    if not isinstance(run, Mapping) or not isinstance(run.get("builder"), Mapping):
+        problems.append("predicate.runDetails.builder is missing")
+    elif not isinstance(run["builder"].get("id"), str):
+        problems.append("runDetails.builder.id is missing")
+    return problems
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _digest_problems(digest: Any) -> list[str]:
+    if not isinstance(digest, Mapping) or not digest:
+        return ["digest is not a non-empty object"]
+    problems = []
+    for algorithm, value in digest.items():
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]+", value):
+            problems.append(f"{algorithm} digest is not lowercase hex")
+            continue
+        lengths = DIGEST_HEX_LENGTHS.get(algorithm)
+        if isinstance(lengths, int):
+            lengths = (lengths,)
+        if lengths and len(value) not in lengths:
+            problems.append(f"{algorithm} digest has {len(value)} hex digits")
+    return problems
+
+
+def read_statement(directory: Path) -> dict:
+    """Read and structurally check ``provenance.json`` in a built model directory.
+
+    Raises:
+        StoreError: the file is missing, not JSON, or not a mergebuild statement; the
+            message is one line naming the file and the first problem.
+    """
+    path = Path(directory) / PROVENANCE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no provenance (not a mergebuild build?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: cannot read provenance: {exc}") from None
+    try:
+        statement = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StoreError(
+            f"{path}: provenance is not valid JSON ({exc.msg}, line {exc.lineno})"
+        ) from None
+    problems = statement_problems(statement)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise StoreError(f"{path}: invalid provenance: {problems[0]}{more}")
+    return statement
+
+
+def subject_files(statement: Mapping) -> dict[str, tuple[str, int | None]]:
+    """``{filename: (sha256 hex, size or None)}`` for every file subject of a statement."""
+    files = {}
+    for subject in statement["subject"]:
+        if subject["name"] == DIRECTORY_SUBJECT or "sha256" not in subject["digest"]:
+            continue
+        size = subject.get("annotations", {}).get("size")
+        files[subject["name"]] = (subject["digest"]["sha256"], size)
+    return files
+
+
+def directory_digest(statement: Mapping) -> dict[str, str]:
+    """The DigestSet of the whole-directory subject (``{}`` if there is none)."""
+    for subject in statement["subject"]:
+        if subject["name"] == DIRECTORY_SUBJECT:
+            return dict(subject["digest"])
+    return {}
+
+
+def statement_digest(statement: Mapping) -> str:
+    """The build's content digest (``"sha256:<hex>"``), as children reference it."""
+    return str(statement["predicate"]["buildDefinition"]["internalParameters"]["digest"])
