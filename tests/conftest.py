@@ -1,0 +1,79 @@
+"""Shared fixtures: real tiny Llama-layout checkpoints, generated once per test run."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+CHAIN = """\
+version: 1
+defaults:
+  dtype: bfloat16
+models:
+  base:     {{source: {models}/base}}
+  instruct: {{source: {models}/instruct}}
+  chat:     {{source: {models}/chat}}
+  code:     {{source: {models}/code}}
+  math:     {{source: {models}/math}}
+  base-instruct:
+    merge_method: task_arithmetic
+    base_model: base
+    models:
+      - model: instruct
+        parameters: {{weight: 1.0}}
+  chat-code:
+    merge_method: slerp
+    base_model: chat
+    models: [{{model: chat}}, {{model: code}}]
+    parameters: {{t: 0.4}}
+  final-model:
+    merge_method: ties
+    base_model: base
+    models:
+      - model: base-instruct
+        parameters: {{weight: 0.5, density: 0.6}}
+      - model: chat-code
+        parameters: {{weight: 0.3, density: 0.6}}
+      - model: math
+        parameters: {{weight: 0.2, density: 0.5}}
+"""
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> dict[str, Path]:
+    from mergebuild.demo import generate_demo_models
+
+    return generate_demo_models(tmp_path_factory.mktemp("demo") / "models")
+
+
+class Workspace:
+    """A directory with a Mergefile over the demo models and its own store."""
+
+    def __init__(self, root: Path, models: Path):
+        self.root = root
+        self.models = models
+        self.cache = root / "cache"
+        self.mergefile = root / "Mergefile"
+
+    def write(self, text: str) -> Path:
+        self.mergefile.write_text(textwrap.dedent(text).format(models=self.models))
+        return self.mergefile
+
+    def chain(self) -> Path:
+        return self.write(CHAIN)
+
+    def project(self):
+        from mergebuild.project import Project
+
+        return Project(self.mergefile, self.cache)
+
+
+@pytest.fixture
+def workspace(tmp_path, demo_models) -> Workspace:
+    return Workspace(tmp_path, demo_models["base"].parent)
+
+
+def outcomes(result) -> dict[str, str]:
+    return {r.name: r.outcome for r in result.results}
