@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 _STRUCTURAL_KEYS = frozenset(
     {
         "method",
+        "merge_method",
         "description",
         "name",
         "model",
@@ -119,10 +120,33 @@ def key_parameters(spec: Mapping[str, Any]) -> dict[str, Any]:
         for name, value in entry["parameters"].items():
             if _showable(value):
                 params[f"{parent}.{name}"] = value
+    slices = _slices_summary(spec.get("slices"))
+    if slices:
+        params["slices"] = slices
     for name, value in spec.items():
         if name not in _STRUCTURAL_KEYS and _showable(value) and not isinstance(value, list):
             params[str(name)] = value
     return {k: params[k] for k in sorted(params)}
+
+
+def _slices_summary(slices: Any) -> str | None:
+    """``[{sources: [{model: a, layer_range: [0, 8]}]}, …]`` → ``"a[0:8] + b[8:16]"``."""
+    if not isinstance(slices, list) or not slices:
+        return None
+    parts = []
+    for entry in slices:
+        sources = entry.get("sources") if isinstance(entry, Mapping) else None
+        for source in sources or ():
+            if not isinstance(source, Mapping):
+                continue
+            layers = source.get("layer_range")
+            where = (
+                f"[{layers[0]}:{layers[1]}]"
+                if isinstance(layers, list) and len(layers) == 2
+                else ""
+            )
+            parts.append(f"{source.get('model', '?')}{where}")
+    return " + ".join(parts) or None
 
 
 def _showable(value: Any) -> bool:
@@ -132,9 +156,19 @@ def _showable(value: Any) -> bool:
     )
 
 
-def format_parameters(params: Mapping[str, Any]) -> str:
-    """``{"t": 0.5, "dtype": "bfloat16"}`` → ``"dtype=bfloat16, t=0.5"`` (given order)."""
-    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in params.items())
+def format_parameters(params: Mapping[str, Any], max_value: int = 40) -> str:
+    """``{"dtype": "bfloat16", "t": 0.5}`` → ``"dtype=bfloat16, t=0.5"`` (given order).
+
+    Values longer than ``max_value`` characters (a chat template…) are cut with ``…``.
+    """
+    shown = []
+    for key, value in params.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        text = " ".join(text.split())
+        if len(text) > max_value:
+            text = text[: max_value - 1] + "…"
+        shown.append(f"{key}={text}")
+    return ", ".join(shown)
 
 
 def short_digest(digest: str, length: int = 12) -> str:

@@ -218,7 +218,8 @@ def _file_subject(name: str, sha256: str, size: int) -> dict[str, Any]:
 
 
 def _dependency(parent: ParentRef) -> dict[str, Any]:
-    digest = digest_set(parent.digest)
+    # A parent whose digest is unknown is still described by its URI (a valid descriptor).
+    digest = digest_set(parent.digest) if parent.digest else {}
     if parent.commit and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", parent.commit.lower()):
         digest["gitCommit"] = parent.commit.lower()
     annotations: dict[str, Any] = {"kind": parent.kind, "role": parent.role}
@@ -232,7 +233,10 @@ def _dependency(parent: ParentRef) -> dict[str, Any]:
         annotations["method"] = parent.method
     if parent.statement is not None:
         annotations["statement"] = parent.statement
-    return {"name": parent.name, "uri": parent.uri, "digest": digest, "annotations": annotations}
+    dependency = {"name": parent.name, "uri": parent.uri, "digest": digest}
+    if not digest:
+        del dependency["digest"]
+    return dependency | {"annotations": annotations}
 
 
 def build_statement(

@@ -12,6 +12,8 @@ from test_provenance import HUB_BASE, HUB_CODER, build_chain
 from mergebuild.errors import StoreError
 from mergebuild.lineage import (
     Problem,
+    format_parameters,
+    key_parameters,
     lineage_to_json,
     load_lineage,
     quick_check,
@@ -200,3 +202,21 @@ def test_quick_check_does_not_rehash(final_copy):
     weights.write_bytes(bytes(data))
     assert quick_check(final_copy) == []
     assert kinds(verify_directory(final_copy)) == [("model.safetensors", "modified")]
+
+
+def test_key_parameters_of_a_slices_spec():
+    spec = {
+        "merge_method": "passthrough",
+        "parameters": {},
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 8], "parameters": {}}]},
+            {"sources": [{"model": "b", "layer_range": [4, 12], "parameters": {}}]},
+        ],
+        "dtype": "bfloat16",
+        "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}" * 3,
+    }
+    params = key_parameters(spec)
+    assert list(params) == ["chat_template", "dtype", "slices"]
+    assert params["slices"] == "a[0:8] + b[4:12]"
+    shown = format_parameters(params)
+    assert shown.startswith("chat_template={% for m in messages %}{{ m.content }}{…, dtype=")

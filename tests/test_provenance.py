@@ -394,6 +394,14 @@ def test_write_leaves_no_temporary_files(chain):
     ]
 
 
+def test_parent_without_digest_is_described_by_uri(chain):
+    parent = dataclasses.replace(LOCAL_CHAT, digest="")
+    record = dataclasses.replace(chain["A"]["record"], parents=(parent,))
+    (dep,) = build_statement(record)["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert "digest" not in dep and dep["uri"] == "file:///models/chat"
+    check_statement(build_statement(record))
+
+
 def test_digest_set_splits_prefixed_digests():
     assert digest_set("sha256:" + "a" * 64) == {"sha256": "a" * 64}
     assert digest_set("xxh128:ABCDEF") == {"xxh128": "abcdef"}
