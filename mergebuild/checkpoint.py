@@ -1,0 +1,803 @@
+"""Safetensors I/O at the edge: validated headers, zero-copy mmap reads, streaming sharded writes.
+
+Reading a header never imports torch, so planning stays torch-free; torch is imported inside
+the functions that touch tensor data (`CheckpointReader.load`, `CheckpointWriter.write`).
+
+Non-goals: pickle checkpoints (``*.bin``/``*.pt``) are refused, never unpickled; big-endian
+hosts are not supported (safetensors data is little-endian and is mapped as-is).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import math
+import mmap
+import os
+import queue
+import struct
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from mergebuild.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPE_SIZES",
+    "INDEX_NAME",
+    "MAX_HEADER_BYTES",
+    "SINGLE_FILE_NAME",
+    "CheckpointReader",
+    "CheckpointWriter",
+    "TensorInfo",
+    "plan_shards",
+    "read_header",
+    "reference_order",
+    "shard_file_names",
+    "torch_dtype_name",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_FILE_NAME = "model.safetensors"
+# The reference implementation refuses headers above 100 MB; so do we, before allocating.
+MAX_HEADER_BYTES = 100 * 2**20
+_ALIGN = 8
+# Large tensors are written and hashed in slices so one syscall never exceeds Linux's 2 GiB cap.
+_IO_CHUNK = 64 * 2**20
+
+# Byte size of every safetensors dtype we read and write. The key order is the reference
+# implementation's dtype order (Rust enum declaration order), which `reference_order` uses.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
+_DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
+
+# safetensors dtype string -> attribute name on the torch module.
+_TORCH_DTYPE_ATTR = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+}
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+_CONVERT_HINT = (
+    "load it once with transformers and save_pretrained(out, safe_serialization=True), "
+    "or use the Hugging Face 'convert to safetensors' space"
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its safetensors dtype, shape and absolute byte range in a file."""
+
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16", "F32", "F16"
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offsets in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors dtype string of a torch dtype, e.g. ``torch.bfloat16`` -> ``"BF16"``."""
+    attr = str(dtype).removeprefix("torch.")
+    for name, torch_attr in _TORCH_DTYPE_ATTR.items():
+        if torch_attr == attr:
+            return name
+    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH_DTYPE_ATTR[name])
+
+
+# --------------------------------------------------------------------------- reading headers
+
+
+def _fail(path: Path, problem: str, todo: str = "re-download or rebuild it") -> CheckpointError:
+    return CheckpointError(f"{path.name} {problem}; {todo}", hint=str(path))
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate a safetensors header without trusting any of it first.
+
+    Args:
+        path: a ``.safetensors`` file.
+
+    Returns:
+        (tensors by name in file order, the ``__metadata__`` mapping or ``{}``).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, has trailing bytes, or its header is
+            not a well-formed safetensors header (bad length, JSON, dtype, shape or offsets).
+
+    Example:
+        >>> tensors, metadata = read_header(Path("model.safetensors"))
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 8:
+                raise _fail(path, f"is {size} bytes, too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(
+                    path,
+                    f"declares a {header_len}-byte header (limit {MAX_HEADER_BYTES}); "
+                    "it is corrupt or not a safetensors file",
+                )
+            if header_len > size - 8:
+                raise _fail(
+                    path,
+                    f"is truncated: header length is {header_len} bytes but only "
+                    f"{size - 8} bytes follow it",
+                )
+            raw = fh.read(header_len)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist", hint="check the path") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a directory, not a safetensors file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path} is not readable", hint="check its permissions") from None
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(path, "has a header that is not UTF-8") from None
+    if not text.startswith("{"):
+        raise _fail(path, "has a header that is not a JSON object")
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except ValueError as exc:
+        raise _fail(path, f"has a header that is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "has a header that is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(path, "has __metadata__ that is not a string-to-string mapping")
+
+    data_start = 8 + header_len
+    data_size = size - data_start
+    ranges: list[tuple[int, int, str, str, tuple[int, ...]]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _fail(path, f"has a malformed entry for tensor '{name}'")
+        dtype = entry.get("dtype")
+        if dtype not in DTYPE_SIZES:
+            raise _fail(
+                path,
+                f"has tensor '{name}' with unsupported dtype {dtype!r} "
+                f"(known: {', '.join(DTYPE_SIZES)})",
+                "convert it to a supported dtype",
+            )
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(path, f"has tensor '{name}' with an invalid shape {shape!r}")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]
+        ):
+            raise _fail(path, f"has tensor '{name}' with invalid data_offsets {offsets!r}")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise _fail(
+                path,
+                f"has tensor '{name}' whose data_offsets span {offsets[1] - offsets[0]} bytes "
+                f"but {dtype} {shape} needs {expected}",
+            )
+        ranges.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+
+    ranges.sort(key=lambda r: (r[0], r[1]))
+    cursor = 0
+    for begin, end, name, _, _ in ranges:
+        if begin < cursor:
+            raise _fail(path, f"has tensor '{name}' overlapping the previous tensor's bytes")
+        if begin > cursor:
+            raise _fail(path, f"has a gap of unused bytes before tensor '{name}'")
+        cursor = end
+    if cursor > data_size:
+        raise _fail(
+            path,
+            f"is truncated: header promises {cursor} bytes of tensor data, file has {data_size}",
+        )
+    if cursor < data_size:
+        raise _fail(
+            path,
+            f"has {data_size - cursor} unexpected trailing bytes after its tensor data",
+        )
+
+    tensors = {
+        name: TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
+        for begin, end, name, dtype, shape in ranges
+    }
+    return tensors, dict(metadata)
+
+
+# --------------------------------------------------------------------------- reading weights
+
+
+class CheckpointReader:
+    """A model directory's safetensors weights, with zero-copy loads through mmap.
+
+    Discovers ``model.safetensors.index.json`` (sharded) or the ``*.safetensors`` files in the
+    directory; refuses pickle-only directories. Tensors returned by `load` are views of a
+    read-only mapping: never modify them in place (the process would crash with SIGSEGV);
+    use ``load(name, copy=True)`` or compute into your own buffers.
+
+    Example:
+        >>> with CheckpointReader(Path("models/base")) as reader:
+        ...     w = reader.load("model.norm.weight")
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.index_file: Path | None = None
+        self.metadata: dict[str, dict[str, str]] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        if not self.directory.is_dir():
+            raise CheckpointError(
+                f"{self.directory} is not a directory", hint="point the source at a model folder"
+            )
+        files = self._discover()
+        tensors: dict[str, TensorInfo] = {}
+        owner: dict[str, Path] = {}
+        for file in files:
+            file_tensors, file_metadata = read_header(file)
+            self.metadata[file.name] = file_metadata
+            for name, info in file_tensors.items():
+                if name in tensors:
+                    raise CheckpointError(
+                        f"tensor '{name}' appears in both {owner[name].name} and {file.name} "
+                        f"in {self.directory}",
+                        hint="remove the stray weights file or add an index",
+                    )
+                tensors[name] = info
+                owner[name] = file
+        if self.index_file is not None:
+            self._check_index(tensors)
+        self._files = files
+        self.tensors: dict[str, TensorInfo] = {n: tensors[n] for n in sorted(tensors)}
+        self.config: dict | None = self._read_config()
+
+    def _discover(self) -> list[Path]:
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            self.index_file = index
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = data["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()
+                ):
+                    raise TypeError("weight_map is not a name-to-file mapping")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{INDEX_NAME} in {self.directory} is not a valid index ({exc})",
+                    hint="re-download or rebuild the model",
+                ) from None
+            self._weight_map: dict[str, str] = weight_map
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if Path(shard).name != shard:
+                    raise CheckpointError(
+                        f"{INDEX_NAME} in {self.directory} points outside the directory "
+                        f"({shard!r})",
+                        hint="shard names must be plain file names",
+                    )
+            missing = [s for s in shards if not (self.directory / s).is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{INDEX_NAME} in {self.directory} references missing shard(s): "
+                    f"{', '.join(missing)}",
+                    hint="re-download or rebuild the model",
+                )
+            return [self.directory / s for s in shards]
+        files = sorted(p for p in self.directory.glob("*.safetensors") if p.is_file())
+        if files:
+            return files
+        pickles = sorted(
+            {p.name for pattern in _PICKLE_PATTERNS for p in self.directory.glob(pattern)}
+        )
+        if pickles:
+            raise CheckpointError(
+                f"{self.directory} holds only pickle checkpoints ({', '.join(pickles)}); "
+                f"pickle checkpoints are not read (only safetensors); convert with "
+                f"transformers save_pretrained(..., safe_serialization=True)",
+                hint=_CONVERT_HINT,
+            )
+        raise CheckpointError(
+            f"{self.directory} holds no weights (no *.safetensors files or {INDEX_NAME})",
+            hint="is this a model directory?",
+        )
+
+    def _check_index(self, tensors: dict[str, TensorInfo]) -> None:
+        for name, shard in self._weight_map.items():
+            info = tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise CheckpointError(
+                    f"{INDEX_NAME} in {self.directory} places '{name}' in {shard}, "
+                    f"but that shard does not hold it",
+                    hint="the index and the shards disagree; re-download or rebuild the model",
+                )
+        extra = sorted(set(tensors) - set(self._weight_map))
+        if extra:
+            raise CheckpointError(
+                f"shards in {self.directory} hold tensors missing from {INDEX_NAME}: "
+                f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}",
+                hint="the index and the shards disagree; re-download or rebuild the model",
+            )
+
+    def _read_config(self) -> dict | None:
+        path = self.directory / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"config.json in {self.directory} is not valid JSON ({exc})",
+                hint="fix or re-download it",
+            ) from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"config.json in {self.directory} is not a JSON object")
+        return config
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files holding the weights, sorted (the index file is not included)."""
+        return list(self._files)
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with self._lock:
+            mapped = self._maps.get(file)
+            if mapped is None:
+                with open(file, "rb") as fh:
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[file] = mapped
+            return mapped
+
+    def load(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        """Return tensor `name` as a zero-copy view of the mapped file (or an owned copy).
+
+        Args:
+            name: tensor name, e.g. ``"model.norm.weight"``.
+            copy: return a tensor that owns its memory (safe to modify in place).
+
+        Returns:
+            A CPU tensor with the file's dtype and shape. Without ``copy`` it is backed by a
+            read-only mapping: reading is free of copies, writing into it crashes the process.
+        """
+        import torch
+
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor '{name}' in {self.directory}") from None
+        dtype = _torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mapped = self._map(info.file)
+        with warnings.catch_warnings():
+            # torch warns that the buffer is read-only; that is the point (see class docstring).
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(mapped, dtype=dtype, count=info.numel, offset=info.start)
+        tensor = flat.view(info.shape)
+        return tensor.clone() if copy else tensor
+
+    def close(self) -> None:
+        """Forget the mappings; each is unmapped once no loaded tensor refers to it any more."""
+        # mmap.close() would unmap memory that tensors from `load` still point at (torch holds
+        # a reference to the mmap object, not a buffer export), so only drop our references.
+        with self._lock:
+            self._maps.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.directory)!r}, {len(self.tensors)} tensors)"
+
+
+# --------------------------------------------------------------------------- writing weights
+
+
+def reference_order(
+    layout: list[tuple[str, str, tuple[int, ...]]],
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Order a layout as ``safetensors.torch.save_file`` orders tensors in a file.
+
+    The reference sorts by dtype (widest first, in its enum order) and then by name. Writing
+    an unsharded layout in this order gives a file byte-identical to ``save_file``'s.
+    """
+    return sorted(layout, key=lambda entry: (-_DTYPE_RANK[entry[1]], entry[0]))
+
+
+def plan_shards(
+    layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int
+) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Split a layout into shards of at most `max_shard_bytes` tensor bytes, keeping its order.
+
+    A tensor larger than the limit gets a shard of its own (as transformers does).
+    """
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    used = 0
+    for entry in layout:
+        size = math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += size
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    """Hugging Face shard names: ``model.safetensors`` alone, else ``model-0000i-of-0000N``."""
+    if count == 1:
+        return [SINGLE_FILE_NAME]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _encode_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[int]]:
+    """The 8-byte length + JSON header (space-padded to 8 bytes) and each tensor's data offset."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offsets = []
+    cursor = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [cursor, cursor + size],
+        }
+        offsets.append(cursor)
+        cursor += size
+    # Compact separators and raw UTF-8 match serde_json, which the reference writer uses.
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % _ALIGN)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+@dataclass
+class _Shard:
+    path: Path
+    header: bytes
+    data_start: int
+    fd: int = -1
+    sha256: Any = None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: int
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+
+
+_STOP = object()
+
+
+class CheckpointWriter:
+    """Write a model's tensors straight into (sharded) safetensors files, hashing as it goes.
+
+    The shard layout and every header are fixed at construction; `write` must then be called
+    once per tensor in layout order. Bytes are written and hashed by a background thread
+    (bounded queue of `queue_size` tensors) so computation overlaps I/O. The writer keeps a
+    reference to each tensor until its bytes are on their way to disk: do not modify a tensor
+    in place after passing it to `write` (pass a fresh tensor, or call `drain()` first).
+
+    Example:
+        >>> writer = CheckpointWriter(out, [("w", "BF16", (2, 2))])
+        >>> writer.write("w", torch.zeros(2, 2, dtype=torch.bfloat16))
+        >>> digests = writer.finish()   # {"model.safetensors": "<sha256 hex>"}
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: list[tuple[str, str, tuple[int, ...]]],
+        max_shard_bytes: int = 5 * 2**30,
+        metadata: dict[str, str] | None = None,
+        *,
+        background: bool = True,
+        queue_size: int = 4,
+    ):
+        self.directory = Path(directory)
+        layout = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
+        seen: set[str] = set()
+        for name, dtype, shape in layout:
+            if name in seen:
+                raise ValueError(f"tensor '{name}' appears twice in the layout")
+            seen.add(name)
+            if dtype not in DTYPE_SIZES:
+                raise ValueError(f"tensor '{name}' has unsupported dtype {dtype!r}")
+            if not all(type(d) is int and d >= 0 for d in shape):
+                raise ValueError(f"tensor '{name}' has an invalid shape {shape!r}")
+        if max_shard_bytes <= 0:
+            raise ValueError("max_shard_bytes must be positive")
+        # transformers refuses files whose metadata lacks format=pt, so it is always present.
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.layout = layout
+        self.total_size = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in layout)
+
+        groups = plan_shards(layout, max_shard_bytes)
+        names = shard_file_names(len(groups))
+        self._shards: list[_Shard] = []
+        self._slots: list[_Slot] = []
+        for index, (file_name, entries) in enumerate(zip(names, groups, strict=True)):
+            header, offsets = _encode_header(entries, self.metadata)
+            self._shards.append(_Shard(self.directory / file_name, header, len(header)))
+            for (name, dtype, shape), offset in zip(entries, offsets, strict=True):
+                nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+                self._slots.append(_Slot(name, dtype, shape, index, len(header) + offset, nbytes))
+        self.weight_map = {slot.name: self._shards[slot.shard].path.name for slot in self._slots}
+        self._next = 0
+        self._opened = -1
+        self._finished = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self._slots:
+            self._open_shard(0)  # an empty model is still one valid file
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, queue_size))
+            self._thread = threading.Thread(
+                target=self._drain_queue, name="mergebuild-writer", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files this writer produces, in order (the index is not included)."""
+        return [shard.path for shard in self._shards]
+
+    # -- public verbs
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue `tensor` for writing at its place; it must be the next tensor of the layout.
+
+        Raises:
+            ValueError: `name` is not the next tensor, or dtype/shape disagree with the layout.
+            OSError: an earlier write failed (e.g. ENOSPC), re-raised as-is.
+        """
+        if self._finished or self._closed:
+            raise ValueError("write() after finish() or abort()")
+        self._raise_pending_error()
+        if self._next >= len(self._slots):
+            raise ValueError(f"write('{name}'): every tensor of the layout was already written")
+        slot = self._slots[self._next]
+        if name != slot.name:
+            raise ValueError(f"expected tensor '{slot.name}' next (layout order), got '{name}'")
+        dtype = torch_dtype_name(tensor.dtype)
+        if dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise ValueError(
+                f"tensor '{name}' is {dtype} {list(tensor.shape)}, layout says "
+                f"{slot.dtype} {list(slot.shape)}"
+            )
+        data = tensor.detach()
+        if data.device.type != "cpu":
+            data = data.cpu()
+        data = data.resolve_conj().resolve_neg().contiguous()
+        self._next += 1
+        if self._queue is None:
+            self._write_slot(slot, data)
+        else:
+            while True:
+                try:
+                    self._queue.put((slot, data), timeout=0.5)
+                    break
+                except queue.Full:
+                    self._raise_pending_error()
+
+    def drain(self) -> None:
+        """Wait until every queued tensor is written (raises a pending write error)."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_pending_error()
+
+    def finish(self) -> dict[str, str]:
+        """Flush, fsync and close every file, write the index; return {file name: sha256 hex}.
+
+        The index ``model.safetensors.index.json`` is written (and listed) only when sharded.
+        """
+        if self._finished:
+            raise ValueError("finish() called twice")
+        if self._closed:
+            raise ValueError("finish() after abort()")
+        try:
+            self._stop_thread()
+            self._raise_pending_error()
+            if self._next != len(self._slots):
+                missing = len(self._slots) - self._next
+                raise ValueError(
+                    f"finish() before every tensor was written: {missing} missing, "
+                    f"next is '{self._slots[self._next].name}'"
+                )
+            digests: dict[str, str] = {}
+            for shard in self._shards:
+                os.fsync(shard.fd)
+                os.close(shard.fd)
+                shard.fd = -1
+                digests[shard.path.name] = shard.sha256.hexdigest()
+            if len(self._shards) > 1:
+                index = {
+                    "metadata": {"total_size": self.total_size},
+                    "weight_map": dict(sorted(self.weight_map.items())),
+                }
+                payload = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode("utf-8")
+                fd = os.open(
+                    self.directory / INDEX_NAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
+                )
+                try:
+                    _write_all(fd, memoryview(payload), 0)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                digests[INDEX_NAME] = hashlib.sha256(payload).hexdigest()
+            _fsync_directory(self.directory)
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True
+        self._closed = True
+        return dict(sorted(digests.items()))
+
+    def abort(self) -> None:
+        """Stop writing and close every file without finishing; partial files stay on disk."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            self._error = _Aborted()
+        self._stop_thread()
+        for shard in self._shards:
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self.abort()
+
+    # -- internals (the I/O thread runs _drain_queue -> _write_slot)
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None and not isinstance(self._error, _Aborted):
+            raise self._error
+
+    def _stop_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+
+    def _drain_queue(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    try:
+                        self._write_slot(*item)
+                    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                        self._error = exc
+            finally:
+                del item
+                self._queue.task_done()
+
+    def _open_shard(self, index: int) -> None:
+        shard = self._shards[index]
+        shard.fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._opened = index
+        shard.sha256 = hashlib.sha256(shard.header)
+        _write_all(shard.fd, memoryview(shard.header), 0)
+
+    def _write_slot(self, slot: _Slot, tensor: torch.Tensor) -> None:
+        while self._opened < slot.shard:
+            self._open_shard(self._opened + 1)
+        shard = self._shards[slot.shard]
+        if slot.nbytes == 0:
+            return
+        # A view of the tensor's memory without copying; `tensor` stays referenced meanwhile.
+        view = memoryview((ctypes.c_ubyte * slot.nbytes).from_address(tensor.data_ptr())).cast("B")
+        for begin in range(0, slot.nbytes, _IO_CHUNK):
+            chunk = view[begin : begin + _IO_CHUNK]
+            _write_all(shard.fd, chunk, slot.offset + begin)
+            shard.sha256.update(chunk)
+
+
+class _Aborted(Exception):
+    """Marks a writer that was aborted; queued tensors are dropped, nothing is raised."""
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        if written == 0:  # pwrite should raise ENOSPC itself; never loop forever
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data = data[written:]
+        offset += written
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,554 @@
+"""Tests for mergebuild.checkpoint: header validation, zero-copy reads, streaming sharded writes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergebuild import checkpoint
+from mergebuild.checkpoint import (
+    INDEX_NAME,
+    CheckpointReader,
+    CheckpointWriter,
+    read_header,
+    reference_order,
+    torch_dtype_name,
+)
+from mergebuild.errors import CheckpointError
+
+
+def _sample_tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "model.embed_tokens.weight": torch.randn(16, 8, generator=gen).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(8, generator=gen).to(torch.bfloat16),
+        "lm_head.weight": torch.randn(16, 8, generator=gen),
+        "half": torch.randn(3, 5, generator=gen).to(torch.float16),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+    }
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(name, torch_dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, str]:
+    layout = _layout(tensors)
+    writer = CheckpointWriter(directory, layout, **kwargs)
+    for name, _, _ in layout:
+        writer.write(name, tensors[name])
+    return writer.finish()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _raw_file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A hand-made safetensors file; `header` is a dict (JSON-encoded) or raw bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One file written by safetensors itself, with every dtype family and edge shape."""
+    tensors = _sample_tensors()
+    path = tmp_path_factory.mktemp("reference") / "model.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path, tensors
+
+
+# --------------------------------------------------------------------------- read_header
+
+
+def test_read_header_gives_absolute_offsets_of_reference_file(reference_file):
+    path, tensors = reference_file
+    infos, metadata = read_header(path)
+    assert metadata == {"format": "pt"}
+    assert set(infos) == set(tensors)
+    raw = path.read_bytes()
+    for name, info in infos.items():
+        expected = tensors[name]
+        assert info.dtype == torch_dtype_name(expected.dtype)
+        assert info.shape == tuple(expected.shape)
+        assert info.file == path
+        assert info.nbytes == expected.numel() * expected.element_size()
+        expected_bytes = expected.reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert raw[info.start : info.end] == expected_bytes
+
+
+def test_file_shorter_than_length_prefix_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="model.safetensors is 3 bytes, too short"):
+        read_header(path)
+
+
+def test_header_length_beyond_file_is_truncation(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", {"__metadata__": {}}, length=500)
+    with pytest.raises(CheckpointError, match="is truncated: header length is 500 bytes"):
+        read_header(path)
+
+
+def test_huge_header_length_is_refused_before_reading(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", b"{}", length=2**63)
+    with pytest.raises(CheckpointError, match="declares a 9223372036854775808-byte header"):
+        read_header(path)
+
+
+def test_non_utf8_header_is_refused(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", b'{"\xff\xfe": 1}')
+    with pytest.raises(CheckpointError, match="header that is not UTF-8"):
+        read_header(path)
+
+
+def test_non_json_header_is_refused(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", b"{this is not json}")
+    with pytest.raises(CheckpointError, match="header that is not valid JSON"):
+        read_header(path)
+
+
+def test_json_array_header_is_refused(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", b"[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="header that is not a JSON object"):
+        read_header(path)
+
+
+def test_duplicate_tensor_names_in_header_are_refused(tmp_path):
+    entry = '{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
+    path = _raw_file(tmp_path / "model.safetensors", f'{{"a":{entry},"a":{entry}}}'.encode(), b"x")
+    with pytest.raises(CheckpointError, match="duplicate key 'a'"):
+        read_header(path)
+
+
+def test_unknown_dtype_is_refused(tmp_path):
+    header = {"w": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 2]}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"xx")
+    with pytest.raises(CheckpointError, match="tensor 'w' with unsupported dtype 'Q4_K'"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("shape", [[-1, 2], [2.0], "2", [True]])
+def test_invalid_shape_is_refused(tmp_path, shape):
+    header = {"w": {"dtype": "U8", "shape": shape, "data_offsets": [0, 2]}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"xx")
+    with pytest.raises(CheckpointError, match="tensor 'w' with an invalid shape"):
+        read_header(path)
+
+
+@pytest.mark.parametrize("offsets", [[0], [2, 0], [-2, 0], "0,2", [0, 2.5]])
+def test_malformed_offsets_are_refused(tmp_path, offsets):
+    header = {"w": {"dtype": "U8", "shape": [2], "data_offsets": offsets}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"xx")
+    with pytest.raises(CheckpointError, match="tensor 'w' with invalid data_offsets"):
+        read_header(path)
+
+
+def test_offsets_beyond_data_are_truncation(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"\0" * 5)
+    with pytest.raises(
+        CheckpointError,
+        match="model.safetensors is truncated: header promises 16 bytes of tensor data, "
+        "file has 5; re-download or rebuild it",
+    ):
+        read_header(path)
+
+
+def test_offsets_inconsistent_with_dtype_and_shape_are_refused(tmp_path):
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"span 8 bytes but F32 \[4\] needs 16"):
+        read_header(path)
+
+
+def test_overlapping_offsets_are_refused(tmp_path):
+    header = {
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+    }
+    path = _raw_file(tmp_path / "model.safetensors", header, b"\0" * 6)
+    with pytest.raises(CheckpointError, match="tensor 'b' overlapping"):
+        read_header(path)
+
+
+def test_gap_between_tensors_is_refused(tmp_path):
+    header = {
+        "a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+        "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]},
+    }
+    path = _raw_file(tmp_path / "model.safetensors", header, b"\0" * 6)
+    with pytest.raises(CheckpointError, match="gap of unused bytes before tensor 'b'"):
+        read_header(path)
+
+
+def test_trailing_bytes_after_data_are_refused(tmp_path):
+    header = {"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}
+    path = _raw_file(tmp_path / "model.safetensors", header, b"\0" * 5)
+    with pytest.raises(CheckpointError, match="3 unexpected trailing bytes"):
+        read_header(path)
+
+
+def test_metadata_must_map_strings_to_strings(tmp_path):
+    path = _raw_file(tmp_path / "model.safetensors", {"__metadata__": {"format": 1}})
+    with pytest.raises(CheckpointError, match="__metadata__ that is not a string-to-string"):
+        read_header(path)
+
+
+def test_truncated_real_file_is_refused(tmp_path, reference_file):
+    path, _ = reference_file
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="is truncated: header promises"):
+        read_header(cut)
+
+
+def test_missing_file_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_header(tmp_path / "nope.safetensors")
+
+
+def test_read_header_does_not_import_torch(reference_file):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from mergebuild.checkpoint import read_header; "
+        f"read_header(Path({str(reference_file[0])!r})); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- CheckpointReader
+
+
+def test_reader_loads_same_values_as_safetensors(tmp_path, reference_file):
+    path, tensors = reference_file
+    (tmp_path / "model.safetensors").symlink_to(path)
+    with CheckpointReader(tmp_path) as reader:
+        assert list(reader.tensors) == sorted(tensors)
+        expected = load_file(path)
+        for name in tensors:
+            got = reader.load(name)
+            assert got.dtype == expected[name].dtype
+            assert got.shape == expected[name].shape
+            assert torch.equal(got, expected[name])
+
+
+def test_reader_load_is_zero_copy_view_of_one_mapping(tmp_path, reference_file):
+    path, _ = reference_file
+    (tmp_path / "model.safetensors").symlink_to(path)
+    reader = CheckpointReader(tmp_path)
+    a = reader.tensors["lm_head.weight"]
+    b = reader.tensors["model.embed_tokens.weight"]
+    first, second = reader.load(a.name), reader.load(b.name)
+    # Both are views of a single mapping of the file: their addresses differ by the offsets.
+    assert second.data_ptr() - first.data_ptr() == b.start - a.start
+    assert reader.load(a.name).data_ptr() == first.data_ptr()
+    reader.close()
+    # Tensors loaded before close() stay valid: the mapping lives as long as they do.
+    torch.testing.assert_close(first, load_file(path)["lm_head.weight"])
+
+
+def test_reader_load_copy_is_writable_and_independent(tmp_path, reference_file):
+    path, tensors = reference_file
+    (tmp_path / "model.safetensors").symlink_to(path)
+    reader = CheckpointReader(tmp_path)
+    owned = reader.load("lm_head.weight", copy=True)
+    owned.add_(1.0)
+    torch.testing.assert_close(reader.load("lm_head.weight"), tensors["lm_head.weight"])
+
+
+def test_reader_unknown_tensor_is_key_error(tmp_path, reference_file):
+    (tmp_path / "model.safetensors").symlink_to(reference_file[0])
+    with pytest.raises(KeyError, match="no tensor 'missing'"):
+        CheckpointReader(tmp_path).load("missing")
+
+
+def test_reader_reads_config(tmp_path, reference_file):
+    (tmp_path / "model.safetensors").symlink_to(reference_file[0])
+    assert CheckpointReader(tmp_path).config is None
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    reader = CheckpointReader(tmp_path)
+    assert reader.config == {"model_type": "llama"}
+    assert reader.weight_files() == [tmp_path / "model.safetensors"]
+    assert reader.metadata == {"model.safetensors": {"format": "pt"}}
+
+
+def test_reader_refuses_invalid_config(tmp_path, reference_file):
+    (tmp_path / "model.safetensors").symlink_to(reference_file[0])
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="config.json in .* is not valid JSON"):
+        CheckpointReader(tmp_path)
+
+
+def test_reader_refuses_pickle_only_directory(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (tmp_path / "extra.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(
+        CheckpointError,
+        match=r"only pickle checkpoints \(extra.pt, pytorch_model.bin\); pickle checkpoints "
+        r"are not read \(only safetensors\); convert with",
+    ):
+        CheckpointReader(tmp_path)
+
+
+def test_reader_refuses_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds no weights"):
+        CheckpointReader(tmp_path)
+
+
+def test_reader_refuses_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        CheckpointReader(tmp_path / "absent")
+
+
+def test_reader_refuses_tensor_in_two_files(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.ones(2)}, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match="tensor 'w' appears in both a.safetensors and b"):
+        CheckpointReader(tmp_path)
+
+
+def test_reader_reports_bad_file_by_name(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 4)
+    with pytest.raises(CheckpointError, match="model.safetensors is 4 bytes"):
+        CheckpointReader(tmp_path)
+
+
+def test_index_wins_over_stray_safetensors(tmp_path):
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    _write(tmp_path, tensors, max_shard_bytes=16)
+    save_file({"a": torch.zeros(4)}, tmp_path / "consolidated.safetensors")
+    reader = CheckpointReader(tmp_path)
+    assert reader.index_file == tmp_path / INDEX_NAME
+    assert [p.name for p in reader.weight_files()] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    torch.testing.assert_close(reader.load("a"), tensors["a"])
+
+
+def test_index_with_missing_shard_is_refused(tmp_path):
+    _write(tmp_path, {"a": torch.arange(4.0), "b": torch.ones(2, 2)}, max_shard_bytes=16)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"references missing shard\(s\): model-00002-of-00002"
+    ):
+        CheckpointReader(tmp_path)
+
+
+def test_index_disagreeing_with_shards_is_refused(tmp_path):
+    _write(tmp_path, {"a": torch.arange(4.0), "b": torch.ones(2, 2)}, max_shard_bytes=16)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    index["weight_map"]["a"] = "model-00002-of-00002.safetensors"
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="places 'a' in model-00002-of-00002"):
+        CheckpointReader(tmp_path)
+
+
+def test_index_pointing_outside_directory_is_refused(tmp_path):
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"a": "../x.safetensors"}}))
+    with pytest.raises(CheckpointError, match="points outside the directory"):
+        CheckpointReader(tmp_path)
+
+
+def test_invalid_index_is_refused(tmp_path):
+    (tmp_path / INDEX_NAME).write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="is not a valid index"):
+        CheckpointReader(tmp_path)
+
+
+# --------------------------------------------------------------------------- CheckpointWriter
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_writer_is_byte_identical_to_save_file(tmp_path, background):
+    tensors = _sample_tensors()
+    ordered = {name: tensors[name] for name, _, _ in reference_order(_layout(tensors))}
+    _write(tmp_path / "ours", ordered, metadata={"format": "pt"}, background=background)
+    save_file(tensors, tmp_path / "reference.safetensors", metadata={"format": "pt"})
+    ours = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    assert ours == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_writer_in_any_order_loads_identically(tmp_path):
+    tensors = _sample_tensors()
+    _write(tmp_path, tensors)  # layout order differs from the reference's dtype-then-name order
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, expected in tensors.items():
+        assert torch.equal(loaded[name], expected)
+    assert list(read_header(tmp_path / "model.safetensors")[0]) == list(tensors)
+
+
+def test_writer_returns_sha256_of_every_file(tmp_path):
+    digests = _write(tmp_path, _sample_tensors(), max_shard_bytes=200)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(digests) == written
+    assert INDEX_NAME in digests
+    for name, digest in digests.items():
+        assert digest == _sha256(tmp_path / name)
+
+
+def test_sharded_round_trip_with_index(tmp_path):
+    tensors = _sample_tensors()
+    _write(tmp_path, tensors, max_shard_bytes=200, metadata={"source": "test"})
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    shard_names = sorted(set(index["weight_map"].values()))
+    assert len(shard_names) > 2
+    assert shard_names[0] == f"model-00001-of-{len(shard_names):05d}.safetensors"
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shard_names:
+        shard_tensors = load_file(tmp_path / shard)
+        shard_bytes = sum(t.numel() * t.element_size() for t in shard_tensors.values())
+        assert shard_bytes <= 200 or len(shard_tensors) == 1
+        loaded |= shard_tensors
+        assert read_header(tmp_path / shard)[1] == {"format": "pt", "source": "test"}
+    with CheckpointReader(tmp_path) as reader:
+        for name, expected in tensors.items():
+            assert torch.equal(loaded[name], expected)
+            assert torch.equal(reader.load(name), expected)
+
+
+def test_oversized_tensor_gets_its_own_shard(tmp_path):
+    tensors = {"small": torch.zeros(2), "big": torch.zeros(100), "tail": torch.zeros(2)}
+    _write(tmp_path, tensors, max_shard_bytes=64)
+    weight_map = json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"]
+    assert len({weight_map["small"], weight_map["big"], weight_map["tail"]}) == 3
+
+
+def test_writer_header_is_padded_to_eight_bytes(tmp_path):
+    _write(tmp_path, {"x": torch.zeros(3, dtype=torch.float16)})
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert length % 8 == 0
+    assert raw[8 : 8 + length].decode().startswith('{"__metadata__":{"format":"pt"}')
+
+
+def test_writer_rejects_out_of_order_tensor(tmp_path):
+    writer = CheckpointWriter(tmp_path, [("a", "F32", (2,)), ("b", "F32", (2,))])
+    with pytest.raises(ValueError, match="expected tensor 'a' next \\(layout order\\), got 'b'"):
+        writer.write("b", torch.zeros(2))
+    writer.abort()
+
+
+def test_writer_rejects_wrong_dtype(tmp_path):
+    writer = CheckpointWriter(tmp_path, [("a", "BF16", (2,))])
+    with pytest.raises(ValueError, match=r"tensor 'a' is F32 \[2\], layout says BF16 \[2\]"):
+        writer.write("a", torch.zeros(2))
+    writer.abort()
+
+
+def test_writer_rejects_wrong_shape(tmp_path):
+    writer = CheckpointWriter(tmp_path, [("a", "F32", (2, 3))])
+    with pytest.raises(ValueError, match=r"tensor 'a' is F32 \[3, 2\], layout says F32 \[2, 3\]"):
+        writer.write("a", torch.zeros(3, 2))
+    writer.abort()
+
+
+def test_writer_rejects_extra_tensor_and_early_finish(tmp_path):
+    writer = CheckpointWriter(tmp_path / "a", [("a", "F32", (2,))])
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="every tensor of the layout was already written"):
+        writer.write("b", torch.zeros(2))
+    writer.finish()
+    early = CheckpointWriter(tmp_path / "b", [("a", "F32", (2,)), ("b", "F32", (2,))])
+    early.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="1 missing, next is 'b'"):
+        early.finish()
+
+
+def test_writer_rejects_bad_layout(tmp_path):
+    with pytest.raises(ValueError, match="appears twice"):
+        CheckpointWriter(tmp_path, [("a", "F32", (2,)), ("a", "F32", (2,))])
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        CheckpointWriter(tmp_path, [("a", "float32", (2,))])
+
+
+def test_writer_writes_non_contiguous_tensor_values(tmp_path):
+    base = torch.arange(6.0).view(2, 3)
+    _write(tmp_path, {"t": base.t()})
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["t"], base.t())
+
+
+def test_writer_splits_large_tensors_into_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint, "_IO_CHUNK", 7)
+    tensors = {"t": torch.randn(5, 9), "u": torch.arange(13, dtype=torch.int16)}
+    digests = _write(tmp_path, tensors)
+    assert digests["model.safetensors"] == _sha256(tmp_path / "model.safetensors")
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_empty_layout_writes_a_valid_file(tmp_path):
+    digests = CheckpointWriter(tmp_path, []).finish()
+    assert load_file(tmp_path / "model.safetensors") == {}
+    assert digests == {"model.safetensors": _sha256(tmp_path / "model.safetensors")}
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_disk_full_propagates_as_oserror(tmp_path, monkeypatch, background):
+    def full_disk(fd, data, offset):
+        if offset > 0:  # let the header through, fail on tensor data
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return len(data)
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", full_disk)
+    writer = CheckpointWriter(
+        tmp_path, [(f"t{i}", "F32", (4,)) for i in range(8)], background=background
+    )
+    with pytest.raises(OSError) as caught:
+        for i in range(8):
+            writer.write(f"t{i}", torch.zeros(4))
+        writer.finish()
+    assert caught.value.errno == errno.ENOSPC
+    writer.abort()
+
+
+def test_abort_stops_writer_and_allows_no_more_writes(tmp_path):
+    writer = CheckpointWriter(tmp_path, [("a", "F32", (2,)), ("b", "F32", (2,))])
+    writer.write("a", torch.zeros(2))
+    writer.abort()
+    assert writer._thread is None
+    with pytest.raises(ValueError, match="after finish\\(\\) or abort\\(\\)"):
+        writer.write("b", torch.zeros(2))
+
+
+def test_context_manager_aborts_unfinished_writer(tmp_path):
+    with pytest.raises(RuntimeError), CheckpointWriter(tmp_path, [("a", "F32", (2,))]) as writer:
+        raise RuntimeError("compute failed")
+    assert writer._thread is None
+    assert all(shard.fd == -1 for shard in writer._shards)
+
+
+def test_reader_reads_writer_output_zero_copy(tmp_path):
+    tensors = {"w": torch.randn(4, 4).to(torch.bfloat16), "e": torch.zeros(0, dtype=torch.bfloat16)}
+    _write(tmp_path, tensors)
+    with CheckpointReader(tmp_path) as reader:
+        assert torch.equal(reader.load("w"), tensors["w"])
+        assert reader.load("e").shape == (0,)
+        assert reader.load("e").dtype == torch.bfloat16
