@@ -1,0 +1,87 @@
+"""Reading Mergefiles: specs, implicit sources, line numbers and hints in errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergebuild.errors import GraphError, MergefileError
+from mergebuild.mergefile import MergeSpec, SourceSpec, parse_mergefile
+
+HERE = Path("/work/project/Mergefile")
+
+
+def parse(text: str):
+    return parse_mergefile(text, HERE)
+
+
+def test_sources_and_merge_specs():
+    mf = parse("""\
+version: 1
+defaults: {dtype: bf16}
+models:
+  base: {source: ./models/base}
+  hub:  {source: "hf://org/name@v1"}
+  out:
+    merge_method: slerp
+    base_model: base
+    models: [{model: base}, {model: hub}]
+    parameters: {t: [0, 0.5, 1]}
+    dtype: fp16
+""")
+    assert mf.defaults == {"dtype": "bf16"}
+    base, hub, out = mf.nodes["base"], mf.nodes["hub"], mf.nodes["out"]
+    assert isinstance(base, SourceSpec) and base.uri == "/work/project/models/base"
+    assert base.kind == "local" and hub.kind == "hub" and hub.uri == "hf://org/name@v1"
+    assert isinstance(out, MergeSpec) and out.method == "slerp" and out.dtype == "float16"
+    assert out.parent_refs() == ["base", "hub"]
+    assert out.line == 7
+
+
+def test_paths_and_hub_ids_as_parents_become_implicit_sources():
+    mf = parse("""\
+version: 1
+models:
+  out:
+    merge_method: linear
+    models:
+      - {model: ./models/a, parameters: {weight: 1}}
+      - {model: org/model-b@main, parameters: {weight: 1}}
+""")
+    a, b = mf.nodes["./models/a"], mf.nodes["org/model-b@main"]
+    assert a.implicit and a.uri == "/work/project/models/a"
+    assert b.implicit and b.uri == "hf://org/model-b@main"
+
+
+def test_errors_carry_file_line_node_and_hint():
+    with pytest.raises(MergefileError) as info:
+        parse("""\
+version: 1
+models:
+  a: {source: ./a}
+  out:
+    merge_method: linear
+    models:
+      - model: a
+        parameters: {wieght: 1}
+""")
+    message = str(info.value)
+    assert message == (
+        "/work/project/Mergefile:8: node 'out': unknown parameter 'wieght' in a models entry "
+        "for linear (did you mean 'weight'?)"
+    )
+
+
+def test_unknown_reference_is_a_graph_error_with_suggestion():
+    with pytest.raises(GraphError, match=r"unknown model 'bsae' \(did you mean 'base'\?\)"):
+        parse("version: 1\nmodels:\n  base: {source: ./b}\n  out:\n    merge_method: linear\n"
+              "    models: [{model: bsae, parameters: {weight: 1}}]\n")
+
+
+def test_gradient_and_filter_values_validate_each_scalar():
+    with pytest.raises(MergefileError, match=r"parameter 'density' must be <= 1.0, got 2"):
+        parse("version: 1\nmodels:\n  a: {source: ./a}\n  b: {source: ./b}\n  out:\n"
+              "    merge_method: ties\n    base_model: a\n"
+              "    models: [{model: b, parameters: {weight: 1}}]\n"
+              "    parameters:\n      density: [{filter: mlp, value: [0, 2]}, {value: 0.5}]\n")
