@@ -20,14 +20,15 @@ import json
 import os
 import secrets
 import shutil
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import StoreError
 from .hashing import StatCache
+from .lineage import quick_check
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class Store:
                 return None
         except (KeyError, TypeError):
             return None
-        if quick_problems(path, meta):
+        if quick_check(path):  # a missing, resized or unexpected file: treat as absent
             return None
         return StoredBuild(key=key, digest=digest, path=path)
 
@@ -142,6 +143,7 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+            faults.point("store.lock_acquired")
             yield
         finally:
             os.close(fd)  # closing releases the flock
@@ -156,13 +158,16 @@ class Store:
         """fsync the finished build and rename it into place; it becomes read-only."""
         final = self.object_dir(key)
         try:
+            faults.point("store.before_fsync")
             fsync_tree(tmp_dir)
             _make_readonly(tmp_dir)
             self._mkdir(final.parent)
             if final.exists():
                 # Only a corrupt leftover can be here (lookup failed under the lock).
                 self.discard(key)
+            faults.point("store.before_rename")
             os.rename(tmp_dir, final)
+            faults.point("store.after_rename")
             _fsync_dir(final.parent)
         except OSError as exc:
             raise self.os_error(exc, f"cannot publish build {key[:12]}") from None
@@ -185,6 +190,7 @@ class Store:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            faults.point("store.ref_tmp_written")
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -219,7 +225,8 @@ class Store:
             raise self.os_error(exc, f"cannot create {path}") from None
 
     def os_error(self, exc: OSError, what: str, node: str | None = None) -> StoreError:
-        if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        # EFBIG: a file-size limit (ulimit -f, quota-like) is a full disk to the user.
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return StoreError(f"{what}: no space left on the device holding {self.root}",
                               node=node, hint="free space or pass --cache-dir on a larger disk")
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -248,23 +255,3 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def quick_problems(directory: Path, statement: dict[str, Any]) -> list[str]:
-    """Cheap integrity check: every subject file exists with its recorded size."""
-    problems: list[str] = []
-    for subject in statement.get("subject", []):
-        name = subject.get("name", "")
-        if "/" in name or name.startswith("."):
-            continue  # whole-directory subjects and the like
-        size = (subject.get("annotations") or {}).get("size")
-        try:
-            st = os.stat(directory / name)
-        except OSError:
-            problems.append(f"{name} is missing")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{name} is not a regular file")
-        elif size is not None and st.st_size != size:
-            problems.append(f"{name} has {st.st_size} bytes, expected {size}")
-    return problems
