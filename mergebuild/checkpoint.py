@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from mergebuild import faults
 from mergebuild.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -685,6 +686,7 @@ class CheckpointWriter:
                     f"next is '{self._slots[self._next].name}'"
                 )
             digests: dict[str, str] = {}
+            faults.point("writer.before_fsync")
             for shard in self._shards:
                 os.fsync(shard.fd)
                 os.close(shard.fd)
@@ -776,6 +778,9 @@ class CheckpointWriter:
             return
         # A view of the tensor's memory without copying; `tensor` stays referenced meanwhile.
         view = memoryview((ctypes.c_ubyte * slot.nbytes).from_address(tensor.data_ptr())).cast("B")
+        if faults.ARMED:  # a reliability test may stop us half-way through this tensor
+            _write_all(shard.fd, view[: slot.nbytes // 2], slot.offset)
+            faults.point("writer.mid_tensor")
         for begin in range(0, slot.nbytes, _IO_CHUNK):
             chunk = view[begin : begin + _IO_CHUNK]
             _write_all(shard.fd, chunk, slot.offset + begin)

@@ -44,10 +44,10 @@ def main(ctx: click.Context, mergefile: str, cache_dir: str | None, quiet: bool)
     signal.signal(signal.SIGTERM, _sigterm)
 
 
-def _project(ctx: click.Context):
+def _project(ctx: click.Context, frozen: bool = False):
     from .project import Project
 
-    return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"])
+    return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"], frozen=frozen)
 
 
 @main.command()
@@ -57,15 +57,17 @@ def _project(ctx: click.Context):
 @click.option("-k", "--keep-going", is_flag=True, help="Build what does not depend on a failure.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--frozen", is_flag=True,
+              help="Pin hub sources to the commits in Mergefile.lock; never re-resolve.")
 @click.pass_context
-def make(ctx, targets, dry_run, force, keep_going, device):
+def make(ctx, targets, dry_run, force, keep_going, device, frozen):
     """Build TARGETS (default: every final node) and their stale ancestors."""
     if dry_run:
-        ctx.invoke(plan, targets=targets)
+        ctx.invoke(plan, targets=targets, frozen=frozen)
         return
     from .report import make_reporter
 
-    project = _project(ctx)
+    project = _project(ctx, frozen=frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
                           reporter=make_reporter(ctx.obj["quiet"]))
     if not ctx.obj["quiet"]:
@@ -80,16 +82,20 @@ def make(ctx, targets, dry_run, force, keep_going, device):
 @main.command()
 @click.argument("targets", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--frozen", is_flag=True,
+              help="Pin hub sources to the commits in Mergefile.lock; never re-resolve.")
 @click.pass_context
-def plan(ctx, targets, as_json):
+def plan(ctx, targets, as_json, frozen=False):
     """Show what make would build, and why, without building."""
     from .report import plan_rows
 
-    states = _project(ctx).plan(list(targets))
+    states = _project(ctx, frozen=frozen).plan(list(targets))
     if as_json:
         click.echo(json.dumps([
             {"node": s.name, "kind": s.kind, "status": s.status, "reasons": s.reasons,
-             "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None}
+             "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None,
+             **({"uri": s.source.uri, "revision": s.source.revision,
+                 "commit": s.source.commit} if s.source is not None else {})}
             for s in states], indent=2))
         return
     rows = plan_rows(states)

@@ -12,6 +12,7 @@ from typing import Any
 import xxhash
 
 from .checkpoint import CheckpointReader, TensorInfo
+from .compat import check_compatibility, layer_count, reader_metadata
 from .errors import IncompatibleModelsError, SourceError
 from .hashing import manifest_digest, stat_signature
 from .methods.registry import Method, TensorParams
@@ -95,17 +96,7 @@ def select_device(requested: str) -> str:
 
 
 def _num_layers(reader: CheckpointReader) -> int:
-    cfg = reader.config or {}
-    n = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
-    if isinstance(n, int) and n > 0:
-        return n
-    indices = [layer_index(t) for t in reader.tensors]
-    present = [i for i in indices if i is not None]
-    return max(present) + 1 if present else 0
-
-
-def _vocab_hint(name: str) -> bool:
-    return any(h in name for h in ("embed", "lm_head", "wte", "output.weight"))
+    return layer_count(reader_metadata(reader))
 
 
 def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
@@ -116,14 +107,11 @@ def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
 
 def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
     """The output tensor table, after checking that every parent fits (before any arithmetic)."""
+    check_compatibility(job, {node: reader_metadata(r) for node, r in readers.items()})
     if job.slices is not None:
         return _plan_slices(job, readers)
     donor = readers[job.donor]
     names = list(donor.tensors)
-    involved = [job.base] if job.base and job.method.base != "none" else []
-    involved += [p.node for p in job.participants]
-    for node in dict.fromkeys(involved):
-        _check_same_tensors(job, donor, job.donor, readers[node], node)
     num_layers = _num_layers(donor)
     tasks: list[TensorTask] = []
     for name in names:
@@ -136,36 +124,6 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
             num_layers=num_layers,
         ))
     return tasks
-
-
-def _check_same_tensors(job: BuildJob, ref: CheckpointReader, ref_name: str,
-                        other: CheckpointReader, other_name: str) -> None:
-    if other is ref:
-        return
-    missing = sorted(set(ref.tensors) - set(other.tensors))
-    extra = sorted(set(other.tensors) - set(ref.tensors))
-    if missing or extra:
-        what = (f"'{other_name}' lacks tensor {missing[0]}" if missing
-                else f"'{other_name}' has tensor {extra[0]} that '{ref_name}' lacks")
-        count = len(missing) + len(extra)
-        raise IncompatibleModelsError(
-            f"parents do not have the same tensors: {what} ({count} differ)", node=job.node,
-            hint="merge only fine-tunes of the same base architecture",
-        )
-    for name, info in ref.tensors.items():
-        o = other.tensors[name]
-        if o.shape != info.shape:
-            if _vocab_hint(name) and info.shape[1:] == o.shape[1:]:
-                raise IncompatibleModelsError(
-                    f"vocabulary mismatch: '{ref_name}' has {info.shape[0]} tokens, "
-                    f"'{other_name}' has {o.shape[0]} ({name})", node=job.node,
-                    hint="merge models that share a tokenizer, or resize embeddings first",
-                )
-            raise IncompatibleModelsError(
-                f"shape mismatch at {name}: '{ref_name}' {list(info.shape)} vs "
-                f"'{other_name}' {list(o.shape)}", node=job.node,
-                hint="merge only fine-tunes of the same base architecture",
-            )
 
 
 def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
@@ -183,17 +141,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
         return TensorTask(name=name, dtype=_out_dtype(job, info), shape=info.shape, base=None,
                           inputs=(info,), parameters=({},), layer=None, num_layers=1)
 
-    widths = []
-    for s in job.slices:
-        node0, (start0, end0), _ = s.sources[0]
-        for node, (start, end), _ in s.sources:
-            n = _num_layers(readers[node])
-            if end > n:
-                raise IncompatibleModelsError(
-                    f"layer_range [{start}, {end}) is out of range: '{node}' has {n} layers",
-                    node=job.node, hint=f"use an end of at most {n}",
-                )
-        widths.append(end0 - start0)
+    widths = [s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices]
 
     for name in non_layer(readers[first_node], pre=True):
         tasks.append(simple(first_node, name))
@@ -378,8 +326,9 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
         put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for name in (*[c for c in CONFIG_FILES if c != "config.json"], *TOKENIZER_FILES):
         src = donor_dir / name
-        # Never follow a link out of the donor directory.
-        if not src.is_file() or src.is_symlink() and not _inside(src, donor_dir):
+        # Never follow a link out of the donor directory (a Hugging Face cache snapshot
+        # links into its repo's blobs/, which counts as inside).
+        if not src.is_file() or src.is_symlink() and not _inside(src, _link_root(donor_dir)):
             continue
         if name == "tokenizer_config.json" and job.chat_template is not None:
             data = json.loads(src.read_text(encoding="utf-8"))
@@ -388,6 +337,14 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
             continue
         put(name, src.read_bytes())
     return written
+
+
+def _link_root(directory: Path) -> Path:
+    """Where a model directory's symlinks may point: itself, or for an HF cache snapshot
+    (``models--org--name/snapshots/<commit>``) the repo directory holding ``blobs/``."""
+    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
+        return directory.parent.parent
+    return directory
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -616,6 +616,10 @@ def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> N
                     raise fail("'filter' must be a substring of tensor names")
                 _check_value(param, entry["value"], file, line, node)
             return
+        if param.kind in ("bool", "choice"):
+            # Interpolating between true/false or between choices means nothing.
+            raise fail(f"is a {param.kind} and takes no gradient",
+                       "give one value, or a list of {filter: SUBSTRING, value: VALUE}")
         for v in value:
             if isinstance(v, (list, dict)):
                 raise fail("gradients are flat lists of numbers")

@@ -82,6 +82,7 @@ class Reporter:
                       bytes_total: int) -> None: ...
     def node_done(self, result: NodeResult) -> None: ...
     def waiting(self, name: str) -> None: ...
+    def download(self, node: str, label: str, done: int, total: int) -> None: ...
     def summary(self, result: MakeResult) -> None: ...
 
 
@@ -100,11 +101,17 @@ class Project:
         >>> [s.status for s in project.plan(["final-model"])]
     """
 
-    def __init__(self, mergefile: str | Path = "Mergefile", cache_dir: str | Path | None = None):
+    def __init__(self, mergefile: str | Path = "Mergefile", cache_dir: str | Path | None = None,
+                 *, frozen: bool = False):
         self.mergefile: Mergefile = load_mergefile(mergefile)
         self.graph = build_graph(self.mergefile)
         self.store = Store(Path(cache_dir) if cache_dir else default_store_dir(self.mergefile.path))
         self._sources: dict[str, ResolvedSource] = {}
+        # Hub sources resolve from the hub and are recorded in the lock by make; with
+        # frozen, they resolve from the lock instead (like `cargo build --locked`).
+        self.frozen = frozen
+        self.lock_path = self.mergefile.path.with_name(self.mergefile.path.name + ".lock")
+        self._lock = None
 
     # planning ----------------------------------------------------------------------------
     def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
@@ -114,8 +121,68 @@ class Project:
 
     def _resolve_source(self, spec: SourceSpec) -> ResolvedSource:
         if spec.name not in self._sources:
-            self._sources[spec.name] = resolve_source(spec, self.store)
+            locked = None
+            if spec.kind == "hub":
+                locked = self.lock.get(spec.name, uri=spec.uri)
+            self._sources[spec.name] = resolve_source(spec, self.store, locked=locked,
+                                                      frozen=self.frozen,
+                                                      lock_name=self.lock_path.name)
         return self._sources[spec.name]
+
+    @property
+    def lock(self):
+        """The ``hub.LockFile`` beside the Mergefile (empty when there is none)."""
+        if self._lock is None:
+            from .hub import LockFile
+
+            self._lock = LockFile.load(self.lock_path)
+        return self._lock
+
+    def _source_changes(self, spec: SourceSpec, src: ResolvedSource) -> list[str]:
+        """How a hub source's resolution differs from the one in the lock, as reasons."""
+        if src.kind != "hub" or not self.lock_path.exists():
+            return []
+        old = self.lock.get(spec.name)
+        if old is None:
+            return ["new source (not in the lock)"]
+        if old.uri != spec.uri:
+            return [f"source changed ({old.uri} → {spec.uri})"]
+        if old.commit == src.commit:
+            return []
+        moved = f"{spec.uri} moved {old.commit[:12]} → {(src.commit or '')[:12]}"
+        if old.digest == src.digest:
+            return [f"{moved} (same files)"]
+        return [f"changed: {moved}"]
+
+    def update_lock(self, states: list[NodeState]) -> bool:
+        """Record every planned hub source's resolution in the lock; True if it was written.
+
+        Entries of hub sources the plan did not reach are kept while the Mergefile still
+        has them; entries of nodes that are gone are dropped.
+        """
+        from .hub import LockFile
+
+        if self.frozen:
+            return False
+        lock = LockFile()
+        for name in self.lock.nodes():
+            spec = self.mergefile.nodes.get(name)
+            if isinstance(spec, SourceSpec) and spec.kind == "hub":
+                entry = self.lock.get(name, uri=spec.uri)
+                if entry is not None:
+                    lock.set(name, entry)
+        for state in states:
+            if state.source is not None and state.source.kind == "hub":
+                lock.set(state.name, state.source.extra["resolution"])
+        if lock == self.lock and (self.lock_path.exists() or not lock.nodes()):
+            return False
+        try:
+            lock.save(self.lock_path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.lock_path.name} ({exc.strerror or exc})",
+                             hint=f"check the permissions of {self.lock_path.parent}") from None
+        self._lock = lock
+        return True
 
     def plan(self, targets: list[str] | tuple[str, ...] = (), force: bool = False
              ) -> list[NodeState]:
@@ -131,7 +198,8 @@ class Project:
             if isinstance(spec, SourceSpec):
                 src = self._resolve_source(spec)
                 states[name] = NodeState(name=name, kind="source", status="source",
-                                         digest=src.digest, source=src, path=src.directory)
+                                         digest=src.digest, source=src, path=src.directory,
+                                         reasons=self._source_changes(spec, src))
                 continue
             states[name] = self._plan_merge(spec, states, force and name in targets)
         return list(states.values())
@@ -209,6 +277,7 @@ class Project:
         targets = self.targets_or_default(targets)
         states = self.plan(targets, force=force)
         reporter.plan(states)
+        self.update_lock(states)
         by_name = {s.name: s for s in states}
         results: list[NodeResult] = []
         failed: set[str] = set()
@@ -281,18 +350,11 @@ class Project:
 
     def _build(self, spec, method, state: NodeState, states: dict[str, NodeState], key: str,
                recipe: dict[str, Any], device: str, reporter: Reporter) -> tuple[Path, int]:
+        from dataclasses import replace
+
         from .engine import BuildJob, Participant, SliceInput, run_build
         from .provenance import write_provenance
 
-        parent_dirs: dict[str, Path] = {}
-        for ref in spec.parent_refs():
-            parent = states[ref]
-            if parent.kind == "source":
-                assert parent.source is not None
-                parent_dirs[ref] = materialize(parent.source)
-            else:
-                assert parent.path is not None
-                parent_dirs[ref] = parent.path
         slices = None
         if spec.slices is not None:
             slices = tuple(
@@ -302,7 +364,7 @@ class Project:
                 for s in spec.slices
             )
         job = BuildJob(
-            node=spec.name, key=key, method=method, parents=parent_dirs,
+            node=spec.name, key=key, method=method, parents={},
             participants=tuple(Participant(ref, parent_parameters(method, spec, params))
                                for ref, params in participants(spec, method)),
             base=spec.base, donor=donor(spec),
@@ -313,6 +375,21 @@ class Project:
                                 or DEFAULT_SHARD_BYTES),
             device=device or self.mergefile.defaults.get("device", "auto"),
         )
+        # An incompatible recipe fails here, in seconds, before any weights are downloaded.
+        self._check_before_fetch(job, spec, states)
+        parent_dirs: dict[str, Path] = {}
+        for ref in spec.parent_refs():
+            parent = states[ref]
+            if parent.kind == "source":
+                assert parent.source is not None
+                parent_dirs[ref] = materialize(
+                    parent.source, self.store,
+                    progress=lambda label, done, total, ref=ref: reporter.download(
+                        ref, label, done, total))
+            else:
+                assert parent.path is not None
+                parent_dirs[ref] = parent.path
+        job = replace(job, parents=parent_dirs)
         reporter.node_start(state)
         tmp = self.store.new_tmp(key)
         started = _now()
@@ -334,6 +411,26 @@ class Project:
             self.store.abandon(tmp)
             raise
         return path, output.bytes_written
+
+    def _check_before_fetch(self, job, spec: MergeSpec, states: dict[str, NodeState]) -> None:
+        """Check the parents fit from configs and headers alone: hub metadata comes from the
+        cache or by range requests, local and built parents' headers from disk."""
+        from .compat import ModelMetadata, check_compatibility, directory_metadata
+        from .vocab import harmonize_metadata
+        from .hub import read_metadata
+
+        metadata = {}
+        for ref in dict.fromkeys(spec.parent_refs()):
+            parent = states[ref]
+            if parent.source is not None and parent.source.kind == "hub":
+                config, tensors = read_metadata(parent.source.extra["resolution"], node=ref)
+                metadata[ref] = ModelMetadata(config=config, tensors=tensors)
+            elif parent.source is not None:
+                metadata[ref] = directory_metadata(materialize(parent.source, self.store))
+            else:
+                assert parent.path is not None
+                metadata[ref] = directory_metadata(parent.path)
+        check_compatibility(job, harmonize_metadata(job, metadata))
 
     def _build_record(self, spec, method, state, states, key, recipe, output, started):
         import safetensors

@@ -41,6 +41,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mergebuild import faults
 from mergebuild.errors import StoreError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -345,8 +346,10 @@ def write_provenance(directory: Path, record: BuildRecord) -> None:
     directory = Path(directory)
     card = render_card(record).encode("utf-8")
     _write_atomic(directory / CARD_FILE, card)
+    faults.point("provenance.card_written")
     statement = build_statement(record, hashlib.sha256(card).hexdigest(), len(card))
     _write_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
+    faults.point("provenance.written")
 
 
 # --------------------------------------------------------------------------- reading

@@ -29,7 +29,11 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
     for s in states:
         if s.kind == "source":
             what = s.source.kind if s.source else "source"
-            rows.append((s.name, f"source ({what})", _short(s.digest), ""))
+            why = "; ".join(s.reasons)
+            if s.source is not None and s.source.commit:
+                pinned = f"{s.source.uri}@{s.source.revision or 'main'} → {s.source.commit[:12]}"
+                why = f"{pinned}; {why}" if why else pinned
+            rows.append((s.name, f"source ({what})", _short(s.digest), why))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
     return rows
@@ -81,6 +85,16 @@ class PlainReporter(Reporter):
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
 
+    def download(self, node: str, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        key = f"download:{label}"
+        finished = total > 0 and done >= total
+        if finished or now - self._last_progress.get(key, 0) > 5:
+            self._last_progress[key] = now
+            of = f"/{_size(total)}" if total else ""
+            self._print(f"downloading {label} for {node}: {_size(done)}{of}"
+                        f"{' (done)' if finished else ''}")
+
     def summary(self, result: MakeResult) -> None:
         built, reused = result.count("built"), result.count("reused")
         fresh = result.count("fresh")
@@ -100,6 +114,8 @@ class RichReporter(PlainReporter):
         self.console = Console(stderr=False)
         self._progress = None
         self._task = None
+        self._downloads = None
+        self._download_tasks: dict[str, object] = {}
 
     def _print(self, text: str) -> None:
         if not self.quiet:
@@ -121,7 +137,37 @@ class RichReporter(PlainReporter):
             table.add_row(*row, style=style)
         self.console.print(table)
 
+    def download(self, node: str, label: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        if self._downloads is None:
+            self._downloads = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), console=self.console, transient=True,
+            )
+            self._downloads.start()
+        task = self._download_tasks.get(label)
+        if task is None:
+            task = self._downloads.add_task(f"↓ {label}", total=total or None)
+            self._download_tasks[label] = task
+        self._downloads.update(task, completed=done, total=total or None)
+
+    def _stop_downloads(self) -> None:
+        if self._downloads is not None:
+            self._downloads.stop()
+            self._downloads = None
+            self._download_tasks = {}
+
     def node_start(self, state: NodeState, tensors: int | None = None) -> None:
+        self._stop_downloads()
         if self.quiet:
             return
         from rich.progress import (
@@ -147,6 +193,7 @@ class RichReporter(PlainReporter):
             self._progress.update(self._task, completed=bytes_done, total=bytes_total)
 
     def _stop(self) -> None:
+        self._stop_downloads()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

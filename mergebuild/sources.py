@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,12 +125,30 @@ def materialize_demo(source: ResolvedSource) -> Path:
     return source.directory
 
 
-def resolve_hub_source(spec: SourceSpec, store: Store, *, frozen: dict | None = None):
+def resolve_hub_source(spec: SourceSpec, store: Store, *, locked: Any = None,
+                       frozen: bool = False, lock_name: str = "Mergefile.lock"
+                       ) -> ResolvedSource:
+    """Pin a hub source to a commit: from the hub (or the HF cache offline), or from the lock.
+
+    With ``frozen`` the lock entry (a ``hub.HubResolution`` made for the same URI) is the
+    resolution and the hub is not asked; a source missing from the lock is an error.
+    """
     from .hub import parse_hub_uri, resolve
 
-    repo_id, revision = parse_hub_uri(spec.uri)
-    locked = (frozen or {}).get(spec.name)
-    resolution = resolve(repo_id, revision, node=spec.name, locked_commit=locked)
+    repo_id, revision = parse_hub_uri(spec.uri, node=spec.name)
+    if frozen:
+        if locked is None:
+            raise SourceError(f"{spec.uri} is not locked in {lock_name} (--frozen)",
+                              node=spec.name,
+                              hint="run 'mergebuild make' without --frozen once to lock it")
+        if locked.is_pickle and not spec.allow_pickle:
+            raise SourceError(f"{locked.pinned_uri} offers only pickle weights (.bin/.pt), "
+                              "which can run code when loaded", node=spec.name,
+                              hint="set `allow_pickle: true` on the source to load them "
+                                   "with torch.load(weights_only=True)")
+        resolution = locked
+    else:
+        resolution = resolve(repo_id, revision, node=spec.name, allow_pickle=spec.allow_pickle)
     files = {f.path: (f"sha256:{f.sha256}" if f.sha256 else f"git:{f.blob_id}")
              for f in resolution.files}
     return ResolvedSource(
@@ -138,18 +158,27 @@ def resolve_hub_source(spec: SourceSpec, store: Store, *, frozen: dict | None = 
     )
 
 
-def resolve_source(spec: SourceSpec, store: Store, *, frozen: dict | None = None
-                   ) -> ResolvedSource:
-    """A source's identity, without reading weight bytes whenever the stat cache allows."""
+def resolve_source(spec: SourceSpec, store: Store, *, locked: Any = None, frozen: bool = False,
+                   lock_name: str = "Mergefile.lock") -> ResolvedSource:
+    """A source's identity, without reading weight bytes whenever the stat cache allows.
+
+    ``locked`` / ``frozen`` / ``lock_name`` concern hub sources only (see resolve_hub_source).
+    """
     if spec.kind == "local":
         return resolve_local(spec, store)
     if spec.kind == "demo":
         return resolve_demo(spec, store)
-    return resolve_hub_source(spec, store, frozen=frozen)
+    return resolve_hub_source(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
 
 
-def materialize(source: ResolvedSource) -> Path:
-    """The local directory holding the source's files, generating or fetching it if needed."""
+def materialize(source: ResolvedSource, store: Store | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """The local directory holding the source's files, generating or fetching it if needed.
+
+    Hub files are fetched into the standard Hugging Face cache (``progress(label, done,
+    total)`` while downloading). Pickle weights a source opted into are converted once,
+    loaded with ``weights_only=True``, into safetensors under the store.
+    """
     if source.kind == "local":
         assert source.directory is not None
         return source.directory
@@ -157,4 +186,53 @@ def materialize(source: ResolvedSource) -> Path:
         return materialize_demo(source)
     from .hub import fetch
 
-    return fetch(source.extra["resolution"], node=source.name)
+    resolution = source.extra["resolution"]
+    snapshot = fetch(resolution, node=source.name, progress=progress)
+    if not resolution.is_pickle:
+        return snapshot
+    if store is None:
+        raise SourceError("pickle weights need a store to be converted into", node=source.name)
+    return convert_pickle_snapshot(snapshot, store.root / "converted" /
+                                   source.digest.split(":", 1)[-1][:32], node=source.name)
+
+
+def convert_pickle_snapshot(snapshot: Path, out: Path, *, node: str) -> Path:
+    """Write the pickle checkpoint of ``snapshot`` as safetensors (once) beside its side files."""
+    if (out / "model.safetensors").is_file():
+        return out
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    state: dict[str, Any] = {}
+    for path in sorted(snapshot.iterdir()):
+        if not path.name.endswith(PICKLE_SUFFIXES) or path.name == "training_args.bin":
+            continue
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad pickle
+            raise SourceError(f"{path.name} cannot be loaded with weights_only=True "
+                              f"({exc.__class__.__name__})", node=node) from None
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise SourceError(f"{path.name} does not hold a state dict", node=node)
+        state.update({str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "converted_from": "pickle"})
+        for path in snapshot.iterdir():
+            if path.name in CONFIG_FILES or path.name in TOKENIZER_FILES:
+                shutil.copyfile(path, tmp / path.name)
+        (tmp / ".mergebuild-converted.json").write_text(json.dumps({"from": str(snapshot)}))
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "model.safetensors").is_file():
+            raise
+    return out
