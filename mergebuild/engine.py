@@ -11,9 +11,10 @@ from typing import Any
 
 import xxhash
 
+from . import faults
 from .checkpoint import CheckpointReader, TensorInfo
 from .compat import check_compatibility, layer_count, reader_metadata
-from .errors import IncompatibleModelsError, SourceError
+from .errors import CheckpointError, IncompatibleModelsError, SourceError
 from .hashing import manifest_digest, stat_signature
 from .methods.registry import Method, TensorParams
 from .parameters import layer_index, replace_layer_index, resolve_value
@@ -205,9 +206,15 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
 
     device = select_device(job.device)
     readers: dict[str, CheckpointReader] = {}
+    faults.point("engine.start")
     try:
         for node, directory in job.parents.items():
-            readers[node] = CheckpointReader(directory)
+            try:
+                readers[node] = CheckpointReader(directory)
+            except CheckpointError as exc:
+                exc.node = exc.node or node  # name the parent whose weights are unusable
+                raise
+            faults.point("engine.open_parent")
         before = {node: _stat_weights(r) for node, r in readers.items()}
         tasks = plan_tensors(job, readers)
         func = job.method.load()
@@ -219,6 +226,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         try:
             for i, task in enumerate(tasks):
                 out = _compute(job, task, readers, func, device, torch)
+                faults.point("engine.computed")
                 writer.write(task.name, out)
                 done_bytes += _nbytes(task)
                 if progress:
@@ -227,6 +235,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         except BaseException:
             writer.abort()
             raise
+        faults.point("engine.after_finish")
         for node, r in readers.items():
             if _stat_weights(r) != before[node]:
                 raise SourceError(
@@ -264,7 +273,9 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch)
 
     def load(info: TensorInfo):
         reader = readers[by_file[str(info.file)]]
-        return reader.load(info.name)
+        tensor = reader.load(info.name)
+        faults.point("engine.read_tensor")
+        return tensor
 
     if len(task.inputs) == 1 and task.base is None and job.method.name == "passthrough":
         scale = _resolve(task.parameters[0], task).get("scale", 1.0)
@@ -311,6 +322,7 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
             f.flush()
             os.fsync(f.fileno())
         written[name] = (hashlib.sha256(data).hexdigest(), len(data))
+        faults.point("engine.support_file")
 
     config = dict(readers[job.donor].config or {})
     if config:

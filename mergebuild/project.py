@@ -13,8 +13,14 @@ from typing import Any
 
 import yaml
 
-from . import ENGINE_VERSION, __version__
-from .errors import BuildInterrupted, MergebuildError, StoreError
+from . import ENGINE_VERSION, __version__, faults
+from .errors import (
+    BuildInterrupted,
+    CheckpointError,
+    MergebuildError,
+    SourceError,
+    StoreError,
+)
 from .graph import build_graph, build_order, check_targets, default_targets
 from .hashing import recipe_key
 from .mergefile import LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
@@ -335,7 +341,9 @@ class Project:
             path, written = self._build(spec, method, state, states, key, recipe, device,
                                         reporter)
         state.status, state.path = "fresh", path
+        faults.point("project.before_ref")
         self._record(spec, method, state)
+        faults.point("project.node_done")
         return NodeResult(spec.name, "built", "; ".join(state.reasons),
                           seconds=time.monotonic() - t0, bytes_written=written, path=path)
 
@@ -395,6 +403,7 @@ class Project:
         started = _now()
         try:
             output = run_build(job, tmp, progress=lambda *a: reporter.node_progress(spec.name, *a))
+            self._check_sources_unchanged(spec, states)
             state.digest = output.digest
             record = self._build_record(spec, method, state, states, key, recipe, output,
                                         started)
@@ -402,7 +411,9 @@ class Project:
             path = self.store.publish(tmp, key)
         except KeyboardInterrupt:
             self.store.abandon(tmp)
-            raise BuildInterrupted("interrupted; nothing was published", node=spec.name,
+            done = "its complete build was published" if self.store.object_dir(key).exists() \
+                else "nothing was published"
+            raise BuildInterrupted(f"interrupted; {done}", node=spec.name,
                                    hint="run make again to finish") from None
         except OSError as exc:
             self.store.abandon(tmp)

@@ -10,6 +10,7 @@ from typing import Any
 
 import xxhash
 
+from . import faults
 from .errors import SourceError
 from .hashing import canonical_json, manifest_digest
 from .mergefile import SourceSpec
@@ -89,6 +90,7 @@ def resolve_local(spec: SourceSpec, store: Store) -> ResolvedSource:
     for path in model_files(directory):
         try:
             files[path.name] = store.stat_cache.digest(path)
+            faults.point("sources.digest")
         except OSError as exc:
             raise SourceError(f"cannot read {path}: {exc.strerror}", node=spec.name) from None
     return ResolvedSource(
