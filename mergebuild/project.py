@@ -423,6 +423,19 @@ class Project:
             raise
         return path, output.bytes_written
 
+    def _check_sources_unchanged(self, spec: MergeSpec, states: dict[str, NodeState]) -> None:
+        """A local parent edited after planning (even before the engine opened it) must not be
+        recorded under the digest it had when planned. Stat-cache cheap when nothing changed."""
+        for ref in spec.parent_refs():
+            planned = states[ref].source
+            node = self.mergefile.nodes[ref]
+            if planned is None or planned.kind != "local" or not isinstance(node, SourceSpec):
+                continue
+            if resolve_source(node, self.store).digest != planned.digest:
+                raise SourceError(f"the weights of '{ref}' changed on disk during the build",
+                                  node=spec.name,
+                                  hint="run make again once nothing is writing the parent")
+
     def _check_before_fetch(self, job, spec: MergeSpec, states: dict[str, NodeState]) -> None:
         """Check the parents fit from configs and headers alone: hub metadata comes from the
         cache or by range requests, local and built parents' headers from disk."""
