@@ -57,11 +57,17 @@ def _project(ctx: click.Context, frozen: bool = False):
 @click.option("-k", "--keep-going", is_flag=True, help="Build what does not depend on a failure.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--check", is_flag=True,
+              help="Rebuild the built TARGETS into a scratch dir and compare them with the "
+                   "stored builds, file by file (a reproducibility audit; publishes nothing).")
 @click.option("--frozen", is_flag=True,
               help="Pin hub sources to the commits in Mergefile.lock; never re-resolve.")
 @click.pass_context
-def make(ctx, targets, dry_run, force, keep_going, device, frozen):
+def make(ctx, targets, dry_run, force, keep_going, device, check, frozen):
     """Build TARGETS (default: every final node) and their stale ancestors."""
+    if check:
+        _make_check(ctx, targets, device)
+        return
     if dry_run:
         ctx.invoke(plan, targets=targets, frozen=frozen)
         return
@@ -165,6 +171,117 @@ def methods(names):
             varies = ", may vary by layer" if p.varies else ""
             click.echo(f"    {p.name}: {p.kind}, {scope}, {default}{rng}{varies}"
                        f"{'  ' + p.help if p.help else ''}")
+
+
+def _make_check(ctx, targets, device) -> None:
+    from .audit import check_reproducible, describe_repro
+
+    project = _project(ctx)
+    failed = False
+    for name in project.targets_or_default(list(targets)):
+        report = check_reproducible(project, name, device=device)
+        failed |= not report.ok
+        for line in describe_repro(report):
+            click.echo(line)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target_or_dir")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def lineage(ctx, target_or_dir, as_json):
+    """Show what a built model is made of: every stage, method, parameters and digest.
+
+    TARGET_OR_DIR is a node of the Mergefile or a built model directory (no Mergefile needed).
+    """
+    from .audit import locate_build
+    from .lineage import lineage_to_json, load_lineage, render_lineage_tree
+
+    tree = load_lineage(locate_build(target_or_dir, ctx.obj["mergefile"], ctx.obj["cache_dir"]))
+    if as_json:
+        click.echo(json.dumps(lineage_to_json(tree), indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: never cut lines at 80 columns
+        console = Console(width=100_000)
+    console.print(render_lineage_tree(tree))
+
+
+@main.command()
+@click.argument("target_or_dir")
+@click.pass_context
+def verify(ctx, target_or_dir):
+    """Re-hash every file of a built model against its provenance and walk its chain.
+
+    Prints every problem (missing, truncated, modified, unexpected file; broken chain) and
+    exits 1 if there is any. TARGET_OR_DIR is a node or a built model directory.
+    """
+    from .audit import locate_build, verify_build
+
+    report = verify_build(locate_build(target_or_dir, ctx.obj["mergefile"],
+                                       ctx.obj["cache_dir"]))
+    for problem in report.problems:
+        click.echo(str(problem))
+    if not report.ok:
+        n = len(report.problems)
+        click.echo(f"mergebuild: error: {report.directory}: {n} problem{'s' * (n != 1)}",
+                   err=True)
+        sys.exit(1)
+    click.echo(f"verified {report.files} files, chain of {report.stages} "
+               f"stage{'s' * (report.stages != 1)}")
+
+
+@main.command()
+@click.option("-n", "--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.pass_context
+def gc(ctx, dry_run):
+    """Remove store objects the Mergefile cannot reach, and leftovers of dead builds.
+
+    Kept: every node's current build and the last build of every node still in the
+    Mergefile (and builds recorded by other Mergefiles sharing the store).
+    """
+    from .garbage import collect_garbage, format_size
+
+    report = collect_garbage(_project(ctx), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for item in report.removed:
+        click.echo(f"{verb} {item.kind} {item.path} ({format_size(item.size)}, {item.why})")
+    freed = format_size(report.bytes_freed)
+    click.echo(f"{'would free' if dry_run else 'freed'} {freed} in {len(report.removed)} "
+               f"item{'s' * (len(report.removed) != 1)}; kept {report.kept} reachable "
+               f"build{'s' * (report.kept != 1)}")
+
+
+@main.command()
+@click.argument("target")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.pass_context
+def export(ctx, target, directory, force):
+    """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY."""
+    from .export import export_build
+
+    result = export_build(_project(ctx).path(target), directory, force=force, node=target)
+    click.echo(f"{target}: exported {result.files} files to {result.directory}")
+
+
+@main.command()
+@click.argument("target")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created if missing; default main).")
+@click.pass_context
+def push(ctx, target, repo_id, private, revision):
+    """Verify TARGET's build and upload it to the Hugging Face Hub as REPO_ID."""
+    from .export import push_build
+
+    url = push_build(_project(ctx).path(target), repo_id, private=private, revision=revision,
+                     node=target)
+    click.echo(f"{target}: pushed to {url}")
 
 
 def run() -> None:  # pragma: no cover - console entry point
