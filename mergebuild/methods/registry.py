@@ -112,6 +112,124 @@ def get_method(name: str) -> Method | None:
     return METHODS.get(name)
 
 
+# --- core methods (methods-A) ---
+# Names, defaults and scopes follow mergekit 0.1.5 (merge_methods/registry.py); mergekit
+# gives no ranges, so only the meaningful ones are enforced here. mergekit's `int8_mask`
+# is a memory knob with no effect on results and is not accepted.
+
+
+def _core_weight() -> Param:
+    return Param("weight", "float", scope="parent", help="relative weight of this model")
+
+
+def _core_density() -> Param:
+    return Param("density", "float", default=1.0, scope="parent", minimum=0.0, maximum=1.0,
+                 help="fraction of the task vector to keep")
+
+
+def _core_family(
+    name: str, summary: str, *, normalize: bool, rescale: bool | None = None,
+    consensus: bool = False, gamma: bool = False, epsilon: bool = False,
+    randomized: bool = False,
+) -> Method:
+    # rescale is None for plain task arithmetic: it does not sparsify, so `density` and
+    # `rescale` (accepted and ignored by mergekit) would do nothing and are refused.
+    params = [_core_weight()] + ([_core_density()] if rescale is not None else []) + [
+        Param("normalize", "bool", default=normalize,
+              help="divide by the sum of the weights (of the agreeing models with consensus)"),
+        Param("lambda", "float", default=1.0, help="scale of the merged task vector"),
+    ]
+    if rescale is not None:
+        params.append(Param(
+            "rescale", "choice", default="l1" if rescale else "none",
+            choices=("l1", "inverse_density", "none", True, False),
+            help="after dropping: l1 (mergekit) restores the L1 norm, inverse_density "
+                 "(DARE paper, PEFT) divides by the keep probability, none; true means l1 "
+                 "and false none, as in mergekit",
+        ))
+    if consensus:
+        params.append(Param(
+            "consensus", "choice", default="sum", choices=("sum", "count"),
+            help="elect each entry's sign by the sum of the weighted task vectors (mergekit) "
+                 "or by the count of signs (the TIES paper's variant)",
+        ))
+    if gamma:
+        params.append(Param("gamma", "float", default=0.01, scope="parent", minimum=0.0,
+                            maximum=1.0, help="fraction of largest-magnitude outliers to drop"))
+    if epsilon:
+        params.append(Param("epsilon", "float", default=0.15, scope="parent", minimum=0.0,
+                            maximum=0.5, max_exclusive=True,
+                            help="spread of keep probabilities around density "
+                                 "(density ± epsilon must lie in (0, 1))"))
+    function = "merge_" + name
+    return Method(
+        name=name,
+        function=f"mergebuild.methods.task_arithmetic:{function}",
+        summary=summary,
+        base="required",
+        params=tuple(params),
+        randomized=randomized,
+    )
+
+
+register(Method(
+    name="linear",
+    function="mergebuild.methods.linear:merge_linear",
+    summary="weighted average of the models",
+    params=(
+        _core_weight(),
+        Param("normalize", "bool", default=True, help="divide by the sum of the weights"),
+    ),
+))
+register(Method(
+    name="slerp",
+    function="mergebuild.methods.slerp:merge_slerp",
+    summary="spherical interpolation from the base_model (t = 0) to one other model (t = 1)",
+    base="required",
+    params=(Param("t", "float", help="interpolation factor; 0 is the base_model"),),
+    min_parents=1,
+    max_parents=1,
+))
+register(_core_family("task_arithmetic", "base + λ·Σ w_i·(x_i − base)", normalize=False))
+register(_core_family(
+    "ties", "task vectors trimmed to their top density by magnitude, sign consensus",
+    normalize=True, rescale=False, consensus=True,
+))
+register(_core_family(
+    "dare_linear", "task vectors randomly dropped (keep p = density) and rescaled",
+    normalize=False, rescale=True, randomized=True,
+))
+register(_core_family(
+    "dare_ties", "DARE random drop and rescale, then TIES sign consensus",
+    normalize=False, rescale=True, consensus=True, randomized=True,
+))
+register(_core_family(
+    "breadcrumbs", "task vectors without the top gamma outliers and the small tail",
+    normalize=False, rescale=False, gamma=True,
+))
+register(_core_family(
+    "breadcrumbs_ties", "breadcrumbs sparsification, then TIES sign consensus",
+    normalize=False, rescale=False, consensus=True, gamma=True,
+))
+register(_core_family(
+    "della", "per-row magnitude-ranked random drop (DELLA), rescale, sign consensus",
+    normalize=True, rescale=True, consensus=True, epsilon=True, randomized=True,
+))
+register(_core_family(
+    "della_linear", "per-row magnitude-ranked random drop (DELLA), rescale, weighted sum",
+    normalize=False, rescale=True, epsilon=True, randomized=True,
+))
+register(Method(
+    name="passthrough",
+    function="mergebuild.methods.passthrough:merge_passthrough",
+    summary="one model's tensors unchanged (optionally scaled); with slices, stacks layers",
+    params=(Param("scale", "float", default=1.0, scope="parent",
+                  help="multiply this model's tensors"),),
+    min_parents=1,
+    max_parents=1,
+))
+
+
 # --- more methods (methods-B) ---
 # Names, defaults and base policies follow mergekit 0.1.5; where mergekit gives no range,
 # only values that cannot mean anything (negative counts or tolerances) are refused.

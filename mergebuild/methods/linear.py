@@ -1,0 +1,59 @@
+"""Linear merge: the weighted average (or weighted sum) of the parents' tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from mergebuild.methods.registry import TensorParams
+
+
+def merge_linear(
+    parents: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: TensorParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Σ w_i·x_i, divided by Σ w_i when ``normalize`` (the default).
+
+    Args:
+        parents: float32 tensors of the participating models (modified in place).
+        base: ignored; linear takes no base.
+        params: per-parent ``weight`` (required); global ``normalize`` (default true).
+        generator: unused.
+
+    Returns:
+        The merged float32 tensor.
+
+    Raises:
+        ValueError: ``normalize`` is on and the weights sum to zero (|Σ w| < 1e-8).
+
+    Example:
+        >>> p = TensorParams("w", {}, ({"weight": 1.0}, {"weight": 3.0}))
+        >>> merge_linear([torch.tensor([0.0]), torch.tensor([4.0])], None, p)
+        tensor([3.])
+    """
+    if not parents:
+        raise ValueError("linear needs at least one model")
+    weights = []
+    for index, values in enumerate(params.parents):
+        if values.get("weight") is None:
+            raise ValueError(f"linear: missing required parameter 'weight' for model {index}")
+        weights.append(float(values["weight"]))
+    if len(weights) != len(parents):
+        raise ValueError(f"linear: {len(parents)} models but {len(weights)} weight entries")
+    normalize = params.globals.get("normalize", True)
+    total = sum(weights)
+    if normalize and abs(total) < 1e-8:
+        raise ValueError(
+            f"linear: the weights {weights} sum to zero, so normalize: true would divide by "
+            "zero; change the weights or set normalize: false"
+        )
+    first = parents[0]
+    if any(x.data_ptr() == first.data_ptr() for x in parents[1:]) or not first.is_contiguous():
+        first = first.clone(memory_format=torch.contiguous_format)
+    result = first.mul_(weights[0])
+    for x, w in zip(parents[1:], weights[1:]):
+        result.add_(x, alpha=w)
+    if normalize:
+        result.div_(total)
+    return result

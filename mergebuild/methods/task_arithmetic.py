@@ -1,0 +1,285 @@
+"""The task-arithmetic family (TIES, DARE, breadcrumbs, DELLA): one engine, per-method knobs.
+
+Per output tensor, with δ_i = x_i − b::
+
+    sparsify each δ_i on its own → δ'_i = w_i·δ_i → optional sign consensus → Σ
+    → optional normalise → × lambda → b + result
+
+Sparsifiers: ``magnitude`` (TIES: keep the top ``int(density·n)`` by |δ|, at least one),
+``random`` (DARE: Bernoulli keep with p = density), ``magnitude_outliers`` (breadcrumbs:
+drop the top ``int(gamma·n)``, keep the next ``int(density·n)``), ``della`` (per row: keep
+with p = density − ε + 2ε·rank/(m−1)). Ties in magnitude are broken by flat index, lowest
+first (see ``topk``). All sparsifiers return δ unchanged when density ≥ 1, as mergekit does.
+
+``rescale`` after sparsifying: ``l1`` (mergekit: × ‖δ‖₁/‖kept‖₁, skipped when either norm
+< 1e-7), ``inverse_density`` (DARE paper / PEFT: ÷ density; for DELLA ÷ each element's own
+keep probability, as in the DELLA paper), ``none``. Booleans keep mergekit's meaning:
+true → ``l1``, false → ``none``.
+
+Randomness comes only from the ``generator`` argument, drawn on the CPU in fixed-size
+chunks, parent after parent, so a result depends only on (inputs, parameters, seed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebuild.methods.registry import METHODS, TensorParams
+from mergebuild.methods.topk import CHUNK_ELEMENTS, keep_magnitude_ranks_
+
+# method name → (sparsifier, takes a sign consensus)
+_FAMILY: dict[str, tuple[str | None, bool]] = {
+    "task_arithmetic": (None, False),
+    "ties": ("magnitude", True),
+    "dare_linear": ("random", False),
+    "dare_ties": ("random", True),
+    "breadcrumbs": ("magnitude_outliers", False),
+    "breadcrumbs_ties": ("magnitude_outliers", True),
+    "della": ("della", True),
+    "della_linear": ("della", False),
+}
+
+_RESCALE_NAMES = {
+    True: "l1",
+    False: "none",
+    "l1": "l1",
+    "inverse_density": "inverse_density",
+    "none": "none",
+}
+
+# Rows of DELLA are ranked a block at a time to bound the sort's scratch memory.
+_DELLA_BLOCK_ELEMENTS = 1 << 20
+
+
+def rescale_mode(value: Any) -> str:
+    """Map a ``rescale`` setting to "l1", "inverse_density" or "none" (bools as mergekit)."""
+    try:
+        return _RESCALE_NAMES[value]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"rescale must be true, false, 'l1', 'inverse_density' or 'none', got {value!r}"
+        ) from None
+
+
+def _setting(method: str, values: Any, name: str) -> Any:
+    if name in values and values[name] is not None:
+        return values[name]
+    param = METHODS[method].param(name)
+    if param is None or param.required:
+        raise ValueError(f"{method}: missing required parameter {name!r}")
+    return param.default
+
+
+def _l1(x: torch.Tensor) -> float:
+    flat = x.reshape(-1)
+    return sum(
+        float(flat[s : s + CHUNK_ELEMENTS].abs().sum(dtype=torch.float64))
+        for s in range(0, flat.numel(), CHUNK_ELEMENTS)
+    )
+
+
+def _apply_l1_rescale_(delta: torch.Tensor, before: float) -> None:
+    after = _l1(delta)
+    if before >= 1e-7 and after >= 1e-7:
+        delta.mul_(before / after)
+
+
+def _random_keep_(delta: torch.Tensor, density: float, generator: torch.Generator) -> None:
+    flat = delta.view(-1)
+    for s in range(0, flat.numel(), CHUNK_ELEMENTS):
+        chunk = flat[s : s + CHUNK_ELEMENTS]
+        draw = torch.rand(chunk.numel(), generator=generator).to(chunk.device)
+        chunk.masked_fill_(draw >= density, 0.0)
+
+
+def _della_keep_(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    divide_by_probability: bool,
+) -> None:
+    rows = delta.view(delta.shape[0], -1) if delta.dim() >= 2 else delta.view(1, -1)
+    n_rows, width = rows.shape
+    if width == 0:
+        return
+    block = max(1, _DELLA_BLOCK_ELEMENTS // width)
+    # Rank r in 0..m-1 of |δ| within its row (ties by column index) scaled to [0, 1];
+    # a single-element row gets the middle probability, density.
+    step = 2 * epsilon / (width - 1) if width > 1 else 0.0
+    low = density - epsilon if width > 1 else density
+    ranks = torch.arange(width, dtype=torch.float32, device=delta.device)
+    for r0 in range(0, n_rows, block):
+        part = rows[r0 : r0 + block]
+        order = torch.sort(part.abs(), dim=1, stable=True).indices
+        probability = torch.empty_like(part)
+        probability.scatter_(1, order, (ranks * step + low).expand_as(part))
+        draw = torch.rand(part.shape, generator=generator).to(part.device)
+        keep = draw < probability
+        if divide_by_probability:
+            part.div_(probability)
+        part.masked_fill_(~keep, 0.0)
+
+
+def _sparsify_(
+    delta: torch.Tensor,
+    kind: str,
+    density: float,
+    rescale: str,
+    gamma: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+) -> None:
+    """Sparsify one task vector in place (``delta`` is contiguous)."""
+    if density >= 1:
+        return
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        delta.zero_()
+        return
+    if kind in ("random", "della") and generator is None:
+        raise RuntimeError(f"{kind} sparsification needs a seeded generator")
+    if kind == "della" and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(
+            f"della: density ± epsilon must lie in (0, 1); got density {density}, epsilon {epsilon}"
+        )
+    before = _l1(delta) if rescale == "l1" else 0.0
+    if kind == "magnitude":
+        keep_magnitude_ranks_(delta, 0, max(1, int(density * n)))
+    elif kind == "magnitude_outliers":
+        target = int(density * n)
+        # As mergekit: the outlier cut shrinks when it would leave fewer than `target`.
+        n_bottom = max(0, n - target - int(gamma * n))
+        keep_magnitude_ranks_(delta, n - n_bottom - target, n - n_bottom)
+    elif kind == "random":
+        _random_keep_(delta, density, generator)
+    elif kind == "della":
+        _della_keep_(delta, density, epsilon, generator, rescale == "inverse_density")
+    else:
+        raise ValueError(f"unknown sparsification {kind!r}")
+    if rescale == "l1":
+        _apply_l1_rescale_(delta, before)
+    elif rescale == "inverse_density" and kind != "della":
+        delta.div_(density)
+
+
+def _elected_sign(total: torch.Tensor, deltas: list[torch.Tensor], consensus: str) -> torch.Tensor:
+    if consensus == "sum":
+        votes = total
+    elif consensus == "count":
+        votes = torch.zeros_like(total)
+        for d in deltas:
+            votes.add_(torch.sign(d))
+    else:
+        raise ValueError(f"consensus must be 'sum' or 'count', got {consensus!r}")
+    return torch.where(votes >= 0, 1.0, -1.0)
+
+
+def _merge(
+    method: str,
+    parents: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: TensorParams,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    kind, takes_consensus = _FAMILY[method]
+    if base is None:
+        raise ValueError(f"{method} needs a base model")
+    if not parents:
+        return base
+    base = base.contiguous()
+    g = params.globals
+    normalize = bool(_setting(method, g, "normalize"))
+    lam = float(_setting(method, g, "lambda"))
+    consensus = str(_setting(method, g, "consensus")) if takes_consensus else None
+    rescale = rescale_mode(_setting(method, g, "rescale")) if kind else "none"
+
+    names = {p.name for p in METHODS[method].params}
+    weights: list[float] = []
+    deltas: list[torch.Tensor] = []
+    for x, values in zip(parents, params.parents, strict=True):
+        if x.data_ptr() == base.data_ptr() or any(x.data_ptr() == d.data_ptr() for d in deltas):
+            x = x.clone()  # the same model listed twice: never subtract in place from an alias
+        delta = x.contiguous().sub_(base)
+        if kind is not None:
+            _sparsify_(
+                delta,
+                kind,
+                density=float(_setting(method, values, "density")),
+                rescale=rescale,
+                gamma=float(_setting(method, values, "gamma")) if "gamma" in names else 0.0,
+                epsilon=float(_setting(method, values, "epsilon")) if "epsilon" in names else 0.0,
+                generator=generator,
+            )
+        weight = float(_setting(method, values, "weight"))
+        delta.mul_(weight)
+        weights.append(weight)
+        deltas.append(delta.view(-1))
+
+    out = base.view(-1)
+    total_weight = sum(weights)
+    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+    for s in range(0, out.numel(), CHUNK_ELEMENTS):
+        parts = [d[s : s + CHUNK_ELEMENTS] for d in deltas]
+        mixed = parts[0].clone()
+        for p in parts[1:]:
+            mixed.add_(p)
+        if consensus is None:
+            if normalize:
+                mixed.div_(plain_divisor)
+        else:
+            elected = _elected_sign(mixed, parts, consensus)
+            mixed.zero_()
+            divisor = torch.zeros_like(mixed)
+            for p, w in zip(parts, weights):
+                agrees = torch.sign(p) == elected
+                mixed.add_(p.masked_fill_(~agrees, 0.0))
+                divisor.add_(agrees, alpha=w)
+            if normalize:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        if lam != 1:
+            mixed.mul_(lam)
+        out[s : s + CHUNK_ELEMENTS].add_(mixed)
+    return base
+
+
+def merge_task_arithmetic(parents, base, params, generator=None) -> torch.Tensor:
+    """Task arithmetic: b + λ·Σ w_i(x_i − b) (÷ Σ w_i when ``normalize``)."""
+    return _merge("task_arithmetic", parents, base, params, generator)
+
+
+def merge_ties(parents, base, params, generator=None) -> torch.Tensor:
+    """TIES: magnitude top-k per task vector, sign consensus, normalised sum."""
+    return _merge("ties", parents, base, params, generator)
+
+
+def merge_dare_linear(parents, base, params, generator=None) -> torch.Tensor:
+    """DARE: random drop with keep probability ``density``, rescale, weighted sum."""
+    return _merge("dare_linear", parents, base, params, generator)
+
+
+def merge_dare_ties(parents, base, params, generator=None) -> torch.Tensor:
+    """DARE-TIES: random drop, rescale, sign consensus."""
+    return _merge("dare_ties", parents, base, params, generator)
+
+
+def merge_breadcrumbs(parents, base, params, generator=None) -> torch.Tensor:
+    """Model breadcrumbs: drop the top ``gamma`` outliers and the small tail, weighted sum."""
+    return _merge("breadcrumbs", parents, base, params, generator)
+
+
+def merge_breadcrumbs_ties(parents, base, params, generator=None) -> torch.Tensor:
+    """Breadcrumbs sparsification with TIES sign consensus."""
+    return _merge("breadcrumbs_ties", parents, base, params, generator)
+
+
+def merge_della(parents, base, params, generator=None) -> torch.Tensor:
+    """DELLA: rank-dependent random drop per row, rescale, sign consensus."""
+    return _merge("della", parents, base, params, generator)
+
+
+def merge_della_linear(parents, base, params, generator=None) -> torch.Tensor:
+    """DELLA without consensus: rank-dependent random drop per row, weighted sum."""
+    return _merge("della_linear", parents, base, params, generator)

@@ -1,0 +1,68 @@
+"""Tests for mergebuild.methods.linear: weighted average of the parents."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mergebuild.methods.linear import merge_linear
+from mergebuild.methods.registry import TensorParams
+
+NAME = "model.layers.0.self_attn.q_proj.weight"
+
+
+def run(parents, weights, **globals_):
+    params = TensorParams(NAME, globals_, tuple({"weight": w} for w in weights))
+    return merge_linear([p.clone() for p in parents], None, params, None)
+
+
+def test_weighted_average_by_hand():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    assert_close(run([a, b], [1.0, 3.0]), torch.tensor([2.5, 5.0]))
+
+
+def test_without_normalize_is_weighted_sum():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    assert_close(run([a, b], [1.0, 3.0], normalize=False), torch.tensor([10.0, 20.0]))
+    assert_close(run([a, b], [2.0, -1.0], normalize=False), torch.tensor([-1.0, -2.0]))
+
+
+def test_weights_summing_to_one_keep_a_constant_model():
+    c = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    assert_close(run([c, c, c], [0.2, 0.3, 0.5]), c)
+    assert_close(run([c, c, c], [0.2, 0.3, 0.5], normalize=False), c)
+
+
+def test_zero_weight_sum_with_normalize_is_a_value_error():
+    with pytest.raises(ValueError, match="sum to zero"):
+        run([torch.ones(2), torch.ones(2)], [1.0, -1.0])
+
+
+def test_missing_weight_is_a_value_error():
+    with pytest.raises(ValueError, match="weight"):
+        merge_linear([torch.ones(2)], None, TensorParams(NAME, {}, ({},)), None)
+
+
+def test_same_tensor_passed_twice():
+    x = torch.tensor([1.0, 2.0])
+    out = merge_linear(
+        [x, x], None, TensorParams(NAME, {}, ({"weight": 1.0}, {"weight": 1.0})), None
+    )
+    assert_close(out, torch.tensor([1.0, 2.0]))
+
+
+def test_matches_mergekit():
+    pytest.importorskip(
+        "mergekit.merge_methods.registry", reason="mergekit is not installed: agreement not checked"
+    )
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    weights = [0.3, 1.1, 0.6]
+    for normalize in (True, False):
+        expected = registry.get("linear")(
+            [TensorGroup.from_tensors(xs)],
+            parameters={"weight": weights, "normalize": normalize},
+        )[0]
+        assert_close(run(xs, weights, normalize=normalize), expected)

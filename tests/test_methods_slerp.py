@@ -1,0 +1,92 @@
+"""Tests for mergebuild.methods.slerp: spherical interpolation from the base model."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mergebuild.methods.registry import TensorParams
+from mergebuild.methods.slerp import merge_slerp
+
+NAME = "model.layers.0.mlp.gate_proj.weight"
+
+
+def run(base, other, t):
+    return merge_slerp([other.clone()], base.clone(), TensorParams(NAME, {"t": t}, ({},)), None)
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_endpoints_return_the_parents_exactly():
+    base, other = randn(7, 5, seed=1), randn(7, 5, seed=2)
+    assert torch.equal(run(base, other, 0.0), base)
+    assert torch.equal(run(base, other, 1.0), other)
+
+
+def test_orthogonal_vectors_by_hand():
+    s = math.sin(math.pi / 4)
+    assert_close(run(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5), torch.tensor([s, s]))
+    # coefficients apply to the unnormalised tensors
+    assert_close(
+        run(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 4.0]), 0.5), torch.tensor([2 * s, 4 * s])
+    )
+    t = 0.25
+    assert_close(
+        run(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), t),
+        torch.tensor([math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)]),
+    )
+
+
+def test_nearly_collinear_falls_back_to_linear():
+    base = torch.tensor([1.0, 2.0, 3.0])
+    assert_close(run(base, 3 * base, 0.25), 0.75 * base + 0.25 * 3 * base)
+    assert_close(run(base, -base, 0.25), 0.75 * base - 0.25 * base)
+
+
+def test_zero_base_is_not_normalised():
+    other = torch.tensor([1.0, -2.0])
+    assert_close(run(torch.zeros(2), other, 0.5), math.sin(math.pi / 4) * other)
+
+
+def test_result_norm_stays_on_the_arc_for_unit_vectors():
+    base, other = randn(100, seed=3), randn(100, seed=4)
+    base, other = base / base.norm(), other / other.norm()
+    for t in (0.1, 0.5, 0.9):
+        assert run(base, other, t).norm().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_needs_base_one_other_and_t():
+    with pytest.raises(ValueError, match="exactly one"):
+        merge_slerp([torch.ones(2)], None, TensorParams(NAME, {"t": 0.5}, ({},)), None)
+    with pytest.raises(ValueError, match="exactly one"):
+        merge_slerp(
+            [torch.ones(2), torch.ones(2)],
+            torch.ones(2),
+            TensorParams(NAME, {"t": 0.5}, ({}, {})),
+            None,
+        )
+    with pytest.raises(ValueError, match="'t'"):
+        merge_slerp([torch.ones(2)], torch.ones(2), TensorParams(NAME, {}, ({},)), None)
+
+
+def test_matches_mergekit():
+    pytest.importorskip(
+        "mergekit.merge_methods.registry", reason="mergekit is not installed: agreement not checked"
+    )
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+
+    base, other = randn(32, 24, seed=5), randn(32, 24, seed=6)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        expected = registry.get("slerp")(
+            [TensorGroup.from_tensors([base, other], base_index=0)], parameters={"t": t}
+        )[0]
+        assert_close(run(base, other, t), expected)
+    near = base + 1e-3 * other  # collinear branch
+    expected = registry.get("slerp")(
+        [TensorGroup.from_tensors([base, near], base_index=0)], parameters={"t": 0.4}
+    )[0]
+    assert_close(run(base, near, 0.4), expected)
