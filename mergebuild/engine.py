@@ -19,6 +19,14 @@ from .hashing import manifest_digest, stat_signature
 from .methods.registry import Method, TensorParams
 from .parameters import layer_index, replace_layer_index, resolve_value
 from .sources import CONFIG_FILES, TOKENIZER_FILES
+from .vocab import (
+    VocabPlan,
+    harmonize_metadata,
+    is_vocab_tensor,
+    plan_vocab,
+    remap_rows,
+    write_vocab_files,
+)
 
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"}
@@ -53,6 +61,9 @@ class BuildJob:
     chat_template: str | None = None
     max_shard_bytes: int = 5 * 2**30
     device: str = "auto"
+    adapters: Mapping[str, Path] = field(default_factory=dict)  # parent → LoRA directory
+    tokenizer_source: str | None = None  # "base" | "union" | a parent: vocab rows by token
+    pad_vocab_to: int | None = None  # tokenizer.pad_to_multiple_of
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class TensorTask:
     parameters: tuple[Mapping[str, Any], ...]
     layer: int | None
     num_layers: int
+    remap: Callable[[list, Any], tuple[list, Any]] | None = None  # vocabulary rows by token
 
 
 @dataclass
@@ -108,23 +120,57 @@ def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
 
 def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
     """The output tensor table, after checking that every parent fits (before any arithmetic)."""
-    check_compatibility(job, {node: reader_metadata(r) for node, r in readers.items()})
+    check_compatibility(job, harmonize_metadata(
+        job, {node: reader_metadata(r) for node, r in readers.items()}))
     if job.slices is not None:
         return _plan_slices(job, readers)
     donor = readers[job.donor]
     names = list(donor.tensors)
     num_layers = _num_layers(donor)
+    vocab = vocab_plan(job, readers)
     tasks: list[TensorTask] = []
     for name in names:
         info = donor.tensors[name]
         base = readers[job.base].tensors[name] if job.base and job.method.base != "none" else None
         inputs = tuple(readers[p.node].tensors[name] for p in job.participants)
+        shape, remap = info.shape, None
+        if vocab is not None and is_vocab_tensor(name):
+            shape, remap = (vocab.rows, *info.shape[1:]), _vocab_remap(job, vocab)
         tasks.append(TensorTask(
-            name=name, dtype=_out_dtype(job, info), shape=info.shape, base=base, inputs=inputs,
+            name=name, dtype=_out_dtype(job, info), shape=shape, base=base, inputs=inputs,
             parameters=tuple(p.parameters for p in job.participants), layer=layer_index(name),
-            num_layers=num_layers,
+            num_layers=num_layers, remap=remap,
         ))
     return tasks
+
+
+def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabPlan | None:
+    """The row mapping of the node's tokenizer policy; None without one or when a no-op."""
+    if not job.tokenizer_source or job.slices is not None:
+        return None
+    base = job.base if job.base and job.method.base != "none" else None
+    nodes = list(dict.fromkeys([*([base] if base else []), *(p.node for p in job.participants)]))
+    rows = {}
+    for node, reader in readers.items():
+        vocab_rows = [i.shape[0] for n, i in sorted(reader.tensors.items())
+                      if is_vocab_tensor(n) and i.shape]
+        if vocab_rows:
+            rows[node] = vocab_rows[0]
+    policy = job.tokenizer_source if job.tokenizer_source in ("base", "union") else "model"
+    plan = plan_vocab(policy, job.donor, base, nodes, job.parents, rows, job.pad_vocab_to)
+    return None if plan.identity else plan
+
+
+def _vocab_remap(job: BuildJob, plan: VocabPlan):
+    base = job.base if job.base and job.method.base != "none" else None
+    nodes = [*([base] if base else []), *(p.node for p in job.participants)]
+
+    def remap(parents: list, base_tensor: Any) -> tuple[list, Any]:
+        tensors = ([base_tensor] if base else []) + list(parents)
+        out = remap_rows(tensors, nodes, plan)
+        return (out[1:], out[0]) if base else (out, base_tensor)
+
+    return remap
 
 
 def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
@@ -210,7 +256,12 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
     try:
         for node, directory in job.parents.items():
             try:
-                readers[node] = CheckpointReader(directory)
+                if node in job.adapters:
+                    from .lora import AdaptedReader
+
+                    readers[node] = AdaptedReader(directory, job.adapters[node], job.node)
+                else:
+                    readers[node] = CheckpointReader(directory)
             except CheckpointError as exc:
                 exc.node = exc.node or node  # name the parent whose weights are unusable
                 raise
@@ -244,6 +295,9 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
                 )
         files = {name: (sha, (out_dir / name).stat().st_size) for name, sha in hashes.items()}
         files.update(_copy_support_files(job, readers, out_dir))
+        vocab = vocab_plan(job, readers)
+        if vocab is not None:
+            write_vocab_files(vocab, out_dir, files)
     finally:
         for r in readers.values():
             r.close()
@@ -272,7 +326,9 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch)
     by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
 
     def load(info: TensorInfo):
-        reader = readers[by_file[str(info.file)]]
+        # By identity first: "base" and "base+lora" share files but not readers.
+        reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
+                      None) or readers[by_file[str(info.file)]]
         tensor = reader.load(info.name)
         faults.point("engine.read_tensor")
         return tensor
@@ -289,8 +345,14 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch)
 
     if task.dtype not in _TORCH_OF_CODE:
         return load(task.inputs[0] if task.inputs else task.base).clone()
-    parents = [load(info).to(device=device, dtype=torch.float32) for info in task.inputs]
-    base = load(task.base).to(device=device, dtype=torch.float32) if task.base else None
+    # copy=True: a float32 parent on CPU would otherwise stay a read-only mmap view, and
+    # methods may compute in place (that crashes the process).
+    parents = [load(info).to(device=device, dtype=torch.float32, copy=True)
+               for info in task.inputs]
+    base = (load(task.base).to(device=device, dtype=torch.float32, copy=True) if task.base
+            else None)
+    if task.remap is not None:
+        parents, base = task.remap(parents, base)
     params = TensorParams(
         tensor_name=task.name,
         globals=_resolve(job.global_parameters, task),

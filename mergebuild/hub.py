@@ -82,6 +82,7 @@ SIDE_FILES = frozenset(
         "added_tokens.json",
         "chat_template.jinja",
         "chat_template.json",
+        "adapter_config.json",  # PEFT adapters ("model+lora" references)
     }
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -118,6 +118,7 @@ class SourceSpec:
     line: int
     allow_pickle: bool = False
     implicit: bool = False  # created from a path/hub reference written as a parent
+    adapter: str | None = None  # a PEFT LoRA applied on the fly ("model+lora" references)
 
     @property
     def kind(self) -> str:
@@ -369,8 +370,7 @@ class _Builder:
         if ref in self.models:
             return ref
         if "+" in ref:
-            raise self.error(f"LoRA references ('{ref}') are not supported yet", line, node,
-                             "merge the adapter into a model directory first")
+            return self._adapted(ref, line, node)
         if ref.startswith("hf://"):
             return self._implicit(ref, ref, line, node)
         if ref.startswith(("/", "./", "../", "~")):
@@ -385,6 +385,45 @@ class _Builder:
         )
         raise GraphError(f"unknown model '{ref}'", file=self.file, line=line, node=node,
                          hint=hint)
+
+    def _adapted(self, ref: str, line: int, node: str) -> str:
+        """``model+lora``: an implicit source whose tensors get the adapter's delta."""
+        model, _, adapter = ref.partition("+")
+        model, adapter = model.strip(), adapter.strip()
+        if not model or not adapter or "+" in adapter:
+            raise self.error(f"cannot parse LoRA reference '{ref}'", line, node,
+                             "write MODEL+ADAPTER, e.g. base+./my-lora or base+hf://org/lora")
+        if ref in self.nodes:
+            return ref
+        parent = self._ref(model, line, node)
+        spec = self.nodes.get(parent)
+        if spec is None and isinstance(self.models.get(parent), LineDict) and "source" in (
+            self.models[parent]
+        ):
+            body = self.models[parent]
+            spec = SourceSpec(name=parent, uri=self._source_uri(str(body["source"]),
+                                                                body.line_of("source"), parent),
+                              line=body.line, allow_pickle=bool(body.get("allow_pickle")))
+        if not isinstance(spec, SourceSpec):
+            raise self.error(f"LoRA '{ref}' is applied to '{parent}', which is not a source "
+                             "node", line, node,
+                             "apply adapters to a local or hub model (a source node)")
+        if spec.adapter is not None:
+            raise self.error(f"'{ref}' stacks two adapters", line, node,
+                             "apply one adapter per reference")
+        if adapter.startswith("hf://") or adapter.startswith(("/", "./", "../", "~")) or (
+            self.base_dir / adapter
+        ).exists():
+            adapter_uri = self._source_uri(adapter, line, node)
+        elif _HUB_ID.match(adapter):
+            adapter_uri = self._source_uri(f"hf://{adapter}", line, node)
+        else:
+            raise self.error(f"LoRA adapter '{adapter}' is neither a path nor a hub id", line,
+                             node, "write ./path/to/adapter or hf://org/adapter")
+        self.nodes[ref] = SourceSpec(name=ref, uri=spec.uri, line=line,
+                                     allow_pickle=spec.allow_pickle, implicit=True,
+                                     adapter=adapter_uri)
+        return ref
 
     # merges --------------------------------------------------------------------------
     def _merge(self, name: str, body: LineDict) -> MergeSpec:
@@ -458,14 +497,20 @@ class _Builder:
     def _tokenizer_source(self, value: Any, body: LineDict, name: str) -> str:
         line = body.line_of("tokenizer_source" if "tokenizer_source" in body else "tokenizer")
         if isinstance(value, dict):
-            value = value.get("source")
+            extra = sorted(set(value) - {"source", "pad_to_multiple_of"})
+            if extra:
+                hint = ("per-token embedding overrides are not supported" if "tokens" in extra
+                        else _did_you_mean(extra[0], ("source", "pad_to_multiple_of")))
+                raise self.error(f"unknown key '{extra[0]}' in 'tokenizer'", line, name, hint)
+            pad = value.get("pad_to_multiple_of")
+            if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+                raise self.error("'pad_to_multiple_of' must be a positive whole number", line,
+                                 name)
+            value = value.get("source", "union")  # mergekit's default for a tokenizer block
         if not isinstance(value, str):
             raise self.error("'tokenizer_source' must be 'base', 'union' or a model name", line,
                              name)
         if value in ("base", "union"):
-            if value == "union":
-                raise self.error("tokenizer_source 'union' is not supported yet", line, name,
-                                 "use 'base' or name the donor model")
             return value
         return self._ref(value, line, name)
 

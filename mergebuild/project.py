@@ -34,7 +34,7 @@ from .recipe import (
     participants,
     recipe_changes,
 )
-from .sources import ResolvedSource, materialize, resolve_source
+from .sources import ResolvedSource, adapter_directory, materialize, resolve_source
 from .store import Store
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -379,6 +379,7 @@ class Project:
             global_parameters=global_parameters(method, spec),
             out_dtype=spec.dtype or self.mergefile.defaults.get("dtype"),
             slices=slices, chat_template=spec.chat_template,
+            tokenizer_source=spec.tokenizer_source, pad_vocab_to=_vocab_padding(spec),
             max_shard_bytes=int(self.mergefile.defaults.get("max_shard_size")
                                 or DEFAULT_SHARD_BYTES),
             device=device or self.mergefile.defaults.get("device", "auto"),
@@ -397,7 +398,10 @@ class Project:
             else:
                 assert parent.path is not None
                 parent_dirs[ref] = parent.path
-        job = replace(job, parents=parent_dirs)
+        adapters = {ref: adapter_directory(states[ref].source) for ref in parent_dirs
+                    if states[ref].source is not None
+                    and adapter_directory(states[ref].source) is not None}
+        job = replace(job, parents=parent_dirs, adapters=adapters)
         reporter.node_start(state)
         tmp = self.store.new_tmp(key)
         started = _now()
@@ -535,6 +539,11 @@ class Project:
             else:
                 models[name] = _plain(spec.body)
         return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
+
+
+def _vocab_padding(spec: MergeSpec) -> int | None:
+    tokenizer = spec.body.get("tokenizer")
+    return tokenizer.get("pad_to_multiple_of") if isinstance(tokenizer, dict) else None
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:

@@ -94,6 +94,15 @@ def build_recipe(
         ]
     if spec.chat_template is not None:
         recipe["chat_template"] = spec.chat_template
+    if spec.tokenizer_source is not None:
+        # The policy changes embedding rows; which model donates is in "donor" already.
+        tokenizer = spec.body.get("tokenizer") if isinstance(spec.body, Mapping) else None
+        recipe["tokenizer"] = {
+            "source": spec.tokenizer_source if spec.tokenizer_source in ("base", "union")
+            else "model",
+            "pad_to_multiple_of": tokenizer.get("pad_to_multiple_of")
+            if isinstance(tokenizer, Mapping) else None,
+        }
     return recipe
 
 

@@ -166,11 +166,60 @@ def resolve_source(spec: SourceSpec, store: Store, *, locked: Any = None, frozen
 
     ``locked`` / ``frozen`` / ``lock_name`` concern hub sources only (see resolve_hub_source).
     """
+    if spec.adapter is not None:
+        return _resolve_adapted(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
     if spec.kind == "local":
         return resolve_local(spec, store)
     if spec.kind == "demo":
         return resolve_demo(spec, store)
     return resolve_hub_source(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
+
+
+def _resolve_adapted(spec: SourceSpec, store: Store, **lock: Any) -> ResolvedSource:
+    """``model+lora``: identity = the model's digest + the adapter's digest."""
+    from dataclasses import replace
+
+    from .lora import ADAPTER_FILES, check_adapter_directory
+
+    model = resolve_source(replace(spec, adapter=None), store, **lock)
+    assert spec.adapter is not None
+    adapter = None
+    if spec.adapter.startswith("hf://"):
+        adapter = resolve_hub_source(SourceSpec(name=spec.name, uri=spec.adapter, line=spec.line),
+                                     store)
+        adapter_files, adapter_digest = adapter.files, adapter.digest
+    else:
+        directory = Path(spec.adapter)
+        check_adapter_directory(directory, spec.name)
+        adapter_files = {}
+        for name in ADAPTER_FILES:
+            try:
+                adapter_files[name] = store.stat_cache.digest(directory / name)
+            except OSError as exc:
+                raise SourceError(f"cannot read {directory / name}: {exc.strerror}",
+                                  node=spec.name) from None
+        adapter_digest = manifest_digest(adapter_files, "xxh128")
+    identity = canonical_json({"model": model.digest, "lora": adapter_digest})
+    files = {**model.files, **{f"adapter/{k}": v for k, v in adapter_files.items()}}
+    return ResolvedSource(
+        name=spec.name, kind=model.kind, uri=f"{model.uri}+{spec.adapter}",
+        digest="xxh128:" + xxhash.xxh3_128_hexdigest(identity.encode()),
+        directory=model.directory, files=files, revision=model.revision, commit=model.commit,
+        extra={**model.extra, "model": model, "adapter": adapter, "adapter_uri": spec.adapter},
+    )
+
+
+def adapter_directory(source: ResolvedSource) -> Path | None:
+    """The local directory of a ``model+lora`` source's adapter (fetched if on the hub)."""
+    uri = source.extra.get("adapter_uri")
+    if uri is None:
+        return None
+    adapter = source.extra.get("adapter")
+    if adapter is None:
+        return Path(uri)
+    from .hub import fetch
+
+    return fetch(adapter.extra["resolution"], node=source.name)
 
 
 def materialize(source: ResolvedSource, store: Store | None = None,
@@ -181,6 +230,8 @@ def materialize(source: ResolvedSource, store: Store | None = None,
     total)`` while downloading). Pickle weights a source opted into are converted once,
     loaded with ``weights_only=True``, into safetensors under the store.
     """
+    if "adapter_uri" in source.extra:  # model+lora: the model's files; the adapter apart
+        return materialize(source.extra["model"], store, progress)
     if source.kind == "local":
         assert source.directory is not None
         return source.directory

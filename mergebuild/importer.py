@@ -1,0 +1,271 @@
+"""Turn mergekit configs and mergekit-multi files into a Mergefile (version 1)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import MergefileError
+
+# mergekit's MergeConfiguration keys a merge node accepts verbatim.
+MERGE_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "slices",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
+# mergekit keys that exist but that mergebuild does not implement: reported, then dropped.
+_UNSUPPORTED = {
+    "modules": "multi-module merges are not supported",
+}
+_SLICE_UNSUPPORTED = ("base_model", "parameters", "residual_weight")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class ImportResult:
+    """The Mergefile text and what the user should know about the conversion."""
+
+    text: str
+    warnings: list[str] = field(default_factory=list)
+    nodes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Document:
+    file: Path
+    index: int
+    name: str | None
+    body: dict
+
+
+class _Importer:
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.sources: dict[str, dict] = {}  # node name → {"source": uri}
+        self.by_uri: dict[str, str] = {}  # uri → node name
+        self.merges: dict[str, dict] = {}
+        self.merge_names: set[str] = set()
+        self.warnings: list[str] = []
+
+    # model references ------------------------------------------------------------------
+    def _unique(self, wanted: str) -> str:
+        base = _NOT_NAME.sub("-", wanted).strip("-.") or "model"
+        if not base[0].isalnum():
+            base = "m" + base
+        name, n = base, 2
+        while name in self.sources or name in self.merge_names:
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+    def _source_node(self, uri: str, wanted: str) -> str:
+        if uri not in self.by_uri:
+            name = self._unique(wanted)
+            self.sources[name] = {"source": uri}
+            self.by_uri[uri] = name
+        return self.by_uri[uri]
+
+    def _location(self, path: str, revision: str | None, where: str) -> tuple[str, str]:
+        """(uri as written in the Mergefile, a name to derive the node's name from)."""
+        expanded = os.path.expanduser(path)
+        local = os.path.exists(expanded) or path.startswith(("/", "./", "../", "~"))
+        if not local and _HUB_ID.match(path):
+            uri = f"hf://{path}" + (f"@{revision}" if revision else "")
+            return uri, path.rsplit("/", 1)[-1]
+        if not local:
+            self.warnings.append(f"{where}: '{path}' is neither an existing directory nor a hub "
+                                 "id; kept as a local path")
+        if revision:
+            self.warnings.append(f"{where}: revision '{revision}' of local path '{path}' ignored")
+        absolute = Path(expanded).resolve()
+        try:
+            rel = os.path.relpath(absolute, self.out_dir)
+        except ValueError:  # another drive (Windows)
+            rel = str(absolute)
+        uri = rel if os.path.isabs(rel) else ("./" + rel if not rel.startswith("..") else rel)
+        return uri, absolute.name
+
+    def _path_and_revision(self, value: Any, where: str) -> tuple[str, str | None]:
+        if isinstance(value, Mapping):
+            path, revision = value.get("path"), value.get("revision")
+        else:
+            path, revision = value, None
+        if not isinstance(path, str) or not path.strip():
+            raise MergefileError(f"{where}: model reference must be a string, got {value!r}")
+        path = path.strip()
+        if revision is None and "@" in path and not os.path.exists(path):
+            path, revision = path.rsplit("@", 1)
+        return path, revision
+
+    def model_ref(self, value: Any, where: str) -> str:
+        """A mergekit ModelReference → a Mergefile reference (node name, maybe +adapter)."""
+        if isinstance(value, str):
+            chunks = value.split("+")
+            if len(chunks) > 2:
+                raise MergefileError(f"{where}: cannot parse model reference '{value}'")
+            model, lora = chunks[0], (chunks[1] if len(chunks) == 2 else None)
+        elif isinstance(value, Mapping) and "model" in value:
+            model, lora = value["model"], value.get("lora")
+            if value.get("override_architecture"):
+                self.warnings.append(f"{where}: override_architecture is not supported; dropped")
+        else:
+            raise MergefileError(f"{where}: cannot parse model reference {value!r}")
+        path, revision = self._path_and_revision(model, where)
+        if path in self.merge_names and revision is None:
+            node = path
+        else:
+            uri, wanted = self._location(path, revision, where)
+            node = self._source_node(uri, wanted)
+        if lora is None:
+            return node
+        lpath, lrev = self._path_and_revision(lora, where)
+        luri, _ = self._location(lpath, lrev, where)
+        return f"{node}+{luri}"
+
+    # documents -------------------------------------------------------------------------
+    def merge_node(self, doc: _Document, name: str) -> dict:
+        where = f"{doc.file}" + (f" (document {doc.index + 1})" if doc.index else "")
+        body: dict[str, Any] = {}
+        for key, value in doc.body.items():
+            if key == "name":
+                continue
+            if key in _UNSUPPORTED:
+                self.warnings.append(f"{where}: '{key}' dropped: {_UNSUPPORTED[key]}")
+                continue
+            if key not in MERGE_KEYS:
+                self.warnings.append(f"{where}: unknown mergekit key '{key}' dropped "
+                                     "(mergekit ignores it too)")
+                continue
+            body[key] = value
+        if "base_model" in body and body["base_model"] is not None:
+            body["base_model"] = self.model_ref(body["base_model"], where)
+        for entry in body.get("models") or []:
+            if isinstance(entry, dict) and "model" in entry:
+                entry["model"] = self.model_ref(entry["model"], where)
+                for key in list(entry):
+                    if key not in ("model", "parameters"):
+                        self.warnings.append(f"{where}: unknown key '{key}' in a models entry "
+                                             "dropped")
+                        del entry[key]
+        for piece in body.get("slices") or []:
+            if not isinstance(piece, dict):
+                continue
+            for key in list(piece):
+                if key in _SLICE_UNSUPPORTED:
+                    self.warnings.append(f"{where}: slice-level '{key}' is not supported; "
+                                         "dropped (set it per source or on the node)")
+                    del piece[key]
+                elif key != "sources":
+                    self.warnings.append(f"{where}: unknown key '{key}' in a slice dropped")
+                    del piece[key]
+            for src in piece.get("sources") or []:
+                if isinstance(src, dict) and "model" in src:
+                    src["model"] = self.model_ref(src["model"], where)
+        tok = body.get("tokenizer_source")
+        if isinstance(tok, (str, dict)) and tok not in ("base", "union"):
+            body["tokenizer_source"] = self.model_ref(tok, where)
+        tokenizer = body.get("tokenizer")
+        if isinstance(tokenizer, dict):
+            src = tokenizer.get("source", "union")
+            if src not in ("base", "union"):
+                tokenizer["source"] = self.model_ref(src, where)
+        return body
+
+
+def _documents(files: list[Path]) -> list[_Document]:
+    docs: list[_Document] = []
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise MergefileError(f"cannot read {file}: {exc.strerror}", file=str(file)) from None
+        try:
+            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise MergefileError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
+                                 file=str(file), line=mark.line + 1 if mark else None) from None
+        for i, data in enumerate(loaded):
+            if not isinstance(data, dict) or "merge_method" not in data:
+                raise MergefileError("not a mergekit config (no 'merge_method')", file=str(file),
+                                     hint=f"document {i + 1}")
+            name = data.get("name")
+            docs.append(_Document(file=file, index=i, name=str(name) if name else None,
+                                  body=data))
+    return docs
+
+
+def import_mergekit(files: list[str | Path], out_dir: str | Path | None = None) -> ImportResult:
+    """Convert mergekit configs (and mergekit-multi documents) into one Mergefile.
+
+    Args:
+        files: mergekit YAML files; each may hold several ``---``-separated documents, each
+            with a ``name:`` (mergekit-multi); a later document may name an earlier one as a
+            model.
+        out_dir: where the Mergefile will live (local paths are written relative to it);
+            the current directory by default.
+    Returns:
+        An :class:`ImportResult` with the Mergefile text and warnings (dropped keys).
+    Example:
+        >>> print(import_mergekit(["merge.yml"]).text)
+    """
+    paths = [Path(f) for f in files]
+    importer = _Importer(Path(out_dir or ".").resolve())
+    docs = _documents(paths)
+    names: list[str] = []
+    for doc in docs:
+        wanted = doc.name or doc.file.stem
+        if doc.name and doc.name in importer.merge_names:
+            raise MergefileError(f"two mergekit documents are named '{doc.name}'",
+                                 file=str(doc.file))
+        name = doc.name if doc.name and _NOT_NAME.search(doc.name) is None else None
+        if name is None:
+            name = importer._unique(wanted)
+            if doc.name:
+                importer.warnings.append(f"{doc.file}: document '{doc.name}' renamed '{name}'")
+        importer.merge_names.add(name)
+        names.append(name)
+        if doc.name:
+            importer.merge_names.add(doc.name)
+    renamed = {doc.name: name for doc, name in zip(docs, names, strict=True)
+               if doc.name and doc.name != name}
+    for doc, name in zip(docs, names, strict=True):
+        body = importer.merge_node(doc, name)
+        importer.merges[name] = _rename_refs(body, renamed)
+    models: dict[str, Any] = {**importer.sources, **importer.merges}
+    text = _render(models, paths)
+    return ImportResult(text=text, warnings=importer.warnings, nodes=models)
+
+
+def _rename_refs(obj: Any, renamed: Mapping[str, str]) -> Any:
+    if not renamed:
+        return obj
+    if isinstance(obj, dict):
+        return {k: (renamed.get(v, v) if k in ("model", "base_model", "source")
+                    and isinstance(v, str) else _rename_refs(v, renamed)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rename_refs(v, renamed) for v in obj]
+    return obj
+
+
+def _render(models: Mapping[str, Any], files: list[Path]) -> str:
+    header = "# Imported from mergekit config(s): " + ", ".join(str(f) for f in files) + "\n"
+    body = yaml.safe_dump({"version": 1, "models": dict(models)}, sort_keys=False,
+                          default_flow_style=False, allow_unicode=True, width=100)
+    return header + body
+
+
+__all__ = ["ImportResult", "import_mergekit"]

@@ -1,0 +1,136 @@
+"""Tokenizer policies: embedding rows mapped by token, union vocabularies, mismatch errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergebuild.errors import IncompatibleModelsError
+from mergebuild.vocab import VocabPlan, remap_rows, union_tokenizer, vocab_of_tokenizer
+
+NEW_TOKENS = ("<tool>", "<think>")
+
+
+def _plan(perms: dict[str, tuple[int, ...]], base: str | None, rows: int | None = None):
+    tokens = len(next(iter(perms.values())))
+    return VocabPlan(rows=rows or tokens, tokens=tokens, permutations=perms, base=base,
+                     tokenizer=None, identity=False)
+
+
+def test_missing_token_takes_the_base_row():
+    base = torch.tensor([[1.0], [2.0], [3.0]])
+    model = torch.tensor([[10.0], [20.0]])  # lacks token 2
+    plan = _plan({"b": (0, 1, 2), "m": (0, 1, -1)}, base="b")
+    out_b, out_m = remap_rows([base, model], ["b", "m"], plan)
+    torch.testing.assert_close(out_b, base)
+    torch.testing.assert_close(out_m, torch.tensor([[10.0], [20.0], [3.0]]))
+
+
+def test_without_base_a_missing_token_takes_the_mean_of_those_that_have_it():
+    a = torch.tensor([[1.0], [2.0], [4.0]])
+    b = torch.tensor([[3.0], [6.0], [8.0]])
+    c = torch.tensor([[5.0], [7.0]])  # lacks token 2; rows reordered below
+    plan = _plan({"a": (0, 1, 2), "b": (0, 1, 2), "c": (1, 0, -1)}, base=None, rows=4)
+    out_a, _, out_c = remap_rows([a, b, c], ["a", "b", "c"], plan)
+    torch.testing.assert_close(out_c[:3], torch.tensor([[7.0], [5.0], [6.0]]))
+    # padding rows (pad_to_multiple_of) are the mean of the token rows
+    torch.testing.assert_close(out_a[3], torch.tensor([7.0 / 3]))
+
+
+def test_union_tokenizer_appends_missing_tokens_in_parent_order():
+    base = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}, "added_tokens": []}
+    other = {"model": {"type": "BPE", "vocab": {"b": 0, "c": 1, "d": 2}},
+             "added_tokens": [{"id": 3, "content": "<x>", "special": True}]}
+    out = union_tokenizer(base, [(base, 2), (other, 4)])
+    assert vocab_of_tokenizer(out) == {"a": 0, "b": 1, "c": 2, "d": 3, "<x>": 4}
+    assert out["added_tokens"][-1]["special"] is True
+    assert base["added_tokens"] == []  # the input is not modified
+
+
+def _extended_model(src: Path, dst: Path) -> dict[str, torch.Tensor]:
+    """A copy of ``src`` with NEW_TOKENS added: two more embedding and lm_head rows."""
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = torch.full((len(NEW_TOKENS), weights[name].shape[1]), 0.5, dtype=weights[name].dtype)
+        weights[name] = torch.cat([weights[name], extra])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    n = len(vocab_of_tokenizer(tok))
+    for i, t in enumerate(NEW_TOKENS):
+        tok["added_tokens"].append({"id": n + i, "content": t, "single_word": False,
+                                    "lstrip": False, "rstrip": False, "normalized": False,
+                                    "special": True})
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] = n + len(NEW_TOKENS)
+    (dst / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+MERGEFILE = """\
+version: 1
+models:
+  base: {{source: {base}}}
+  wide: {{source: {wide}}}
+  merged:
+    merge_method: linear
+    base_model: base
+    models:
+      - {{model: base, parameters: {{weight: 0.5}}}}
+      - {{model: wide, parameters: {{weight: 0.5}}}}
+    dtype: float32
+{policy}"""
+
+
+@pytest.fixture
+def wide(demo_models, tmp_path):
+    return _extended_model(demo_models["instruct"], tmp_path / "wide")
+
+
+def _make(workspace, demo_models, tmp_path, policy: str):
+    workspace.mergefile.write_text(MERGEFILE.format(
+        base=demo_models["base"], wide=tmp_path / "wide", policy=textwrap.indent(policy, "    ")))
+    project = workspace.project()
+    project.make(["merged"])
+    return project.path("merged")
+
+
+def test_vocab_mismatch_without_policy_names_both_sizes(workspace, demo_models, tmp_path, wide):
+    with pytest.raises(IncompatibleModelsError, match="256 tokens.*258"):
+        _make(workspace, demo_models, tmp_path, "")
+
+
+def test_tokenizer_source_base_maps_rows_by_token(workspace, demo_models, tmp_path, wide):
+    out_dir = _make(workspace, demo_models, tmp_path, "tokenizer_source: base\n")
+    out = load_file(str(out_dir / "model.safetensors"))
+    base = load_file(str(demo_models["base"] / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    assert out[name].shape == base[name].shape
+    torch.testing.assert_close(out[name], 0.5 * base[name].float() + 0.5 * wide[name][:256].float())
+    assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 256
+
+
+def test_tokenizer_union_builds_a_merged_tokenizer(workspace, demo_models, tmp_path, wide):
+    out_dir = _make(workspace, demo_models, tmp_path, "tokenizer: {source: union}\n")
+    out = load_file(str(out_dir / "model.safetensors"))
+    base = load_file(str(demo_models["base"] / "model.safetensors"))
+    name = "lm_head.weight"
+    assert out[name].shape[0] == 258
+    # the new tokens exist only in 'wide': every parent takes its row
+    torch.testing.assert_close(out[name][256:], torch.full((2, out[name].shape[1]), 0.5))
+    torch.testing.assert_close(out[name][:256],
+                               0.5 * base[name].float() + 0.5 * wide[name][:256].float())
+    tok = json.loads((out_dir / "tokenizer.json").read_text())
+    vocab = vocab_of_tokenizer(tok)
+    assert vocab["<tool>"] == 256 and vocab["<think>"] == 257
+    assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 258
+    transformers = pytest.importorskip("transformers")
+    loaded = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"))
+    assert loaded.convert_tokens_to_ids("<think>") == 257
