@@ -43,12 +43,7 @@ def locate_build(target_or_dir: str, mergefile: str | Path = "Mergefile",
             hint="pass a built model directory, or -f MERGEFILE with a node name")
     from .project import Project
 
-    project = Project(mergefile, cache_dir)
-    state = next(s for s in project.plan([target_or_dir]) if s.name == target_or_dir)
-    if state.kind == "merge" and state.key and project.store.object_dir(state.key).is_dir():
-        # The current key's object even when it fails the cheap check: verify says why.
-        return project.store.object_dir(state.key)
-    return project.path(target_or_dir)
+    return Project(mergefile, cache_dir).build_dir(target_or_dir)
 
 
 @dataclass(frozen=True)

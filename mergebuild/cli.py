@@ -193,12 +193,12 @@ def methods(names):
 
 
 def _make_check(ctx, targets, device) -> None:
-    from .audit import check_reproducible, describe_repro
+    from .audit import describe_repro
 
     project = _project(ctx)
     failed = False
     for name in project.targets_or_default(list(targets)):
-        report = check_reproducible(project, name, device=device)
+        report = project.check(name, device=device)
         failed |= not report.ok
         for line in describe_repro(report):
             click.echo(line)
@@ -263,9 +263,9 @@ def gc(ctx, dry_run):
     Kept: every node's current build and the last build of every node still in the
     Mergefile (and builds recorded by other Mergefiles sharing the store).
     """
-    from .garbage import collect_garbage, format_size
+    from .garbage import format_size
 
-    report = collect_garbage(_project(ctx), dry_run=dry_run)
+    report = _project(ctx).collect_garbage(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for item in report.removed:
         click.echo(f"{verb} {item.kind} {item.path} ({format_size(item.size)}, {item.why})")
@@ -282,9 +282,7 @@ def gc(ctx, dry_run):
 @click.pass_context
 def export(ctx, target, directory, force):
     """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY."""
-    from .export import export_build
-
-    result = export_build(_project(ctx).path(target), directory, force=force, node=target)
+    result = _project(ctx).export(target, directory, force=force)
     click.echo(f"{target}: exported {result.files} files to {result.directory}")
 
 
@@ -296,10 +294,7 @@ def export(ctx, target, directory, force):
 @click.pass_context
 def push(ctx, target, repo_id, private, revision):
     """Verify TARGET's build and upload it to the Hugging Face Hub as REPO_ID."""
-    from .export import push_build
-
-    url = push_build(_project(ctx).path(target), repo_id, private=private, revision=revision,
-                     node=target)
+    url = _project(ctx).push(target, repo_id, private=private, revision=revision)
     click.echo(f"{target}: pushed to {url}")
 
 

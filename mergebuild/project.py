@@ -527,6 +527,53 @@ class Project:
 
         return "sha256:" + hashlib.sha256(self.mergefile.text.encode()).hexdigest()
 
+    # auditing and shipping (the logic lives in audit.py, garbage.py, export.py) ----------
+    def verify(self, node: str):
+        """Re-hash ``node``'s current build against its provenance and walk its chain.
+
+        Returns:
+            An ``audit.VerifyReport``: every problem, the files and stages checked.
+        """
+        from .audit import verify_build
+
+        return verify_build(self.build_dir(node))
+
+    def build_dir(self, node: str) -> Path:
+        """The store directory of ``node``'s current key, even if it fails the cheap
+        integrity check (so that ``verify`` can say why); else as :meth:`path`."""
+        state = next(s for s in self.plan([node]) if s.name == node)
+        if state.kind == "merge" and state.key and self.store.object_dir(state.key).is_dir():
+            return self.store.object_dir(state.key)
+        return self.path(node)
+
+    def check(self, node: str, device: str = "auto", reporter: Reporter | None = None):
+        """Rebuild ``node`` (parents from the store) into a scratch dir, never published,
+        and compare every output file with the stored build (``audit.ReproReport``)."""
+        from .audit import check_reproducible
+
+        return check_reproducible(self, node, device=device, reporter=reporter)
+
+    def collect_garbage(self, dry_run: bool = False):
+        """Remove store objects no node reaches and leftovers of dead builds (see
+        ``garbage``); returns a ``garbage.GcReport``."""
+        from .garbage import collect_garbage
+
+        return collect_garbage(self, dry_run=dry_run)
+
+    def export(self, node: str, directory: str | Path, force: bool = False):
+        """Copy ``node``'s verified build to ``directory`` (``export.ExportResult``)."""
+        from .export import export_build
+
+        return export_build(self.path(node), Path(directory), force=force, node=node)
+
+    def push(self, node: str, repo_id: str, private: bool = False,
+             revision: str | None = None) -> str:
+        """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
+        from .export import push_build
+
+        return push_build(self.path(node), repo_id, private=private, revision=revision,
+                          node=node)
+
     def excerpt(self, node: str) -> str:
         """The YAML of ``node`` and its ancestors: enough to rebuild it."""
         names = build_order(self.graph, [node])

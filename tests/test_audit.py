@@ -220,3 +220,12 @@ def test_check_of_an_unbuilt_node_says_to_make_it_first(workspace):
     assert result.exit_code == 4
     assert "node 'lin': not built (new node) (run 'mergebuild make lin' first)" in result.output
     assert not (workspace.cache / "objects").exists()
+
+
+def test_the_python_api_verifies_and_checks(workspace, sharded):
+    project = workspace.project()
+    report = project.verify("dare")
+    assert (report.ok, report.stages, report.directory) == (True, 3, sharded)
+    check = project.check("ti")
+    assert check.ok and check.stored_digest == check.rebuilt_digest
+    assert check.files == len(list(project.path("ti").iterdir())) - 1
