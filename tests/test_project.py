@@ -227,3 +227,19 @@ def test_built_model_loads_with_transformers(workspace):
     logits = model(ids).logits
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
+
+
+def test_large_output_is_sharded_with_an_index_and_loads(workspace):
+    transformers = pytest.importorskip("transformers", reason="transformers (test extra) absent")
+    workspace.write(CHAIN.replace("  dtype: bfloat16\n", "  dtype: bfloat16\n  max_shard_size: 100000\n"))
+    project = workspace.project()
+    project.make(["chat-code"])
+    out = project.path("chat-code")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and all((out / s).is_file() for s in shards)
+    assert not (out / "model.safetensors").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    reference = load_file(next(iter(sorted(out.glob("model-00001-*.safetensors")))))
+    name, tensor = next(iter(reference.items()))
+    torch.testing.assert_close(model.state_dict()[name], tensor)
