@@ -387,6 +387,9 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
         faults.point("engine.support_file")
 
     config = dict(readers[job.donor].config or {})
+    config_file = donor_dir / "config.json"
+    if config_file.is_symlink() and not _inside(config_file, _link_root(donor_dir)):
+        config = {}  # a config.json linking out of the model directory is not copied
     if config:
         if job.slices is not None:
             total = sum(s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices)

@@ -12,6 +12,7 @@ in this process) performs ``action``:
     term        SIGTERM this process
     append=P    append one byte to file P (a parent changing size while it is read)
     flip=P      flip the last byte of file P in place (same size, new mtime)
+    sleep=S     sleep S seconds (widens a race window, e.g. while holding a build lock)
 
 Every point is listed in ``POINTS``; ``tests/test_faults.py`` kills a make at each of them.
 """
@@ -97,5 +98,9 @@ def _hit(plan: _Plan, name: str) -> None:
             last = f.read(1)
             f.seek(-1, os.SEEK_END)
             f.write(bytes([last[0] ^ 0xFF]))
+    elif action.startswith("sleep="):
+        import time
+
+        time.sleep(float(action.split("=", 1)[1]))
     else:
         raise ValueError(f"MERGEBUILD_FAULT: unknown action {action!r}")

@@ -318,6 +318,7 @@ class Project:
                    force: bool, device: str, reporter: Reporter) -> NodeResult:
         method = METHODS[spec.method]
         if state.status == "fresh":
+            self._record(spec, method, state)  # a no-op unless a make died before its ref
             return NodeResult(spec.name, "fresh", path=state.path)
         recipe = build_recipe(spec, method, lambda ref: states[ref].digest,  # type: ignore[arg-type,return-value]
                               self.mergefile.defaults)
@@ -450,14 +451,18 @@ class Project:
         metadata = {}
         for ref in dict.fromkeys(spec.parent_refs()):
             parent = states[ref]
-            if parent.source is not None and parent.source.kind == "hub":
-                config, tensors = read_metadata(parent.source.extra["resolution"], node=ref)
-                metadata[ref] = ModelMetadata(config=config, tensors=tensors)
-            elif parent.source is not None:
-                metadata[ref] = directory_metadata(materialize(parent.source, self.store))
-            else:
-                assert parent.path is not None
-                metadata[ref] = directory_metadata(parent.path)
+            try:
+                if parent.source is not None and parent.source.kind == "hub":
+                    config, tensors = read_metadata(parent.source.extra["resolution"], node=ref)
+                    metadata[ref] = ModelMetadata(config=config, tensors=tensors)
+                elif parent.source is not None:
+                    metadata[ref] = directory_metadata(materialize(parent.source, self.store))
+                else:
+                    assert parent.path is not None
+                    metadata[ref] = directory_metadata(parent.path)
+            except CheckpointError as exc:
+                exc.node = exc.node or ref  # name the parent whose weights are unusable
+                raise
         check_compatibility(job, harmonize_metadata(job, metadata))
 
     def _build_record(self, spec, method, state, states, key, recipe, output, started):

@@ -126,6 +126,6 @@ def run_python_m(argv: list[str], *, cwd: Path, env: dict[str, str] | None = Non
     """``python -m mergebuild.cli ARGV`` as a plain subprocess (pays torch's import)."""
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_FAULT"}
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "mergebuild.cli", *argv], cwd=cwd,
+    proc = subprocess.run([sys.executable, "-m", "mergebuild.cli", *argv], check=False, cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     return Run(list(argv), proc.returncode, proc.stdout, proc.stderr)

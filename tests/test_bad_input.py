@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from cli_process import run_cli
 
 OK_NODE = """\
