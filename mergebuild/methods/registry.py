@@ -19,8 +19,9 @@ the same shape; it may modify its inputs in place (the engine never reuses them)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 
 class _Required:
