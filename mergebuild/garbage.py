@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from .audit import scratch_dirs
 from .errors import MergebuildError, StoreError
 from .mergefile import MergeSpec
-from .store import Store, remove_tree
+from .store import Store, lock_held, remove_tree
 
 if TYPE_CHECKING:
     from .project import Project
@@ -170,23 +170,12 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
     old = []
     for path in sorted(store.locks.glob("*.lock")):
         try:
-            if now - path.stat().st_mtime < grace or _held(path):
+            if now - path.stat().st_mtime < grace or lock_held(path):
                 continue
         except OSError:
             continue
         old.append(path)
     return old
-
-
-def _held(lock: Path) -> bool:
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _old_demo_dirs(store: Store) -> list[Path]:

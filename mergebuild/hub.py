@@ -47,6 +47,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
+from mergebuild.hf_files import (
+    ADAPTER_CONFIG,
+    CONFIG_FILES,
+    PICKLE_INDEX,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -68,26 +76,7 @@ LOCK_VERSION = 1
 
 # Files a merge needs besides the weights; everything else in a repo (README, images,
 # onnx/, gguf, original/ checkpoints) is neither hashed into the digest nor downloaded.
-SIDE_FILES = frozenset(
-    {
-        "model.safetensors.index.json",
-        "config.json",
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-        "vocab.json",
-        "merges.txt",
-        "added_tokens.json",
-        "chat_template.jinja",
-        "chat_template.json",
-        "adapter_config.json",  # PEFT adapters ("model+lora" references)
-    }
-)
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SIDE_FILES = frozenset({SAFETENSORS_INDEX, *CONFIG_FILES, *TOKENIZER_FILES, ADAPTER_CONFIG})
 # Pickles a trainer leaves beside the weights; they are not weights and never needed.
 _TRAINING_PICKLES = (
     "training_args.bin",
@@ -348,7 +337,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def _is_pickle_weights(path: str) -> bool:
     name = path.rsplit("/", 1)[-1]
-    if not name.endswith(_PICKLE_SUFFIXES):
+    if not name.endswith(PICKLE_SUFFIXES):
         return False
     return not any(fnmatch.fnmatchcase(name, pattern) for pattern in _TRAINING_PICKLES)
 
@@ -616,7 +605,7 @@ def _file_from_cache(link: Path, path: str) -> HubFile:
         return HubFile(path=path, size=size, blob_id=blob)
     # A cache without symlinks (Windows without developer mode) copies files into the
     # snapshot: there is no blob name, so hash the way the hub identifies the file.
-    if path.endswith((".safetensors", ".model", *_PICKLE_SUFFIXES)):
+    if path.endswith((".safetensors", ".model", *PICKLE_SUFFIXES)):
         digest = hashlib.sha256()
         with open(link, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 24), b""):

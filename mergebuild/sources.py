@@ -13,22 +13,9 @@ import xxhash
 from . import faults
 from .errors import SourceError
 from .hashing import canonical_json, manifest_digest
+from .hf_files import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
 from .mergefile import SourceSpec
 from .store import Store
-
-# Files a merge reads or copies from a model directory.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-CONFIG_FILES = ("config.json", "generation_config.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
 
@@ -51,7 +38,7 @@ class ResolvedSource:
 def model_files(directory: Path) -> list[Path]:
     """The files of a model directory that define it: weights, index, config, tokenizer."""
     files = [p for p in directory.iterdir() if p.is_file() and p.suffix == ".safetensors"]
-    for name in ("model.safetensors.index.json", *CONFIG_FILES, *TOKENIZER_FILES):
+    for name in (SAFETENSORS_INDEX, *CONFIG_FILES, *TOKENIZER_FILES):
         p = directory / name
         if p.is_file():
             files.append(p)

@@ -213,7 +213,7 @@ class Store:
         for path in sorted(self.tmp.iterdir()):
             key = path.name.split(".", 1)[0]
             lock = self.locks / f"{key}.lock"
-            if ".corrupt." in path.name or not lock.exists() or not _lock_held(lock):
+            if ".corrupt." in path.name or not lock.exists() or not lock_held(lock):
                 dead.append(path)
         return dead
 
@@ -235,7 +235,8 @@ class Store:
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
 
 
-def _lock_held(lock: Path) -> bool:
+def lock_held(lock: Path) -> bool:
+    """Whether some process holds the flock on ``lock``."""
     try:
         fd = os.open(lock, os.O_RDWR)
     except OSError:
