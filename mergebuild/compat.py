@@ -21,6 +21,11 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "output.weight")
 _SAME_ARCH_HINT = "merge only fine-tunes of the same base architecture"
 _SAME_VOCAB_HINT = "merge models that share a tokenizer, or resize embeddings first"
+# Output heads that a tied model leaves out (it reuses the input embedding for them).
+_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+_EMBED_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
+# Non-persistent buffers some exports include and others do not; never merged arithmetic.
+_OPTIONAL_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", ".attn.bias", ".attn.masked_bias")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,50 @@ def vocab_size(meta: ModelMetadata) -> int | None:
     return None
 
 
+def embedding_name(meta: ModelMetadata) -> str | None:
+    """The input embedding matrix (token rows), outside the decoder layers; None if absent."""
+    for name, (_, shape) in sorted(meta.tensors.items()):
+        if len(shape) == 2 and layer_index(name) is None and any(h in name for h in _EMBED_HINTS):
+            return name
+    return None
+
+
+def tensor_sources(ref: ModelMetadata, other: ModelMetadata) -> dict[str, str | None]:
+    """For each tensor of ``ref`` (the donor, whose layout the output takes), the tensor of
+    ``other`` that supplies it, or None when ``other`` lacks it.
+
+    Tied embeddings: where the donor has an output head (``lm_head.weight``) and ``other``
+    does not but has an embedding matrix, ``other`` is tied (its config says
+    ``tie_word_embeddings: true`` or is silent), so its embedding supplies the head. Where the
+    donor is tied, the output follows the donor's config and has no head: a parent's own
+    ``lm_head.weight`` is not part of the output (see :func:`ignored_extras`).
+    """
+    out: dict[str, str | None] = {}
+    embed = embedding_name(other)
+    tied = other.config.get("tie_word_embeddings") is not False
+    for name in ref.tensors:
+        if name in other.tensors:
+            out[name] = name
+        elif name in _HEAD_NAMES and embed is not None and tied:
+            out[name] = embed
+        else:
+            out[name] = None
+    return out
+
+
+def ignored_extras(ref: ModelMetadata, other: ModelMetadata) -> tuple[list[str], list[str]]:
+    """Tensors of ``other`` the donor ``ref`` lacks: (ignored optional ones, the rest).
+
+    Optional: buffers such as ``rotary_emb.inv_freq``, and an output head when the donor is
+    tied (the output follows the donor's config, which reuses the embedding).
+    """
+    extras = sorted(set(other.tensors) - set(ref.tensors))
+    donor_tied = embedding_name(ref) is not None and not any(h in ref.tensors for h in _HEAD_NAMES)
+    optional = [n for n in extras if n.endswith(_OPTIONAL_SUFFIXES)
+                or (donor_tied and n in _HEAD_NAMES)]
+    return optional, [n for n in extras if n not in optional]
+
+
 def involved_parents(job: MergeShape) -> list[str]:
     """The parents whose tensors enter the arithmetic: the base (if used) and the models."""
     involved = [job.base] if job.base and job.method.base != "none" else []
@@ -119,7 +168,11 @@ def check_compatibility(job: MergeShape, metadata: Mapping[str, ModelMetadata]) 
 
     Checks, in the order a user can act on them: the method's base is present, every parent
     is the same architecture family, has the same number of layers and the same vocabulary
-    size, and the same tensor names and shapes. Layer-stacking (slices) only needs every
+    size, and the same tensor names and shapes. Tensor names are compared against the donor's
+    layout (:func:`tensor_sources`): a tied parent supplies its embedding for the donor's
+    ``lm_head.weight``, and optional extras the donor lacks (buffers such as
+    ``rotary_emb.inv_freq``, a head when the donor is tied) are ignored; any other missing or
+    extra tensor is an error naming it. Layer-stacking (slices) only needs every
     ``layer_range`` to exist in its parent.
 
     Args:
@@ -163,8 +216,9 @@ def _check_pair(node: str, ref_name: str, ref: ModelMetadata, other_name: str,
             f"vocabulary mismatch: '{ref_name}' has {a_vocab} tokens, "
             f"'{other_name}' has {b_vocab}", node=node, hint=_SAME_VOCAB_HINT,
         )
-    missing = sorted(set(ref.tensors) - set(other.tensors))
-    extra = sorted(set(other.tensors) - set(ref.tensors))
+    sources = tensor_sources(ref, other)
+    missing = sorted(n for n, src in sources.items() if src is None)
+    extra = ignored_extras(ref, other)[1]
     if missing or extra:
         what = (f"'{other_name}' lacks tensor {missing[0]}" if missing
                 else f"'{other_name}' has tensor {extra[0]} that '{ref_name}' lacks")
@@ -173,7 +227,7 @@ def _check_pair(node: str, ref_name: str, ref: ModelMetadata, other_name: str,
             node=node, hint=_SAME_ARCH_HINT,
         )
     for name, (_, shape) in ref.tensors.items():
-        o_shape = other.tensors[name][1]
+        o_shape = other.tensors[sources[name]][1]  # type: ignore[index]
         if o_shape == shape:
             continue
         if any(h in name for h in _VOCAB_HINTS) and shape[1:] == o_shape[1:]:
@@ -213,4 +267,5 @@ def _check_slices(job: MergeShape, metadata: Mapping[str, ModelMetadata]) -> Non
 
 
 __all__ = ["ModelMetadata", "architecture", "check_compatibility", "directory_metadata",
-           "involved_parents", "layer_count", "reader_metadata", "vocab_size"]
+           "embedding_name", "ignored_extras", "involved_parents", "layer_count",
+           "reader_metadata", "tensor_sources", "vocab_size"]

@@ -13,7 +13,7 @@ import xxhash
 
 from . import faults
 from .checkpoint import CheckpointReader, TensorInfo
-from .compat import check_compatibility, layer_count, reader_metadata
+from .compat import check_compatibility, layer_count, reader_metadata, tensor_sources
 from .errors import CheckpointError, IncompatibleModelsError, SourceError
 from .hashing import manifest_digest, stat_signature
 from .methods.registry import Method, TensorParams
@@ -128,11 +128,18 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     names = list(donor.tensors)
     num_layers = _num_layers(donor)
     vocab = vocab_plan(job, readers)
+    # The donor's layout; a tied parent's embedding stands in for the donor's lm_head.
+    donor_meta = reader_metadata(donor)
+    sources = {node: tensor_sources(donor_meta, reader_metadata(r)) for node, r in readers.items()}
+
+    def source(node: str, name: str) -> TensorInfo:
+        return readers[node].tensors[sources[node][name] or name]
+
     tasks: list[TensorTask] = []
     for name in names:
         info = donor.tensors[name]
-        base = readers[job.base].tensors[name] if job.base and job.method.base != "none" else None
-        inputs = tuple(readers[p.node].tensors[name] for p in job.participants)
+        base = source(job.base, name) if job.base and job.method.base != "none" else None
+        inputs = tuple(source(p.node, name) for p in job.participants)
         shape, remap = info.shape, None
         if vocab is not None and is_vocab_tensor(name):
             shape, remap = (vocab.rows, *info.shape[1:]), _vocab_remap(job, vocab)
@@ -183,10 +190,10 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
         return [n for n in reader.tensors if layer_index(n) is None
                 and any(h in n for h in _PRE_LAYER_HINTS) == pre]
 
-    def simple(node: str, name: str) -> TensorTask:
+    def simple(node: str, name: str, out_name: str | None = None) -> TensorTask:
         info = readers[node].tensors[name]
-        return TensorTask(name=name, dtype=_out_dtype(job, info), shape=info.shape, base=None,
-                          inputs=(info,), parameters=({},), layer=None, num_layers=1)
+        return TensorTask(name=out_name or name, dtype=_out_dtype(job, info), shape=info.shape,
+                          base=None, inputs=(info,), parameters=({},), layer=None, num_layers=1)
 
     widths = [s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices]
 
@@ -227,8 +234,18 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
                     inputs=tuple(infos), parameters=tuple(params), layer=offset, num_layers=width,
                 ))
             out_layer += 1
-    for name in non_layer(readers[last_node], pre=False):
-        tasks.append(simple(last_node, name))
+    # Final norm and head from the last slice's model in the donor's layout (its config says
+    # whether lm_head is tied): a tied last model supplies its embedding for the donor's head.
+    last_sources = tensor_sources(reader_metadata(readers[job.donor]),
+                                  reader_metadata(readers[last_node]))
+    for name in non_layer(readers[job.donor], pre=False):
+        src = last_sources[name]
+        if src is None:
+            raise IncompatibleModelsError(
+                f"'{last_node}' lacks tensor {name} needed by the last slice", node=job.node,
+                hint="slice sources must share the layer structure",
+            )
+        tasks.append(simple(last_node, src, name))
     return tasks
 
 

@@ -17,13 +17,15 @@ ARCHS = {
 }
 
 
-def write_model(directory: Path, arch: str, seed: int, layers: int = 3, h: int = 16) -> None:
-    spec = ARCHS[arch]
+def write_model(directory: Path, arch: str, seed: int, layers: int = 3, h: int = 16,
+                tied: bool | None = None, extras: dict[str, torch.Tensor] | None = None) -> None:
+    spec = dict(ARCHS[arch], **({} if tied is None else {"tied": tied}))
     g = torch.Generator().manual_seed(seed)
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(32, h, generator=g),
                                   "model.norm.weight": torch.randn(h, generator=g)}
     if not spec["tied"]:
         t["lm_head.weight"] = torch.randn(32, h, generator=g)
+    t.update(extras or {})
     for i in range(layers):
         p = f"model.layers.{i}."
         for proj in ("q", "k", "v", "o"):
@@ -45,22 +47,22 @@ def test_gradient_merge_and_slices(arch, tmp_path):
 
     write_model(tmp_path / "a", arch, 1)
     write_model(tmp_path / "b", arch, 2)
-    (tmp_path / "Mergefile").write_text(textwrap.dedent(f"""
+    (tmp_path / "Mergefile").write_text(textwrap.dedent("""
         version: 1
         models:
-          a: {{source: ./a}}
-          b: {{source: ./b}}
+          a: {source: ./a}
+          b: {source: ./b}
           mix:
             merge_method: linear
             models:
-              - {{model: a, parameters: {{weight: [1.0, 0.0]}}}}
-              - {{model: b, parameters: {{weight: [0.0, 1.0]}}}}
+              - {model: a, parameters: {weight: [1.0, 0.0]}}
+              - {model: b, parameters: {weight: [0.0, 1.0]}}
             dtype: float32
           stack:
             merge_method: passthrough
             slices:
-              - sources: [{{model: a, layer_range: [0, 2]}}]
-              - sources: [{{model: b, layer_range: [1, 3]}}]
+              - sources: [{model: a, layer_range: [0, 2]}]
+              - sources: [{model: b, layer_range: [1, 3]}]
             dtype: float32
         """))
     project = Project(tmp_path / "Mergefile", tmp_path / "cache")
@@ -81,3 +83,106 @@ def test_gradient_merge_and_slices(arch, tmp_path):
     config = json.loads((project.path("stack") / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
     assert config["tie_word_embeddings"] is ARCHS[arch]["tied"]
+
+
+def _make(tmp_path: Path, body: str, target: str = "mix"):
+    from mergebuild.project import Project
+
+    (tmp_path / "Mergefile").write_text("version: 1\nmodels:\n" + textwrap.indent(
+        textwrap.dedent(body), "  "))
+    project = Project(tmp_path / "Mergefile", tmp_path / "cache")
+    project.make([target])
+    out = project.path(target)
+    return load_file(str(out / "model.safetensors")), json.loads((out / "config.json").read_text())
+
+
+def _load(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_tied_parent_supplies_its_embedding_for_an_untied_donors_head(tmp_path):
+    write_model(tmp_path / "tied", "qwen2", 1, tied=True)
+    write_model(tmp_path / "untied", "qwen2", 2, tied=False)
+    mix, config = _make(tmp_path, """
+        tied: {source: ./tied}
+        untied: {source: ./untied}
+        mix:
+          merge_method: linear
+          models: [{model: untied, parameters: {weight: 1}}, {model: tied, parameters: {weight: 1}}]
+          dtype: float32
+        """)
+    a, b = _load(tmp_path / "tied"), _load(tmp_path / "untied")
+    torch.testing.assert_close(mix["lm_head.weight"],
+                               (a["model.embed_tokens.weight"] + b["lm_head.weight"]) / 2)
+    torch.testing.assert_close(mix["model.embed_tokens.weight"],
+                               (a["model.embed_tokens.weight"] + b["model.embed_tokens.weight"]) / 2)
+    assert config["tie_word_embeddings"] is False  # the donor's (first model's) config
+
+
+def test_tied_donor_leaves_the_other_parents_head_out(tmp_path):
+    write_model(tmp_path / "tied", "qwen2", 1, tied=True)
+    write_model(tmp_path / "untied", "qwen2", 2, tied=False)
+    mix, config = _make(tmp_path, """
+        tied: {source: ./tied}
+        untied: {source: ./untied}
+        mix:
+          merge_method: task_arithmetic
+          base_model: tied
+          models: [{model: untied, parameters: {weight: 0.5}}]
+          dtype: float32
+        """)
+    a, b = _load(tmp_path / "tied"), _load(tmp_path / "untied")
+    assert "lm_head.weight" not in mix
+    assert set(mix) == set(a)
+    embed = "model.embed_tokens.weight"
+    torch.testing.assert_close(mix[embed], a[embed] + 0.5 * (b[embed] - a[embed]))
+    assert config["tie_word_embeddings"] is True
+
+
+def test_slices_take_the_head_from_a_tied_last_model(tmp_path):
+    write_model(tmp_path / "untied", "qwen2", 1, tied=False)
+    write_model(tmp_path / "tied", "qwen2", 2, tied=True)
+    stack, config = _make(tmp_path, """
+        untied: {source: ./untied}
+        tied: {source: ./tied}
+        stack:
+          merge_method: passthrough
+          slices:
+            - sources: [{model: untied, layer_range: [0, 2]}]
+            - sources: [{model: tied, layer_range: [2, 3]}]
+          dtype: float32
+        """, target="stack")
+    a, b = _load(tmp_path / "untied"), _load(tmp_path / "tied")
+    torch.testing.assert_close(stack["lm_head.weight"], b["model.embed_tokens.weight"])
+    torch.testing.assert_close(stack["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    torch.testing.assert_close(stack["model.norm.weight"], b["model.norm.weight"])
+    assert config["num_hidden_layers"] == 3 and config["tie_word_embeddings"] is False
+
+
+def test_optional_buffers_the_donor_lacks_are_ignored(tmp_path):
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.arange(8.0)}
+    write_model(tmp_path / "a", "mistral", 1)
+    write_model(tmp_path / "b", "mistral", 2, extras=inv_freq)
+    mix, _ = _make(tmp_path, """
+        a: {source: ./a}
+        b: {source: ./b}
+        mix: {merge_method: linear, models: [{model: a, parameters: {weight: 1}},
+                                             {model: b, parameters: {weight: 1}}], dtype: float32}
+        """)
+    assert set(mix) == set(_load(tmp_path / "a"))
+
+
+def test_a_tensor_the_donor_has_and_a_parent_lacks_is_named(tmp_path):
+    from mergebuild.errors import IncompatibleModelsError
+
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.arange(8.0)}
+    write_model(tmp_path / "a", "mistral", 1, extras=inv_freq)
+    write_model(tmp_path / "b", "mistral", 2)
+    with pytest.raises(IncompatibleModelsError,
+                       match="node 'mix': .*'b' lacks tensor model.layers.0.self_attn.rotary_emb"):
+        _make(tmp_path, """
+            a: {source: ./a}
+            b: {source: ./b}
+            mix: {merge_method: linear, models: [{model: a, parameters: {weight: 1}},
+                                                 {model: b, parameters: {weight: 1}}]}
+            """)

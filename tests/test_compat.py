@@ -7,7 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from mergebuild.compat import ModelMetadata, check_compatibility, layer_count, vocab_size
+from mergebuild.compat import (
+    ModelMetadata,
+    check_compatibility,
+    ignored_extras,
+    layer_count,
+    tensor_sources,
+    vocab_size,
+)
 from mergebuild.errors import IncompatibleModelsError, MergefileError
 
 
@@ -62,12 +69,49 @@ def test_mismatches_are_one_line_naming_node_and_both_parents(tuned, message):
     assert "\n" not in str(caught.value)
 
 
+def _without(meta: ModelMetadata, name: str, **config) -> ModelMetadata:
+    return ModelMetadata({**meta.config, **config},
+                         {n: v for n, v in meta.tensors.items() if n != name})
+
+
+def _with(meta: ModelMetadata, name: str) -> ModelMetadata:
+    return ModelMetadata(meta.config, {**meta.tensors, name: ("F32", (4,))})
+
+
 def test_missing_tensor_is_named():
-    tuned = _meta()
-    tensors = dict(tuned.tensors)
-    del tensors["lm_head.weight"]
+    tuned = _without(_meta(), "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(IncompatibleModelsError,
+                       match="'tuned' lacks tensor model.layers.1.mlp.up_proj.weight"):
+        check_compatibility(Job(), {"base": _meta(), "tuned": tuned})
+
+
+@pytest.mark.parametrize("tie", [True, None])
+def test_tied_parent_supplies_the_donors_head(tie):
+    tuned = _without(_meta(), "lm_head.weight", **({} if tie is None else {"tie_word_embeddings": tie}))
+    check_compatibility(Job(), {"base": _meta(), "tuned": tuned})
+    assert tensor_sources(_meta(), tuned)["lm_head.weight"] == "model.embed_tokens.weight"
+
+
+def test_untied_config_without_head_is_a_missing_tensor():
+    tuned = _without(_meta(), "lm_head.weight", tie_word_embeddings=False)
     with pytest.raises(IncompatibleModelsError, match="'tuned' lacks tensor lm_head.weight"):
-        check_compatibility(Job(), {"base": _meta(), "tuned": ModelMetadata(tuned.config, tensors)})
+        check_compatibility(Job(), {"base": _meta(), "tuned": tuned})
+
+
+def test_tied_donor_ignores_a_parents_head():
+    base = _without(_meta(), "lm_head.weight", tie_word_embeddings=True)
+    check_compatibility(Job(), {"base": base, "tuned": _meta()})
+    assert ignored_extras(base, _meta()) == (["lm_head.weight"], [])
+
+
+def test_optional_buffers_are_ignored_other_extras_are_named():
+    rotary = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    check_compatibility(Job(), {"base": _meta(), "tuned": _with(_meta(), rotary)})
+    with pytest.raises(IncompatibleModelsError, match="'tuned' lacks tensor " + rotary):
+        check_compatibility(Job(), {"base": _with(_meta(), rotary), "tuned": _meta()})
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    with pytest.raises(IncompatibleModelsError, match=f"'tuned' has tensor {gate} that 'base'"):
+        check_compatibility(Job(), {"base": _meta(), "tuned": _with(_meta(), gate)})
 
 
 def test_tokenizer_source_allows_different_vocabularies():
