@@ -63,6 +63,7 @@ class PlainReporter(Reporter):
             self._print(f"stale {s.name}: {'; '.join(s.reasons)}")
 
     def node_start(self, state: NodeState, tensors: int | None = None) -> None:
+        self._last_progress[state.name] = time.monotonic()  # first progress line after 5 s
         self._print(f"building {state.name} ({state.method})")
 
     def node_progress(self, name, done, total, bytes_done, bytes_total) -> None:
