@@ -164,10 +164,15 @@ def import_configs(configs, output):
 
 @main.command()
 @click.argument("names", nargs=-1)
-def methods(names):
+@click.option("--markdown", is_flag=True,
+              help="Print the methods table as Markdown (the README's table).")
+def methods(names, markdown):
     """List merge methods and their parameters."""
-    from .methods.registry import METHODS
+    from .methods.registry import METHODS, methods_markdown
 
+    if markdown:
+        click.echo(methods_markdown(), nl=False)
+        return
     shown = sorted({m.name: m for m in METHODS.values()}.values(), key=lambda m: m.name)
     if names:
         unknown = [n for n in names if n not in METHODS]

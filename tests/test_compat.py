@@ -87,7 +87,8 @@ def test_missing_tensor_is_named():
 
 @pytest.mark.parametrize("tie", [True, None])
 def test_tied_parent_supplies_the_donors_head(tie):
-    tuned = _without(_meta(), "lm_head.weight", **({} if tie is None else {"tie_word_embeddings": tie}))
+    config = {} if tie is None else {"tie_word_embeddings": tie}
+    tuned = _without(_meta(), "lm_head.weight", **config)
     check_compatibility(Job(), {"base": _meta(), "tuned": tuned})
     assert tensor_sources(_meta(), tuned)["lm_head.weight"] == "model.embed_tokens.weight"
 

@@ -157,3 +157,12 @@ def test_core_parameter_names_match_mergekit(name):
     ours = {p.name: p.default for p in _method(name).params}
     ours.pop("consensus", None)  # our explicit option; mergekit hard-wires "sum"
     assert ours == theirs
+
+
+def test_every_method_says_when_to_use_it():
+    from mergebuild.methods.registry import WHEN_TO_USE, methods_markdown
+
+    assert set(WHEN_TO_USE) == {m.name for m in METHODS.values()}
+    rows = methods_markdown().splitlines()[2:]
+    assert len(rows) == len({m.name for m in METHODS.values()})
+    assert "| `karcher` | no | `max_iter` (10), `tol` (1e-05) |" in methods_markdown()

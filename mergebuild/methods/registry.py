@@ -375,3 +375,55 @@ register(
         max_parents=1,
     )
 )
+
+
+# --- the methods table (`mergebuild methods --markdown`, README's "Methods") ---
+
+WHEN_TO_USE: dict[str, str] = {
+    "linear": "model soups: average fine-tunes of one base (weights normalised by default)",
+    "slerp": "blend exactly two models smoothly; `t` may follow a per-layer gradient",
+    "nuslerp": "slerp with per-model weights, or slerp of task vectors when a base is given",
+    "multislerp": "spherical blend of more than two models",
+    "karcher": "geometric (Riemannian) mean of several models, no weights to tune",
+    "task_arithmetic": "add task vectors (model − base) with weights; `lambda` scales the sum",
+    "ties": "combine several experts: keep each one's largest changes, resolve sign conflicts",
+    "dare_linear": "many similar fine-tunes: task arithmetic with random dropping",
+    "dare_ties": "many similar fine-tunes: TIES with random dropping",
+    "breadcrumbs": "drop both the outlier and the tiny changes before adding",
+    "breadcrumbs_ties": "breadcrumbs, then resolve sign conflicts as TIES does",
+    "della": "DARE with magnitude-ranked keep probabilities per row, with sign consensus",
+    "della_linear": "DARE with magnitude-ranked keep probabilities per row, weighted sum",
+    "model_stock": "several fine-tunes of one base; the ratio comes from their angle, "
+                   "nothing to tune",
+    "sce": "several experts; keeps high-variance positions, weights by energy",
+    "nearswap": "pull a model towards the base where they are already close",
+    "ram": "reinforcement-learned experts: sum unique changes, average shared ones",
+    "ramplus_tl": "as ram, boosting each model's unique changes by its shared/unique ratio",
+    "arcee_fusion": "take only the parts of one model that differ importantly from the base",
+    "passthrough": "copy tensors (optionally `scale`d); with `slices`, stack layer ranges "
+                   "(frankenmerge)",
+}
+
+_BASE_CELL = {"none": "no", "required": "required", "optional": "optional"}
+
+
+def _param_cell(p: Param) -> str:
+    value = "required" if p.required else f"{p.default!r}".replace("'", "")
+    if isinstance(p.default, bool):
+        value = str(p.default).lower()
+    scope = ", per model" if p.scope == "parent" else ""
+    return f"`{p.name}` ({value}{scope})"
+
+
+def methods_markdown() -> str:
+    """The methods table as Markdown: method, base, parameters with defaults, when to use it.
+
+    README's "Methods" table is this text (a test keeps them in step).
+    """
+    rows = ["| method | base | parameters (default) | when to use it |", "|---|---|---|---|"]
+    for m in {m.name: m for m in METHODS.values()}.values():  # registry order: by family
+        params = ", ".join(_param_cell(p) for p in m.params) or "—"
+        random = " (randomised, seeded per tensor)" if m.randomized else ""
+        rows.append(f"| `{m.name}` | {_BASE_CELL[m.base]} | {params} | "
+                    f"{WHEN_TO_USE[m.name]}{random} |")
+    return "\n".join(rows) + "\n"
