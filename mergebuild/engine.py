@@ -152,11 +152,21 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
 
 
 def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabPlan | None:
-    """The row mapping of the node's tokenizer policy; None without one or when a no-op."""
-    if not job.tokenizer_source or job.slices is not None:
+    """The row mapping of the node's tokenizer policy; None without one or when a no-op.
+
+    With slices, mergekit maps the embedding rows of the first slice's model and the lm_head
+    rows of the last slice's model onto the donor's vocabulary. mergebuild accepts
+    ``tokenizer_source`` there only when that mapping is the identity (every such model
+    already has the output vocabulary, row for row), and otherwise refuses the node rather
+    than write rows that do not match the tokenizer.
+    """
+    if not job.tokenizer_source:
         return None
     base = job.base if job.base and job.method.base != "none" else None
     nodes = list(dict.fromkeys([*([base] if base else []), *(p.node for p in job.participants)]))
+    if job.slices is not None:
+        base, nodes = None, list(dict.fromkeys([job.slices[0].sources[0][0],
+                                                job.slices[-1].sources[0][0]]))
     rows = {}
     for node, reader in readers.items():
         vocab_rows = [i.shape[0] for n, i in sorted(reader.tensors.items())
@@ -165,6 +175,13 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
             rows[node] = vocab_rows[0]
     policy = job.tokenizer_source if job.tokenizer_source in ("base", "union") else "model"
     plan = plan_vocab(policy, job.donor, base, nodes, job.parents, rows, job.pad_vocab_to)
+    if job.slices is not None and not plan.identity:
+        raise IncompatibleModelsError(
+            f"tokenizer_source with slices would need the embedding rows of "
+            f"{' and '.join(repr(n) for n in nodes)} mapped to another vocabulary, which "
+            f"mergebuild does not do yet", node=job.node,
+            hint="stack models that share the donor's tokenizer, or drop tokenizer_source",
+        )
     return None if plan.identity else plan
 
 

@@ -134,3 +134,39 @@ def test_tokenizer_union_builds_a_merged_tokenizer(workspace, demo_models, tmp_p
     transformers = pytest.importorskip("transformers")
     loaded = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"))
     assert loaded.convert_tokens_to_ids("<think>") == 257
+
+
+SLICES = """\
+version: 1
+models:
+  base: {{source: {base}}}
+  other: {{source: {other}}}
+  stack:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: base, layer_range: [0, 1]}}]
+      - sources: [{{model: other, layer_range: [1, 2]}}]
+    tokenizer_source: base
+    dtype: float32
+"""
+
+
+def test_slices_with_a_shared_vocabulary_accept_tokenizer_source(workspace, demo_models):
+    workspace.mergefile.write_text(SLICES.format(base=demo_models["base"],
+                                                 other=demo_models["instruct"]))
+    project = workspace.project()
+    project.make(["stack"])
+    out = load_file(str(project.path("stack") / "model.safetensors"))
+    other = load_file(str(demo_models["instruct"] / "model.safetensors"))
+    torch.testing.assert_close(out["lm_head.weight"], other["lm_head.weight"].float())
+
+
+def test_slices_needing_rows_mapped_by_token_are_refused(workspace, demo_models, tmp_path, wide):
+    workspace.mergefile.write_text(SLICES.format(base=demo_models["base"], other=tmp_path / "wide"))
+    with pytest.raises(IncompatibleModelsError) as caught:
+        workspace.project().make(["stack"])
+    message = str(caught.value)
+    assert message.startswith("node 'stack': tokenizer_source with slices would need the "
+                              "embedding rows of 'base' and 'other' mapped")
+    assert "\n" not in message
+    assert not list((workspace.cache / "objects").glob("*/*"))  # nothing published
