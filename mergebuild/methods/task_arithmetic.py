@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.topk import CHUNK_ELEMENTS, keep_magnitude_ranks_
+from mergebuild.methods.topk import CHUNK_ELEMENTS, keep_magnitude_ranks_, keep_only_
 
 # method name → (sparsifier, takes a sign consensus)
 _FAMILY: dict[str, tuple[str | None, bool]] = {
@@ -91,7 +91,7 @@ def _random_keep_(delta: torch.Tensor, density: float, generator: torch.Generato
     for s in range(0, flat.numel(), CHUNK_ELEMENTS):
         chunk = flat[s : s + CHUNK_ELEMENTS]
         draw = torch.rand(chunk.numel(), generator=generator).to(chunk.device)
-        chunk.masked_fill_(draw >= density, 0.0)
+        keep_only_(chunk, draw < density)
 
 
 def _della_keep_(
@@ -120,7 +120,7 @@ def _della_keep_(
         keep = draw < probability
         if divide_by_probability:
             part.div_(probability)
-        part.masked_fill_(~keep, 0.0)
+        keep_only_(part, keep)
 
 
 def _sparsify_(
@@ -235,7 +235,7 @@ def _merge(
             divisor = torch.zeros_like(mixed)
             for p, w in zip(parts, weights):
                 agrees = torch.sign(p) == elected
-                mixed.add_(p.masked_fill_(~agrees, 0.0))
+                mixed.add_(keep_only_(p, agrees))
                 divisor.add_(agrees, alpha=w)
             if normalize:
                 mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))

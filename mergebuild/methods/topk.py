@@ -165,6 +165,17 @@ class _TopSet:
         return inside
 
 
+def keep_only_(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Set the elements of float32 ``x`` where ``keep`` is false to +0.0, in place.
+
+    Bit for bit ``x.masked_fill_(~keep, 0.0)``, but an AND with a 0/−1 int32 mask: on the
+    benchmark machine (torch 2.13 CPU) masked_fill_ takes ~6 ms per million elements, this
+    ~0.4 ms.
+    """
+    x.view(torch.int32).bitwise_and_(keep.to(torch.int32).neg_())
+    return x
+
+
 def keep_magnitude_ranks_(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Zero every element whose magnitude rank lies outside [start, stop), in place.
 
@@ -199,7 +210,7 @@ def keep_magnitude_ranks_(x: torch.Tensor, start: int, stop: int) -> torch.Tenso
             inside = inside & ~dropped if inside is not True else ~dropped
         if inside is True:
             continue
-        chunk.masked_fill_(~inside, 0.0)
+        keep_only_(chunk, inside)
     return flat.view(x.shape)
 
 
