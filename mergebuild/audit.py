@@ -119,7 +119,7 @@ class _ScratchStore(Store):
         return None
 
 
-def check_reproducible(project: Project, node: str, device: str = "auto",
+def check_reproducible(project: Project, node: str, device: str | None = None,
                        reporter: Reporter | None = None) -> ReproReport:
     """Rebuild ``node`` (only it: its parents come from the store) into a scratch directory
     and compare the output digest and every file's sha256 with the stored build.

@@ -55,16 +55,19 @@ def _project(ctx: click.Context, frozen: bool = False):
 @click.option("-n", "--dry-run", is_flag=True, help="Print the plan; build nothing.")
 @click.option("-B", "--force", is_flag=True, help="Rebuild the targets even if up to date.")
 @click.option("-k", "--keep-going", is_flag=True, help="Build what does not depend on a failure.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--device", default=None,
+              help="auto (CUDA when present), cpu, cuda or cuda:N "
+                   "[default: the Mergefile's defaults.device, else auto].")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("--check", is_flag=True,
               help="Rebuild the built TARGETS into a scratch dir and compare them with the "
                    "stored builds, file by file (a reproducibility audit; publishes nothing).")
 @click.option("--frozen", is_flag=True,
               help="Pin hub sources to the commits in Mergefile.lock; never re-resolve.")
 @click.pass_context
-def make(ctx, targets, dry_run, force, keep_going, device, check, frozen):
+def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen):
     """Build TARGETS (default: every final node) and their stale ancestors."""
+    ctx.obj["quiet"] = ctx.obj["quiet"] or quiet
     if check:
         _make_check(ctx, targets, device)
         return
@@ -111,6 +114,9 @@ def plan(ctx, targets, as_json, frozen=False):
         click.echo(f"{line}  {why}".rstrip())
     stale = sum(1 for s in states if s.status == "stale")
     click.echo(f"{stale} to build" if stale else "nothing to do: every node is up to date")
+
+
+main.add_command(plan, name="status")
 
 
 @main.command()

@@ -152,8 +152,22 @@ def _slices_summary(slices: Any) -> str | None:
 def _showable(value: Any) -> bool:
     scalar = (str, int, float, bool, type(None))
     return isinstance(value, scalar) or (
-        isinstance(value, list) and all(isinstance(v, scalar) for v in value)
+        isinstance(value, list) and all(isinstance(v, scalar) or _is_filter(v) for v in value)
     )
+
+
+def _is_filter(entry: Any) -> bool:
+    return isinstance(entry, Mapping) and "value" in entry and set(entry) <= {"filter", "value"}
+
+
+def _compact(value: Any) -> Any:
+    """A ``[{filter, value}, …]`` list as ``"self_attn:[0,0.5]; mlp:0.3; *:0.5"``."""
+    if isinstance(value, list) and value and all(_is_filter(v) for v in value):
+        return "; ".join(
+            f"{e.get('filter') or '*'}:{json.dumps(e['value'], separators=(',', ':'))}"
+            for e in value
+        )
+    return value
 
 
 def format_parameters(params: Mapping[str, Any], max_value: int = 40) -> str:
@@ -163,6 +177,7 @@ def format_parameters(params: Mapping[str, Any], max_value: int = 40) -> str:
     """
     shown = []
     for key, value in params.items():
+        value = _compact(value)
         text = value if isinstance(value, str) else json.dumps(value)
         text = " ".join(text.split())
         if len(text) > max_value:

@@ -270,7 +270,7 @@ class Project:
         *,
         force: bool = False,
         keep_going: bool = False,
-        device: str = "auto",
+        device: str | None = None,
         reporter: Reporter | None = None,
     ) -> MakeResult:
         """Build every stale node the targets need; reuse the rest.
@@ -551,7 +551,7 @@ class Project:
             return self.store.object_dir(state.key)
         return self.path(node)
 
-    def check(self, node: str, device: str = "auto", reporter: Reporter | None = None):
+    def check(self, node: str, device: str | None = None, reporter: Reporter | None = None):
         """Rebuild ``node`` (parents from the store) into a scratch dir, never published,
         and compare every output file with the stored build (``audit.ReproReport``)."""
         from .audit import check_reproducible
