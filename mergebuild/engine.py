@@ -6,6 +6,7 @@ import json
 import math
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,7 @@ _TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64":
 _ELEMENTWISE = {"linear", "task_arithmetic", "passthrough"}
 _CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 per input: stays in cache, bounds memory
 _PAGE = mmap.PAGESIZE
+_WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
 
 
 def _dtype_size(code: str) -> int:
@@ -476,6 +478,7 @@ class _Streaming:
         self.tasks, self.readers = tasks, readers
         self.by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
         self.elementwise = job.method.name in _ELEMENTWISE
+        self.recent: deque[TensorTask] = deque()
         largest = max((math.prod(t.shape) for t in tasks), default=1)
         self.whole = _Scratch(torch, device, 1 if self.elementwise else largest)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
@@ -526,6 +529,12 @@ class _Streaming:
         self.whole.done()
         self.chunks.done()
         self._advise(task, mmap.MADV_DONTNEED)
+        # A zero-copy output (passthrough) is read by the writer thread after this point and
+        # maps its pages back in; the writer queue is bounded, so once _WRITER_LAG more
+        # tensors were handed over that write is done: drop those pages again then.
+        self.recent.append(task)
+        if len(self.recent) > _WRITER_LAG:
+            self._advise(self.recent.popleft(), mmap.MADV_DONTNEED)
 
     def owns(self, tensor: Any) -> bool:
         return self.whole.owns(tensor) or self.chunks.owns(tensor)
