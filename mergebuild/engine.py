@@ -19,9 +19,9 @@ from .checkpoint import CheckpointReader, TensorInfo
 from .compat import check_compatibility, layer_count, reader_metadata, tensor_sources
 from .errors import CheckpointError, IncompatibleModelsError, SourceError
 from .hashing import manifest_digest, stat_signature
+from .hf_files import CONFIG_FILES, TOKENIZER_FILES
 from .methods.registry import Method, TensorParams
 from .parameters import layer_index, replace_layer_index, resolve_value
-from .sources import CONFIG_FILES, TOKENIZER_FILES
 from .vocab import (
     VocabPlan,
     harmonize_metadata,
