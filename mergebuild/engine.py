@@ -593,7 +593,8 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
         faults.point("engine.read_tensor")
         return tensor
 
-    if len(task.inputs) == 1 and task.base is None and job.method.name == "passthrough":
+    if (len(task.inputs) == 1 and task.base is None and task.remap is None
+            and job.method.name == "passthrough"):
         scale = _resolve(task.parameters[0], task).get("scale", 1.0)
         x = load(task.inputs[0])
         if scale == 1.0 or task.dtype not in _TORCH_OF_CODE:
