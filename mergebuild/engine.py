@@ -157,19 +157,19 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
 def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabPlan | None:
     """The row mapping of the node's tokenizer policy; None without one or when a no-op.
 
-    With slices, mergekit maps the embedding rows of the first slice's model and the lm_head
-    rows of the last slice's model onto the donor's vocabulary. mergebuild accepts
-    ``tokenizer_source`` there only when that mapping is the identity (every such model
-    already has the output vocabulary, row for row), and otherwise refuses the node rather
-    than write rows that do not match the tokenizer.
+    With slices, as in mergekit, the embedding rows of the first slice's model and the
+    lm_head rows of the last slice's model are mapped onto the output vocabulary.
     """
     if not job.tokenizer_source:
         return None
     base = job.base if job.base and job.method.base != "none" else None
     nodes = list(dict.fromkeys([*([base] if base else []), *(p.node for p in job.participants)]))
     if job.slices is not None:
-        base, nodes = None, list(dict.fromkeys([job.slices[0].sources[0][0],
-                                                job.slices[-1].sources[0][0]]))
+        # Only the ends' rows are mapped; a union (like mergekit's) spans every stacked model.
+        ends = [job.slices[0].sources[0][0], job.slices[-1].sources[0][0]]
+        every = [node for s in job.slices for node, _, _ in s.sources]
+        base = None
+        nodes = list(dict.fromkeys(every if job.tokenizer_source == "union" else ends))
     rows = {}
     for node, reader in readers.items():
         vocab_rows = [i.shape[0] for n, i in sorted(reader.tensors.items())
@@ -178,19 +178,13 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
             rows[node] = vocab_rows[0]
     policy = job.tokenizer_source if job.tokenizer_source in ("base", "union") else "model"
     plan = plan_vocab(policy, job.donor, base, nodes, job.parents, rows, job.pad_vocab_to)
-    if job.slices is not None and not plan.identity:
-        raise IncompatibleModelsError(
-            f"tokenizer_source with slices would need the embedding rows of "
-            f"{' and '.join(repr(n) for n in nodes)} mapped to another vocabulary, which "
-            f"mergebuild does not do yet", node=job.node,
-            hint="stack models that share the donor's tokenizer, or drop tokenizer_source",
-        )
     return None if plan.identity else plan
 
 
-def _vocab_remap(job: BuildJob, plan: VocabPlan):
-    base = job.base if job.base and job.method.base != "none" else None
-    nodes = [*([base] if base else []), *(p.node for p in job.participants)]
+def _vocab_remap(job: BuildJob, plan: VocabPlan, node: str | None = None):
+    """Rows by token for the merge's parents, or for ``node`` alone (a slice's end)."""
+    base = job.base if job.base and job.method.base != "none" and node is None else None
+    nodes = [node] if node else [*([base] if base else []), *(p.node for p in job.participants)]
 
     def remap(parents: list, base_tensor: Any) -> tuple[list, Any]:
         tensors = ([base_tensor] if base else []) + list(parents)
@@ -204,6 +198,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     assert job.slices is not None
     first_node = job.slices[0].sources[0][0]
     last_node = job.slices[-1].sources[0][0]
+    vocab = vocab_plan(job, readers)
     tasks: list[TensorTask] = []
 
     def non_layer(reader: CheckpointReader, pre: bool) -> list[str]:
@@ -212,8 +207,12 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
 
     def simple(node: str, name: str, out_name: str | None = None) -> TensorTask:
         info = readers[node].tensors[name]
-        return TensorTask(name=out_name or name, dtype=_out_dtype(job, info), shape=info.shape,
-                          base=None, inputs=(info,), parameters=({},), layer=None, num_layers=1)
+        shape, remap = info.shape, None
+        if vocab is not None and is_vocab_tensor(out_name or name):
+            shape, remap = (vocab.rows, *info.shape[1:]), _vocab_remap(job, vocab, node)
+        return TensorTask(name=out_name or name, dtype=_out_dtype(job, info), shape=shape,
+                          base=None, inputs=(info,), parameters=({},), layer=None, num_layers=1,
+                          remap=remap)
 
     widths = [s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices]
 

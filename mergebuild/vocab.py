@@ -238,7 +238,24 @@ def write_vocab_files(plan: VocabPlan, out_dir: Path, files: dict[str, tuple[str
             put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     if plan.tokenizer is not None:
         put("tokenizer.json", json.dumps(plan.tokenizer, ensure_ascii=False, indent=2).encode())
+        tokenizer_config = Path(out_dir) / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            data["added_tokens_decoder"] = added_tokens_decoder(plan.tokenizer)
+            put("tokenizer_config.json",
+                (json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode())
 
 
-__all__ = ["VocabPlan", "harmonize_metadata", "is_vocab_tensor", "plan_vocab", "read_vocab",
-           "remap_rows", "union_tokenizer", "vocab_of_tokenizer", "write_vocab_files"]
+def added_tokens_decoder(tokenizer: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json's ``added_tokens_decoder`` for a ``tokenizer.json``: its added
+    tokens by id, so transformers sees the same ids and special flags in both files."""
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    defaults = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False,
+                "special": False}
+    return {str(e["id"]): {k: e.get(k, defaults.get(k)) for k in keys}
+            for e in sorted(tokenizer.get("added_tokens") or [], key=lambda e: e["id"])}
+
+
+__all__ = ["VocabPlan", "added_tokens_decoder", "harmonize_metadata", "is_vocab_tensor",
+           "plan_vocab", "read_vocab", "remap_rows", "union_tokenizer", "vocab_of_tokenizer",
+           "write_vocab_files"]

@@ -136,6 +136,25 @@ def test_tokenizer_union_builds_a_merged_tokenizer(workspace, demo_models, tmp_p
     assert loaded.convert_tokens_to_ids("<think>") == 257
 
 
+def test_union_tokenizer_config_lists_the_merged_added_tokens(workspace, demo_models, tmp_path,
+                                                              wide):
+    out_dir = _make(workspace, demo_models, tmp_path, "tokenizer: {source: union}\n")
+    decoder = json.loads((out_dir / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    added = json.loads((out_dir / "tokenizer.json").read_text())["added_tokens"]
+    assert {int(i): e["content"] for i, e in decoder.items()} == {
+        e["id"]: e["content"] for e in added}
+    assert decoder["257"] == {"content": "<think>", "lstrip": False, "normalized": False,
+                              "rstrip": False, "single_word": False, "special": True}
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    assert len(tokenizer) == 258
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
+    assert tokenizer.convert_tokens_to_ids(["<tool>", "<think>"]) == [256, 257]
+    assert tokenizer.added_tokens_decoder[257].special
+    ids = tokenizer("a <think> b").input_ids
+    assert 257 in ids and "<think>" not in tokenizer.decode(ids, skip_special_tokens=True)
+
+
 SLICES = """\
 version: 1
 models:
@@ -161,12 +180,113 @@ def test_slices_with_a_shared_vocabulary_accept_tokenizer_source(workspace, demo
     torch.testing.assert_close(out["lm_head.weight"], other["lm_head.weight"].float())
 
 
-def test_slices_needing_rows_mapped_by_token_are_refused(workspace, demo_models, tmp_path, wide):
-    workspace.mergefile.write_text(SLICES.format(base=demo_models["base"], other=tmp_path / "wide"))
-    with pytest.raises(IncompatibleModelsError) as caught:
-        workspace.project().make(["stack"])
-    message = str(caught.value)
-    assert message.startswith("node 'stack': tokenizer_source with slices would need the "
-                              "embedding rows of 'base' and 'other' mapped")
-    assert "\n" not in message
-    assert not list((workspace.cache / "objects").glob("*/*"))  # nothing published
+def _shuffled_model(src: Path, dst: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """A copy of ``src`` whose ordinary tokens have other ids (rows moved with them), plus
+    NEW_TOKENS: the same token strings mostly sit at other rows than in ``src``."""
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    old = vocab_of_tokenizer(tok)
+    specials = {e["id"] for e in tok["added_tokens"]}
+    ordinary = sorted((i, t) for t, i in tok["model"]["vocab"].items() if i not in specials)
+    ids = [i for i, _ in ordinary]
+    tok["model"]["vocab"] = {t: new for (_, t), new in zip(ordinary, reversed(ids), strict=True)}
+    n = len(old)
+    for i, t in enumerate(NEW_TOKENS):
+        tok["added_tokens"].append({"id": n + i, "content": t, "single_word": False,
+                                    "lstrip": False, "rstrip": False, "normalized": False,
+                                    "special": True})
+    new = vocab_of_tokenizer(tok)
+    order = torch.tensor([old[t] for t, _ in sorted(new.items(), key=lambda kv: kv[1])
+                          if t in old])
+    weights = load_file(str(dst / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = weights[name]
+        extra = torch.randn(len(NEW_TOKENS), w.shape[1], generator=g).to(w.dtype)
+        weights[name] = torch.cat([w[order], extra])
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] = len(new)
+    (dst / "config.json").write_text(json.dumps(config))
+    return weights, new
+
+
+STACK = """\
+version: 1
+models:
+  anchor: {{source: {anchor}}}
+  shuffled: {{source: {shuffled}}}
+  stack:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {first}, layer_range: [0, 1]}}]
+      - sources: [{{model: {last}, layer_range: [1, 3]}}]
+    tokenizer_source: {policy}
+    dtype: float32
+"""
+
+
+@pytest.fixture
+def shuffled(demo_models, tmp_path):
+    return _shuffled_model(demo_models["instruct"], tmp_path / "shuffled")
+
+
+def _stack(workspace, demo_models, tmp_path, first: str, last: str, policy: str):
+    workspace.mergefile.write_text(STACK.format(
+        anchor=demo_models["base"], shuffled=tmp_path / "shuffled", first=first, last=last,
+        policy=policy))
+    project = workspace.project()
+    project.make(["stack"])
+    out_dir = project.path("stack")
+    return out_dir, load_file(str(out_dir / "model.safetensors"))
+
+
+def _rows_by_token(out: torch.Tensor, out_vocab: dict[str, int], src: torch.Tensor,
+                   src_vocab: dict[str, int]) -> int:
+    shared = [t for t in out_vocab if t in src_vocab]
+    torch.testing.assert_close(out[[out_vocab[t] for t in shared]],
+                               src[[src_vocab[t] for t in shared]].float(), rtol=0, atol=0)
+    return len(shared)
+
+
+@pytest.mark.parametrize("end", ["first", "last"])
+def test_slices_map_the_ends_rows_onto_the_donor_vocabulary(workspace, demo_models, tmp_path,
+                                                            shuffled, end):
+    weights, shuffled_vocab = shuffled
+    first, last = ("shuffled", "anchor") if end == "first" else ("anchor", "shuffled")
+    out_dir, out = _stack(workspace, demo_models, tmp_path, first, last, "anchor")
+    anchor_dir = demo_models["base"]
+    anchor_vocab = vocab_of_tokenizer(json.loads((anchor_dir / "tokenizer.json").read_text()))
+    name = "model.embed_tokens.weight" if end == "first" else "lm_head.weight"
+    assert out[name].shape[0] == len(anchor_vocab) == 256
+    assert _rows_by_token(out[name], anchor_vocab, weights[name], shuffled_vocab) == 256
+    assert out[name][10].ne(weights[name][10].float()).any()  # rows really moved
+    other = "lm_head.weight" if end == "first" else "model.embed_tokens.weight"
+    torch.testing.assert_close(out[other], load_file(str(anchor_dir / "model.safetensors"))[
+        other].float())
+    # the output tokenizer and vocabulary size are the donor's
+    assert (out_dir / "tokenizer.json").read_bytes() == (anchor_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 256
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    assert model.config.num_hidden_layers == 3
+    ids = tokenizer("merge models", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], 256)
+
+
+def test_slices_with_a_union_tokenizer(workspace, demo_models, tmp_path, shuffled):
+    weights, shuffled_vocab = shuffled
+    out_dir, out = _stack(workspace, demo_models, tmp_path, "anchor", "shuffled", "union")
+    anchor = load_file(str(demo_models["base"] / "model.safetensors"))
+    anchor_vocab = vocab_of_tokenizer(json.loads(
+        (demo_models["base"] / "tokenizer.json").read_text()))
+    out_vocab = vocab_of_tokenizer(json.loads((out_dir / "tokenizer.json").read_text()))
+    assert out_vocab == {**anchor_vocab, "<tool>": 256, "<think>": 257}  # donor: the first
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    assert out[embed].shape[0] == out[head].shape[0] == 258
+    assert _rows_by_token(out[head], out_vocab, weights[head], shuffled_vocab) == 258
+    torch.testing.assert_close(out[embed][:256], anchor[embed].float())
+    # tokens the first slice's model lacks: zeros, as mergekit's ZeroEmbedding
+    torch.testing.assert_close(out[embed][256:], torch.zeros(2, out[embed].shape[1]))
