@@ -405,9 +405,13 @@ class _Builder:
                                                                 body.line_of("source"), parent),
                               line=body.line, allow_pickle=bool(body.get("allow_pickle")))
         if not isinstance(spec, SourceSpec):
-            raise self.error(f"LoRA '{ref}' is applied to '{parent}', which is not a source "
-                             "node", line, node,
-                             "apply adapters to a local or hub model (a source node)")
+            # Adapting a merge's output would need an identity that waits on the merge's
+            # digest (pending while it is stale); until then, say what to do instead.
+            raise self.error(
+                f"LoRA '{ref}' is applied to merge node '{parent}'; adapters apply only to "
+                "source models", line, node,
+                f"apply the adapter to a source parent of '{parent}', or build '{parent}' and "
+                f"use its directory ('mergebuild path {parent}') as a source node")
         if spec.adapter is not None:
             raise self.error(f"'{ref}' stacks two adapters", line, node,
                              "apply one adapter per reference")

@@ -122,3 +122,72 @@ def test_lora_that_does_not_fit_is_one_line_error(demo_models, tmp_path):
         AdaptedReader(base, tmp_path / "bad", "n")
     adapter = LoraAdapter(tmp_path / "bad", "n")
     assert set(adapter.pairs) == {t + ".weight" for t in TARGETS}
+
+
+def test_lora_on_a_merge_node_is_a_one_line_error(workspace, demo_models, tmp_path):
+    from mergebuild.errors import MergefileError
+
+    write_adapter(tmp_path / "lora1", demo_models["chat"], 1)
+    workspace.chain()
+    text = workspace.mergefile.read_text().replace(
+        "      - model: chat-code\n", f"      - model: chat-code+{tmp_path / 'lora1'}\n")
+    workspace.mergefile.write_text(text)
+    with pytest.raises(MergefileError) as caught:
+        workspace.project()
+    message = str(caught.value)
+    assert "LoRA 'chat-code+" in message
+    assert "is applied to merge node 'chat-code'; adapters apply only to source models" in message
+    assert "build 'chat-code'" in message and "mergebuild path chat-code" in message
+    assert caught.value.node == "final-model" and "\n" not in message
+    assert not (workspace.cache / "objects").exists()
+
+
+ADAPTER_COMMIT = "ad" * 20
+BASE_COMMIT = "ba" * 20
+
+
+def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, monkeypatch):
+    """``org/base+org/adapter@rev``: both resolved from the Hugging Face cache, offline."""
+    from huggingface_hub import constants
+    from test_hub import HubCache
+
+    root = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    cache = HubCache(root)
+    base = demo_models["base"]
+    cache.add_commit("org/base", BASE_COMMIT, {p.name: p.read_bytes() for p in base.iterdir()
+                                               if p.is_file() and not p.name.startswith(".")})
+    cache.set_ref("org/base", "main", BASE_COMMIT)
+    deltas = write_adapter(tmp_path / "lora", base, 5)
+    cache.add_commit("org/adapter", ADAPTER_COMMIT,
+                     {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()})
+    cache.set_ref("org/adapter", "v1", ADAPTER_COMMIT)
+    _write(workspace, """
+    version: 1
+    models:
+      adapted:
+        merge_method: linear
+        models: [{model: org/base+org/adapter@v1, parameters: {weight: 1.0}}]
+        dtype: float32
+    """)
+    project = workspace.project()
+    states = {s.name: s for s in project.plan(["adapted"])}
+    source = states["org/base+org/adapter@v1"].source
+    assert source.extra["adapter"].commit == ADAPTER_COMMIT
+    out = _built(project, "adapted")
+    ref = load_file(str(base / "model.safetensors"))
+    for name, tensor in ref.items():
+        torch.testing.assert_close(out[name], tensor.float() + deltas.get(name, 0),
+                                   rtol=0, atol=1e-6)
+    # the adapter's commit is part of the identity: another revision makes the node stale
+    write_adapter(tmp_path / "lora2", base, 6)
+    cache.add_commit("org/adapter", "ae" * 20,
+                     {p.name: p.read_bytes() for p in (tmp_path / "lora2").iterdir()})
+    cache.set_ref("org/adapter", "v1", "ae" * 20)
+    states = {s.name: s for s in workspace.project().plan(["adapted"])}
+    assert states["adapted"].status == "stale"
