@@ -127,12 +127,15 @@ class Project:
 
     def _resolve_source(self, spec: SourceSpec) -> ResolvedSource:
         if spec.name not in self._sources:
-            locked = None
+            locked = adapter_locked = None
             if spec.kind == "hub":
                 locked = self.lock.get(spec.name, uri=spec.uri)
+            if spec.adapter is not None and spec.adapter.startswith("hf://"):
+                adapter_locked = self.lock.get(_adapter_entry(spec.name), uri=spec.adapter)
             self._sources[spec.name] = resolve_source(spec, self.store, locked=locked,
                                                       frozen=self.frozen,
-                                                      lock_name=self.lock_path.name)
+                                                      lock_name=self.lock_path.name,
+                                                      adapter_locked=adapter_locked)
         return self._sources[spec.name]
 
     @property
@@ -172,14 +175,23 @@ class Project:
             return False
         lock = LockFile()
         for name in self.lock.nodes():
-            spec = self.mergefile.nodes.get(name)
-            if isinstance(spec, SourceSpec) and spec.kind == "hub":
-                entry = self.lock.get(name, uri=spec.uri)
+            is_adapter = name.endswith(_ADAPTER_SUFFIX)
+            spec = self.mergefile.nodes.get(name.removesuffix(_ADAPTER_SUFFIX))
+            if not isinstance(spec, SourceSpec):
+                continue
+            uri = spec.adapter if is_adapter else spec.uri if spec.kind == "hub" else None
+            if uri:
+                entry = self.lock.get(name, uri=uri)
                 if entry is not None:
                     lock.set(name, entry)
         for state in states:
-            if state.source is not None and state.source.kind == "hub":
+            if state.source is None:
+                continue
+            if state.source.kind == "hub":
                 lock.set(state.name, state.source.extra["resolution"])
+            adapter = state.source.extra.get("adapter")
+            if adapter is not None:
+                lock.set(_adapter_entry(state.name), adapter.extra["resolution"])
         if lock == self.lock and (self.lock_path.exists() or not lock.nodes()):
             return False
         try:
@@ -596,6 +608,14 @@ class Project:
 def _vocab_padding(spec: MergeSpec) -> int | None:
     tokenizer = spec.body.get("tokenizer")
     return tokenizer.get("pad_to_multiple_of") if isinstance(tokenizer, dict) else None
+
+
+_ADAPTER_SUFFIX = "#adapter"
+
+
+def _adapter_entry(node: str) -> str:
+    """The lock entry of the hub-hosted LoRA adapter of an adapted source node."""
+    return node + _ADAPTER_SUFFIX
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:

@@ -148,13 +148,16 @@ def resolve_hub_source(spec: SourceSpec, store: Store, *, locked: Any = None,
 
 
 def resolve_source(spec: SourceSpec, store: Store, *, locked: Any = None, frozen: bool = False,
-                   lock_name: str = "Mergefile.lock") -> ResolvedSource:
+                   lock_name: str = "Mergefile.lock", adapter_locked: Any = None
+                   ) -> ResolvedSource:
     """A source's identity, without reading weight bytes whenever the stat cache allows.
 
-    ``locked`` / ``frozen`` / ``lock_name`` concern hub sources only (see resolve_hub_source).
+    ``locked`` / ``frozen`` / ``lock_name`` concern hub sources only (see resolve_hub_source);
+    ``adapter_locked`` is the lock entry of a hub-hosted LoRA adapter (``model+hf://…``).
     """
     if spec.adapter is not None:
-        return _resolve_adapted(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
+        return _resolve_adapted(spec, store, adapter_locked, locked=locked, frozen=frozen,
+                                lock_name=lock_name)
     if spec.kind == "local":
         return resolve_local(spec, store)
     if spec.kind == "demo":
@@ -162,7 +165,8 @@ def resolve_source(spec: SourceSpec, store: Store, *, locked: Any = None, frozen
     return resolve_hub_source(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
 
 
-def _resolve_adapted(spec: SourceSpec, store: Store, **lock: Any) -> ResolvedSource:
+def _resolve_adapted(spec: SourceSpec, store: Store, adapter_locked: Any, **lock: Any
+                     ) -> ResolvedSource:
     """``model+lora``: identity = the model's digest + the adapter's digest."""
     from dataclasses import replace
 
@@ -173,7 +177,8 @@ def _resolve_adapted(spec: SourceSpec, store: Store, **lock: Any) -> ResolvedSou
     adapter = None
     if spec.adapter.startswith("hf://"):
         adapter = resolve_hub_source(SourceSpec(name=spec.name, uri=spec.adapter, line=spec.line),
-                                     store)
+                                     store, locked=adapter_locked, frozen=lock["frozen"],
+                                     lock_name=lock["lock_name"])
         adapter_files, adapter_digest = adapter.files, adapter.digest
     else:
         directory = Path(spec.adapter)

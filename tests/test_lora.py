@@ -191,3 +191,14 @@ def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, mo
     cache.set_ref("org/adapter", "v1", "ae" * 20)
     states = {s.name: s for s in workspace.project().plan(["adapted"])}
     assert states["adapted"].status == "stale"
+    # --frozen keeps the adapter's locked commit: the moved tag changes nothing
+    import json
+
+    from mergebuild.project import Project
+
+    lock = json.loads((workspace.mergefile.parent / "Mergefile.lock").read_text())
+    assert lock["sources"]["org/base+org/adapter@v1#adapter"]["commit"] == ADAPTER_COMMIT
+    frozen = Project(workspace.mergefile, workspace.cache, frozen=True)
+    states = {s.name: s for s in frozen.plan(["adapted"])}
+    assert states["adapted"].status == "fresh"
+    assert states["org/base+org/adapter@v1"].source.extra["adapter"].commit == ADAPTER_COMMIT
