@@ -457,8 +457,8 @@ class Project:
         """Check the parents fit from configs and headers alone: hub metadata comes from the
         cache or by range requests, local and built parents' headers from disk."""
         from .compat import ModelMetadata, check_compatibility, directory_metadata
-        from .vocab import harmonize_metadata
         from .hub import read_metadata
+        from .vocab import harmonize_metadata
 
         metadata = {}
         for ref in dict.fromkeys(spec.parent_refs()):
