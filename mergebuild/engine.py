@@ -326,6 +326,8 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         except BaseException:
             writer.abort()
             raise
+        finally:
+            stream.close()
         faults.point("engine.after_finish")
         for node, r in readers.items():
             if _stat_weights(r) != before[node]:
@@ -367,6 +369,10 @@ _TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64":
 _ELEMENTWISE = {"linear", "task_arithmetic", "passthrough"}
 _CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 per input: stays in cache, bounds memory
 _PAGE = mmap.PAGESIZE
+# The streamed task-arithmetic family: 1 MB float32 chunks spread over the worker threads
+# (a 2.9 M-element MLP matrix is 12 chunks, so both cores get work), from 64 K elements up.
+_STREAM_CHUNK = 1 << 18
+_STREAM_MIN_ELEMENTS = 1 << 16
 _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
 
 
@@ -391,6 +397,16 @@ def _set_threads(torch) -> None:
     threads = max(1, cores - 1)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def _workers() -> int:
+    """Compute threads of the streamed methods: every core this process may use (at most 8:
+    each holds ~12 MB of scratch, and the passes are memory-bound beyond that)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores)
 
 
 def _resolve_params(job: BuildJob, task: TensorTask) -> TensorParams:
@@ -479,9 +495,16 @@ class _Streaming:
         self.elementwise = job.method.name in _ELEMENTWISE
         self.recent: deque[TensorTask] = deque()
         largest = max((math.prod(t.shape) for t in tasks), default=1)
-        self.whole = _Scratch(torch, device, 1 if self.elementwise else largest)
+        # The streamed family sends only tiny tensors through whole-tensor scratch: size it
+        # by need, not by the largest tensor.
+        from .methods.task_arithmetic_stream import STREAMED
+
+        whole = 1 if self.elementwise or (job.method.name in STREAMED and device == "cpu") \
+            else largest
+        self.whole = _Scratch(torch, device, whole)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
         self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
+        self.workspace = None  # threads + scratch of the streamed task-arithmetic family
 
     def _mapped(self, info: TensorInfo):
         for reader in self.readers.values():
@@ -552,7 +575,48 @@ class _Streaming:
         return out.view(src.shape)
 
     def peak_bytes(self) -> int:
-        return self.whole.nbytes() + self.chunks.nbytes()
+        streamed = self.workspace.nbytes() if self.workspace is not None else 0
+        return self.whole.nbytes() + self.chunks.nbytes() + streamed
+
+    def streams(self, task: TensorTask, params: TensorParams) -> bool:
+        """Whether a task-arithmetic-family tensor goes through the multi-pass chunked path
+        (CPU; tiny tensors are cheaper whole, with the same bytes)."""
+        from .methods.task_arithmetic_stream import streamable
+
+        return (self.device == "cpu" and task.remap is None and task.base is not None
+                and task.base.dtype in _TORCH_OF_CODE
+                and all(i.dtype in _TORCH_OF_CODE for i in task.inputs)
+                and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
+                and streamable(self.job.method.name, params))
+
+    def compute_streamed(self, task: TensorTask, load, params: TensorParams) -> Any:
+        """The task-arithmetic family over chunks of the mmapped parents, both cores."""
+        from .methods.task_arithmetic_stream import ChunkWorkspace, merge_streamed
+
+        torch = self.torch
+        if self.workspace is None:
+            self.workspace = ChunkWorkspace(_workers(), _STREAM_CHUNK)
+        srcs = [load(info).reshape(-1) for info in task.inputs]
+        base = load(task.base).reshape(-1)
+        out = torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
+        seed = tensor_seed(self.job.key, task.name) if self.job.method.randomized else None
+
+        def consumed(start: int, stop: int) -> None:
+            for info in (*task.inputs, task.base):
+                self.drop_pages(info, start, stop)
+
+        try:
+            merge_streamed(self.job.method.name, srcs, base, params, seed, out.view(-1),
+                           self.workspace, consumed)
+        except ValueError as exc:
+            raise IncompatibleModelsError(
+                f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
+            ) from None
+        return out
+
+    def close(self) -> None:
+        if self.workspace is not None:
+            self.workspace.close()
 
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
@@ -607,6 +671,8 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
         return load(task.inputs[0] if task.inputs else task.base).clone()
     if stream is not None and stream.elementwise and task.remap is None:
         return stream.compute_chunked(task, load, func, _resolve_params(job, task))
+    if stream is not None and stream.streams(task, _resolve_params(job, task)):
+        return stream.compute_streamed(task, load, _resolve_params(job, task))
     if stream is None:
         # copy=True: a float32 parent on CPU would otherwise stay a read-only mmap view, and
         # methods may compute in place (that crashes the process).

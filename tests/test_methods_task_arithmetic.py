@@ -137,15 +137,24 @@ def test_ties_l1_rescale_restores_norm():
 # --- DARE ------------------------------------------------------------------------------
 
 
-def test_dare_mask_is_cpu_uniform_draw_below_density():
+def test_dare_mask_is_sfc64_uniform_below_density_per_parent_and_block():
+    import numpy as np
+
     g = seeded(7)
     base = torch.zeros(3, 5)
-    x = torch.randn(3, 5, generator=g)
-    out = run(
-        "dare_linear", [x], base, [{"weight": 1.0, "density": 0.4}], seeded(99), rescale="none"
-    )
-    keep = torch.rand(15, generator=seeded(99)).view(3, 5) < 0.4
-    assert_close(out, x * keep)
+    xs = [torch.randn(3, 5, generator=g) for _ in range(2)]
+    w = [{"weight": 1.0, "density": 0.4}, {"weight": 1.0, "density": 0.4}]
+    outs = [
+        run("dare_linear", [x], base, w[:1], seeded(99), rescale="none") for x in xs
+    ]
+    words = np.random.SFC64(np.random.SeedSequence([99, 0, 0])).random_raw(8)
+    keep = torch.from_numpy(words.view("<u4")[:15] < np.uint32(int(0.4 * 2**32) + 1))
+    assert_close(outs[0], xs[0] * keep.view(3, 5))
+    assert_close(outs[1], xs[1] * keep.view(3, 5))  # parent 0 in both calls: same mask
+    both = run("dare_linear", xs, base, w, seeded(99), rescale="none", normalize=False)
+    words = np.random.SFC64(np.random.SeedSequence([99, 1, 0])).random_raw(8)
+    keep1 = torch.from_numpy(words.view("<u4")[:15] < np.uint32(int(0.4 * 2**32) + 1))
+    assert_close(both, xs[0] * keep.view(3, 5) + xs[1] * keep1.view(3, 5))
 
 
 def test_dare_same_seed_deterministic_and_call_order_independent():

@@ -16,14 +16,23 @@ first (see ``topk``). All sparsifiers return δ unchanged when density ≥ 1, as
 keep probability, as in the DELLA paper), ``none``. Booleans keep mergekit's meaning:
 true → ``l1``, false → ``none``.
 
-Randomness comes only from the ``generator`` argument, drawn on the CPU in fixed-size
-chunks, parent after parent, so a result depends only on (inputs, parameters, seed).
+Randomness comes only from the ``generator`` argument's seed. DARE's mask (since engine
+version 2) is a pure function of (seed, parent index, element index): the flat tensor is cut
+into blocks of ``RNG_BLOCK`` elements, block j of parent i draws from numpy's SFC64 seeded by
+``SeedSequence([seed, i, j])``, each 64-bit word giving two 32-bit uniforms u (low half
+first), and an element is kept iff ``u < ceil(density·2³²)`` (p = density to 2⁻³²). The l1
+norms of the rescale are float64 sums over fixed blocks of ``REDUCE_BLOCK`` elements, added
+in block order. So the result does not depend on how the engine chunks a tensor, on thread
+count or on the order tensors are merged in, and a chunk's draws can be made on any thread.
+DELLA still draws torch's CPU generator row block by row block (whole tensors only).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergebuild.methods.registry import METHODS, TensorParams
@@ -51,6 +60,9 @@ _RESCALE_NAMES = {
 
 # Rows of DELLA are ranked a block at a time to bound the sort's scratch memory.
 _DELLA_BLOCK_ELEMENTS = 1 << 20
+# Fixed grids that define DARE's draws and the l1 sums (part of the results; see docstring).
+RNG_BLOCK = 1 << 18
+REDUCE_BLOCK = 1 << 16
 
 
 def rescale_mode(value: Any) -> str:
@@ -72,12 +84,34 @@ def _setting(method: str, values: Any, name: str) -> Any:
     return param.default
 
 
+def l1_blocks(flat: torch.Tensor) -> list[float]:
+    """float64 sums of |x| over consecutive ``REDUCE_BLOCK``-element blocks of a flat tensor."""
+    return [
+        float(flat[s : s + REDUCE_BLOCK].abs().sum(dtype=torch.float64))
+        for s in range(0, flat.numel(), REDUCE_BLOCK)
+    ]
+
+
 def _l1(x: torch.Tensor) -> float:
-    flat = x.reshape(-1)
-    return sum(
-        float(flat[s : s + CHUNK_ELEMENTS].abs().sum(dtype=torch.float64))
-        for s in range(0, flat.numel(), CHUNK_ELEMENTS)
-    )
+    return sum(l1_blocks(x.reshape(-1)))
+
+
+def keep_draws(seed: int, parent: int, start: int, stop: int, density: float) -> torch.Tensor:
+    """DARE's keep mask of elements [start, stop) of parent ``parent`` (see module docstring)."""
+    out = np.empty(stop - start, dtype=np.bool_)
+    threshold = np.uint32(math.ceil(density * 2**32))  # 0 < density < 1: fits in 32 bits
+    pos = start
+    while pos < stop:
+        block = pos // RNG_BLOCK
+        first = block * RNG_BLOCK
+        end = min(stop, first + RNG_BLOCK)
+        words = np.random.SFC64(np.random.SeedSequence([seed, parent, block])).random_raw(
+            (end - first + 1) // 2
+        )
+        uniform = words.view("<u4")[pos - first : end - first]
+        np.less(uniform, threshold, out=out[pos - start : end - start])
+        pos = end
+    return torch.from_numpy(out)
 
 
 def _apply_l1_rescale_(delta: torch.Tensor, before: float) -> None:
@@ -86,12 +120,11 @@ def _apply_l1_rescale_(delta: torch.Tensor, before: float) -> None:
         delta.mul_(before / after)
 
 
-def _random_keep_(delta: torch.Tensor, density: float, generator: torch.Generator) -> None:
+def _random_keep_(delta: torch.Tensor, density: float, seed: int, parent: int) -> None:
     flat = delta.view(-1)
-    for s in range(0, flat.numel(), CHUNK_ELEMENTS):
-        chunk = flat[s : s + CHUNK_ELEMENTS]
-        draw = torch.rand(chunk.numel(), generator=generator).to(chunk.device)
-        keep_only_(chunk, draw < density)
+    for s in range(0, flat.numel(), RNG_BLOCK):
+        chunk = flat[s : s + RNG_BLOCK]
+        keep_only_(chunk, keep_draws(seed, parent, s, s + chunk.numel(), density).to(chunk.device))
 
 
 def _della_keep_(
@@ -131,6 +164,7 @@ def _sparsify_(
     gamma: float,
     epsilon: float,
     generator: torch.Generator | None,
+    parent: int = 0,
 ) -> None:
     """Sparsify one task vector in place (``delta`` is contiguous)."""
     if density >= 1:
@@ -154,7 +188,7 @@ def _sparsify_(
         n_bottom = max(0, n - target - int(gamma * n))
         keep_magnitude_ranks_(delta, n - n_bottom - target, n - n_bottom)
     elif kind == "random":
-        _random_keep_(delta, density, generator)
+        _random_keep_(delta, density, generator.initial_seed(), parent)
     elif kind == "della":
         _della_keep_(delta, density, epsilon, generator, rescale == "inverse_density")
     else:
@@ -199,7 +233,7 @@ def _merge(
     names = {p.name for p in METHODS[method].params}
     weights: list[float] = []
     deltas: list[torch.Tensor] = []
-    for x, values in zip(parents, params.parents, strict=True):
+    for i, (x, values) in enumerate(zip(parents, params.parents, strict=True)):
         if x.data_ptr() == base.data_ptr() or any(x.data_ptr() == d.data_ptr() for d in deltas):
             x = x.clone()  # the same model listed twice: never subtract in place from an alias
         delta = x.contiguous().sub_(base)
@@ -212,6 +246,7 @@ def _merge(
                 gamma=float(_setting(method, values, "gamma")) if "gamma" in names else 0.0,
                 epsilon=float(_setting(method, values, "epsilon")) if "epsilon" in names else 0.0,
                 generator=generator,
+                parent=i,
             )
         weight = float(_setting(method, values, "weight"))
         delta.mul_(weight)
@@ -219,30 +254,95 @@ def _merge(
         deltas.append(delta.view(-1))
 
     out = base.view(-1)
-    total_weight = sum(weights)
-    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     for s in range(0, out.numel(), CHUNK_ELEMENTS):
         parts = [d[s : s + CHUNK_ELEMENTS] for d in deltas]
-        mixed = parts[0].clone()
-        for p in parts[1:]:
-            mixed.add_(p)
-        if consensus is None:
-            if normalize:
-                mixed.div_(plain_divisor)
-        else:
-            elected = _elected_sign(mixed, parts, consensus)
-            mixed.zero_()
-            divisor = torch.zeros_like(mixed)
-            for p, w in zip(parts, weights):
-                agrees = torch.sign(p) == elected
-                mixed.add_(keep_only_(p, agrees))
-                divisor.add_(agrees, alpha=w)
-            if normalize:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        if lam != 1:
-            mixed.mul_(lam)
-        out[s : s + CHUNK_ELEMENTS].add_(mixed)
+        mix_into_(out[s : s + CHUNK_ELEMENTS], parts, weights, consensus, normalize, lam)
     return base
+
+
+def mix_into_(
+    out: torch.Tensor,
+    parts: list[torch.Tensor],
+    weights: list[float],
+    consensus: str | None,
+    normalize: bool,
+    lam: float,
+    scratch=None,
+) -> None:
+    """``out += λ·mix(parts)`` elementwise: the weighted, sparsified task vectors of one span
+    (modified in place) → optional sign consensus → sum → optional normalise.
+
+    ``scratch(name, dtype)``, if given, returns a reused buffer of at least ``out.numel()``
+    elements. The "sum" consensus runs on sign bits (no bool tensors, which are slow to make
+    on CPU); it gives the same bits as the plain formulation (``_mix_reference_``), which
+    handles spans whose sum is not finite (NaN and inf votes).
+    """
+    n = out.numel()
+
+    def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
+        if scratch is None:
+            return torch.empty(n, dtype=dtype, device=out.device)
+        return scratch(name, dtype)[:n]
+
+    total_weight = sum(weights)
+    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+    mixed = buffer("mix", torch.float32)
+    torch.add(parts[0], parts[1], out=mixed) if len(parts) > 1 else mixed.copy_(parts[0])
+    for p in parts[2:]:
+        mixed.add_(p)
+    if consensus is None:
+        if normalize:
+            mixed.div_(plain_divisor)
+    elif consensus != "sum" or not math.isfinite(float(mixed.sum())):
+        mixed = _mix_reference_(mixed, parts, weights, consensus, normalize)
+    else:
+        # sign(p) == elected, elected = +1 where Σ ≥ 0: p ≠ 0 with the sign bit of Σ (a −0.0
+        # sum only arises when every part is ±0, where no part agrees either way).
+        votes = mixed.view(torch.int32)
+        kept = buffer("kept", torch.float32).zero_()
+        divisor = buffer("divisor", torch.float32).zero_() if normalize else None
+        agree = buffer("agree", torch.int32)
+        nonzero = buffer("nonzero", torch.int32)
+        as_float = buffer("as_float", torch.float32)
+        for p, w in zip(parts, weights):
+            bits = p.view(torch.int32)
+            torch.bitwise_xor(bits, votes, out=agree).bitwise_right_shift_(31).bitwise_not_()
+            torch.bitwise_and(bits, 0x7FFFFFFF, out=nonzero).neg_().bitwise_right_shift_(31)
+            agree.bitwise_and_(nonzero)  # −1 where p agrees, else 0
+            bits.bitwise_and_(agree)
+            kept.add_(p)
+            if divisor is not None:
+                as_float.copy_(agree)  # −1.0 / 0.0
+                divisor.sub_(as_float, alpha=w)  # + w where p agrees
+        if divisor is not None:
+            zero = buffer("zero", torch.bool)
+            torch.eq(divisor, 0, out=zero)
+            divisor.add_(as_float.copy_(zero))  # 0 → 1, the rest unchanged
+            kept.div_(divisor)
+        mixed = kept
+    if lam != 1:
+        mixed.mul_(lam)
+    out.add_(mixed)
+
+
+def _mix_reference_(
+    total: torch.Tensor,
+    parts: list[torch.Tensor],
+    weights: list[float],
+    consensus: str,
+    normalize: bool,
+) -> torch.Tensor:
+    """Sign consensus written plainly: keep the parts whose sign is the elected one."""
+    elected = _elected_sign(total, parts, consensus)
+    mixed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for p, w in zip(parts, weights):
+        agrees = torch.sign(p) == elected
+        mixed.add_(keep_only_(p, agrees))
+        divisor.add_(agrees, alpha=w)
+    if normalize:
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return mixed
 
 
 def merge_task_arithmetic(parents, base, params, generator=None) -> torch.Tensor:

@@ -46,8 +46,9 @@ CHUNK_ELEMENTS = 1 << 20
 SORT_BELOW = 1 << 16
 
 _ABS_MASK = 0x7FFFFFFF
-_HIGH_BUCKETS = 1 << 15  # sign bit cleared: high 16 bits are in [0, 32768)
+HIGH_BUCKETS = 1 << 15  # sign bit cleared: high 16 bits are in [0, 32768)
 _LOW_BUCKETS = 1 << 16
+LOW_BINS = _LOW_BUCKETS + 2  # with a sentinel bin at either end
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=out)
 
 
-def _select_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+def select_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """Return (bucket, count above it) for the bucket holding the k-th largest element."""
     from_top = hist.flip(0).cumsum(0)
     position = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype)).item())
@@ -114,24 +115,43 @@ def magnitude_cut(x: torch.Tensor, k: int) -> MagnitudeCut:
     bits = torch.empty(min(n, CHUNK_ELEMENTS), dtype=torch.int32, device=flat.device)
     keys = torch.empty_like(bits)
 
-    high = torch.zeros(_HIGH_BUCKETS, dtype=torch.int64, device=flat.device)
+    high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64, device=flat.device)
     for start, stop in _chunks(n):
-        b = _abs_bits(flat[start:stop], bits)
-        h = torch.bitwise_right_shift(b, 16, out=keys[: b.numel()])
-        high += torch.bincount(h, minlength=_HIGH_BUCKETS)
-    bucket, above = _select_from_top(high, k)
+        add_high_histogram_(high, _abs_bits(flat[start:stop], bits), keys)
+    bucket, above = select_from_top(high, k)
     need = k - above
 
-    low = torch.zeros(_LOW_BUCKETS + 2, dtype=torch.int64, device=flat.device)
-    offset = bucket << 16
+    low = torch.zeros(LOW_BINS, dtype=torch.int64, device=flat.device)
     for start, stop in _chunks(n):
-        b = _abs_bits(flat[start:stop], bits)
-        # Elements outside the bucket land in the two sentinel bins at either end.
-        key = torch.sub(b, offset - 1, out=keys[: b.numel()])
-        key.clamp_(0, _LOW_BUCKETS + 1)
-        low += torch.bincount(key, minlength=_LOW_BUCKETS + 2)
-    low_bits, above_low = _select_from_top(low[1 : _LOW_BUCKETS + 1], need)
-    return MagnitudeCut(threshold_bits=offset | low_bits, ties_kept=need - above_low)
+        add_low_histogram_(low, _abs_bits(flat[start:stop], bits), bucket, keys)
+    return cut_in_bucket(low, bucket, need)
+
+
+def abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of ``|chunk|`` (float32) written into ``out`` (int32 scratch)."""
+    return _abs_bits(chunk, out)
+
+
+def add_high_histogram_(high: torch.Tensor, bits: torch.Tensor, keys: torch.Tensor) -> None:
+    """Radix pass 1 on one chunk: count the high 16 bits of magnitude bit patterns."""
+    h = torch.bitwise_right_shift(bits, 16, out=keys[: bits.numel()])
+    high += torch.bincount(h, minlength=HIGH_BUCKETS)
+
+
+def add_low_histogram_(
+    low: torch.Tensor, bits: torch.Tensor, bucket: int, keys: torch.Tensor
+) -> None:
+    """Radix pass 2 on one chunk: count the low 16 bits of the elements in ``bucket``
+    (``low`` has ``LOW_BINS`` bins; elements outside land in the sentinel bins at either end)."""
+    key = torch.sub(bits, (bucket << 16) - 1, out=keys[: bits.numel()])
+    key.clamp_(0, _LOW_BUCKETS + 1)
+    low += torch.bincount(key, minlength=LOW_BINS)
+
+
+def cut_in_bucket(low: torch.Tensor, bucket: int, need: int) -> MagnitudeCut:
+    """The cut from pass 2's histogram: the ``need``-th largest element inside ``bucket``."""
+    low_bits, above_low = select_from_top(low[1 : _LOW_BUCKETS + 1], need)
+    return MagnitudeCut(threshold_bits=(bucket << 16) | low_bits, ties_kept=need - above_low)
 
 
 class _TopSet:

@@ -1,0 +1,380 @@
+"""The task-arithmetic family over chunks: memory O(chunk) however large the tensor.
+
+The whole-tensor methods in ``task_arithmetic`` convert every parent to a float32 tensor.
+Here the parents stay where they are (bf16 mmap views, say) and are read a chunk at a time
+into reused float32 scratch, in up to three passes:
+
+1. (only if a parent needs it) δ_i = x_i − b per chunk: the high-16-bit histogram of |δ_i|
+   for each magnitude cut (``topk``'s radix select), the l1 block sums before and after the
+   DARE mask for an ``l1`` rescale;
+2. (only for magnitude cuts) the low-16-bit histogram inside each cut's bucket → the exact
+   threshold and how many ties at it are kept;
+3. per chunk: δ_i again, mask, rescale, × w_i, sign consensus, sum, normalise, × λ, + b,
+   cast into ``out``.
+
+Results are bit for bit those of ``task_arithmetic._merge`` (same total order for the top
+k, ties by flat index; same DARE draws and l1 block sums; the same ``mix_into_`` per
+element), whatever the chunk size (a multiple of ``REDUCE_BLOCK``) or worker count: the
+histograms are integer sums, the l1 sums are per fixed block, and the one order-dependent
+state — how many threshold ties earlier chunks kept — is handed from chunk to chunk.
+
+Chunks are spread over ``workers`` threads (torch and numpy release the GIL); each worker
+has its own scratch.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mergebuild.methods.registry import METHODS, TensorParams
+from mergebuild.methods.task_arithmetic import (
+    _FAMILY,
+    REDUCE_BLOCK,
+    _setting,
+    keep_draws,
+    l1_blocks,
+    mix_into_,
+    rescale_mode,
+)
+from mergebuild.methods.topk import (
+    HIGH_BUCKETS,
+    LOW_BINS,
+    abs_bits,
+    add_high_histogram_,
+    add_low_histogram_,
+    cut_in_bucket,
+    keep_only_,
+    select_from_top,
+)
+
+STREAMED = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+            "breadcrumbs_ties"}
+
+
+class ChunkWorkspace:
+    """Worker threads and their per-thread scratch, kept for a whole build."""
+
+    def __init__(self, workers: int, chunk: int):
+        if chunk % REDUCE_BLOCK:
+            raise ValueError(f"chunk must be a multiple of {REDUCE_BLOCK}")
+        self.chunk, self.workers = chunk, max(1, workers)
+        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+        self.local = threading.local()
+        self.allocated = 0  # bytes of scratch over all workers
+        self._lock = threading.Lock()
+
+    def buffer(self, name: Any, dtype: torch.dtype) -> torch.Tensor:
+        buffers = getattr(self.local, "buffers", None)
+        if buffers is None:
+            buffers = self.local.buffers = {}
+        buf = buffers.get(name)
+        if buf is None:
+            buf = buffers[name] = torch.empty(self.chunk, dtype=dtype)
+            with self._lock:
+                self.allocated += buf.numel() * buf.element_size()
+        return buf
+
+    def run(self, fn, items) -> list:
+        if self.pool is None:
+            return [fn(i) for i in items]
+        return list(self.pool.map(fn, items))
+
+    def nbytes(self) -> int:
+        return self.allocated
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+@dataclass
+class _Cut:
+    """The top-k set of one parent's |δ| for one k, chunk by chunk.
+
+    Members are the elements with bit pattern > ``threshold`` plus the first ``ties_kept``
+    elements equal to it in index order; ``ties_before[c]`` (from pass 2's per-chunk
+    histograms) is how many equal elements lie before chunk c, so every chunk knows its
+    share of the ties without waiting for the chunks before it.
+    """
+
+    k: int
+    n: int
+    bucket: int = 0
+    need: int = 0
+    threshold: int = 0
+    ties_kept: int = 0
+    ties_before: list[int] = field(default_factory=list)
+
+    @property
+    def everything(self) -> bool:
+        return self.k >= self.n
+
+    @property
+    def nothing(self) -> bool:
+        return self.k <= 0
+
+    @property
+    def trivial(self) -> bool:
+        return self.everything or self.nothing
+
+    def bound(self, chunk: int) -> int | None:
+        """Chunk ``chunk``'s members as ``bits >= bound`` (2³¹: none), or None when only
+        some of its ties are members (the one chunk where the kept ties end)."""
+        if self.everything:
+            return 0
+        if self.nothing:
+            return 1 << 31
+        if not self.ties_before:
+            return self.threshold if self.ties_kept else self.threshold + 1
+        before, after = self.ties_before[chunk], self.ties_before[chunk + 1]
+        if after <= self.ties_kept:
+            return self.threshold
+        if before >= self.ties_kept:
+            return self.threshold + 1
+        return None
+
+    def member(self, bits: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The bool membership of a chunk where the kept ties end."""
+        inside = bits > self.threshold
+        equal = (bits == self.threshold).nonzero().reshape(-1)
+        inside[equal[: self.ties_kept - self.ties_before[chunk]]] = True
+        return inside
+
+
+def _keep_between_(d: torch.Tensor, bits: torch.Tensor, low: int, high: int,
+                   mask: torch.Tensor) -> None:
+    """Zero ``d`` outside keep ∖ drop with int32 masks (bool tensors are slow to make):
+    −1 where ``bits >= low`` is ``~((bits − low) >> 31)``; bits lie in [0, 2³¹) and a bound
+    used here in [1, 2³¹), so the difference cannot overflow."""
+    if low >= high:
+        d.zero_()
+        return
+    if low > 0:
+        torch.sub(bits, low, out=mask).bitwise_right_shift_(31).bitwise_not_()
+        d.view(torch.int32).bitwise_and_(mask)
+    if high < 1 << 31:
+        torch.sub(bits, high, out=mask).bitwise_right_shift_(31)
+        d.view(torch.int32).bitwise_and_(mask)
+
+
+@dataclass
+class _Parent:
+    index: int
+    weight: float
+    mode: str  # "all" | "zero" | "magnitude" | "random"
+    density: float = 1.0
+    rescale: str = "none"
+    keep: _Cut | None = None
+    drop: _Cut | None = None
+    factor: float | None = None  # l1 rescale factor once known
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+
+    def cuts(self) -> list[_Cut]:
+        return [c for c in (self.keep, self.drop) if c is not None and not c.trivial]
+
+
+def _plan(method: str, params: TensorParams, n: int) -> tuple[list[_Parent], dict]:
+    kind, takes_consensus = _FAMILY[method]
+    g = params.globals
+    settings = {
+        "normalize": bool(_setting(method, g, "normalize")),
+        "lam": float(_setting(method, g, "lambda")),
+        "consensus": str(_setting(method, g, "consensus")) if takes_consensus else None,
+    }
+    rescale = rescale_mode(_setting(method, g, "rescale")) if kind else "none"
+    names = {p.name for p in METHODS[method].params}
+    parents = []
+    for i, values in enumerate(params.parents):
+        weight = float(_setting(method, values, "weight"))
+        density = float(_setting(method, values, "density")) if kind else 1.0
+        p = _Parent(i, weight, "all", density, rescale)
+        if kind is None or density >= 1:
+            pass
+        elif density <= 0 or n == 0:
+            p.mode = "zero"
+        elif kind == "random":
+            p.mode = "random"
+        else:
+            if kind == "magnitude":
+                start, stop = 0, max(1, int(density * n))
+            else:
+                gamma = float(_setting(method, values, "gamma")) if "gamma" in names else 0.0
+                target = int(density * n)
+                n_bottom = max(0, n - target - int(gamma * n))
+                start, stop = n - n_bottom - target, n - n_bottom
+            start, stop = max(0, start), min(n, stop)
+            if stop <= start:
+                p.mode = "zero"
+            elif not (start == 0 and stop == n):
+                p.mode = "magnitude"
+                p.keep, p.drop = _Cut(stop, n), _Cut(start, n)
+        parents.append(p)
+    return parents, settings
+
+
+def streamable(method: str, params: TensorParams) -> bool:
+    """Whether ``merge_streamed`` computes this method with these parameters (DELLA and a
+    magnitude trim with an l1 rescale need whole tensors)."""
+    if method not in STREAMED:
+        return False
+    kind, _ = _FAMILY[method]
+    if kind in ("magnitude", "magnitude_outliers"):
+        rescale = rescale_mode(_setting(method, params.globals, "rescale"))
+        return rescale != "l1"
+    return True
+
+
+def merge_streamed(
+    method: str,
+    parents: list[torch.Tensor],
+    base: torch.Tensor,
+    params: TensorParams,
+    seed: int | None,
+    out: torch.Tensor,
+    workspace: ChunkWorkspace,
+    consumed=None,
+) -> None:
+    """Merge flat CPU tensors ``parents`` over flat ``base`` into flat ``out``, chunk by chunk.
+
+    Args:
+        method: a name in ``STREAMED`` for which ``streamable`` holds.
+        parents, base: flat tensors of any float dtype (e.g. bf16 mmap views); not modified.
+        params: the tensor's parameters; seed: the tensor's seed (randomised methods).
+        out: flat output tensor (its dtype is the cast at the end).
+        workspace: threads and scratch; ``consumed(start, stop)`` is called once a span of
+            the inputs is read for the last time.
+    """
+    n = out.numel()
+    plan, settings = _plan(method, params, n)
+    if any(p.mode == "random" for p in plan) and seed is None:
+        raise RuntimeError("random sparsification needs a seeded generator")
+    chunk = workspace.chunk
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    ws = workspace
+
+    def deltas(s: int, e: int, which: list[_Parent]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = ws.buffer("base", torch.float32)[: e - s]
+        b.copy_(base[s:e])
+        ds = []
+        for p in which:
+            d = ws.buffer(("delta", p.index), torch.float32)[: e - s]
+            d.copy_(parents[p.index][s:e])
+            ds.append(d.sub_(b))
+        return b, ds
+
+    cut_parents = [p for p in plan if p.cuts()]
+    l1_parents = [p for p in plan if p.mode == "random" and p.rescale == "l1"]
+    n_blocks = -(-n // REDUCE_BLOCK)
+    for p in l1_parents:
+        p.before, p.after = [0.0] * n_blocks, [0.0] * n_blocks
+
+    # Pass 1: high histograms, l1 block sums.
+    if cut_parents or l1_parents:
+        def pass1(span):
+            s, e = span
+            keys = ws.buffer("keys", torch.int32)
+            bits = ws.buffer("bits", torch.int32)
+            hists = {p.index: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for p in cut_parents}
+            _, ds = deltas(s, e, cut_parents + l1_parents)
+            for p, d in zip(cut_parents + l1_parents, ds):
+                if p.mode == "magnitude":
+                    add_high_histogram_(hists[p.index], abs_bits(d, bits), keys)
+                else:
+                    block0 = s // REDUCE_BLOCK
+                    sums = l1_blocks(d)
+                    p.before[block0 : block0 + len(sums)] = sums
+                    keep_only_(d, keep_draws(seed, p.index, s, e, p.density))
+                    sums = l1_blocks(d)
+                    p.after[block0 : block0 + len(sums)] = sums
+            return hists
+
+        highs = {p.index: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for p in cut_parents}
+        for hists in ws.run(pass1, spans):
+            for i, h in hists.items():
+                highs[i] += h
+        for p in l1_parents:
+            before, after = sum(p.before), sum(p.after)
+            p.factor = before / after if before >= 1e-7 and after >= 1e-7 else None
+        for p in cut_parents:
+            for cut in p.cuts():
+                cut.bucket, above = select_from_top(highs[p.index], cut.k)
+                cut.need = cut.k - above
+
+    # Pass 2: low histograms inside each cut's bucket → exact thresholds; each chunk's
+    # histogram is kept sparse so the ties before every chunk can be counted afterwards.
+    all_cuts = [c for p in cut_parents for c in p.cuts()]
+    if all_cuts:
+        def pass2(span):
+            s, e = span
+            keys = ws.buffer("keys", torch.int32)
+            bits = ws.buffer("bits", torch.int32)
+            lows = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in all_cuts]
+            _, ds = deltas(s, e, cut_parents)
+            j = 0
+            for p, d in zip(cut_parents, ds):
+                b = abs_bits(d, bits)
+                for cut in p.cuts():
+                    add_low_histogram_(lows[j], b, cut.bucket, keys)
+                    j += 1
+            return lows
+
+        totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in all_cuts]
+        sparse: list[list[dict[int, int]]] = [[] for _ in all_cuts]
+        for lows in ws.run(pass2, spans):
+            for t, h, per_chunk in zip(totals, lows, sparse):
+                t += h
+                inside = h[1:-1].nonzero().reshape(-1)
+                per_chunk.append(dict(zip(inside.tolist(), h[1:-1][inside].tolist())))
+        for cut, low, per_chunk in zip(all_cuts, totals, sparse):
+            found = cut_in_bucket(low, cut.bucket, cut.need)
+            cut.threshold, cut.ties_kept = found.threshold_bits, found.ties_kept
+            low_bits = found.threshold_bits & 0xFFFF
+            if 0 < cut.ties_kept < int(low[1 + low_bits]):  # ties split: count per chunk
+                cut.ties_before = [0]
+                for counts in per_chunk:
+                    cut.ties_before.append(cut.ties_before[-1] + counts.get(low_bits, 0))
+
+    # Pass 3: the merge.
+    weights = [p.weight for p in plan]
+
+    def pass3(index: int) -> None:
+        s, e = spans[index]
+        b, ds = deltas(s, e, plan)
+        bits = ws.buffer("bits", torch.int32)[: e - s]
+        for p, d in zip(plan, ds):
+            if p.mode == "zero":
+                d.zero_()
+            elif p.mode == "magnitude":
+                abs_bits(d, bits)
+                low, high = p.keep.bound(index), p.drop.bound(index)
+                if low is not None and high is not None:
+                    _keep_between_(d, bits, low, high, ws.buffer("keys", torch.int32)[: e - s])
+                else:
+                    inside = (bits >= low if low is not None
+                              else p.keep.member(bits, index))
+                    if high is None:
+                        inside &= ~p.drop.member(bits, index)
+                    elif high < 1 << 31:
+                        inside &= bits < high
+                    keep_only_(d, inside)
+            elif p.mode == "random":
+                keep_only_(d, keep_draws(seed, p.index, s, e, p.density))
+                if p.rescale == "l1":
+                    if p.factor is not None:
+                        d.mul_(p.factor)
+                elif p.rescale == "inverse_density":
+                    d.div_(p.density)
+            d.mul_(p.weight)
+        mix_into_(b, ds, weights, settings["consensus"], settings["normalize"],
+                  settings["lam"], ws.buffer)
+        out[s:e].copy_(b)
+        if consumed is not None:
+            consumed(s, e)
+
+    ws.run(pass3, range(len(spans)))
