@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -293,6 +295,7 @@ class Project:
         reporter = reporter or Reporter()
         started = time.monotonic()
         targets = self.targets_or_default(targets)
+        self._import_torch_early(force)
         states = self.plan(targets, force=force)
         reporter.plan(states)
         self.update_lock(states)
@@ -325,6 +328,22 @@ class Project:
         outcome = MakeResult(results=results, seconds=time.monotonic() - started)
         reporter.summary(outcome)
         return outcome
+
+    def _import_torch_early(self, force: bool) -> None:
+        """Import torch on a thread while the plan hashes sources, when a merge node has never
+        been built here (so something will be): the import (~2 s) then overlaps the hashing
+        (~1 s for a 2.4 GB fresh store). A no-op make never imports torch."""
+        merges = [n for n, s in self.mergefile.nodes.items() if isinstance(s, MergeSpec)]
+        if not (force or any(self.store.read_ref(n) is None for n in merges)):
+            return
+
+        def load() -> None:
+            try:
+                importlib.import_module("torch")
+            except BaseException:  # noqa: BLE001 - the engine's own import reports it
+                pass
+
+        threading.Thread(target=load, name="import-torch", daemon=True).start()
 
     def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
                    force: bool, device: str, reporter: Reporter) -> NodeResult:

@@ -296,28 +296,23 @@ def mix_into_(
     elif consensus != "sum" or not math.isfinite(float(mixed.sum())):
         mixed = _mix_reference_(mixed, parts, weights, consensus, normalize)
     else:
-        # sign(p) == elected, elected = +1 where Σ ≥ 0: p ≠ 0 with the sign bit of Σ (a −0.0
-        # sum only arises when every part is ±0, where no part agrees either way).
-        votes = mixed.view(torch.int32)
+        # elected = +1 where Σ ≥ 0 else −1, as copysign(1, Σ) (a −0.0 sum only arises when
+        # every part is ±0, and a zero part agrees with neither sign); agree = relu(sign(p)·e)
+        # is 1.0 where sign(p) equals it, else 0.0; p·agree keeps p or gives ±0.
+        elected = buffer("elected", torch.float32).fill_(1.0)
+        torch.copysign(elected, mixed, out=elected)
         kept = buffer("kept", torch.float32).zero_()
         divisor = buffer("divisor", torch.float32).zero_() if normalize else None
-        agree = buffer("agree", torch.int32)
-        nonzero = buffer("nonzero", torch.int32)
-        as_float = buffer("as_float", torch.float32)
+        agree = buffer("agree", torch.float32)
         for p, w in zip(parts, weights):
-            bits = p.view(torch.int32)
-            torch.bitwise_xor(bits, votes, out=agree).bitwise_right_shift_(31).bitwise_not_()
-            torch.bitwise_and(bits, 0x7FFFFFFF, out=nonzero).neg_().bitwise_right_shift_(31)
-            agree.bitwise_and_(nonzero)  # −1 where p agrees, else 0
-            bits.bitwise_and_(agree)
-            kept.add_(p)
+            torch.sign(p, out=agree).mul_(elected).clamp_min_(0.0)
+            kept.addcmul_(p, agree)
             if divisor is not None:
-                as_float.copy_(agree)  # −1.0 / 0.0
-                divisor.sub_(as_float, alpha=w)  # + w where p agrees
+                divisor.add_(agree, alpha=w)
         if divisor is not None:
             zero = buffer("zero", torch.bool)
             torch.eq(divisor, 0, out=zero)
-            divisor.add_(as_float.copy_(zero))  # 0 → 1, the rest unchanged
+            divisor.add_(agree.copy_(zero))  # 0 → 1, the rest unchanged
             kept.div_(divisor)
         mixed = kept
     if lam != 1:
