@@ -627,6 +627,9 @@ class _Streaming:
         flat = out.view(-1)
         n = flat.numel()
         slot_base = len(srcs)
+        if self.device == "cpu" and n > _STREAM_CHUNK:
+            self._chunks_in_parallel(task, srcs, base, flat, func, params)
+            return out
         for s in range(0, n, _CHUNK_ELEMENTS):
             e = min(n, s + _CHUNK_ELEMENTS)
             parents = [self.chunks.float32(k, x[s:e]) for k, x in enumerate(srcs)]
@@ -641,6 +644,37 @@ class _Streaming:
                 ) from None
             flat[s:e].copy_(r)
         return out.cpu()
+
+
+    def _chunks_in_parallel(self, task: TensorTask, srcs, base, flat, func,
+                            params: TensorParams) -> None:
+        """``compute_chunked`` on the CPU, its chunks spread over the workspace's threads
+        (an elementwise method's result does not depend on how it is chunked)."""
+        from .methods.task_arithmetic_stream import ChunkWorkspace
+
+        torch = self.torch
+        if self.workspace is None:
+            self.workspace = ChunkWorkspace(_workers(), _STREAM_CHUNK)
+        ws = self.workspace
+        n = flat.numel()
+
+        def one(span: tuple[int, int]) -> None:
+            s, e = span
+            parents = [ws.buffer(("in", k), torch.float32)[: e - s].copy_(x[s:e])
+                       for k, x in enumerate(srcs)]
+            b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
+                 if base is not None else None)
+            for info in (*task.inputs, task.base):
+                self.drop_pages(info, s, e)
+            try:
+                r = func(parents, b, params, None)
+            except ValueError as exc:
+                raise IncompatibleModelsError(
+                    f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
+                ) from None
+            flat[s:e].copy_(r)
+
+        ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
 
 
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
