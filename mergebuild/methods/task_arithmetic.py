@@ -351,12 +351,20 @@ def merge_ties(parents, base, params, generator=None) -> torch.Tensor:
 
 
 def merge_dare_linear(parents, base, params, generator=None) -> torch.Tensor:
-    """DARE: random drop with keep probability ``density``, rescale, weighted sum."""
+    """DARE: random drop with keep probability ``density``, rescale, weighted sum.
+
+    The mask of parent i (position in the node's model list) keeps flat element j iff the
+    j-th 32-bit uniform of its stream is below ``ceil(density·2³²)``; the stream is numpy's
+    SFC64 seeded by ``SeedSequence([seed, i, j // RNG_BLOCK])`` per block of ``RNG_BLOCK``
+    elements (two uniforms per 64-bit word, low half first), ``seed`` being the generator's
+    (the engine's per-(node key, tensor name) seed). It does not depend on chunking, threads,
+    device or tensor order (engine version 2; version 1 drew torch's generator in sequence).
+    """
     return _merge("dare_linear", parents, base, params, generator)
 
 
 def merge_dare_ties(parents, base, params, generator=None) -> torch.Tensor:
-    """DARE-TIES: random drop, rescale, sign consensus."""
+    """DARE-TIES: random drop, rescale, sign consensus (the mask as ``merge_dare_linear``)."""
     return _merge("dare_ties", parents, base, params, generator)
 
 
