@@ -45,10 +45,10 @@ from mergebuild.methods.topk import (
     HIGH_BUCKETS,
     LOW_BINS,
     abs_bits,
-    add_high_histogram_,
-    add_low_histogram_,
     cut_in_bucket,
+    high_histogram,
     keep_only_,
+    low_histogram,
     select_from_top,
 )
 
@@ -280,11 +280,11 @@ def merge_streamed(
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
-            hists = {p.index: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for p in cut_parents}
+            hists = {}
             _, ds = deltas(s, e, cut_parents + l1_parents)
             for p, d in zip(cut_parents + l1_parents, ds):
                 if p.mode == "magnitude":
-                    add_high_histogram_(hists[p.index], abs_bits(d, bits), keys)
+                    hists[p.index] = high_histogram(abs_bits(d, bits), keys)
                 else:
                     block0 = s // REDUCE_BLOCK
                     sums = l1_blocks(d)
@@ -314,14 +314,12 @@ def merge_streamed(
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
-            lows = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in all_cuts]
+            lows = []
             _, ds = deltas(s, e, cut_parents)
-            j = 0
             for p, d in zip(cut_parents, ds):
                 b = abs_bits(d, bits)
                 for cut in p.cuts():
-                    add_low_histogram_(lows[j], b, cut.bucket, keys)
-                    j += 1
+                    lows.append(low_histogram(b, cut.bucket, keys))
             return lows
 
         totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in all_cuts]

@@ -132,20 +132,29 @@ def abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return _abs_bits(chunk, out)
 
 
-def add_high_histogram_(high: torch.Tensor, bits: torch.Tensor, keys: torch.Tensor) -> None:
-    """Radix pass 1 on one chunk: count the high 16 bits of magnitude bit patterns."""
+def high_histogram(bits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Radix pass 1 on one chunk: counts of the high 16 bits of magnitude bit patterns
+    (``HIGH_BUCKETS`` int64 bins; ``keys`` is int32 scratch)."""
     h = torch.bitwise_right_shift(bits, 16, out=keys[: bits.numel()])
-    high += torch.bincount(h, minlength=HIGH_BUCKETS)
+    return torch.bincount(h, minlength=HIGH_BUCKETS)
+
+
+def low_histogram(bits: torch.Tensor, bucket: int, keys: torch.Tensor) -> torch.Tensor:
+    """Radix pass 2 on one chunk: counts of the low 16 bits of the elements in ``bucket``
+    (``LOW_BINS`` bins; elements outside land in the sentinel bins at either end)."""
+    key = torch.sub(bits, (bucket << 16) - 1, out=keys[: bits.numel()])
+    key.clamp_(0, _LOW_BUCKETS + 1)
+    return torch.bincount(key, minlength=LOW_BINS)
+
+
+def add_high_histogram_(high: torch.Tensor, bits: torch.Tensor, keys: torch.Tensor) -> None:
+    high += high_histogram(bits, keys)
 
 
 def add_low_histogram_(
     low: torch.Tensor, bits: torch.Tensor, bucket: int, keys: torch.Tensor
 ) -> None:
-    """Radix pass 2 on one chunk: count the low 16 bits of the elements in ``bucket``
-    (``low`` has ``LOW_BINS`` bins; elements outside land in the sentinel bins at either end)."""
-    key = torch.sub(bits, (bucket << 16) - 1, out=keys[: bits.numel()])
-    key.clamp_(0, _LOW_BUCKETS + 1)
-    low += torch.bincount(key, minlength=LOW_BINS)
+    low += low_histogram(bits, bucket, keys)
 
 
 def cut_in_bucket(low: torch.Tensor, bucket: int, need: int) -> MagnitudeCut:
