@@ -634,16 +634,22 @@ class _Streaming:
             e = min(n, s + _CHUNK_ELEMENTS)
             parents = [self.chunks.float32(k, x[s:e]) for k, x in enumerate(srcs)]
             b = self.chunks.float32(slot_base, base[s:e]) if base is not None else None
-            for info in (*task.inputs, task.base):
-                self.drop_pages(info, s, e)
-            try:
-                r = func(parents, b, params, None)
-            except ValueError as exc:
-                raise IncompatibleModelsError(
-                    f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
-                ) from None
-            flat[s:e].copy_(r)
+            self._merge_span(task, parents, b, s, e, func, params, flat)
         return out.cpu()
+
+    def _merge_span(self, task: TensorTask, parents, b, s: int, e: int, func,
+                    params: TensorParams, flat) -> None:
+        """Merge elements [s, e) already converted to float32 into ``flat``; the parents'
+        pages behind them are dropped first (they are not read again)."""
+        for info in (*task.inputs, task.base):
+            self.drop_pages(info, s, e)
+        try:
+            r = func(parents, b, params, None)
+        except ValueError as exc:
+            raise IncompatibleModelsError(
+                f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
+            ) from None
+        flat[s:e].copy_(r)
 
 
     def _chunks_in_parallel(self, task: TensorTask, srcs, base, flat, func,
@@ -664,15 +670,7 @@ class _Streaming:
                        for k, x in enumerate(srcs)]
             b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
                  if base is not None else None)
-            for info in (*task.inputs, task.base):
-                self.drop_pages(info, s, e)
-            try:
-                r = func(parents, b, params, None)
-            except ValueError as exc:
-                raise IncompatibleModelsError(
-                    f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
-                ) from None
-            flat[s:e].copy_(r)
+            self._merge_span(task, parents, b, s, e, func, params, flat)
 
         ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
 

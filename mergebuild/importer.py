@@ -12,20 +12,11 @@ from typing import Any
 import yaml
 
 from .errors import MergefileError
+from .mergefile import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 
-# mergekit's MergeConfiguration keys a merge node accepts verbatim.
-MERGE_KEYS = (
-    "merge_method",
-    "base_model",
-    "models",
-    "parameters",
-    "slices",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "tokenizer",
-    "chat_template",
-)
+# mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
+# merge keys but the mergebuild-only `description`).
+MERGE_KEYS = tuple(k for k in _MERGEFILE_MERGE_KEYS if k != "description")
 # mergekit keys that exist but that mergebuild does not implement: reported, then dropped.
 _UNSUPPORTED = {
     "modules": "multi-module merges are not supported",

@@ -129,9 +129,8 @@ class HubCache:
         return ModelInfo(id=repo_id, sha=commit, siblings=siblings, private=False, tags=[])
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch) -> HubCache:
-    """A populated HF cache, selected through the environment, with the hub switched off.
+def offline_hub_cache(tmp_path, monkeypatch) -> HubCache:
+    """An empty HF cache under tmp_path, selected through the environment, hub switched off.
 
     huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` at import time,
     so both the environment (what mergebuild.hub reads at call time) and the constants
@@ -144,7 +143,18 @@ def hf_cache(tmp_path, monkeypatch) -> HubCache:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    cache = HubCache(root)
+    return HubCache(root)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch) -> HubCache:
+    """A populated HF cache, selected through the environment, with the hub switched off.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` at import time,
+    so both the environment (what mergebuild.hub reads at call time) and the constants
+    (what huggingface_hub itself reads) are patched.
+    """
+    cache = offline_hub_cache(tmp_path, monkeypatch)
 
     tokenizer = json.dumps({"model": {"vocab": {str(i): i for i in range(32)}}}).encode()
     alpha_v1 = {

@@ -16,7 +16,7 @@ from huggingface_hub.utils._safetensors import (
     SafetensorsRepoMetadata,
     TensorInfo,
 )
-from test_hub import HubCache
+from test_hub import HubCache, offline_hub_cache
 
 from mergebuild import hub
 from mergebuild.cli import main
@@ -70,15 +70,8 @@ def tiny_models(tmp_path_factory) -> dict[str, dict[str, bytes]]:
 @pytest.fixture
 def cache(tmp_path, monkeypatch, tiny_models) -> HubCache:
     """A populated HF cache with the hub switched off (HF_HUB_OFFLINE=1)."""
-    root = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    hc = offline_hub_cache(tmp_path, monkeypatch)
     monkeypatch.delenv("MERGEBUILD_CACHE", raising=False)
-    hc = HubCache(root)
     hc.add_commit("org/base", B1, tiny_models["base"])
     hc.set_ref("org/base", "main", B1)
     hc.add_commit("org/instruct", I1, tiny_models["instruct"])

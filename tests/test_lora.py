@@ -148,17 +148,9 @@ BASE_COMMIT = "ba" * 20
 
 def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, monkeypatch):
     """``org/base+org/adapter@rev``: both resolved from the Hugging Face cache, offline."""
-    from huggingface_hub import constants
-    from test_hub import HubCache
+    from test_hub import offline_hub_cache
 
-    root = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    cache = HubCache(root)
+    cache = offline_hub_cache(tmp_path, monkeypatch)
     base = demo_models["base"]
     cache.add_commit("org/base", BASE_COMMIT, {p.name: p.read_bytes() for p in base.iterdir()
                                                if p.is_file() and not p.name.startswith(".")})
