@@ -60,9 +60,9 @@ def mergekit_merge(
     **shared: Any,
 ) -> torch.Tensor:
     """mergekit's own per-tensor computation for the same inputs."""
+    method = mergekit_method(name)  # skips the test when mergekit is absent
     from mergekit.merge_methods.base import PerInputValues, TensorGroup
 
-    method = mergekit_method(name)
     tensors = [p.clone() for p in parents]
     base_index = None
     if base is not None:
@@ -81,9 +81,9 @@ NOT_ACCEPTED = {"int8_mask"}
 
 def assert_registry_matches_mergekit(name: str) -> None:
     """Same parameter names, defaults, requiredness, scope and base policy as mergekit."""
+    theirs = mergekit_method(name).spec  # skips the test when mergekit is absent
     from mergekit.merge_methods.base import MISSING, ParameterScope
 
-    theirs = mergekit_method(name).spec
     ours = METHODS[name]
     their_params = [p for p in theirs.parameters if p.name not in NOT_ACCEPTED]
     assert {p.name for p in ours.params} == {p.name for p in their_params}
