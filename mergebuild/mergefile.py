@@ -614,8 +614,9 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
                 else f"{method.min_parents} to {method.max_parents}"
             )
             extra = " besides the base_model" if method.base == "required" else ""
+            noun = "model" if method.max_parents == 1 else "models"
             raise MergefileError(
-                f"{method.name} takes {expected} model(s){extra}, got {count}", file=file,
+                f"{method.name} takes {expected} {noun}{extra}, got {count}", file=file,
                 line=base_line if count == 0 else spec.models[0].line, node=spec.name,
                 hint="check 'models:' and 'base_model:'",
             )

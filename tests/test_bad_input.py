@@ -195,7 +195,7 @@ CASES = [
          _merge("slerp", "    parameters: {t: 0.5}\n",
                 "      - {model: instruct}\n      - {model: ok}\n      - {model: base}\n",
                 base="base"),
-         ("node 'bad'", "slerp takes exactly 1 model(s) besides the base_model, got 2",
+         ("node 'bad'", "slerp takes exactly 1 model besides the base_model, got 2",
           "check 'models:'"), exit_code=2),
     Case("density-negative", "density < 0",
          _merge("ties", "", _entries(("instruct", "weight: 0.5, density: -0.1")), base="base"),
