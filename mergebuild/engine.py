@@ -15,7 +15,7 @@ from typing import Any
 import xxhash
 
 from . import faults
-from .checkpoint import CheckpointReader, TensorInfo
+from .checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
 from .compat import check_compatibility, layer_count, reader_metadata, tensor_sources
 from .errors import CheckpointError, IncompatibleModelsError, SourceError
 from .hashing import manifest_digest, stat_signature
@@ -350,12 +350,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
 
 
 def _nbytes(task: TensorTask) -> int:
-    size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}.get(task.dtype, 4)
-    n = 1
-    for d in task.shape:
-        n *= d
-    return n * size
+    return math.prod(task.shape) * DTYPE_SIZES[task.dtype]
 
 
 def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:

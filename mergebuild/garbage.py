@@ -18,6 +18,7 @@ before removing anything: without every current key it cannot know what is reach
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -198,10 +199,8 @@ def _remove_empty_prefixes(store: Store) -> None:
         return
     for prefix in store.objects.iterdir():
         if prefix.is_dir() and not any(prefix.iterdir()):
-            try:
+            with contextlib.suppress(OSError):  # a make published into it meanwhile
                 prefix.rmdir()
-            except OSError:
-                pass  # a make published into it meanwhile
 
 
 def _tree_size(path: Path) -> int:

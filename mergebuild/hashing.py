@@ -43,16 +43,6 @@ def file_xxh128(path: Path) -> str:
     return "xxh128:" + h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def stat_signature(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_ino, st.st_size, st.st_mtime_ns)

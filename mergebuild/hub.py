@@ -1017,9 +1017,6 @@ class LockFile:
     def set(self, node: str, resolution: HubResolution) -> None:
         self._entries[node] = resolution
 
-    def remove(self, node: str) -> None:
-        self._entries.pop(node, None)
-
     def nodes(self) -> list[str]:
         return sorted(self._entries)
 

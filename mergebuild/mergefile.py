@@ -415,7 +415,7 @@ class _Builder:
         if spec.adapter is not None:
             raise self.error(f"'{ref}' stacks two adapters", line, node,
                              "apply one adapter per reference")
-        if adapter.startswith("hf://") or adapter.startswith(("/", "./", "../", "~")) or (
+        if adapter.startswith(("hf://", "/", "./", "../", "~")) or (
             self.base_dir / adapter
         ).exists():
             adapter_uri = self._source_uri(adapter, line, node)

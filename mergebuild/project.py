@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
@@ -338,10 +339,8 @@ class Project:
             return
 
         def load() -> None:
-            try:
+            with contextlib.suppress(BaseException):  # the engine's own import reports it
                 importlib.import_module("torch")
-            except BaseException:  # noqa: BLE001 - the engine's own import reports it
-                pass
 
         threading.Thread(target=load, name="import-torch", daemon=True).start()
 
@@ -430,9 +429,12 @@ class Project:
             else:
                 assert parent.path is not None
                 parent_dirs[ref] = parent.path
-        adapters = {ref: adapter_directory(states[ref].source) for ref in parent_dirs
-                    if states[ref].source is not None
-                    and adapter_directory(states[ref].source) is not None}
+        adapters = {}
+        for ref in parent_dirs:
+            source = states[ref].source
+            adapter = adapter_directory(source) if source is not None else None
+            if adapter is not None:  # resolved once: a hub adapter is fetched here
+                adapters[ref] = adapter
         job = replace(job, parents=parent_dirs, adapters=adapters)
         reporter.node_start(state)
         tmp = self.store.new_tmp(key)

@@ -109,10 +109,6 @@ def register(method: Method) -> Method:
     return method
 
 
-def get_method(name: str) -> Method | None:
-    return METHODS.get(name)
-
-
 # --- core methods (methods-A) ---
 # Names, defaults and scopes follow mergekit 0.1.5 (merge_methods/registry.py); mergekit
 # gives no ranges, so only the meaningful ones are enforced here. mergekit's `int8_mask`
