@@ -2,13 +2,13 @@
 
 Usage: ``python benchmarks/probe.py REPORT.json -- <mergebuild arguments>``. An audit hook
 counts every ``open``/``mmap`` of a ``*.safetensors`` file and the bytes read through them
-are bounded by ``rchar`` from /proc/self/io; the report is written at exit.
+are bounded by ``rchar`` from /proc/self/io; the report is written when the command returns.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
+import os
 import sys
 
 _opened: list[str] = []
@@ -40,11 +40,11 @@ def main() -> None:
     report, sep, *args = sys.argv[1:]
     assert sep == "--", "usage: probe.py REPORT.json -- ARGS"
     sys.addaudithook(_audit)
-    atexit.register(_report, report)
-    sys.argv = ["mergebuild", *args]
-    from mergebuild.cli import main as cli_main
+    from mergebuild.cli import invoke
 
-    cli_main()
+    code = invoke(args)  # then leave as the ``mergebuild`` command does (cli.run)
+    _report(report)
+    os._exit(code) if "torch" in sys.modules else sys.exit(code)
 
 
 if __name__ == "__main__":

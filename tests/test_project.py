@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import CHAIN, outcomes
 from safetensors.torch import load_file
 
-from conftest import CHAIN, outcomes
 from mergebuild.errors import BuildInterrupted, StoreError
 
 
@@ -136,7 +136,7 @@ def test_path_of_unbuilt_node_fails(workspace):
 
 
 def test_interrupted_build_publishes_nothing_and_next_make_finishes(workspace, monkeypatch):
-    import mergebuild.engine as engine
+    from mergebuild import engine
 
     workspace.chain()
     real = engine.run_build
