@@ -91,6 +91,7 @@ class Reporter:
                       bytes_total: int) -> None: ...
     def node_done(self, result: NodeResult) -> None: ...
     def waiting(self, name: str) -> None: ...
+    def store_busy(self) -> None: ...
     def download(self, node: str, label: str, done: int, total: int) -> None: ...
     def summary(self, result: MakeResult) -> None: ...
 
@@ -297,6 +298,11 @@ class Project:
         started = time.monotonic()
         targets = self.targets_or_default(targets)
         self._import_torch_early(force)
+        with self.store.in_use(on_wait=reporter.store_busy, create=True):
+            return self._make(targets, force, keep_going, device, reporter, started)
+
+    def _make(self, targets: list[str], force: bool, keep_going: bool, device: str | None,
+              reporter: Reporter, started: float) -> MakeResult:
         states = self.plan(targets, force=force)
         reporter.plan(states)
         self.update_lock(states)
@@ -574,7 +580,8 @@ class Project:
         """
         from .audit import verify_build
 
-        return verify_build(self.build_dir(node))
+        with self.store.in_use():
+            return verify_build(self.build_dir(node))
 
     def build_dir(self, node: str) -> Path:
         """The store directory of ``node``'s current key, even if it fails the cheap
@@ -589,28 +596,32 @@ class Project:
         and compare every output file with the stored build (``audit.ReproReport``)."""
         from .audit import check_reproducible
 
-        return check_reproducible(self, node, device=device, reporter=reporter)
+        with self.store.in_use():
+            return check_reproducible(self, node, device=device, reporter=reporter)
 
     def collect_garbage(self, dry_run: bool = False):
         """Remove store objects no node reaches and leftovers of dead builds (see
         ``garbage``); returns a ``garbage.GcReport``."""
         from .garbage import collect_garbage
 
-        return collect_garbage(self, dry_run=dry_run)
+        with self.store.in_use() if dry_run else self.store.exclusive():
+            return collect_garbage(self, dry_run=dry_run)
 
     def export(self, node: str, directory: str | Path, force: bool = False):
         """Copy ``node``'s verified build to ``directory`` (``export.ExportResult``)."""
         from .export import export_build
 
-        return export_build(self.path(node), Path(directory), force=force, node=node)
+        with self.store.in_use():
+            return export_build(self.path(node), Path(directory), force=force, node=node)
 
     def push(self, node: str, repo_id: str, private: bool = False,
              revision: str | None = None) -> str:
         """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
         from .export import push_build
 
-        return push_build(self.path(node), repo_id, private=private, revision=revision,
-                          node=node)
+        with self.store.in_use():
+            return push_build(self.path(node), repo_id, private=private, revision=revision,
+                              node=node)
 
     def excerpt(self, node: str) -> str:
         """The YAML of ``node`` and its ancestors: enough to rebuild it."""

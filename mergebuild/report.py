@@ -86,6 +86,9 @@ class PlainReporter(Reporter):
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
 
+    def store_busy(self) -> None:
+        self._print("waiting: mergebuild gc is cleaning this store")
+
     def download(self, node: str, label: str, done: int, total: int) -> None:
         now = time.monotonic()
         key = f"download:{label}"

@@ -7,6 +7,8 @@ Layout of a store directory::
     locks/<key>.lock           flock'd while a key is built, so two makes never build it twice
     refs/<node>.json           the last build of each node name: key, digest, recipe (for
                                "what changed" reasons and human-facing names)
+    use.lock                   flock'd shared by every command using objects, exclusively
+                               by gc (so gc never removes what a running command uses)
     demo/                      demo models generated on first use
     state.db                   the stat cache (SQLite)
 """
@@ -29,6 +31,8 @@ from . import faults
 from .errors import StoreError
 from .hashing import StatCache
 from .lineage import quick_check
+
+USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,60 @@ class Store:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+    @contextlib.contextmanager
+    def in_use(self, on_wait: Callable[[], None] | None = None, create: bool = False
+               ) -> Iterator[None]:
+        """Hold the store's shared use lock while a command reads or publishes objects
+        (make, make --check, verify, export, push): ``gc`` takes it exclusively, so it never
+        removes an object that a running command has just published, reused or is reading.
+        Blocks (calling ``on_wait`` once) while a ``gc`` runs. A store that does not exist
+        yet (unless ``create``: make is about to write it) or cannot be written has nothing
+        to protect and is not locked."""
+        fd = self._open_use_lock(create=create)
+        if fd is None:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the use lock alone (``gc``); a StoreError at once if any command holds it."""
+        fd = self._open_use_lock(create=False)
+        if fd is None:
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(
+                    f"another mergebuild (make, verify, export or push) is using the store "
+                    f"{self.root}; nothing was removed",
+                    hint="run gc again when it has finished") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _open_use_lock(self, create: bool) -> int | None:
+        if not self.root.is_dir():
+            if not create:
+                return None
+            with contextlib.suppress(OSError):
+                self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(self.root / USE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None  # a read-only store: nothing can remove objects from it either
 
     def new_tmp(self, key: str) -> Path:
         self._mkdir(self.tmp)

@@ -170,3 +170,51 @@ def test_gc_removes_demo_models_of_an_older_generator(workspace):
     assert [(g.kind, g.path) for g in report.removed] == [("demo", stale)]
     assert sorted((workspace.cache / "demo").iterdir()) == current
     assert verify_directory(workspace.project().path("mix")) == []
+
+
+def test_gc_refuses_while_another_command_uses_the_store(workspace):
+    """A make (of any Mergefile) holding the store's use lock: gc removes nothing, says why."""
+    workspace.chain()
+    workspace.project().make(["final-model"])
+    orphan = orphan_object(workspace, current_paths(workspace)["chat-code"])
+    with workspace.project().store.in_use():  # what a running make/verify/export holds
+        result = run(workspace, "gc")
+        dry = run(workspace, "gc", "-n")  # listing only: allowed alongside
+    assert result.exit_code == 4, result.output
+    assert result.output.count("\n") == 1
+    assert "another mergebuild (make, verify, export or push) is using the store" in result.output
+    assert "nothing was removed" in result.output and "run gc again" in result.output
+    assert orphan.exists()
+    assert dry.exit_code == 0 and f"would remove object {orphan}" in dry.output
+    after = run(workspace, "gc")
+    assert after.exit_code == 0, after.output
+    assert not orphan.exists()
+
+
+def test_make_waits_for_a_running_gc_then_builds(workspace):
+    import threading
+
+    from mergebuild.project import Reporter
+
+    class Recorder(Reporter):
+        busy = 0
+
+        def store_busy(self) -> None:
+            self.busy += 1
+
+    workspace.chain()
+    workspace.project().make(["base-instruct"])  # the store exists (gc of none locks nothing)
+    reporter, results = Recorder(), []
+    with workspace.project().store.exclusive():
+        worker = threading.Thread(target=lambda: results.append(
+            workspace.project().make(["chat-code"], reporter=reporter)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while not reporter.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.join(0.5)
+        assert worker.is_alive() and reporter.busy == 1
+        assert not (workspace.cache / "refs" / "chat-code.json").exists()
+    worker.join(60)
+    assert results and results[0].ok
+    assert [(r.name, r.outcome) for r in results[0].results] == [("chat-code", "built")]
