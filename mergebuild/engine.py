@@ -494,12 +494,13 @@ class _Streaming:
         # by need, not by the largest tensor.
         from .methods.task_arithmetic_stream import STREAMED
 
-        whole = 1 if self.elementwise or (job.method.name in STREAMED and device == "cpu") \
-            else largest
+        whole = 1 if self.elementwise or (job.method.name in (*STREAMED, "slerp")
+                                          and device == "cpu") else largest
         self.whole = _Scratch(torch, device, whole)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
         self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
         self.workspace = None  # threads + scratch of the streamed task-arithmetic family
+        self.slerp_workspace = None  # the same for SLERP, whose chunks are 1 M elements
 
     def _mapped(self, info: TensorInfo):
         for reader in self.readers.values():
@@ -570,7 +571,8 @@ class _Streaming:
         return out.view(src.shape)
 
     def peak_bytes(self) -> int:
-        streamed = self.workspace.nbytes() if self.workspace is not None else 0
+        streamed = sum(w.nbytes() for w in (self.workspace, self.slerp_workspace)
+                       if w is not None)
         return self.whole.nbytes() + self.chunks.nbytes() + streamed
 
     def streams(self, task: TensorTask, params: TensorParams) -> bool:
@@ -609,9 +611,38 @@ class _Streaming:
             ) from None
         return out
 
+    def slerp_streams(self, task: TensorTask, params: TensorParams) -> bool:
+        """Whether a SLERP tensor goes through the two-pass chunked path (CPU; tiny tensors
+        are cheaper whole, with the same bytes)."""
+        return (self.job.method.name == "slerp" and self.device == "cpu"
+                and task.remap is None and task.base is not None and len(task.inputs) == 1
+                and all(i.dtype in _TORCH_OF_CODE for i in (task.base, *task.inputs))
+                and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
+                and params.globals.get("t") is not None)
+
+    def compute_slerp(self, task: TensorTask, load, params: TensorParams) -> Any:
+        """SLERP over chunks of the mmapped parents on both cores: one pass for the dot
+        products, one for ``c0·base + c1·other``."""
+        from .methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
+        from .methods.task_arithmetic_stream import ChunkWorkspace
+
+        if self.slerp_workspace is None:
+            self.slerp_workspace = ChunkWorkspace(_workers(), CHUNK_ELEMENTS)
+        out = self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
+
+        def consumed(start: int, stop: int) -> None:
+            for info in (*task.inputs, task.base):
+                self.drop_pages(info, start, stop)
+
+        merge_slerp_streamed(load(task.base).reshape(-1), load(task.inputs[0]).reshape(-1),
+                             float(params.globals["t"]), out.view(-1), self.slerp_workspace,
+                             consumed)
+        return out
+
     def close(self) -> None:
-        if self.workspace is not None:
-            self.workspace.close()
+        for workspace in (self.workspace, self.slerp_workspace):
+            if workspace is not None:
+                workspace.close()
 
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
@@ -700,6 +731,8 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
         return stream.compute_chunked(task, load, func, _resolve_params(job, task))
     if stream is not None and stream.streams(task, _resolve_params(job, task)):
         return stream.compute_streamed(task, load, _resolve_params(job, task))
+    if stream is not None and stream.slerp_streams(task, _resolve_params(job, task)):
+        return stream.compute_slerp(task, load, _resolve_params(job, task))
     if stream is None:
         # copy=True: a float32 parent on CPU would otherwise stay a read-only mmap view, and
         # methods may compute in place (that crashes the process).

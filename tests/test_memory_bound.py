@@ -63,10 +63,25 @@ def _models(root: Path, layers: int) -> Path:
     return base
 
 
+SLERP = """\
+version: 1
+defaults: {{dtype: bfloat16}}
+models:
+  base: {{source: {root}/base}}
+  a: {{source: {root}/a}}
+  out:
+    merge_method: slerp
+    base_model: base
+    models: [{{model: base}}, {{model: a}}]
+    parameters: {{t: 0.4}}
+"""
+
+
 def _peak(tmp: Path, models: Path, method: str) -> tuple[int, int]:
     mergefile = tmp / f"{models.name}-{method}.Mergefile"
     extra = ", density: 0.5" if method == "ties" else ""
-    mergefile.write_text(MERGEFILE.format(root=models, method=method, extra=extra))
+    mergefile.write_text(SLERP.format(root=models) if method == "slerp" else
+                         MERGEFILE.format(root=models, method=method, extra=extra))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(mergefile),
                              str(tmp / f"cache-{models.name}-{method}")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -87,7 +102,7 @@ def _weights_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp"])
 def test_peak_memory_does_not_grow_with_layers(model_sets, tmp_path, method):
     few_rss, few_scratch = _peak(tmp_path, model_sets[FEW], method)
     many_rss, many_scratch = _peak(tmp_path, model_sets[MANY], method)

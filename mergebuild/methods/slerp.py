@@ -9,6 +9,7 @@ import torch
 from mergebuild.methods.registry import TensorParams
 
 _CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = _CHUNK_ELEMENTS  # the chunking the dot products are defined over
 _DOT_THRESHOLD = 0.9995
 _NORM_EPS = 1e-8
 
@@ -16,17 +17,28 @@ _NORM_EPS = 1e-8
 def slerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[float, float]:
     """Coefficients (c0, c1) with slerp(v0, v1, t) = c0·v0 + c1·v1 over the whole tensor.
 
-    Norms and the dot product are accumulated chunk by chunk in float64, so no full-size
-    temporary is created. Nearly collinear tensors (|cos| > 0.9995) fall back to linear
+    The norms and the dot product are taken per ``CHUNK_ELEMENTS`` chunk (float32) and the
+    chunk results added in float64 in chunk order, so no full-size temporary is created and
+    ``merge_slerp_streamed`` gets the same coefficients on any number of threads. Nearly collinear tensors (|cos| > 0.9995) fall back to linear
     interpolation; zero tensors (norm ≤ 1e-8) are not normalised, as in mergekit.
     """
     a, b = v0.reshape(-1), v1.reshape(-1)
+    sums = [_chunk_dots(a[s : s + _CHUNK_ELEMENTS], b[s : s + _CHUNK_ELEMENTS])
+            for s in range(0, a.numel(), _CHUNK_ELEMENTS)]
+    return _coefficients(sums, t)
+
+
+def _chunk_dots(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    return float(torch.dot(x, x)), float(torch.dot(y, y)), float(torch.dot(x, y))
+
+
+def _coefficients(sums: list[tuple[float, float, float]], t: float) -> tuple[float, float]:
+    """The coefficients from each chunk's (x·x, y·y, x·y), added in chunk order."""
     sq0 = sq1 = dot = 0.0
-    for s in range(0, a.numel(), _CHUNK_ELEMENTS):
-        x, y = a[s : s + _CHUNK_ELEMENTS], b[s : s + _CHUNK_ELEMENTS]
-        sq0 += float(torch.dot(x, x))
-        sq1 += float(torch.dot(y, y))
-        dot += float(torch.dot(x, y))
+    for a, b, c in sums:
+        sq0 += a
+        sq1 += b
+        dot += c
     n0, n1 = math.sqrt(sq0), math.sqrt(sq1)
     cos = dot / ((n0 if n0 > _NORM_EPS else 1.0) * (n1 if n1 > _NORM_EPS else 1.0))
     cos = min(1.0, max(-1.0, cos))
@@ -65,3 +77,42 @@ def merge_slerp(
         base = base.clone(memory_format=torch.contiguous_format)
     c0, c1 = slerp_coefficients(base, other, t)
     return base.mul_(c0).add_(other, alpha=c1)
+
+
+def merge_slerp_streamed(base: torch.Tensor, other: torch.Tensor, t: float, out: torch.Tensor,
+                         workspace, consumed=None) -> None:
+    """``merge_slerp`` over flat CPU tensors of any float dtype (bf16 mmap views, say), a
+    chunk at a time on the workspace's threads, written into flat ``out``.
+
+    Bit for bit ``merge_slerp`` cast to ``out``'s dtype: the dot products are taken over the
+    same ``_CHUNK_ELEMENTS`` chunks (float32, each chunk on one thread) and added in chunk
+    order, and ``c0·x + c1·y`` is elementwise. Memory is two float32 chunks per thread instead
+    of two whole float32 tensors.
+
+    Args:
+        base, other: flat tensors of ``out``'s length (not modified).
+        t: the interpolation factor (0 → base).
+        out: flat output tensor.
+        workspace: a ``ChunkWorkspace`` whose chunk is ``CHUNK_ELEMENTS``; ``consumed(start,
+            stop)`` is called once a span of the inputs is read for the last time.
+    """
+    if workspace.chunk != _CHUNK_ELEMENTS:
+        raise ValueError(f"the workspace's chunk must be {_CHUNK_ELEMENTS} elements")
+    n = out.numel()
+    spans = [(s, min(n, s + _CHUNK_ELEMENTS)) for s in range(0, n, _CHUNK_ELEMENTS)]
+
+    def load(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = span
+        x = workspace.buffer("slerp.base", torch.float32)[: e - s].copy_(base[s:e])
+        y = workspace.buffer("slerp.other", torch.float32)[: e - s].copy_(other[s:e])
+        return x, y
+
+    c0, c1 = _coefficients(workspace.run(lambda span: _chunk_dots(*load(span)), spans), t)
+
+    def mix(span: tuple[int, int]) -> None:
+        x, y = load(span)
+        out[span[0] : span[1]].copy_(x.mul_(c0).add_(y, alpha=c1))
+        if consumed is not None:
+            consumed(*span)
+
+    workspace.run(mix, spans)
