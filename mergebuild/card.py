@@ -98,7 +98,8 @@ def _front_matter(root: LineageNode) -> str:
 
 
 def _introduction(record: BuildRecord, root: LineageNode, spec: Mapping[str, Any]) -> str:
-    stages = [n for n in iter_lineage(root) if n.is_build]
+    stages = [n for n in iter_lineage(root) if n.is_build and n.kind != "lora"]
+    adapted = sum(1 for n in iter_lineage(root) if n.kind == "lora")
     sources = [n for n in iter_lineage(root) if not n.is_build]
     hubs = lineage_hub_ids(root)
     local = sum(1 for s in sources if s.kind != "hub")
@@ -114,7 +115,10 @@ def _introduction(record: BuildRecord, root: LineageNode, spec: Mapping[str, Any
         ),
         "",
         (
-            f"Its lineage has {_count(len(stages), 'merge stage')} and "
+            f"Its lineage has {_count(len(stages), 'merge stage')}"
+            + (f", {_count(adapted, 'LoRA adapter')} applied to a merge's output"
+               if adapted else "")
+            + " and "
             f"{_count(len(sources), 'original checkpoint')} "
             f"({_count(len(hubs), 'Hugging Face repo')}, "
             f"{_count(local, 'local directory', 'local directories')})."

@@ -7,7 +7,7 @@ import difflib
 import networkx as nx
 
 from .errors import GraphError
-from .mergefile import Mergefile, MergeSpec, SourceSpec
+from .mergefile import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:
@@ -23,6 +23,8 @@ def build_graph(mf: Mergefile) -> nx.DiGraph:
                                      line=node.line, node=name,
                                      hint="a merge must be made from other nodes")
                 g.add_edge(ref, name)
+        elif isinstance(node, AdaptedSpec):
+            g.add_edge(node.model, name)
     try:
         cycle = nx.find_cycle(g)
     except nx.NetworkXNoCycle:
@@ -64,6 +66,9 @@ def _label(g: nx.DiGraph, name: str) -> str:
     spec = g.nodes[name]["spec"]
     if isinstance(spec, SourceSpec):
         return f"{name} (source: {spec.uri if spec.kind != 'local' else 'local'})"
+    if isinstance(spec, AdaptedSpec):
+        adapter = spec.adapter if spec.adapter_kind == "hub" else "local"
+        return f"{name} (LoRA {adapter} on {spec.model})"
     return f"{name} ({spec.method})"
 
 
@@ -94,7 +99,7 @@ def render_dot(g: nx.DiGraph) -> str:
     lines = ["digraph mergefile {", "  rankdir=LR;"]
     for name in sorted(g.nodes):
         spec = g.nodes[name]["spec"]
-        shape = "box" if isinstance(spec, SourceSpec) else "ellipse"
+        shape = {SourceSpec: "box", AdaptedSpec: "hexagon"}.get(type(spec), "ellipse")
         label = _label(g, name).replace('"', '\\"')
         lines.append(f'  {_node_id(name)} [label="{label}", shape={shape}];')
     for a, b in sorted(g.edges):
@@ -110,6 +115,8 @@ def render_mermaid(g: nx.DiGraph) -> str:
         label = _label(g, name).replace('"', "'")
         if isinstance(spec, SourceSpec):
             lines.append(f'  {_node_id(name)}["{label}"]')
+        elif isinstance(spec, AdaptedSpec):
+            lines.append(f'  {_node_id(name)}{{{{"{label}"}}}}')
         else:
             lines.append(f'  {_node_id(name)}(("{label}"))')
     for a, b in sorted(g.edges):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +61,10 @@ class LineageNode:
     """One model in a lineage tree; ``children`` are its parents.
 
     ``kind`` is ``"node"`` for a merge built by mergebuild (its own statement was
-    embedded), ``"hub"`` or ``"local"`` for a source. ``role`` is the part it played for
-    the model below it (``"base"``, ``"model"``, ``"slice"``), ``None`` at the root.
+    embedded), ``"hub"`` or ``"local"`` for a source, ``"lora"`` for a merge read through
+    a LoRA adapter (its parents: the merge, role ``"model"``, and the adapter, role
+    ``"adapter"``). ``role`` is the part it played for the model below it (``"base"``,
+    ``"model"``, ``"slice"``, ``"adapter"``), ``None`` at the root.
     """
 
     name: str
@@ -193,10 +195,13 @@ def short_digest(digest: str, length: int = 12) -> str:
 
 
 def hub_id(uri: str) -> str | None:
-    """``"hf://org/name@rev"`` → ``"org/name"``; ``None`` if the URI is not a hub URI."""
+    """``"hf://org/name@rev"`` → ``"org/name"``; ``None`` if the URI is not a hub URI.
+
+    An adapted source's URI (``"hf://org/base+hf://org/lora"``) gives its model's repo.
+    """
     for prefix in ("hf://", "https://huggingface.co/"):
         if uri.startswith(prefix):
-            path = uri[len(prefix) :]
+            path = uri[len(prefix) :].split("+", 1)[0]
             break
     else:
         return None
@@ -223,7 +228,49 @@ def lineage_from_statement(statement: Mapping[str, Any]) -> LineageNode:
         method=external.get("method"),
         params=key_parameters(external.get("spec", {})),
         key=internal.get("key"),
-        children=tuple(_dependency_node(d) for d in definition.get("resolvedDependencies", [])),
+        children=_dependency_nodes(definition.get("resolvedDependencies", [])),
+    )
+
+
+def _dependency_nodes(deps: list[Mapping[str, Any]]) -> tuple[LineageNode, ...]:
+    """The parents a statement lists; a merge read through a LoRA (two dependencies: the
+    node naming its ``adapter``, and that adapter) becomes one ``"lora"`` stage."""
+    adapters = {
+        dep.get("name"): dep for dep in deps if (dep.get("annotations") or {}).get("kind") == "lora"
+    }
+    applied = {(dep.get("annotations") or {}).get("adapter") for dep in deps} & set(adapters)
+    nodes = []
+    for dep in deps:
+        if dep.get("name") in applied:
+            continue  # shown under the stage of the merge it applies to
+        node = _dependency_node(dep)
+        adapter = adapters.get((dep.get("annotations") or {}).get("adapter"))
+        nodes.append(node if adapter is None else _adapted_node(node, adapter))
+    return tuple(nodes)
+
+
+def _adapted_node(model: LineageNode, adapter_dep: Mapping[str, Any]) -> LineageNode:
+    annotations = adapter_dep.get("annotations") or {}
+    reference = str(adapter_dep.get("name", "")).removesuffix("#adapter")
+    adapter = _dependency_node(adapter_dep)
+    uri = adapter.uri
+    adapter = LineageNode(
+        name=reference.partition("+")[2] or uri,
+        kind="hub" if hub_id(uri) else "local",
+        digest=adapter.digest,
+        uri=uri,
+        role="adapter",
+        revision=adapter.revision,
+        commit=adapter.commit,
+    )
+    return LineageNode(
+        name=reference or f"{model.name}+{uri}",
+        kind="lora",
+        digest=str(annotations.get("adaptedDigest", "")),
+        uri=f"{model.uri}+{uri}",
+        method="lora",
+        role=model.role,
+        children=(replace(model, role="model"), adapter),
     )
 
 

@@ -130,6 +130,25 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class AdaptedSpec:
+    """A merge node's output read through a PEFT LoRA (a ``merge+lora`` parent reference).
+
+    Nothing is built for it: the child that uses it reads ``model``'s build with the
+    adapter's delta added while streaming. Its identity waits on ``model``'s digest.
+    """
+
+    name: str  # the reference as written, e.g. "chat-code+./style-lora"
+    model: str  # the merge node whose output is adapted
+    adapter: str  # absolute local path or "hf://org/adapter[@rev]"
+    line: int
+    implicit: bool = True
+
+    @property
+    def adapter_kind(self) -> str:
+        return "hub" if self.adapter.startswith("hf://") else "local"
+
+
+@dataclass(frozen=True)
 class ParentSpec:
     ref: str  # node name (after path references were turned into implicit source nodes)
     parameters: Mapping[str, Any]
@@ -182,7 +201,7 @@ class MergeSpec:
         return list(seen)
 
 
-Node = SourceSpec | MergeSpec
+Node = SourceSpec | MergeSpec | AdaptedSpec
 
 
 @dataclass(frozen=True)
@@ -387,34 +406,29 @@ class _Builder:
                          hint=hint)
 
     def _adapted(self, ref: str, line: int, node: str) -> str:
-        """``model+lora``: an implicit source whose tensors get the adapter's delta."""
-        model, _, adapter = ref.partition("+")
-        model, adapter = model.strip(), adapter.strip()
-        if not model or not adapter or "+" in adapter:
+        """``model+lora``: the model's tensors get the adapter's delta as they stream.
+
+        On a source model it is an implicit source (identity: model + adapter); on a merge
+        node it is an :class:`AdaptedSpec`, a node of the graph that waits on the merge.
+        """
+        parts = [part.strip() for part in ref.split("+")]
+        if not all(parts):
             raise self.error(f"cannot parse LoRA reference '{ref}'", line, node,
                              "write MODEL+ADAPTER, e.g. base+./my-lora or base+hf://org/lora")
+        if len(parts) > 2:
+            raise self.error(f"'{ref}' stacks two adapters", line, node,
+                             f"apply one adapter per reference; to stack them, merge "
+                             f"'{parts[0]}+{parts[1]}' into a node of its own and adapt that")
+        model, adapter = parts
         if ref in self.nodes:
             return ref
         parent = self._ref(model, line, node)
         spec = self.nodes.get(parent)
-        if spec is None and isinstance(self.models.get(parent), LineDict) and "source" in (
-            self.models[parent]
-        ):
-            body = self.models[parent]
+        body = self.models.get(parent) if spec is None else None
+        if isinstance(body, LineDict) and "source" in body:
             spec = SourceSpec(name=parent, uri=self._source_uri(str(body["source"]),
                                                                 body.line_of("source"), parent),
                               line=body.line, allow_pickle=bool(body.get("allow_pickle")))
-        if not isinstance(spec, SourceSpec):
-            # Adapting a merge's output would need an identity that waits on the merge's
-            # digest (pending while it is stale); until then, say what to do instead.
-            raise self.error(
-                f"LoRA '{ref}' is applied to merge node '{parent}'; adapters apply only to "
-                "source models", line, node,
-                f"apply the adapter to a source parent of '{parent}', or build '{parent}' and "
-                f"use its directory ('mergebuild path {parent}') as a source node")
-        if spec.adapter is not None:
-            raise self.error(f"'{ref}' stacks two adapters", line, node,
-                             "apply one adapter per reference")
         if adapter.startswith(("hf://", "/", "./", "../", "~")) or (
             self.base_dir / adapter
         ).exists():
@@ -424,9 +438,12 @@ class _Builder:
         else:
             raise self.error(f"LoRA adapter '{adapter}' is neither a path nor a hub id", line,
                              node, "write ./path/to/adapter or hf://org/adapter")
-        self.nodes[ref] = SourceSpec(name=ref, uri=spec.uri, line=line,
-                                     allow_pickle=spec.allow_pickle, implicit=True,
-                                     adapter=adapter_uri)
+        if isinstance(spec, SourceSpec):
+            self.nodes[ref] = SourceSpec(name=ref, uri=spec.uri, line=line,
+                                         allow_pickle=spec.allow_pickle, implicit=True,
+                                         adapter=adapter_uri)
+        else:  # a merge node, declared before or after this reference
+            self.nodes[ref] = AdaptedSpec(name=ref, model=parent, adapter=adapter_uri, line=line)
         return ref
 
     # merges --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .errors import (
 )
 from .graph import build_graph, build_order, check_targets, default_targets
 from .hashing import recipe_key
-from .mergefile import LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
+from .mergefile import AdaptedSpec, LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
 from .methods.registry import METHODS
 from .recipe import (
     build_recipe,
@@ -37,7 +37,15 @@ from .recipe import (
     participants,
     recipe_changes,
 )
-from .sources import ResolvedSource, adapter_directory, materialize, resolve_source
+from .sources import (
+    ResolvedSource,
+    adapted_digest,
+    adapter_directory,
+    fetch_adapter,
+    materialize,
+    resolve_adapter,
+    resolve_source,
+)
 from .store import Store
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -48,8 +56,8 @@ class NodeState:
     """One node of a plan: its identity, whether it must be built, and why."""
 
     name: str
-    kind: str  # "source" | "merge"
-    status: str  # "source" | "fresh" | "stale"
+    kind: str  # "source" | "merge" | "adapted" (a merge's output read through a LoRA)
+    status: str  # "source" | "fresh" | "stale" | "pending" (adapted, its merge is stale)
     reasons: list[str] = field(default_factory=list)
     key: str | None = None
     digest: str | None = None
@@ -57,6 +65,7 @@ class NodeState:
     method: str | None = None
     recipe: dict[str, Any] | None = None
     source: ResolvedSource | None = None
+    adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
 
 
 @dataclass
@@ -142,6 +151,18 @@ class Project:
                                                       adapter_locked=adapter_locked)
         return self._sources[spec.name]
 
+    def _resolve_adapter(self, spec: AdaptedSpec) -> ResolvedSource:
+        """The LoRA of a ``merge+lora`` node (hub adapters pinned like adapted sources')."""
+        entry = _adapter_entry(spec.name)
+        if entry not in self._sources:
+            locked = None
+            if spec.adapter_kind == "hub":
+                locked = self.lock.get(entry, uri=spec.adapter)
+            self._sources[entry] = resolve_adapter(spec.adapter, spec.name, self.store,
+                                                   locked=locked, frozen=self.frozen,
+                                                   lock_name=self.lock_path.name)
+        return self._sources[entry]
+
     @property
     def lock(self):
         """The ``hub.LockFile`` beside the Mergefile (empty when there is none)."""
@@ -151,18 +172,19 @@ class Project:
             self._lock = LockFile.load(self.lock_path)
         return self._lock
 
-    def _source_changes(self, spec: SourceSpec, src: ResolvedSource) -> list[str]:
-        """How a hub source's resolution differs from the one in the lock, as reasons."""
+    def _source_changes(self, entry: str, uri: str, src: ResolvedSource) -> list[str]:
+        """How a hub source's (or hub adapter's) resolution differs from the one in the lock
+        entry ``entry``, as reasons."""
         if src.kind != "hub" or not self.lock_path.exists():
             return []
-        old = self.lock.get(spec.name)
+        old = self.lock.get(entry)
         if old is None:
             return ["new source (not in the lock)"]
-        if old.uri != spec.uri:
-            return [f"source changed ({old.uri} → {spec.uri})"]
+        if old.uri != uri:
+            return [f"source changed ({old.uri} → {uri})"]
         if old.commit == src.commit:
             return []
-        moved = f"{spec.uri} moved {old.commit[:12]} → {(src.commit or '')[:12]}"
+        moved = f"{uri} moved {old.commit[:12]} → {(src.commit or '')[:12]}"
         if old.digest == src.digest:
             return [f"{moved} (same files)"]
         return [f"changed: {moved}"]
@@ -181,14 +203,19 @@ class Project:
         for name in self.lock.nodes():
             is_adapter = name.endswith(_ADAPTER_SUFFIX)
             spec = self.mergefile.nodes.get(name.removesuffix(_ADAPTER_SUFFIX))
-            if not isinstance(spec, SourceSpec):
+            if isinstance(spec, AdaptedSpec):
+                uri = spec.adapter if is_adapter else None
+            elif isinstance(spec, SourceSpec):
+                uri = spec.adapter if is_adapter else spec.uri if spec.kind == "hub" else None
+            else:
                 continue
-            uri = spec.adapter if is_adapter else spec.uri if spec.kind == "hub" else None
             if uri:
                 entry = self.lock.get(name, uri=uri)
                 if entry is not None:
                     lock.set(name, entry)
         for state in states:
+            if state.adapter is not None and state.adapter.kind == "hub":
+                lock.set(_adapter_entry(state.name), state.adapter.extra["resolution"])
             if state.source is None:
                 continue
             if state.source.kind == "hub":
@@ -221,7 +248,15 @@ class Project:
                 src = self._resolve_source(spec)
                 states[name] = NodeState(name=name, kind="source", status="source",
                                          digest=src.digest, source=src, path=src.directory,
-                                         reasons=self._source_changes(spec, src))
+                                         reasons=self._source_changes(spec.name, spec.uri, src))
+                continue
+            if isinstance(spec, AdaptedSpec):
+                adapter = self._resolve_adapter(spec)
+                states[name] = NodeState(
+                    name=name, kind="adapted", status="pending", method="lora",
+                    adapter=adapter,
+                    reasons=self._source_changes(_adapter_entry(name), spec.adapter, adapter))
+                _adapt(states[name], spec, states[spec.model])
                 continue
             states[name] = self._plan_merge(spec, states, force and name in targets)
         return list(states.values())
@@ -273,6 +308,11 @@ class Project:
                 raise StoreError("source is not available locally", node=node,
                                  hint="run 'mergebuild make' on a node that uses it")
             return state.path
+        if state.kind == "adapted":
+            model = self.mergefile.nodes[node].model  # type: ignore[union-attr]
+            raise StoreError("is a merge's output read through a LoRA while a child builds; "
+                             "it has no directory of its own", node=node,
+                             hint=f"'mergebuild path {model}' is the merge without the adapter")
         if state.status != "fresh" or state.path is None:
             why = "; ".join(state.reasons) or "stale"
             raise StoreError(f"not built ({why})", node=node,
@@ -313,6 +353,15 @@ class Project:
             if state.kind == "source":
                 continue
             spec = self.mergefile.nodes[state.name]
+            if isinstance(spec, AdaptedSpec):
+                if spec.model in failed:
+                    failed.add(state.name)
+                    results.append(NodeResult(state.name, "skipped",
+                                              f"parent '{spec.model}' failed"))
+                    reporter.node_done(results[-1])
+                else:  # its merge is built now: the identity children's keys use
+                    _adapt(state, spec, by_name[spec.model])
+                continue
             assert isinstance(spec, MergeSpec)
             blocked = [r for r in spec.parent_refs() if r in failed]
             if blocked:
@@ -424,9 +473,14 @@ class Project:
         # An incompatible recipe fails here, in seconds, before any weights are downloaded.
         self._check_before_fetch(job, spec, states)
         parent_dirs: dict[str, Path] = {}
+        adapters = {}
         for ref in spec.parent_refs():
             parent = states[ref]
-            if parent.kind == "source":
+            if parent.kind == "adapted":  # the merge's build, its LoRA applied while streaming
+                assert parent.adapter is not None
+                parent_dirs[ref] = self._adapted_model_dir(ref, states)
+                adapters[ref] = fetch_adapter(parent.adapter)
+            elif parent.kind == "source":
                 assert parent.source is not None
                 parent_dirs[ref] = materialize(
                     parent.source, self.store,
@@ -435,7 +489,6 @@ class Project:
             else:
                 assert parent.path is not None
                 parent_dirs[ref] = parent.path
-        adapters = {}
         for ref in parent_dirs:
             source = states[ref].source
             adapter = adapter_directory(source) if source is not None else None
@@ -467,12 +520,28 @@ class Project:
             raise
         return path, output.bytes_written
 
+    def _adapted_model_dir(self, ref: str, states: dict[str, NodeState]) -> Path:
+        """The store directory of the merge an adapted parent ``ref`` reads through its LoRA."""
+        spec = self.mergefile.nodes[ref]
+        assert isinstance(spec, AdaptedSpec)
+        path = states[spec.model].path
+        assert path is not None  # built before its children, in build order
+        return path
+
     def _check_sources_unchanged(self, spec: MergeSpec, states: dict[str, NodeState]) -> None:
         """A local parent edited after planning (even before the engine opened it) must not be
         recorded under the digest it had when planned. Stat-cache cheap when nothing changed."""
         for ref in spec.parent_refs():
             planned = states[ref].source
             node = self.mergefile.nodes[ref]
+            if isinstance(node, AdaptedSpec):
+                adapter = states[ref].adapter
+                if adapter is not None and adapter.kind == "local" and resolve_adapter(
+                        node.adapter, ref, self.store).digest != adapter.digest:
+                    raise SourceError(f"the LoRA adapter of '{ref}' changed on disk during the "
+                                      "build", node=spec.name,
+                                      hint="run make again once nothing is writing the adapter")
+                continue
             if planned is None or planned.kind != "local" or not isinstance(node, SourceSpec):
                 continue
             if resolve_source(node, self.store).digest != planned.digest:
@@ -496,6 +565,8 @@ class Project:
                     metadata[ref] = ModelMetadata(config=config, tensors=tensors)
                 elif parent.source is not None:
                     metadata[ref] = directory_metadata(materialize(parent.source, self.store))
+                elif parent.kind == "adapted":
+                    metadata[ref] = directory_metadata(self._adapted_model_dir(ref, states))
                 else:
                     assert parent.path is not None
                     metadata[ref] = directory_metadata(parent.path)
@@ -525,6 +596,22 @@ class Project:
                     name=ref, role=roles[ref], kind="hub" if src.kind == "hub" else "local",
                     uri=src.uri, digest=src.digest, revision=src.revision, commit=src.commit,
                     files=dict(src.files),
+                ))
+            elif p.kind == "adapted":  # the merge as built, and the LoRA read over it
+                node = self.mergefile.nodes[ref]
+                assert isinstance(node, AdaptedSpec) and p.adapter is not None
+                model, entry = states[node.model], _adapter_entry(ref)
+                parents.append(ParentRef(
+                    name=node.model, role=roles[ref], kind="node",
+                    uri=f"mergebuild:node/{node.model}", digest=model.digest or "",
+                    statement=read_statement(self._adapted_model_dir(ref, states)),
+                    method=model.method, adapter=entry,
+                ))
+                parents.append(ParentRef(
+                    name=entry, role="adapter", kind="lora", uri=p.adapter.uri,
+                    digest=p.adapter.digest, revision=p.adapter.revision,
+                    commit=p.adapter.commit, files=dict(p.adapter.files),
+                    applies_to=node.model, adapted_digest=p.digest,
                 ))
             else:
                 assert p.path is not None
@@ -632,7 +719,7 @@ class Project:
             if isinstance(spec, SourceSpec):
                 if not spec.implicit:
                     models[name] = {"source": _display_uri(spec, self.mergefile.directory)}
-            else:
+            elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
                 models[name] = _plain(spec.body)
         return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
 
@@ -646,8 +733,23 @@ _ADAPTER_SUFFIX = "#adapter"
 
 
 def _adapter_entry(node: str) -> str:
-    """The lock entry of the hub-hosted LoRA adapter of an adapted source node."""
+    """The lock entry of the hub-hosted LoRA adapter of an adapted (source or merge) node."""
     return node + _ADAPTER_SUFFIX
+
+
+def _adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
+    """An adapted node's identity, the merge's digest combined with its LoRA's: known once
+    the merge is fresh or built; until then the node is pending (and so are its children)."""
+    assert state.adapter is not None
+    waiting = f"waits for {spec.model} (stale)"
+    if model.digest is None:
+        state.status, state.digest = "pending", None
+        if waiting not in state.reasons:
+            state.reasons.insert(0, waiting)
+        return
+    state.status = "fresh"
+    state.digest = adapted_digest(model.digest, state.adapter.digest)
+    state.reasons = [r for r in state.reasons if r != waiting]
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:

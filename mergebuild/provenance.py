@@ -19,7 +19,12 @@ Layout of one statement (names are ours where the spec leaves them open)::
         externalParameters   {node, method, spec, mergefile_digest}
         internalParameters   {key, digest, engine_version, device, recipe}
         resolvedDependencies [{name, uri, digest, annotations: {kind, role, revision,
-                               commit, files, method, statement}}]
+                               commit, files, method, statement, adapter}}]
+                             a merge read through a LoRA ("merge+lora") is two entries: the
+                             upstream node (its built digest, statement, and "adapter": the
+                             name of the second) and the adapter, {kind: "lora", role:
+                             "adapter", appliesTo: <node>, adaptedDigest: <the identity the
+                             recipe uses>, revision, commit, files}
     predicate.runDetails
         builder   {id, version: {mergebuild, torch, safetensors, python}}
         metadata  {invocationId, startedOn, finishedOn}
@@ -69,6 +74,10 @@ class ParentRef:
     For ``kind == "node"`` (or a local directory that carries its own provenance),
     ``statement`` is that upstream build's statement; it is embedded so that the whole
     chain is one document.
+
+    A merge read through a LoRA adapter is two parents: the node, whose ``adapter`` names
+    the second, and the adapter (``kind == "lora"``), whose ``applies_to`` names the node
+    and whose ``adapted_digest`` is the combined identity the child's recipe holds.
     """
 
     name: str
@@ -81,6 +90,9 @@ class ParentRef:
     files: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     statement: Mapping | None = None
     method: str | None = None
+    adapter: str | None = None
+    applies_to: str | None = None
+    adapted_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,12 @@ def _dependency(parent: ParentRef) -> dict[str, Any]:
         annotations["method"] = parent.method
     if parent.statement is not None:
         annotations["statement"] = parent.statement
+    if parent.adapter is not None:
+        annotations["adapter"] = parent.adapter
+    if parent.applies_to is not None:
+        annotations["appliesTo"] = parent.applies_to
+    if parent.adapted_digest is not None:
+        annotations["adaptedDigest"] = parent.adapted_digest
     dependency = {"name": parent.name, "uri": parent.uri, "digest": digest}
     if not digest:
         del dependency["digest"]

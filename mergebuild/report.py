@@ -34,6 +34,11 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
                 pinned = f"{s.source.uri}@{s.source.revision or 'main'} → {s.source.commit[:12]}"
                 why = f"{pinned}; {why}" if why else pinned
             rows.append((s.name, f"source ({what})", _short(s.digest), why))
+        elif s.kind == "adapted" and s.adapter is not None:  # a merge read through a LoRA
+            a = s.adapter
+            pinned = f"@{a.revision or 'main'} → {a.commit[:12]}" if a.commit else ""
+            lora = f"LoRA {a.uri}{pinned} ({_short(a.digest)})"
+            rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
     return rows

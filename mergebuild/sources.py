@@ -165,37 +165,50 @@ def resolve_source(spec: SourceSpec, store: Store, *, locked: Any = None, frozen
     return resolve_hub_source(spec, store, locked=locked, frozen=frozen, lock_name=lock_name)
 
 
+def resolve_adapter(uri: str, name: str, store: Store, *, locked: Any = None,
+                    frozen: bool = False, lock_name: str = "Mergefile.lock") -> ResolvedSource:
+    """A LoRA adapter's identity: a local directory through the stat cache, or a hub repo
+    pinned to a commit (``locked`` / ``frozen`` as for hub sources). ``name`` is the node
+    errors name (the ``model+lora`` reference)."""
+    from .lora import ADAPTER_FILES, check_adapter_directory
+
+    if uri.startswith("hf://"):
+        return resolve_hub_source(SourceSpec(name=name, uri=uri, line=0), store, locked=locked,
+                                  frozen=frozen, lock_name=lock_name)
+    directory = Path(uri)
+    check_adapter_directory(directory, name)
+    files = {}
+    for file in ADAPTER_FILES:
+        try:
+            files[file] = store.stat_cache.digest(directory / file)
+        except OSError as exc:
+            raise SourceError(f"cannot read {directory / file}: {exc.strerror}",
+                              node=name) from None
+    return ResolvedSource(name=name, kind="local", uri=directory.as_uri(),
+                          digest=manifest_digest(files, "xxh128"), directory=directory,
+                          files=files)
+
+
+def adapted_digest(model_digest: str, adapter_digest: str) -> str:
+    """The identity of a model read through a LoRA: its digest combined with the adapter's."""
+    identity = canonical_json({"model": model_digest, "lora": adapter_digest})
+    return "xxh128:" + xxhash.xxh3_128_hexdigest(identity.encode())
+
+
 def _resolve_adapted(spec: SourceSpec, store: Store, adapter_locked: Any, **lock: Any
                      ) -> ResolvedSource:
     """``model+lora``: identity = the model's digest + the adapter's digest."""
     from dataclasses import replace
 
-    from .lora import ADAPTER_FILES, check_adapter_directory
-
     model = resolve_source(replace(spec, adapter=None), store, **lock)
     assert spec.adapter is not None
-    adapter = None
-    if spec.adapter.startswith("hf://"):
-        adapter = resolve_hub_source(SourceSpec(name=spec.name, uri=spec.adapter, line=spec.line),
-                                     store, locked=adapter_locked, frozen=lock["frozen"],
-                                     lock_name=lock["lock_name"])
-        adapter_files, adapter_digest = adapter.files, adapter.digest
-    else:
-        directory = Path(spec.adapter)
-        check_adapter_directory(directory, spec.name)
-        adapter_files = {}
-        for name in ADAPTER_FILES:
-            try:
-                adapter_files[name] = store.stat_cache.digest(directory / name)
-            except OSError as exc:
-                raise SourceError(f"cannot read {directory / name}: {exc.strerror}",
-                                  node=spec.name) from None
-        adapter_digest = manifest_digest(adapter_files, "xxh128")
-    identity = canonical_json({"model": model.digest, "lora": adapter_digest})
-    files = {**model.files, **{f"adapter/{k}": v for k, v in adapter_files.items()}}
+    resolved = resolve_adapter(spec.adapter, spec.name, store, locked=adapter_locked,
+                               frozen=lock["frozen"], lock_name=lock["lock_name"])
+    adapter = resolved if resolved.kind == "hub" else None
+    files = {**model.files, **{f"adapter/{k}": v for k, v in resolved.files.items()}}
     return ResolvedSource(
         name=spec.name, kind=model.kind, uri=f"{model.uri}+{spec.adapter}",
-        digest="xxh128:" + xxhash.xxh3_128_hexdigest(identity.encode()),
+        digest=adapted_digest(model.digest, resolved.digest),
         directory=model.directory, files=files, revision=model.revision, commit=model.commit,
         extra={**model.extra, "model": model, "adapter": adapter, "adapter_uri": spec.adapter},
     )
@@ -207,11 +220,17 @@ def adapter_directory(source: ResolvedSource) -> Path | None:
     if uri is None:
         return None
     adapter = source.extra.get("adapter")
-    if adapter is None:
-        return Path(uri)
+    return Path(uri) if adapter is None else fetch_adapter(adapter)
+
+
+def fetch_adapter(adapter: ResolvedSource) -> Path:
+    """The local directory of a resolved adapter; a hub adapter is fetched (HF cache)."""
+    if adapter.kind != "hub":
+        assert adapter.directory is not None
+        return adapter.directory
     from .hub import fetch
 
-    return fetch(adapter.extra["resolution"], node=source.name)
+    return fetch(adapter.extra["resolution"], node=adapter.name)
 
 
 def materialize(source: ResolvedSource, store: Store | None = None,

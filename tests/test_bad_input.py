@@ -309,6 +309,11 @@ CASES = [
                                        ("instruct", "weight: 0.5"))),
          ("node 'bad'", "LoRA lora does not fit model.layers.0.self_attn.q_proj.weight",
           "use the adapter with the base model it was trained on"), setup=_lora, exit_code=3),
+    Case("lora-stacked", "two LoRA adapters stacked on one reference",
+         _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
+                                       ("instruct", "weight: 0.5"))),
+         ("Mergefile:13:", "node 'bad'", "stacks two adapters", "into a node of its own"),
+         setup=_lora),
 ]
 
 

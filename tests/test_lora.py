@@ -124,21 +124,26 @@ def test_lora_that_does_not_fit_is_one_line_error(demo_models, tmp_path):
     assert set(adapter.pairs) == {t + ".weight" for t in TARGETS}
 
 
-def test_lora_on_a_merge_node_is_a_one_line_error(workspace, demo_models, tmp_path):
+def test_stacked_adapters_are_a_one_line_error(workspace, demo_models, tmp_path):
     from mergebuild.errors import MergefileError
 
-    write_adapter(tmp_path / "lora1", demo_models["chat"], 1)
-    workspace.chain()
-    text = workspace.mergefile.read_text().replace(
-        "      - model: chat-code\n", f"      - model: chat-code+{tmp_path / 'lora1'}\n")
-    workspace.mergefile.write_text(text)
+    base = demo_models["base"]
+    write_adapter(tmp_path / "l1", base, 1)
+    write_adapter(tmp_path / "l2", base, 2)
+    _write(workspace, f"""
+    version: 1
+    models:
+      base: {{source: {base}}}
+      twice:
+        merge_method: linear
+        models: [{{model: base+{tmp_path / 'l1'}+{tmp_path / 'l2'}, parameters: {{weight: 1}}}}]
+    """)
     with pytest.raises(MergefileError) as caught:
         workspace.project()
     message = str(caught.value)
-    assert "LoRA 'chat-code+" in message
-    assert "is applied to merge node 'chat-code'; adapters apply only to source models" in message
-    assert "build 'chat-code'" in message and "mergebuild path chat-code" in message
-    assert caught.value.node == "final-model" and "\n" not in message
+    assert f"'base+{tmp_path / 'l1'}+{tmp_path / 'l2'}' stacks two adapters" in message
+    assert f"merge 'base+{tmp_path / 'l1'}' into a node of its own" in message
+    assert caught.value.node == "twice" and caught.value.line == 7 and "\n" not in message
     assert not (workspace.cache / "objects").exists()
 
 
@@ -176,6 +181,8 @@ def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, mo
     for name, tensor in ref.items():
         torch.testing.assert_close(out[name], tensor.float() + deltas.get(name, 0),
                                    rtol=0, atol=1e-6)
+    card = (project.path("adapted") / "README.md").read_text()
+    assert "base_model:\n- org/base\n" in card  # the model's repo, not 'org/base+hf:'
     # the adapter's commit is part of the identity: another revision makes the node stale
     write_adapter(tmp_path / "lora2", base, 6)
     cache.add_commit("org/adapter", "ae" * 20,
