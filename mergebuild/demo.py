@@ -71,6 +71,30 @@ DEMO_MODELS: dict[str, tuple[Delta, ...]] = {
 
 
 @dataclass(frozen=True)
+class DemoAdapter:
+    """A deterministic PEFT LoRA for the demo family (rank ``r`` on ``targets``).
+
+    Attributes:
+        seed: seeds the A and B matrices.
+        r, alpha: rank and ``lora_alpha`` (the delta is B·A·alpha/r).
+        targets: module names (``q_proj``…) the adapter changes in every layer.
+        scale: standard deviation of A's and B's entries.
+    """
+
+    seed: int
+    r: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    scale: float = 0.05
+
+
+# LoRA adapters over the demo family (any of its models: they share shapes).
+DEMO_ADAPTERS: dict[str, DemoAdapter] = {
+    "style-lora": DemoAdapter(seed=11),
+}
+
+
+@dataclass(frozen=True)
 class _Shape:
     hidden_size: int
     num_layers: int
@@ -126,6 +150,67 @@ def generate_demo_models(
         )
         for name, deltas in DEMO_MODELS.items()
     }
+
+
+def generate_demo_adapters(
+    root: Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+) -> dict[str, Path]:
+    """Write (or keep) the demo LoRA adapters (``DEMO_ADAPTERS``) for the demo family's shapes.
+
+    Returns:
+        {adapter name: its directory (adapter_config.json + adapter_model.safetensors)}.
+    """
+    out = {}
+    for name, adapter in DEMO_ADAPTERS.items():
+        directory = Path(root) / name
+        marker = json.loads(json.dumps({
+            "format": _FORMAT_VERSION, **asdict(adapter), "hidden_size": hidden_size,
+            "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}))
+        out[name] = directory
+        if _read_marker(directory) == marker:
+            continue
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            staging.chmod(0o755)
+            _write_adapter(staging, adapter, hidden_size, num_layers,
+                           num_kv_heads * (hidden_size // num_heads))
+            (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n",
+                                               encoding="utf-8")
+            _publish(staging, directory, marker)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_adapter(directory: Path, adapter: DemoAdapter, hidden: int, layers: int,
+                   kv: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    out_features = {"q_proj": hidden, "k_proj": kv, "v_proj": kv, "o_proj": hidden}
+    tensors = {}
+    for layer in range(layers):
+        for target in adapter.targets:
+            module = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            g = _generator("lora", adapter.seed, layer, target)
+            tensors[f"{module}.lora_A.weight"] = (
+                torch.randn(adapter.r, hidden, generator=g) * adapter.scale).contiguous()
+            tensors[f"{module}.lora_B.weight"] = (
+                torch.randn(out_features[target], adapter.r, generator=g) * adapter.scale
+            ).contiguous()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    _write_json(directory / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.r,
+        "lora_alpha": adapter.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": list(adapter.targets), "fan_in_fan_out": False,
+        "base_model_name_or_path": None,
+    })
 
 
 def generate_model(

@@ -180,8 +180,9 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
 
 
 def _old_demo_dirs(store: Store) -> list[Path]:
+    from .demo import DEMO_ADAPTERS
     from .mergefile import SourceSpec
-    from .sources import DEMO_MODELS, resolve_source
+    from .sources import DEMO_MODELS, resolve_demo_adapter, resolve_source
 
     if not store.demo.is_dir():
         return []
@@ -189,7 +190,8 @@ def _old_demo_dirs(store: Store) -> list[Path]:
         Path(resolve_source(SourceSpec(name=n, uri=f"demo://{n}", line=0), store)
              .extra["demo_root"]).name
         for n in DEMO_MODELS
-    }
+    } | {Path(resolve_demo_adapter(f"demo://{n}", n, store).extra["demo_root"]).name
+         for n in DEMO_ADAPTERS}
     return [p for p in sorted(store.demo.iterdir())
             if p.is_dir() and p.name not in current and not p.name.startswith(".")]
 

@@ -67,7 +67,7 @@ def _label(g: nx.DiGraph, name: str) -> str:
     if isinstance(spec, SourceSpec):
         return f"{name} (source: {spec.uri if spec.kind != 'local' else 'local'})"
     if isinstance(spec, AdaptedSpec):
-        adapter = spec.adapter if spec.adapter_kind == "hub" else "local"
+        adapter = spec.adapter if spec.adapter_kind != "local" else "local"
         return f"{name} (LoRA {adapter} on {spec.model})"
     return f"{name} ({spec.method})"
 

@@ -145,7 +145,9 @@ class AdaptedSpec:
 
     @property
     def adapter_kind(self) -> str:
-        return "hub" if self.adapter.startswith("hf://") else "local"
+        if self.adapter.startswith("hf://"):
+            return "hub"
+        return "demo" if self.adapter.startswith("demo://") else "local"
 
 
 @dataclass(frozen=True)
@@ -429,7 +431,7 @@ class _Builder:
             spec = SourceSpec(name=parent, uri=self._source_uri(str(body["source"]),
                                                                 body.line_of("source"), parent),
                               line=body.line, allow_pickle=bool(body.get("allow_pickle")))
-        if adapter.startswith(("hf://", "/", "./", "../", "~")) or (
+        if adapter.startswith(("hf://", "demo://", "/", "./", "../", "~")) or (
             self.base_dir / adapter
         ).exists():
             adapter_uri = self._source_uri(adapter, line, node)

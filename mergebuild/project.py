@@ -221,7 +221,7 @@ class Project:
             if state.source.kind == "hub":
                 lock.set(state.name, state.source.extra["resolution"])
             adapter = state.source.extra.get("adapter")
-            if adapter is not None:
+            if adapter is not None and adapter.kind == "hub":
                 lock.set(_adapter_entry(state.name), adapter.extra["resolution"])
         if lock == self.lock and (self.lock_path.exists() or not lock.nodes()):
             return False

@@ -105,12 +105,27 @@ def resolve_demo(spec: SourceSpec, store: Store) -> ResolvedSource:
                           directory=root / name, extra={"demo_root": str(root)})
 
 
+def resolve_demo_adapter(uri: str, name: str, store: Store) -> ResolvedSource:
+    """A demo LoRA (``demo://style-lora``): identified, like demo models, by the generator."""
+    from .demo import DEMO_ADAPTERS
+
+    adapter = uri[len("demo://"):].strip("/")
+    if adapter not in DEMO_ADAPTERS:
+        raise SourceError(f"unknown demo adapter '{adapter}'", node=name,
+                          hint=f"demo adapters: {', '.join(DEMO_ADAPTERS)}")
+    digest = _demo_identity(adapter)
+    root = store.demo / digest.split(":", 1)[1][:16]
+    return ResolvedSource(name=name, kind="demo", uri=uri, digest=digest,
+                          directory=root / adapter, extra={"demo_root": str(root)})
+
+
 def materialize_demo(source: ResolvedSource) -> Path:
     """Generate the demo models on first use (deterministic, a fraction of a second)."""
-    from .demo import generate_demo_models
+    from .demo import generate_demo_adapters, generate_demo_models
 
     assert source.directory is not None
     generate_demo_models(Path(source.extra["demo_root"]))
+    generate_demo_adapters(Path(source.extra["demo_root"]))
     return source.directory
 
 
@@ -175,6 +190,8 @@ def resolve_adapter(uri: str, name: str, store: Store, *, locked: Any = None,
     if uri.startswith("hf://"):
         return resolve_hub_source(SourceSpec(name=name, uri=uri, line=0), store, locked=locked,
                                   frozen=frozen, lock_name=lock_name)
+    if uri.startswith("demo://"):
+        return resolve_demo_adapter(uri, name, store)
     directory = Path(uri)
     check_adapter_directory(directory, name)
     files = {}
@@ -204,7 +221,7 @@ def _resolve_adapted(spec: SourceSpec, store: Store, adapter_locked: Any, **lock
     assert spec.adapter is not None
     resolved = resolve_adapter(spec.adapter, spec.name, store, locked=adapter_locked,
                                frozen=lock["frozen"], lock_name=lock["lock_name"])
-    adapter = resolved if resolved.kind == "hub" else None
+    adapter = resolved if resolved.kind in ("hub", "demo") else None
     files = {**model.files, **{f"adapter/{k}": v for k, v in resolved.files.items()}}
     return ResolvedSource(
         name=spec.name, kind=model.kind, uri=f"{model.uri}+{spec.adapter}",
@@ -224,7 +241,10 @@ def adapter_directory(source: ResolvedSource) -> Path | None:
 
 
 def fetch_adapter(adapter: ResolvedSource) -> Path:
-    """The local directory of a resolved adapter; a hub adapter is fetched (HF cache)."""
+    """The local directory of a resolved adapter; a hub adapter is fetched (HF cache), a demo
+    adapter generated on first use."""
+    if adapter.kind == "demo":
+        materialize_demo(adapter)
     if adapter.kind != "hub":
         assert adapter.directory is not None
         return adapter.directory

@@ -222,3 +222,58 @@ def test_sharded_demo_loads_with_transformers(tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_demo_adapter_is_a_deterministic_peft_lora(tmp_path):
+    from safetensors.torch import load_file
+
+    from mergebuild.demo import DEMO_ADAPTERS, generate_demo_adapters
+    from mergebuild.lora import check_adapter_directory
+
+    first = generate_demo_adapters(tmp_path / "a")
+    second = generate_demo_adapters(tmp_path / "b")
+    assert set(first) == set(DEMO_ADAPTERS) == {"style-lora"}
+    for name, directory in first.items():
+        check_adapter_directory(directory, name)
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            assert (directory / file).read_bytes() == (second[name] / file).read_bytes()
+    tensors = load_file(str(first["style-lora"] / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"].shape == (32, 4)
+    mtime = (first["style-lora"] / "adapter_model.safetensors").stat().st_mtime_ns
+    generate_demo_adapters(tmp_path / "a")  # a second call writes nothing
+    assert (first["style-lora"] / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_demo_adapter_on_a_merge_output_adds_its_delta(tmp_path):
+    """recipes/merge-plus-lora: `styled` is chat-code plus B·A·α/r on q_proj and v_proj, and
+    bit-identical to chat-code everywhere else; gc keeps the adapter's demo directory."""
+    import json
+
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    from mergebuild.project import Project
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "merge-plus-lora.Mergefile"
+    project = Project(recipe, tmp_path / "cache")
+    assert project.make(["styled"]).ok
+    merged = load_file(str(project.path("chat-code") / "model.safetensors"))
+    styled = load_file(str(project.path("styled") / "model.safetensors"))
+    adapter = next((tmp_path / "cache" / "demo").glob("*/style-lora"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    changed = 0
+    for name, tensor in merged.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        if module + ".lora_A.weight" in lora:
+            delta = lora[module + ".lora_B.weight"] @ lora[module + ".lora_A.weight"] * scale
+            assert_close(styled[name].float(), tensor.float() + delta, rtol=1 / 128, atol=1e-6)
+            assert not torch.equal(styled[name], tensor)
+            changed += 1
+        else:
+            assert torch.equal(styled[name], tensor), name
+    assert changed == 8  # q_proj and v_proj of 4 layers
+    report = project.collect_garbage()
+    assert not [g for g in report.removed if g.kind == "demo"]
+    assert adapter.is_dir()

@@ -16,7 +16,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.Mergefile"))
 def test_there_are_recipes_for_the_common_patterns():
     names = {p.name for p in RECIPES}
     assert {"base-plus-instruct.Mergefile", "chat-code-slerp.Mergefile",
-            "experts-ties.Mergefile"} <= names
+            "experts-ties.Mergefile", "merge-plus-lora.Mergefile"} <= names
 
 
 @pytest.mark.parametrize("path", [*RECIPES, ROOT / "Mergefile.example"], ids=lambda p: p.name)
