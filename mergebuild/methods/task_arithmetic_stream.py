@@ -9,8 +9,9 @@ into reused float32 scratch, in up to three passes:
    DARE mask for an ``l1`` rescale;
 2. (only for magnitude cuts) the low-16-bit histogram inside each cut's bucket → the exact
    threshold and how many ties at it are kept;
-3. per chunk: δ_i again, mask, rescale, × w_i, sign consensus, sum, normalise, × λ, + b,
-   cast into ``out``.
+3. per chunk: δ_i again, mask (DARE's, when pass 1 drew it for the l1 sums, kept from there
+   bit-packed: n/8 bytes per parent), rescale, × w_i, sign consensus, sum, normalise, × λ,
+   + b, cast into ``out``.
 
 Results are bit for bit those of ``task_arithmetic._merge`` (same total order for the top
 k, ties by flat index; same DARE draws and l1 block sums; the same ``mix_into_`` per
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergebuild.methods.registry import METHODS, TensorParams
@@ -270,6 +272,9 @@ def merge_streamed(
 
     cut_parents = [p for p in plan if p.cuts()]
     l1_parents = [p for p in plan if p.mode == "random" and p.rescale == "l1"]
+    # DARE's keep masks drawn in pass 1 (for the l1 sums), bit-packed for pass 3: n/8 bytes
+    # per parent instead of drawing every uniform twice (~1.4 ns each; packing ~0.2 ns).
+    drawn: dict[tuple[int, int], np.ndarray] = {}
     n_blocks = -(-n // REDUCE_BLOCK)
     for p in l1_parents:
         p.before, p.after = [0.0] * n_blocks, [0.0] * n_blocks
@@ -289,7 +294,9 @@ def merge_streamed(
                     block0 = s // REDUCE_BLOCK
                     sums = l1_blocks(d)
                     p.before[block0 : block0 + len(sums)] = sums
-                    keep_only_(d, keep_draws(seed, p.index, s, e, p.density))
+                    keep = keep_draws(seed, p.index, s, e, p.density)
+                    drawn[(p.index, s)] = np.packbits(keep.numpy())
+                    keep_only_(d, keep)
                     sums = l1_blocks(d)
                     p.after[block0 : block0 + len(sums)] = sums
             return hists
@@ -362,7 +369,10 @@ def merge_streamed(
                         inside &= bits < high
                     keep_only_(d, inside)
             elif p.mode == "random":
-                keep_only_(d, keep_draws(seed, p.index, s, e, p.density))
+                packed = drawn.pop((p.index, s), None)
+                keep_only_(d, keep_draws(seed, p.index, s, e, p.density) if packed is None
+                           else torch.from_numpy(np.unpackbits(packed, count=e - s)
+                                                 .view(np.bool_)))
                 if p.rescale == "l1":
                     if p.factor is not None:
                         d.mul_(p.factor)
