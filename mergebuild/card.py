@@ -22,6 +22,7 @@ from mergebuild.lineage import (
     lineage_hub_ids,
     lineage_methods,
     short_digest,
+    snapshot_repo,
 )
 from mergebuild.provenance import BuildRecord, build_statement, scrub_text
 
@@ -168,10 +169,17 @@ def _lineage_section(root: LineageNode) -> str:
         "|---|---|---|---|---|---|",
     ]
     for source in (n for n in nodes if not n.is_build):
-        location = hub_id(source.uri) if source.kind == "hub" else None
+        commit = source.commit
+        if source.kind == "hub":
+            where = f"`{_cell(hub_id(source.uri) or source.uri)}`"
+        else:  # a local copy inside a Hugging Face cache names its repo and commit
+            repo, snapshot = snapshot_repo(source.uri)
+            where = f"`{_cell(source.uri)}`" + (
+                f" (Hugging Face cache of `{_cell(repo)}`)" if repo else "")
+            commit = commit or snapshot
         lines.append(
-            f"| `{_cell(source.name)}` | {source.kind} | `{_cell(location or source.uri)}` | "
-            f"{_code(source.revision)} | {_code(source.commit)} | `{short_digest(source.digest)}` |"
+            f"| `{_cell(source.name)}` | {source.kind} | {where} | {_code(source.revision)} | "
+            f"{_code(commit)} | `{short_digest(source.digest)}` |"
         )
     return "\n".join(lines) + "\n"
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 from mergebuild.errors import StoreError
 from mergebuild.provenance import (
@@ -54,6 +56,11 @@ _STRUCTURAL_KEYS = frozenset(
 )
 
 PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+
+
+# A Hugging Face cache snapshot directory: models--<org>--<name>/snapshots/<40-hex commit>
+_SNAPSHOT = re.compile(r"/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/"
+                       r"(?P<commit>[0-9a-f]{40})/?$")
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,13 @@ def short_digest(digest: str, length: int = 12) -> str:
 def hub_id(uri: str) -> str | None:
     """``"hf://org/name@rev"`` → ``"org/name"``; ``None`` if the URI is not a hub URI.
 
-    An adapted source's URI (``"hf://org/base+hf://org/lora"``) gives its model's repo.
+    An adapted source's URI (``"hf://org/base+hf://org/lora"``) gives its model's repo. A
+    local directory inside a Hugging Face cache snapshot
+    (``file:///…/models--org--name/snapshots/<commit>``) is that repo too: the cache's
+    layout names it exactly (``/`` in the repo id became the first ``--``).
     """
+    if uri.startswith("file://"):
+        return snapshot_repo(uri)[0]
     for prefix in ("hf://", "https://huggingface.co/"):
         if uri.startswith(prefix):
             path = uri[len(prefix) :].split("+", 1)[0]
@@ -323,9 +335,21 @@ def iter_lineage(node: LineageNode) -> Iterator[LineageNode]:
     yield from visit(node)
 
 
+def snapshot_repo(uri: str) -> tuple[str | None, str | None]:
+    """(repo id, commit) of a ``file://`` URI inside a Hugging Face cache snapshot, else
+    (None, None)."""
+    path = unquote(urlparse(uri.split("+", 1)[0]).path)
+    match = _SNAPSHOT.search(path)
+    if match is None:
+        return None, None
+    return f"{match['org']}/{match['name']}", match["commit"]
+
+
 def lineage_hub_ids(node: LineageNode) -> list[str]:
-    """Hub repo ids reached anywhere in the lineage, deduplicated and sorted."""
-    ids = {hub_id(n.uri) for n in iter_lineage(node) if n.kind == "hub"}
+    """Hub repo ids reached anywhere in the lineage (hub sources, and local sources that are
+    Hugging Face cache snapshots), deduplicated and sorted."""
+    ids = {hub_id(n.uri) for n in iter_lineage(node)
+           if n.kind == "hub" or (not n.is_build and n.uri and n.uri.startswith("file://"))}
     return sorted((i for i in ids if i), key=lambda s: (s.lower(), s))
 
 

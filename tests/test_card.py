@@ -111,3 +111,34 @@ def test_fences_survive_backticks_in_the_excerpt(chain):
         chain["A"]["record"], mergefile_excerpt="A:\n  description: see ```code```\n"
     )
     assert "````yaml\nA:\n  description: see ```code```\n````" in render_card(record)
+
+
+def test_local_source_in_a_hugging_face_cache_snapshot_names_its_repo(workspace, tmp_path):
+    """A local source that is a snapshot directory of the HF cache is that repo at that
+    commit: the card's base_model lists it and its table shows the commit; a plain local
+    directory stays anonymous."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--acme--chat-7b" / "snapshots" / commit
+    shutil.copytree(workspace.models / "chat", snapshot)
+    workspace.write(f"""
+        version: 1
+        models:
+          base: {{{{source: {{models}}/base}}}}
+          chat: {{{{source: {snapshot}}}}}
+          out:
+            merge_method: linear
+            models: [{{{{model: base, parameters: {{{{weight: 0.5}}}}}}}},
+                     {{{{model: chat, parameters: {{{{weight: 0.5}}}}}}}}]
+        """)
+    project = workspace.project()
+    assert project.make(["out"]).ok
+    text = (project.path("out") / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.base_model == ["acme/chat-7b"]
+    assert card.data.base_model_relation == "merge"
+    row = next(line for line in text.splitlines() if line.startswith("| `chat` |"))
+    assert "Hugging Face cache of `acme/chat-7b`" in row and f"`{commit[:12]}" in row
+    row = next(line for line in text.splitlines() if line.startswith("| `base` |"))
+    assert "Hugging Face cache" not in row
