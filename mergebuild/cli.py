@@ -147,8 +147,32 @@ def graph(ctx, fmt):
 @click.argument("node")
 @click.pass_context
 def path(ctx, node):
-    """Print the directory of NODE's current build (exit 1 if it is not built)."""
+    """Print the directory of NODE's current build (exit 4 if it is not built)."""
     click.echo(str(_project(ctx).path(node)))
+
+
+@main.command()
+@click.argument("node", required=False)
+@click.option("--as", "name", help="The pin's name (default: NODE), e.g. v1.0.")
+@click.option("--list", "list_pins", is_flag=True, help="List the store's pins.")
+@click.option("--remove", metavar="NAME", help="Remove pin NAME (gc may then collect it).")
+@click.pass_context
+def pin(ctx, node, name, list_pins, remove):
+    """Keep NODE's current build from gc under a name, whatever the Mergefile becomes."""
+    if node is not None and (list_pins or remove is not None):
+        raise click.UsageError("give NODE to pin it, or --remove NAME, or --list")
+    project = _project(ctx)
+    if list_pins or (node is None and remove is None):
+        for pin_name, record in project.pins().items():
+            click.echo(f"{pin_name}\t{record.get('node')}\t{record.get('key')}\t"
+                       f"{record.get('path')}\t{record.get('pinned')}")
+        return
+    if remove is not None:
+        project.unpin(remove)
+        click.echo(f"unpinned {remove}")
+        return
+    pin_name, record = project.pin(node, name)
+    click.echo(f"pinned {node} as {pin_name}: {record['path']}")
 
 
 @main.command("import")

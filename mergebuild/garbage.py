@@ -6,7 +6,8 @@ What ``gc`` keeps (the roots), so that it never removes anything the Mergefile c
 - the object each node still in the Mergefile was last built as (``refs/<node>.json``), so
   editing a knob and running ``gc`` before ``make`` does not throw the last build away;
 - the objects recorded in refs by *another* Mergefile that still exists (a shared store
-  via ``$MERGEBUILD_CACHE`` or ``--cache-dir``).
+  via ``$MERGEBUILD_CACHE`` or ``--cache-dir``);
+- pinned builds (``mergebuild pin``), whatever became of their node or Mergefile.
 
 What it removes: every other object, temp dirs of interrupted builds (their lock is free),
 scratch dirs of killed ``make --check`` runs, lock files nobody holds (untouched for
@@ -71,6 +72,7 @@ def reachable_keys(project: Project) -> set[str]:
         ref = project.store.read_ref(name)
         if isinstance(spec, MergeSpec) and ref and ref.get("key"):
             keys.add(str(ref["key"]))
+    keys |= {str(pin["key"]) for pin in project.store.read_pins().values()}
     ours = project.mergefile.path.resolve()
     refs = project.store.refs
     for path in sorted(refs.glob("*.json")) if refs.is_dir() else ():

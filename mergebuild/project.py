@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import os
 import platform
+import re
 import secrets
 import threading
 import time
@@ -21,6 +22,7 @@ from .errors import (
     BuildInterrupted,
     CheckpointError,
     MergebuildError,
+    MergefileError,
     SourceError,
     StoreError,
 )
@@ -694,6 +696,35 @@ class Project:
         with self.store.in_use() if dry_run else self.store.exclusive():
             return collect_garbage(self, dry_run=dry_run)
 
+    def pin(self, node: str, name: str | None = None) -> tuple[str, dict[str, Any]]:
+        """Keep ``node``'s current build out of ``gc``'s reach under ``name`` (default: the
+        node's name), whatever later happens to the Mergefile; returns (name, record)."""
+        name = name or node
+        if not _PIN_NAME.match(name):
+            raise MergefileError(f"invalid pin name '{name}'", node=node,
+                                 hint="use letters, digits, '.', '_' and '-' (e.g. v1.0)")
+        with self.store.in_use():
+            path = self.path(node)
+            state = next(s for s in self.plan([node]) if s.name == node)
+            if state.kind != "merge" or state.key is None:
+                raise StoreError("is a source, not a build; only builds can be pinned",
+                                 node=node, hint="pin a merge node")
+            record = {"key": state.key, "digest": state.digest, "node": node,
+                      "mergefile": str(self.mergefile.path), "path": str(path),
+                      "pinned": _now()}
+            self.store.write_pin(name, record)
+        return name, record
+
+    def unpin(self, name: str) -> None:
+        """Remove pin ``name`` (the build stays until ``gc`` finds it unreachable)."""
+        if not self.store.remove_pin(name):
+            pins = ", ".join(self.store.read_pins()) or "none"
+            raise StoreError(f"no pin named '{name}'", hint=f"pins: {pins}")
+
+    def pins(self) -> dict[str, dict[str, Any]]:
+        """Every pin of the store: name → record (key, digest, node, mergefile, path)."""
+        return self.store.read_pins()
+
     def export(self, node: str, directory: str | Path, force: bool = False):
         """Copy ``node``'s verified build to ``directory`` (``export.ExportResult``)."""
         from .export import export_build
@@ -730,6 +761,7 @@ def _vocab_padding(spec: MergeSpec) -> int | None:
 
 
 _ADAPTER_SUFFIX = "#adapter"
+_PIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _adapter_entry(node: str) -> str:

@@ -7,6 +7,7 @@ Layout of a store directory::
     locks/<key>.lock           flock'd while a key is built, so two makes never build it twice
     refs/<node>.json           the last build of each node name: key, digest, recipe (for
                                "what changed" reasons and human-facing names)
+    pins/<name>.json           builds kept by ``mergebuild pin`` (gc never removes them)
     use.lock                   flock'd shared by every command using objects, exclusively
                                by gc (so gc never removes what a running command uses)
     demo/                      demo models generated on first use
@@ -97,6 +98,7 @@ class Store:
         self.locks = self.root / "locks"
         self.refs = self.root / "refs"
         self.demo = self.root / "demo"
+        self.pins = self.root / "pins"
         self.stat_cache = StatCache(self.root / "state.db")
 
     # objects -----------------------------------------------------------------------------
@@ -254,6 +256,39 @@ class Store:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise self.os_error(exc, f"cannot record the build of '{node}'", node=node) from None
+
+    # pins --------------------------------------------------------------------------------
+    def read_pins(self) -> dict[str, dict[str, Any]]:
+        """Every pin: name → its record (key, digest, node, mergefile, pinned)."""
+        if not self.pins.is_dir():
+            return {}
+        pins = {}
+        for path in sorted(self.pins.glob("*.json")):
+            record = _read_json(path)
+            if isinstance(record, dict) and record.get("key"):
+                pins[path.stem] = record
+        return pins
+
+    def write_pin(self, name: str, record: dict[str, Any]) -> None:
+        self._mkdir(self.pins)
+        path = self.pins / f"{name}.json"
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self.os_error(exc, f"cannot write pin '{name}'") from None
+
+    def remove_pin(self, name: str) -> bool:
+        try:
+            (self.pins / f"{name}.json").unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot remove pin '{name}'") from None
+        return True
 
     # maintenance -------------------------------------------------------------------------
     def iter_objects(self) -> Iterator[Path]:
