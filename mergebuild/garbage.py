@@ -140,6 +140,8 @@ def _remove(store: Store, item: Garbage) -> None:
     try:
         if item.kind == "lock":
             _unlink_if_free(item.path)
+        elif item.kind == "object":
+            store.retire(item.path, "gc")
         elif item.path.is_dir():
             remove_tree(item.path)
         else:

@@ -126,12 +126,18 @@ class Store:
         """Remove a published object that failed its integrity check."""
         path = self.object_dir(key)
         if path.exists():
-            trash = self.tmp / f"{key}.corrupt.{secrets.token_hex(4)}"
-            self.tmp.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
-                _make_writable(path)
-                os.rename(path, trash)
-            remove_tree(trash)
+                self.retire(path, "corrupt")
+
+    def retire(self, path: Path, tag: str) -> None:
+        """Take a published object out of ``objects/`` in one rename, then delete it: nothing
+        ever sees half an object, and a process killed in between leaves only a dead temp dir
+        (``tmp/<key>.<tag>.<random>``) for ``gc``. Raises OSError if it cannot be moved."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        trash = self.tmp / f"{path.name}.{tag}.{secrets.token_hex(4)}"
+        _make_writable(path)  # moving a directory to another parent needs write access to it
+        os.rename(path, trash)
+        remove_tree(trash)
 
     # building ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -306,7 +312,8 @@ class Store:
         for path in sorted(self.tmp.iterdir()):
             key = path.name.split(".", 1)[0]
             lock = self.locks / f"{key}.lock"
-            if ".corrupt." in path.name or not lock.exists() or not lock_held(lock):
+            retired = ".corrupt." in path.name or ".gc." in path.name
+            if retired or not lock.exists() or not lock_held(lock):
                 dead.append(path)
         return dead
 

@@ -218,3 +218,28 @@ def test_make_waits_for_a_running_gc_then_builds(workspace):
     worker.join(60)
     assert results and results[0].ok
     assert [(r.name, r.outcome) for r in results[0].results] == [("chat-code", "built")]
+
+
+def test_gc_interrupted_while_removing_leaves_no_half_object(workspace, monkeypatch):
+    """An object leaves objects/ in one rename before it is deleted: a gc killed mid-delete
+    leaves a dead temp dir (the next gc removes it), never a half object a make would trust."""
+    import mergebuild.store as store_module
+
+    workspace.chain()
+    workspace.project().make(["final-model"])
+    orphan = orphan_object(workspace, current_paths(workspace)["chat-code"])
+    real = store_module.remove_tree
+
+    def killed(root):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "remove_tree", killed)
+    interrupted = run(workspace, "gc")
+    assert interrupted.exit_code == 130, interrupted.output
+    assert not orphan.exists()
+    leftovers = list((workspace.cache / "tmp").iterdir())
+    assert [p.name.split(".")[:2] for p in leftovers] == [[orphan.name, "gc"]]
+    monkeypatch.setattr(store_module, "remove_tree", real)
+    again = run(workspace, "gc")
+    assert again.exit_code == 0, again.output
+    assert f"removed temp {leftovers[0]}" in again.output and not leftovers[0].exists()
