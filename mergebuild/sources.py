@@ -97,6 +97,11 @@ def _demo_identity(name: str) -> str:
 def resolve_demo(spec: SourceSpec, store: Store) -> ResolvedSource:
     name = spec.uri[len("demo://"):].strip("/")
     if name not in DEMO_MODELS:
+        from .demo import DEMO_ADAPTERS
+
+        if name in DEMO_ADAPTERS:
+            raise SourceError(f"demo://{name} is a LoRA adapter, not a model", node=spec.name,
+                              hint=f"apply it after '+', e.g. base+demo://{name}")
         raise SourceError(f"unknown demo model '{name}'", node=spec.name,
                           hint=f"demo models: {', '.join(DEMO_MODELS)}")
     digest = _demo_identity(name)
