@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,26 +165,14 @@ def generate_demo_adapters(
     Returns:
         {adapter name: its directory (adapter_config.json + adapter_model.safetensors)}.
     """
+    kv = num_kv_heads * (hidden_size // num_heads)
     out = {}
     for name, adapter in DEMO_ADAPTERS.items():
-        directory = Path(root) / name
-        marker = json.loads(json.dumps({
-            "format": _FORMAT_VERSION, **asdict(adapter), "hidden_size": hidden_size,
-            "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}))
-        out[name] = directory
-        if _read_marker(directory) == marker:
-            continue
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            staging.chmod(0o755)
-            _write_adapter(staging, adapter, hidden_size, num_layers,
-                           num_kv_heads * (hidden_size // num_heads))
-            (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n",
-                                               encoding="utf-8")
-            _publish(staging, directory, marker)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        out[name] = directory = Path(root) / name
+        marker = {"format": _FORMAT_VERSION, **asdict(adapter), "hidden_size": hidden_size,
+                  "num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
+        _generate_once(directory, marker, lambda staging, adapter=adapter: _write_adapter(
+            staging, adapter, hidden_size, num_layers, kv))
     return out
 
 
@@ -258,20 +246,25 @@ def generate_model(
         tuple(deltas),
     )
     marker = {"format": _FORMAT_VERSION, "seed": seed, **asdict(shape)}
+    _generate_once(directory, marker, lambda staging: _write_model(staging, seed, shape))
+    return directory
+
+
+def _generate_once(directory: Path, marker: dict, write: Callable[[Path], None]) -> None:
+    """Run ``write`` into a staging dir and publish it as ``directory`` with ``marker``,
+    unless ``directory`` already holds what ``marker`` describes."""
     marker = json.loads(json.dumps(marker))  # tuples -> lists, as read back from disk
     if _read_marker(directory) == marker:
-        return directory
-
+        return
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; a model directory is not
-        _write_model(staging, seed, shape)
+        write(staging)
         (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         _publish(staging, directory, marker)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 # --------------------------------------------------------------------------- publishing

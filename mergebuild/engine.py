@@ -9,6 +9,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -529,6 +530,11 @@ class _Streaming:
         except (OSError, ValueError):
             pass
 
+    def drop_spans(self, task: TensorTask, start: int, stop: int) -> None:
+        """Unmap elements [start, stop) of every input of ``task`` (read for the last time)."""
+        for info in (*task.inputs, task.base):
+            self.drop_pages(info, start, stop)
+
     def _advise(self, task: TensorTask, advice: int) -> None:
         for mapped, start, length in self._ranges(task):
             try:
@@ -598,13 +604,9 @@ class _Streaming:
         out = torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
         seed = tensor_seed(self.job.key, task.name) if self.job.method.randomized else None
 
-        def consumed(start: int, stop: int) -> None:
-            for info in (*task.inputs, task.base):
-                self.drop_pages(info, start, stop)
-
         try:
             merge_streamed(self.job.method.name, srcs, base, params, seed, out.view(-1),
-                           self.workspace, consumed)
+                           self.workspace, partial(self.drop_spans, task))
         except ValueError as exc:
             raise IncompatibleModelsError(
                 f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
@@ -630,13 +632,9 @@ class _Streaming:
             self.slerp_workspace = ChunkWorkspace(_workers(), CHUNK_ELEMENTS)
         out = self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
 
-        def consumed(start: int, stop: int) -> None:
-            for info in (*task.inputs, task.base):
-                self.drop_pages(info, start, stop)
-
         merge_slerp_streamed(load(task.base).reshape(-1), load(task.inputs[0]).reshape(-1),
                              float(params.globals["t"]), out.view(-1), self.slerp_workspace,
-                             consumed)
+                             partial(self.drop_spans, task))
         return out
 
     def close(self) -> None:
@@ -667,8 +665,7 @@ class _Streaming:
                     params: TensorParams, flat) -> None:
         """Merge elements [s, e) already converted to float32 into ``flat``; the parents'
         pages behind them are dropped first (they are not read again)."""
-        for info in (*task.inputs, task.base):
-            self.drop_pages(info, s, e)
+        self.drop_spans(task, s, e)
         try:
             r = func(parents, b, params, None)
         except ValueError as exc:

@@ -348,8 +348,7 @@ def snapshot_repo(uri: str) -> tuple[str | None, str | None]:
 def lineage_hub_ids(node: LineageNode) -> list[str]:
     """Hub repo ids reached anywhere in the lineage (hub sources, and local sources that are
     Hugging Face cache snapshots), deduplicated and sorted."""
-    ids = {hub_id(n.uri) for n in iter_lineage(node)
-           if n.kind == "hub" or (not n.is_build and n.uri and n.uri.startswith("file://"))}
+    ids = {hub_id(n.uri) for n in iter_lineage(node) if n.kind == "hub" or not n.is_build}
     return sorted((i for i in ids if i), key=lambda s: (s.lower(), s))
 
 

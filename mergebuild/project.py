@@ -303,13 +303,20 @@ class Project:
 
     def path(self, node: str) -> Path:
         """The directory of ``node``'s current build; StoreError if it is not built."""
+        path = self._current(node).path
+        assert path is not None
+        return path
+
+    def _current(self, node: str) -> NodeState:
+        """``node``'s planned state, which has a directory (a source available here, or a
+        fresh build); StoreError otherwise."""
         check_targets(self.mergefile, [node])
         state = next(s for s in self.plan([node]) if s.name == node)
         if state.status == "source":
             if state.path is None or not state.path.exists():
                 raise StoreError("source is not available locally", node=node,
                                  hint="run 'mergebuild make' on a node that uses it")
-            return state.path
+            return state
         if state.kind == "adapted":
             model = self.mergefile.nodes[node].model  # type: ignore[union-attr]
             raise StoreError("is a merge's output read through a LoRA while a child builds; "
@@ -319,7 +326,7 @@ class Project:
             why = "; ".join(state.reasons) or "stale"
             raise StoreError(f"not built ({why})", node=node,
                              hint=f"run 'mergebuild make {node}'")
-        return state.path
+        return state
 
     # building ----------------------------------------------------------------------------
     def make(
@@ -704,13 +711,12 @@ class Project:
             raise MergefileError(f"invalid pin name '{name}'", node=node,
                                  hint="use letters, digits, '.', '_' and '-' (e.g. v1.0)")
         with self.store.in_use():
-            path = self.path(node)
-            state = next(s for s in self.plan([node]) if s.name == node)
+            state = self._current(node)
             if state.kind != "merge" or state.key is None:
                 raise StoreError("is a source, not a build; only builds can be pinned",
                                  node=node, hint="pin a merge node")
             record = {"key": state.key, "digest": state.digest, "node": node,
-                      "mergefile": str(self.mergefile.path), "path": str(path),
+                      "mergefile": str(self.mergefile.path), "path": str(state.path),
                       "pinned": _now()}
             self.store.write_pin(name, record)
         return name, record

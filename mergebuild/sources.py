@@ -104,9 +104,14 @@ def resolve_demo(spec: SourceSpec, store: Store) -> ResolvedSource:
                               hint=f"apply it after '+', e.g. base+demo://{name}")
         raise SourceError(f"unknown demo model '{name}'", node=spec.name,
                           hint=f"demo models: {', '.join(DEMO_MODELS)}")
+    return _demo_source(spec.name, spec.uri, name, store)
+
+
+def _demo_source(node: str, uri: str, name: str, store: Store) -> ResolvedSource:
+    """A demo model or adapter: identity from the generator, directory under store/demo/."""
     digest = _demo_identity(name)
     root = store.demo / digest.split(":", 1)[1][:16]
-    return ResolvedSource(name=spec.name, kind="demo", uri=spec.uri, digest=digest,
+    return ResolvedSource(name=node, kind="demo", uri=uri, digest=digest,
                           directory=root / name, extra={"demo_root": str(root)})
 
 
@@ -118,10 +123,7 @@ def resolve_demo_adapter(uri: str, name: str, store: Store) -> ResolvedSource:
     if adapter not in DEMO_ADAPTERS:
         raise SourceError(f"unknown demo adapter '{adapter}'", node=name,
                           hint=f"demo adapters: {', '.join(DEMO_ADAPTERS)}")
-    digest = _demo_identity(adapter)
-    root = store.demo / digest.split(":", 1)[1][:16]
-    return ResolvedSource(name=name, kind="demo", uri=uri, digest=digest,
-                          directory=root / adapter, extra={"demo_root": str(root)})
+    return _demo_source(name, uri, adapter, store)
 
 
 def materialize_demo(source: ResolvedSource) -> Path:

@@ -252,16 +252,22 @@ class Store:
 
     def write_ref(self, node: str, record: dict[str, Any]) -> None:
         self._mkdir(self.refs)
-        path = self._ref_path(node)
+        self._write_record(self._ref_path(node), record, f"cannot record the build of '{node}'",
+                           node=node, fault="store.ref_tmp_written")
+
+    def _write_record(self, path: Path, record: dict[str, Any], what: str,
+                      node: str | None = None, fault: str | None = None) -> None:
+        """Write JSON beside ``path`` and rename it into place (readers see old or new)."""
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            faults.point("store.ref_tmp_written")
+            if fault:
+                faults.point(fault)
             os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise self.os_error(exc, f"cannot record the build of '{node}'", node=node) from None
+            raise self.os_error(exc, what, node=node) from None
 
     # pins --------------------------------------------------------------------------------
     def read_pins(self) -> dict[str, dict[str, Any]]:
@@ -277,15 +283,7 @@ class Store:
 
     def write_pin(self, name: str, record: dict[str, Any]) -> None:
         self._mkdir(self.pins)
-        path = self.pins / f"{name}.json"
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        try:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise self.os_error(exc, f"cannot write pin '{name}'") from None
+        self._write_record(self.pins / f"{name}.json", record, f"cannot write pin '{name}'")
 
     def remove_pin(self, name: str) -> bool:
         try:

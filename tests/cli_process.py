@@ -62,20 +62,16 @@ def _child(argv, env, cwd, out_path, err_path, fsize_limit):  # runs in the fork
         # ENOSPC, instead of killing the process.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-    code = 0
     try:
-        from mergebuild.cli import main
+        from mergebuild.cli import invoke
 
-        main(args=argv, prog_name="mergebuild", obj={})
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = invoke(argv)  # what the console entry runs (cli.run), output flushed
     except BaseException as exc:  # noqa: BLE001 - a traceback is itself a test failure
         import traceback
 
         traceback.print_exception(exc)
+        sys.stderr.flush()
         code = 99
-    sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(code)
 
 
