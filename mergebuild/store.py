@@ -147,12 +147,7 @@ class Store:
         path = self.locks / f"{key}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait:
-                    on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            _flock_waiting(fd, fcntl.LOCK_EX, on_wait)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
             faults.point("store.lock_acquired")
@@ -174,12 +169,7 @@ class Store:
             yield
             return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait:
-                    on_wait()
-                fcntl.flock(fd, fcntl.LOCK_SH)
+            _flock_waiting(fd, fcntl.LOCK_SH, on_wait)
             yield
         finally:
             os.close(fd)
@@ -331,6 +321,16 @@ class Store:
             return StoreError(f"{what}: permission denied in {self.root}", node=node,
                               hint="check the store's permissions or pass --cache-dir")
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
+
+
+def _flock_waiting(fd: int, mode: int, on_wait: Callable[[], None] | None) -> None:
+    """flock ``fd`` in ``mode``; if that has to wait, call ``on_wait`` once, then block."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if on_wait:
+            on_wait()
+        fcntl.flock(fd, mode)
 
 
 def lock_held(lock: Path) -> bool:
