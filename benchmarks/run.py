@@ -5,7 +5,7 @@ One command::
     python benchmarks/run.py [--sizes tiny,small,medium] [--methods linear,slerp,ties,...]
                              [--repeat 3] [--mergekit-sizes medium] [--extras]
 
-Models are generated deterministically (``mergebuild.demo.generate_model``) under
+Models are generated deterministically (``mergebuild.sources.demo.generate_model``) under
 ``benchmarks/.work/models/<size>/`` and kept between runs. Every timed run is a fresh
 process with a fresh store (so mergebuild also hashes its sources: nothing is cached).
 Peak RSS is the child's ``ru_maxrss`` from ``wait4`` — the number ``/usr/bin/time -v``
@@ -51,7 +51,7 @@ FINETUNES = {"ft1": {"seed": 1, "density": 1.0, "scale": 0.004, "focus_layers": 
 
 
 def generate(size: str) -> dict[str, Path]:
-    from mergebuild.demo import Delta, generate_model
+    from mergebuild.sources.demo import Delta, generate_model
 
     root = WORK / "models" / size
     paths = {"base": generate_model(root / "base", 0, **SIZES[size])}

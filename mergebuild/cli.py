@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .errors import MergebuildError
+from mergebuild.errors import MergebuildError
 
 
 class _Group(click.Group):
@@ -47,7 +47,7 @@ def main(ctx: click.Context, mergefile: str, cache_dir: str | None, quiet: bool)
 
 
 def _project(ctx: click.Context, frozen: bool = False):
-    from .project import Project
+    from mergebuild.api import Project
 
     return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"], frozen=frozen)
 
@@ -76,7 +76,7 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
     if dry_run:
         ctx.invoke(plan, targets=targets, frozen=frozen)
         return
-    from .report import make_reporter
+    from mergebuild.report import make_reporter
 
     project = _project(ctx, frozen=frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
@@ -98,7 +98,7 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
 @click.pass_context
 def plan(ctx, targets, as_json, frozen=False):
     """Show what make would build, and why, without building."""
-    from .report import plan_rows
+    from mergebuild.report import plan_rows
 
     states = _project(ctx, frozen=frozen).plan(list(targets))
     if as_json:
@@ -129,8 +129,8 @@ main.add_command(plan, name="status")
 @click.pass_context
 def graph(ctx, fmt):
     """Show the Mergefile's DAG as a tree, DOT or Mermaid."""
-    from .graph import build_graph, render_dot, render_mermaid, render_tree
-    from .mergefile import load_mergefile
+    from mergebuild.spec.graph import build_graph, render_dot, render_mermaid, render_tree
+    from mergebuild.spec.parse import load_mergefile
 
     g = build_graph(load_mergefile(ctx.obj["mergefile"]))
     if fmt == "dot":
@@ -183,7 +183,7 @@ def import_configs(configs, output):
     """Turn mergekit configs (and mergekit-multi files) into a Mergefile."""
     from pathlib import Path
 
-    from .importer import import_mergekit
+    from mergebuild.spec.mergekit_import import import_mergekit
 
     result = import_mergekit(list(configs), Path(output).parent if output else None)
     for warning in result.warnings:
@@ -200,7 +200,7 @@ def import_configs(configs, output):
               help="Print the methods table as Markdown (the README's table).")
 def methods(names, markdown):
     """List merge methods and their parameters."""
-    from .methods.registry import METHODS, methods_markdown
+    from mergebuild.methods.registry import METHODS, methods_markdown
 
     if markdown:
         click.echo(methods_markdown(), nl=False)
@@ -230,7 +230,7 @@ def methods(names, markdown):
 
 
 def _make_check(ctx, targets, device) -> None:
-    from .audit import describe_repro
+    from mergebuild.verbs.verify import describe_repro
 
     project = _project(ctx)
     failed = False
@@ -252,8 +252,8 @@ def lineage(ctx, target_or_dir, as_json):
 
     TARGET_OR_DIR is a node of the Mergefile or a built model directory (no Mergefile needed).
     """
-    from .audit import locate_build
-    from .lineage import lineage_to_json, load_lineage, render_lineage_tree
+    from mergebuild.verbs.verify import locate_build
+    from mergebuild.provenance.lineage import lineage_to_json, load_lineage, render_lineage_tree
 
     tree = load_lineage(locate_build(target_or_dir, ctx.obj["mergefile"], ctx.obj["cache_dir"]))
     if as_json:
@@ -276,7 +276,7 @@ def verify(ctx, target_or_dir):
     Prints every problem (missing, truncated, modified, unexpected file; broken chain) and
     exits 1 if there is any. TARGET_OR_DIR is a node or a built model directory.
     """
-    from .audit import locate_build, verify_build
+    from mergebuild.verbs.verify import locate_build, verify_build
 
     report = verify_build(locate_build(target_or_dir, ctx.obj["mergefile"],
                                        ctx.obj["cache_dir"]))
@@ -300,7 +300,7 @@ def gc(ctx, dry_run):
     Kept: every node's current build and the last build of every node still in the
     Mergefile (and builds recorded by other Mergefiles sharing the store).
     """
-    from .garbage import format_size
+    from mergebuild.store.gc import format_size
 
     report = _project(ctx).collect_garbage(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

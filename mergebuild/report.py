@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from .project import MakeResult, NodeResult, NodeState, Reporter
+from mergebuild.api import MakeResult, NodeResult, NodeState, Reporter
 
 
 def _size(n: float) -> str:

@@ -43,7 +43,7 @@ models:
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict[str, Path]:
-    from mergebuild.demo import generate_demo_models
+    from mergebuild.sources.demo import generate_demo_models
 
     return generate_demo_models(tmp_path_factory.mktemp("demo") / "models")
 
@@ -65,7 +65,7 @@ class Workspace:
         return self.write(CHAIN)
 
     def project(self):
-        from mergebuild.project import Project
+        from mergebuild.api import Project
 
         return Project(self.mergefile, self.cache)
 

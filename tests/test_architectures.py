@@ -43,7 +43,7 @@ def write_model(directory: Path, arch: str, seed: int, layers: int = 3, h: int =
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_gradient_merge_and_slices(arch, tmp_path):
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     write_model(tmp_path / "a", arch, 1)
     write_model(tmp_path / "b", arch, 2)
@@ -86,7 +86,7 @@ def test_gradient_merge_and_slices(arch, tmp_path):
 
 
 def _make(tmp_path: Path, body: str, target: str = "mix"):
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     (tmp_path / "Mergefile").write_text("version: 1\nmodels:\n" + textwrap.indent(
         textwrap.dedent(body), "  "))

@@ -136,7 +136,7 @@ def _bad_config(models: Path, bad: Path) -> None:
 
 def _generated(**shape) -> Callable[[Path, Path], None]:
     def setup(models: Path, bad: Path) -> None:
-        from mergebuild.demo import generate_model
+        from mergebuild.sources.demo import generate_model
 
         generate_model(bad / "model", 0, **shape)
 

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.card: Hugging Face model cards with the whole lineage."""
+"""Tests for mergebuild.provenance.card: Hugging Face model cards with the whole lineage."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 from test_provenance import HUB_BASE, HUB_MATH, LOCAL_CHAT, build_chain
 
-from mergebuild.card import render_card
+from mergebuild.provenance.card import render_card
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.checkpoint: header validation, zero-copy reads, streaming sharded writes."""
+"""Tests for mergebuild.io.checkpoint: header validation, zero-copy reads, streaming sharded writes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebuild import checkpoint
-from mergebuild.checkpoint import (
+from mergebuild.io import checkpoint
+from mergebuild.io.checkpoint import (
     INDEX_NAME,
     CheckpointReader,
     CheckpointWriter,
@@ -226,7 +226,7 @@ def test_read_header_does_not_import_torch(reference_file):
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from mergebuild.checkpoint import read_header; "
+        "import sys; from pathlib import Path; from mergebuild.io.checkpoint import read_header; "
         f"read_header(Path({str(reference_file[0])!r})); "
         "print('torch' in sys.modules)"
     )

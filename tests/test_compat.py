@@ -1,4 +1,4 @@
-"""Tests for mergebuild.compat: merge compatibility from configs and tensor tables alone."""
+"""Tests for mergebuild.build.compat: merge compatibility from configs and tensor tables alone."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mergebuild.compat import (
+from mergebuild.build.compat import (
     ModelMetadata,
     check_compatibility,
     ignored_extras,

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.demo: real-format, deterministic, idempotent demo checkpoints."""
+"""Tests for mergebuild.sources.demo: real-format, deterministic, idempotent demo checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebuild.checkpoint import INDEX_NAME, CheckpointReader
-from mergebuild.demo import DEMO_MODELS, MARKER_NAME, Delta, generate_demo_models, generate_model
+from mergebuild.io.checkpoint import INDEX_NAME, CheckpointReader
+from mergebuild.sources.demo import DEMO_MODELS, MARKER_NAME, Delta, generate_demo_models, generate_model
 
 LAYERS = 4
 
@@ -227,8 +227,8 @@ def test_sharded_demo_loads_with_transformers(tmp_path):
 def test_demo_adapter_is_a_deterministic_peft_lora(tmp_path):
     from safetensors.torch import load_file
 
-    from mergebuild.demo import DEMO_ADAPTERS, generate_demo_adapters
-    from mergebuild.lora import check_adapter_directory
+    from mergebuild.sources.demo import DEMO_ADAPTERS, generate_demo_adapters
+    from mergebuild.io.lora import check_adapter_directory
 
     first = generate_demo_adapters(tmp_path / "a")
     second = generate_demo_adapters(tmp_path / "b")
@@ -252,7 +252,7 @@ def test_demo_adapter_on_a_merge_output_adds_its_delta(tmp_path):
     from safetensors.torch import load_file
     from torch.testing import assert_close
 
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "merge-plus-lora.Mergefile"
     project = Project(recipe, tmp_path / "cache")

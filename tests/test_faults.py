@@ -19,8 +19,8 @@ from cli_process import run_cli, start_cli
 from conftest import CHAIN
 
 from mergebuild.faults import POINTS
-from mergebuild.lineage import verify_directory
-from mergebuild.store import Store
+from mergebuild.provenance.lineage import verify_directory
+from mergebuild.store.objects import Store
 
 NODES = ("base-instruct", "chat-code", "final-model")
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import CHAIN
 
 from mergebuild.cli import main
-from mergebuild.garbage import collect_garbage
-from mergebuild.lineage import verify_directory
+from mergebuild.store.gc import collect_garbage
+from mergebuild.provenance.lineage import verify_directory
 
 MERGE_NODES = ("base-instruct", "chat-code", "final-model")
 
@@ -194,7 +194,7 @@ def test_gc_refuses_while_another_command_uses_the_store(workspace):
 def test_make_waits_for_a_running_gc_then_builds(workspace):
     import threading
 
-    from mergebuild.project import Reporter
+    from mergebuild.api import Reporter
 
     class Recorder(Reporter):
         busy = 0
@@ -223,7 +223,7 @@ def test_make_waits_for_a_running_gc_then_builds(workspace):
 def test_gc_interrupted_while_removing_leaves_no_half_object(workspace, monkeypatch):
     """An object leaves objects/ in one rename before it is deleted: a gc killed mid-delete
     leaves a dead temp dir (the next gc removes it), never a half object a make would trust."""
-    import mergebuild.store as store_module
+    import mergebuild.store.objects as store_module
 
     workspace.chain()
     workspace.project().make(["final-model"])

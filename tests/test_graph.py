@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mergebuild.errors import GraphError
-from mergebuild.graph import build_graph, build_order, default_targets, render_mermaid
-from mergebuild.mergefile import parse_mergefile
+from mergebuild.spec.graph import build_graph, build_order, default_targets, render_mermaid
+from mergebuild.spec.parse import parse_mergefile
 
 TEXT = """\
 version: 1

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.hub against a real, locally built Hugging Face cache (no network)."""
+"""Tests for mergebuild.sources.hub against a real, locally built Hugging Face cache (no network)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from huggingface_hub.utils._safetensors import (
 )
 from safetensors.torch import save as save_safetensors
 
-from mergebuild import hub
+from mergebuild.sources import hub
 from mergebuild.errors import MergefileError, SourceError
-from mergebuild.hub import HubFile, HubResolution, LockFile
+from mergebuild.sources.hub import HubFile, HubResolution, LockFile
 
 A1 = "a1" * 20  # org/alpha, tag v1.0
 A2 = "a2" * 20  # org/alpha, main
@@ -133,7 +133,7 @@ def offline_hub_cache(tmp_path, monkeypatch) -> HubCache:
     """An empty HF cache under tmp_path, selected through the environment, hub switched off.
 
     huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` at import time,
-    so both the environment (what mergebuild.hub reads at call time) and the constants
+    so both the environment (what mergebuild.sources.hub reads at call time) and the constants
     (what huggingface_hub itself reads) are patched.
     """
     root = tmp_path / "hf" / "hub"
@@ -151,7 +151,7 @@ def hf_cache(tmp_path, monkeypatch) -> HubCache:
     """A populated HF cache, selected through the environment, with the hub switched off.
 
     huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `constants` at import time,
-    so both the environment (what mergebuild.hub reads at call time) and the constants
+    so both the environment (what mergebuild.sources.hub reads at call time) and the constants
     (what huggingface_hub itself reads) are patched.
     """
     cache = offline_hub_cache(tmp_path, monkeypatch)

@@ -18,12 +18,12 @@ from huggingface_hub.utils._safetensors import (
 )
 from test_hub import HubCache, offline_hub_cache
 
-from mergebuild import hub
+from mergebuild.sources import hub
 from mergebuild.cli import main
-from mergebuild.demo import Delta, generate_model
+from mergebuild.sources.demo import Delta, generate_model
 from mergebuild.errors import IncompatibleModelsError, SourceError
-from mergebuild.project import Project, Reporter
-from mergebuild.provenance import read_statement
+from mergebuild.api import Project, Reporter
+from mergebuild.provenance.statement import read_statement
 
 B1 = "b1" * 20  # org/base, main
 I1 = "11" * 20  # org/instruct, main

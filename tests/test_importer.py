@@ -7,9 +7,9 @@ import textwrap
 from click.testing import CliRunner
 
 from mergebuild.cli import main
-from mergebuild.graph import build_graph
-from mergebuild.importer import import_mergekit
-from mergebuild.mergefile import MergeSpec, load_mergefile
+from mergebuild.spec.graph import build_graph
+from mergebuild.spec.mergekit_import import import_mergekit
+from mergebuild.spec.parse import MergeSpec, load_mergefile
 
 
 def _write(path, text):

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.lineage: lineage and integrity from the artifacts alone."""
+"""Tests for mergebuild.provenance.lineage: lineage and integrity from the artifacts alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.console import Console
 from test_provenance import HUB_BASE, HUB_CODER, build_chain
 
 from mergebuild.errors import StoreError
-from mergebuild.lineage import (
+from mergebuild.provenance.lineage import (
     Problem,
     format_parameters,
     key_parameters,

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergebuild.errors import IncompatibleModelsError
-from mergebuild.lora import LoraAdapter, scaling
+from mergebuild.io.lora import LoraAdapter, scaling
 
 TARGETS = ("model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.v_proj")
 
@@ -113,7 +113,7 @@ def test_merging_several_adapters(workspace, demo_models, tmp_path):
 
 
 def test_lora_that_does_not_fit_is_one_line_error(demo_models, tmp_path):
-    from mergebuild.lora import AdaptedReader
+    from mergebuild.io.lora import AdaptedReader
 
     base = demo_models["base"]
     write_adapter(tmp_path / "bad", base, 1,
@@ -193,7 +193,7 @@ def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, mo
     # --frozen keeps the adapter's locked commit: the moved tag changes nothing
     import json
 
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     lock = json.loads((workspace.mergefile.parent / "Mergefile.lock").read_text())
     assert lock["sources"]["org/base+org/adapter@v1#adapter"]["commit"] == ADAPTER_COMMIT

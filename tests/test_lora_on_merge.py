@@ -69,7 +69,7 @@ def test_merge_then_adapter_as_a_source_gives_the_same_bytes(workspace, lora, tm
               - model: math
                 parameters: {{weight: 0.2, density: 0.5}}
         """))
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     reference = Project(other / "Mergefile", other / "cache")
     reference.make(["final-model"])
@@ -134,20 +134,20 @@ def test_incremental_rebuilds(workspace, lora, demo_models, tmp_path, monkeypatc
     assert outcomes(project.make()) == {
         "base-instruct": "fresh", "chat-code": "fresh", "final-model": "built"}
     # a no-op make plans from metadata alone and builds nothing
-    import mergebuild.engine
-    import mergebuild.hashing
+    import mergebuild.build.engine
+    import mergebuild.io.hashing
 
     def no_read(*_a, **_k):
         raise AssertionError("weights were read")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mergebuild.hashing, "file_xxh128", no_read)
-        patch.setattr(mergebuild.engine, "run_build", no_read)
+        patch.setattr(mergebuild.io.hashing, "file_xxh128", no_read)
+        patch.setattr(mergebuild.build.engine, "run_build", no_read)
         assert set(outcomes(workspace.project().make()).values()) == {"fresh"}
 
 
 def test_merge_rebuilt_to_the_same_bytes_reuses_the_child(workspace, lora):
-    from mergebuild.store import remove_tree
+    from mergebuild.store.objects import remove_tree
 
     _chain(workspace, lora)
     workspace.project().make()
@@ -163,7 +163,7 @@ def test_merge_rebuilt_to_the_same_bytes_reuses_the_child(workspace, lora):
 
 
 def test_provenance_lineage_and_card_show_the_adapter(workspace, lora):
-    from mergebuild.lineage import lineage_to_json, load_lineage, verify_directory
+    from mergebuild.provenance.lineage import lineage_to_json, load_lineage, verify_directory
 
     _chain(workspace, lora)
     project = workspace.project()
@@ -231,7 +231,7 @@ def test_cli_plan_graph_lineage_and_path(workspace, lora):
     assert f'{{{{"{ref} (LoRA local on chat-code)"}}}}' in mermaid
     from rich.console import Console
 
-    from mergebuild.graph import render_tree
+    from mergebuild.spec.graph import render_tree
 
     console = Console(width=10_000, record=True)
     console.print(render_tree(workspace.project().graph))
@@ -306,16 +306,16 @@ def test_adapter_that_does_not_fit_the_merge_is_a_one_line_error(workspace, demo
 def test_a_merge_with_a_failed_parent_skips_its_adapted_reference(workspace, lora,
                                                                   monkeypatch):
     _chain(workspace, lora)
-    import mergebuild.engine
+    import mergebuild.build.engine
 
-    real = mergebuild.engine.run_build
+    real = mergebuild.build.engine.run_build
 
     def fail_chat_code(job, *args, **kwargs):
         if job.node == "chat-code":
             raise StoreError("simulated failure", node="chat-code")
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(mergebuild.engine, "run_build", fail_chat_code)
+    monkeypatch.setattr(mergebuild.build.engine, "run_build", fail_chat_code)
     result = workspace.project().make(keep_going=True)
     got = {r.name: (r.outcome, r.detail) for r in result.results}
     assert got["chat-code"][0] == "failed"
@@ -328,7 +328,7 @@ def test_hub_adapter_on_a_merge_offline(workspace, demo_models, tmp_path, monkey
     """``chat-code+org/style-lora@v1`` from a Hugging Face cache, HF_HUB_OFFLINE=1."""
     from test_hub import offline_hub_cache
 
-    from mergebuild.project import Project
+    from mergebuild.api import Project
 
     cache = offline_hub_cache(tmp_path, monkeypatch)
     deltas = write_adapter(tmp_path / "lora", demo_models["base"], 5)

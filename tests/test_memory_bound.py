@@ -34,8 +34,8 @@ models:
 # Runs in a child so its peak RSS is its own; prints the engine's peak scratch bytes.
 CHILD = textwrap.dedent("""
     import sys
-    import mergebuild.engine as engine
-    from mergebuild.project import Project
+    import mergebuild.build.engine as engine
+    from mergebuild.api import Project
 
     peaks = []
     real = engine.run_build
@@ -53,7 +53,7 @@ CHILD = textwrap.dedent("""
 
 
 def _models(root: Path, layers: int) -> Path:
-    from mergebuild.demo import Delta, generate_model
+    from mergebuild.sources.demo import Delta, generate_model
 
     base = root / f"L{layers}"
     generate_model(base / "base", 0, num_layers=layers, **SHAPE)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mergebuild.errors import GraphError, MergefileError
-from mergebuild.mergefile import MergeSpec, SourceSpec, parse_mergefile
+from mergebuild.spec.parse import MergeSpec, SourceSpec, parse_mergefile
 
 HERE = Path("/work/project/Mergefile")
 

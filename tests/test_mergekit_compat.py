@@ -18,8 +18,8 @@ pytest.importorskip("mergekit.merge", reason="mergekit is not installed: compati
 
 from safetensors.torch import load_file
 
-from mergebuild.importer import import_mergekit
-from mergebuild.project import Project
+from mergebuild.spec.mergekit_import import import_mergekit
+from mergebuild.api import Project
 
 # name → (mergekit config body with {base} {instruct} {chat} {math} paths, atol, why)
 EXACT = 1e-3  # plus rtol of one bf16 ulp: we compute in float32, mergekit partly in bf16
@@ -91,7 +91,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
-    from mergebuild.demo import generate_demo_models
+    from mergebuild.sources.demo import generate_demo_models
 
     return generate_demo_models(tmp_path_factory.mktemp("compat") / "models", num_layers=4)
 

@@ -98,7 +98,7 @@ def test_streamed_slerp_is_bit_for_bit_the_whole_tensor_slerp(workers, kind):
     """The engine's chunked SLERP (bf16 parents read a chunk at a time, dot products per
     chunk on worker threads) gives the bytes of merge_slerp on whole float32 tensors."""
     from mergebuild.methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
-    from mergebuild.methods.task_arithmetic_stream import ChunkWorkspace
+    from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
 
     n = 3 * CHUNK_ELEMENTS + 12345  # several chunks and a ragged tail
     base = randn(n, seed=3).bfloat16()

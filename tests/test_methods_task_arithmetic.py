@@ -1,11 +1,11 @@
-"""Tests for mergebuild.methods.task_arithmetic: TIES, DARE, breadcrumbs, DELLA and friends."""
+"""Tests for mergebuild.methods.task_arithmetic.whole: TIES, DARE, breadcrumbs, DELLA and friends."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.task_arithmetic import rescale_mode
+from mergebuild.methods.task_arithmetic.whole import rescale_mode
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mergebuild.methods.task_arithmetic as whole
+import mergebuild.methods.task_arithmetic.whole as whole
 from mergebuild.methods.registry import TensorParams
-from mergebuild.methods.task_arithmetic_stream import ChunkWorkspace, merge_streamed, streamable
+from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace, merge_streamed, streamable
 
 N = 3 * 2**16 + 4321  # several reduce blocks and a ragged tail
 

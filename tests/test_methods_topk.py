@@ -1,10 +1,10 @@
-"""Tests for mergebuild.methods.topk: exact radix-select top-k against a sort reference."""
+"""Tests for mergebuild.methods.task_arithmetic.topk: exact radix-select top-k against a sort reference."""
 
 import pytest
 import torch
 
-from mergebuild.methods import topk
-from mergebuild.methods.topk import (
+from mergebuild.methods.task_arithmetic import topk
+from mergebuild.methods.task_arithmetic.topk import (
     keep_magnitude_ranks_,
     magnitude_cut,
     top_k_magnitude_mask,

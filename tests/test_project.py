@@ -32,14 +32,14 @@ def test_second_make_is_a_noop_that_reads_no_weight_bytes(workspace, monkeypatch
     workspace.chain()
     _build(workspace)
 
-    import mergebuild.engine
-    import mergebuild.hashing
+    import mergebuild.build.engine
+    import mergebuild.io.hashing
 
     def no_read(*_a, **_k):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(mergebuild.hashing, "file_xxh128", no_read)
-    monkeypatch.setattr(mergebuild.engine, "run_build", no_read)
+    monkeypatch.setattr(mergebuild.io.hashing, "file_xxh128", no_read)
+    monkeypatch.setattr(mergebuild.build.engine, "run_build", no_read)
     result = _build(workspace)
     assert set(outcomes(result).values()) == {"fresh"}
 
@@ -108,7 +108,7 @@ def test_identical_rebuilt_bytes_stop_the_cascade(workspace):
 
 
 def test_deleted_output_is_rebuilt_with_reason(workspace):
-    from mergebuild.store import remove_tree
+    from mergebuild.store.objects import remove_tree
 
     workspace.chain()
     _build(workspace)
@@ -136,7 +136,7 @@ def test_path_of_unbuilt_node_fails(workspace):
 
 
 def test_interrupted_build_publishes_nothing_and_next_make_finishes(workspace, monkeypatch):
-    from mergebuild import engine
+    from mergebuild.build import engine
 
     workspace.chain()
     real = engine.run_build

@@ -1,4 +1,4 @@
-"""Tests for mergebuild.provenance: statements that satisfy in-toto v1 and SLSA v1."""
+"""Tests for mergebuild.provenance.statement: statements that satisfy in-toto v1 and SLSA v1."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import xxhash
 
 from mergebuild.errors import StoreError
-from mergebuild.provenance import (
+from mergebuild.provenance.statement import (
     BuildRecord,
     ParentRef,
     build_statement,

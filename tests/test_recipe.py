@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mergebuild.hashing import recipe_key
-from mergebuild.mergefile import parse_mergefile
+from mergebuild.io.hashing import recipe_key
+from mergebuild.spec.parse import parse_mergefile
 from mergebuild.methods.registry import METHODS
-from mergebuild.recipe import build_recipe, recipe_changes
+from mergebuild.plan.recipe import build_recipe, recipe_changes
 
 BASE = """\
 version: 1

@@ -114,7 +114,7 @@ def test_task_arithmetic_family_schema(name):
     assert _schema(m) == expected
     assert m.base == "required"
     assert m.randomized == name.startswith(("dare", "della"))
-    assert m.function.startswith("mergebuild.methods.task_arithmetic:")
+    assert m.function.startswith("mergebuild.methods.task_arithmetic.whole:")
     if rescale is not None:
         assert set(m.param("rescale").choices) == {"l1", "inverse_density", "none", True, False}
         density = m.param("density")

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from mergebuild.store import Store
+from mergebuild.store.objects import Store
 
 
 def test_publish_renames_and_makes_read_only(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergebuild.errors import IncompatibleModelsError
-from mergebuild.vocab import VocabPlan, remap_rows, union_tokenizer, vocab_of_tokenizer
+from mergebuild.build.vocab import VocabPlan, remap_rows, union_tokenizer, vocab_of_tokenizer
 
 NEW_TOKENS = ("<tool>", "<think>")
 

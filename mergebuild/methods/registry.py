@@ -161,7 +161,7 @@ def _core_family(
     function = "merge_" + name
     return Method(
         name=name,
-        function=f"mergebuild.methods.task_arithmetic:{function}",
+        function=f"mergebuild.methods.task_arithmetic.whole:{function}",
         summary=summary,
         base="required",
         params=tuple(params),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.topk import CHUNK_ELEMENTS, keep_magnitude_ranks_, keep_only_
+from mergebuild.methods.task_arithmetic.topk import CHUNK_ELEMENTS, keep_magnitude_ranks_, keep_only_
 
 # method name → (sparsifier, takes a sign consensus)
 _FAMILY: dict[str, tuple[str | None, bool]] = {

@@ -359,7 +359,7 @@ def write_provenance(directory: Path, record: BuildRecord) -> None:
     The statement's subjects are every file of ``record.outputs``, the card, and the
     whole-directory subject. Each file is written to a temporary name and renamed.
     """
-    from mergebuild.card import render_card  # card builds on this module
+    from mergebuild.provenance.card import render_card  # card builds on this module
 
     directory = Path(directory)
     card = render_card(record).encode("utf-8")

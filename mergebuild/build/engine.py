@@ -15,15 +15,15 @@ from typing import Any
 
 import xxhash
 
-from . import faults
-from .checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
-from .compat import check_compatibility, layer_count, reader_metadata, tensor_sources
-from .errors import CheckpointError, IncompatibleModelsError, SourceError
-from .hashing import manifest_digest, stat_signature
-from .hf_files import CONFIG_FILES, TOKENIZER_FILES
-from .methods.registry import Method, TensorParams
-from .parameters import layer_index, replace_layer_index, resolve_value
-from .vocab import (
+from mergebuild import faults
+from mergebuild.io.checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
+from mergebuild.build.compat import check_compatibility, layer_count, reader_metadata, tensor_sources
+from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
+from mergebuild.io.hashing import manifest_digest, stat_signature
+from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES
+from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
+from mergebuild.build.vocab import (
     VocabPlan,
     harmonize_metadata,
     is_vocab_tensor,
@@ -285,7 +285,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
     """Build ``job`` into ``out_dir`` (a fresh temp dir); the caller publishes it."""
     import torch
 
-    from .checkpoint import CheckpointWriter
+    from mergebuild.io.checkpoint import CheckpointWriter
 
     device = select_device(job.device)
     readers: dict[str, CheckpointReader] = {}
@@ -294,7 +294,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         for node, directory in job.parents.items():
             try:
                 if node in job.adapters:
-                    from .lora import AdaptedReader
+                    from mergebuild.io.lora import AdaptedReader
 
                     readers[node] = AdaptedReader(directory, job.adapters[node], job.node)
                 else:
@@ -373,7 +373,7 @@ _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
 
 
 def _dtype_size(code: str) -> int:
-    from .checkpoint import DTYPE_SIZES
+    from mergebuild.io.checkpoint import DTYPE_SIZES
 
     return DTYPE_SIZES.get(code, 4)
 
@@ -493,7 +493,7 @@ class _Streaming:
         largest = max((math.prod(t.shape) for t in tasks), default=1)
         # The streamed family sends only tiny tensors through whole-tensor scratch: size it
         # by need, not by the largest tensor.
-        from .methods.task_arithmetic_stream import STREAMED
+        from mergebuild.methods.task_arithmetic.streamed import STREAMED
 
         whole = 1 if self.elementwise or (job.method.name in (*STREAMED, "slerp")
                                           and device == "cpu") else largest
@@ -584,7 +584,7 @@ class _Streaming:
     def streams(self, task: TensorTask, params: TensorParams) -> bool:
         """Whether a task-arithmetic-family tensor goes through the multi-pass chunked path
         (CPU; tiny tensors are cheaper whole, with the same bytes)."""
-        from .methods.task_arithmetic_stream import streamable
+        from mergebuild.methods.task_arithmetic.streamed import streamable
 
         return (self.device == "cpu" and task.remap is None and task.base is not None
                 and task.base.dtype in _TORCH_OF_CODE
@@ -594,7 +594,7 @@ class _Streaming:
 
     def compute_streamed(self, task: TensorTask, load, params: TensorParams) -> Any:
         """The task-arithmetic family over chunks of the mmapped parents, both cores."""
-        from .methods.task_arithmetic_stream import ChunkWorkspace, merge_streamed
+        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace, merge_streamed
 
         torch = self.torch
         if self.workspace is None:
@@ -625,8 +625,8 @@ class _Streaming:
     def compute_slerp(self, task: TensorTask, load, params: TensorParams) -> Any:
         """SLERP over chunks of the mmapped parents on both cores: one pass for the dot
         products, one for ``c0·base + c1·other``."""
-        from .methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
-        from .methods.task_arithmetic_stream import ChunkWorkspace
+        from mergebuild.methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
+        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
 
         if self.slerp_workspace is None:
             self.slerp_workspace = ChunkWorkspace(_workers(), CHUNK_ELEMENTS)
@@ -679,7 +679,7 @@ class _Streaming:
                             params: TensorParams) -> None:
         """``compute_chunked`` on the CPU, its chunks spread over the workspace's threads
         (an elementwise method's result does not depend on how it is chunked)."""
-        from .methods.task_arithmetic_stream import ChunkWorkspace
+        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
 
         torch = self.torch
         if self.workspace is None:

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import MergebuildError, StoreError
-from .lineage import Problem, iter_lineage, load_lineage, short_digest, verify_directory
-from .provenance import read_statement, sha256_file, statement_digest, subject_files
-from .store import Store, remove_tree
+from mergebuild.errors import MergebuildError, StoreError
+from mergebuild.provenance.lineage import Problem, iter_lineage, load_lineage, short_digest, verify_directory
+from mergebuild.provenance.statement import read_statement, sha256_file, statement_digest, subject_files
+from mergebuild.store.objects import Store, remove_tree
 
 if TYPE_CHECKING:
-    from .project import Project, Reporter
+    from mergebuild.api import Project, Reporter
 
 SCRATCH_DIR = "scratch"  # <store>/scratch/check.<pid>.<random>/: reproducibility rebuilds
 
@@ -41,7 +41,7 @@ def locate_build(target_or_dir: str, mergefile: str | Path = "Mergefile",
         raise MergebuildError(
             f"'{target_or_dir}' is not a directory, and there is no {mergefile} to find it in",
             hint="pass a built model directory, or -f MERGEFILE with a node name")
-    from .project import Project
+    from mergebuild.api import Project
 
     return Project(mergefile, cache_dir).build_dir(target_or_dir)
 

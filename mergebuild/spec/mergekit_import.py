@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from .errors import MergefileError
-from .mergefile import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
+from mergebuild.errors import MergefileError
+from mergebuild.spec.parse import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
 # merge keys but the mergebuild-only `description`).

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointReader
-from .errors import IncompatibleModelsError, SourceError
+from mergebuild.io.checkpoint import CheckpointReader
+from mergebuild.errors import IncompatibleModelsError, SourceError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

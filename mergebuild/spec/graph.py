@@ -6,8 +6,8 @@ import difflib
 
 import networkx as nx
 
-from .errors import GraphError
-from .mergefile import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.errors import GraphError
+from mergebuild.spec.parse import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import IncompatibleModelsError, MergefileError
-from .parameters import layer_index
+from mergebuild.errors import IncompatibleModelsError, MergefileError
+from mergebuild.build.parameters import layer_index
 
 TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)
 
@@ -69,7 +69,7 @@ def reader_metadata(reader: Any) -> ModelMetadata:
 
 def directory_metadata(directory: Path) -> ModelMetadata:
     """Config and safetensors headers of a model directory; no tensor data is read."""
-    from .checkpoint import CheckpointReader
+    from mergebuild.io.checkpoint import CheckpointReader
 
     reader = CheckpointReader(directory)
     try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from mergebuild.errors import StoreError
-from mergebuild.provenance import (
+from mergebuild.provenance.statement import (
     CARD_FILE,
     PROVENANCE_FILE,
     digest_set,

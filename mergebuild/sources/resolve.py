@@ -10,12 +10,12 @@ from typing import Any
 
 import xxhash
 
-from . import faults
-from .errors import SourceError
-from .hashing import canonical_json, manifest_digest
-from .hf_files import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
-from .mergefile import SourceSpec
-from .store import Store
+from mergebuild import faults
+from mergebuild.errors import SourceError
+from mergebuild.io.hashing import canonical_json, manifest_digest
+from mergebuild.io.hf_layout import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
+from mergebuild.spec.parse import SourceSpec
+from mergebuild.store.objects import Store
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
 
@@ -97,7 +97,7 @@ def _demo_identity(name: str) -> str:
 def resolve_demo(spec: SourceSpec, store: Store) -> ResolvedSource:
     name = spec.uri[len("demo://"):].strip("/")
     if name not in DEMO_MODELS:
-        from .demo import DEMO_ADAPTERS
+        from mergebuild.sources.demo import DEMO_ADAPTERS
 
         if name in DEMO_ADAPTERS:
             raise SourceError(f"demo://{name} is a LoRA adapter, not a model", node=spec.name,
@@ -117,7 +117,7 @@ def _demo_source(node: str, uri: str, name: str, store: Store) -> ResolvedSource
 
 def resolve_demo_adapter(uri: str, name: str, store: Store) -> ResolvedSource:
     """A demo LoRA (``demo://style-lora``): identified, like demo models, by the generator."""
-    from .demo import DEMO_ADAPTERS
+    from mergebuild.sources.demo import DEMO_ADAPTERS
 
     adapter = uri[len("demo://"):].strip("/")
     if adapter not in DEMO_ADAPTERS:
@@ -128,7 +128,7 @@ def resolve_demo_adapter(uri: str, name: str, store: Store) -> ResolvedSource:
 
 def materialize_demo(source: ResolvedSource) -> Path:
     """Generate the demo models on first use (deterministic, a fraction of a second)."""
-    from .demo import generate_demo_adapters, generate_demo_models
+    from mergebuild.sources.demo import generate_demo_adapters, generate_demo_models
 
     assert source.directory is not None
     generate_demo_models(Path(source.extra["demo_root"]))
@@ -144,7 +144,7 @@ def resolve_hub_source(spec: SourceSpec, store: Store, *, locked: Any = None,
     With ``frozen`` the lock entry (a ``hub.HubResolution`` made for the same URI) is the
     resolution and the hub is not asked; a source missing from the lock is an error.
     """
-    from .hub import parse_hub_uri, resolve
+    from mergebuild.sources.hub import parse_hub_uri, resolve
 
     repo_id, revision = parse_hub_uri(spec.uri, node=spec.name)
     if frozen:
@@ -192,7 +192,7 @@ def resolve_adapter(uri: str, name: str, store: Store, *, locked: Any = None,
     """A LoRA adapter's identity: a local directory through the stat cache, or a hub repo
     pinned to a commit (``locked`` / ``frozen`` as for hub sources). ``name`` is the node
     errors name (the ``model+lora`` reference)."""
-    from .lora import ADAPTER_FILES, check_adapter_directory
+    from mergebuild.io.lora import ADAPTER_FILES, check_adapter_directory
 
     if uri.startswith("hf://"):
         return resolve_hub_source(SourceSpec(name=name, uri=uri, line=0), store, locked=locked,
@@ -255,7 +255,7 @@ def fetch_adapter(adapter: ResolvedSource) -> Path:
     if adapter.kind != "hub":
         assert adapter.directory is not None
         return adapter.directory
-    from .hub import fetch
+    from mergebuild.sources.hub import fetch
 
     return fetch(adapter.extra["resolution"], node=adapter.name)
 
@@ -275,7 +275,7 @@ def materialize(source: ResolvedSource, store: Store | None = None,
         return source.directory
     if source.kind == "demo":
         return materialize_demo(source)
-    from .hub import fetch
+    from mergebuild.sources.hub import fetch
 
     resolution = source.extra["resolution"]
     snapshot = fetch(resolution, node=source.name, progress=progress)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleModelsError
+from mergebuild.errors import IncompatibleModelsError
 
 VOCAB_TENSOR_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out",
                       "output.weight")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import ENGINE_VERSION
-from .mergefile import MergeSpec
-from .methods.registry import REQUIRED, Method
+from mergebuild import ENGINE_VERSION
+from mergebuild.spec.parse import MergeSpec
+from mergebuild.methods.registry import REQUIRED, Method
 
 
 def _param_defaults(method: Method, scope: str) -> dict[str, Any]:

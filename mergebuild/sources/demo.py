@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergebuild.checkpoint import CheckpointWriter
+from mergebuild.io.checkpoint import CheckpointWriter
 
 if TYPE_CHECKING:
     import torch

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import faults
-from .errors import StoreError
-from .hashing import StatCache
-from .lineage import quick_check
+from mergebuild import faults
+from mergebuild.errors import StoreError
+from mergebuild.io.hashing import StatCache
+from mergebuild.provenance.lineage import quick_check
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 

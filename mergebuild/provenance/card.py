@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from mergebuild.lineage import (
+from mergebuild.provenance.lineage import (
     LineageNode,
     format_parameters,
     hub_id,
@@ -24,7 +24,7 @@ from mergebuild.lineage import (
     short_digest,
     snapshot_repo,
 )
-from mergebuild.provenance import BuildRecord, build_statement, scrub_text
+from mergebuild.provenance.statement import BuildRecord, build_statement, scrub_text
 
 MERGEBUILD_URL = "https://github.com/mergebuild/mergebuild"
 

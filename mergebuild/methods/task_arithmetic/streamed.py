@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.task_arithmetic import (
+from mergebuild.methods.task_arithmetic.whole import (
     _FAMILY,
     REDUCE_BLOCK,
     _setting,
@@ -43,7 +43,7 @@ from mergebuild.methods.task_arithmetic import (
     mix_into_,
     rescale_mode,
 )
-from mergebuild.methods.topk import (
+from mergebuild.methods.task_arithmetic.topk import (
     HIGH_BUCKETS,
     LOW_BINS,
     abs_bits,

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from . import ENGINE_VERSION, __version__, faults
-from .errors import (
+from mergebuild import ENGINE_VERSION, __version__, faults
+from mergebuild.errors import (
     BuildInterrupted,
     CheckpointError,
     MergebuildError,
@@ -26,11 +26,11 @@ from .errors import (
     SourceError,
     StoreError,
 )
-from .graph import build_graph, build_order, check_targets, default_targets
-from .hashing import recipe_key
-from .mergefile import AdaptedSpec, LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
-from .methods.registry import METHODS
-from .recipe import (
+from mergebuild.spec.graph import build_graph, build_order, check_targets, default_targets
+from mergebuild.io.hashing import recipe_key
+from mergebuild.spec.parse import AdaptedSpec, LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
+from mergebuild.methods.registry import METHODS
+from mergebuild.plan.recipe import (
     build_recipe,
     donor,
     global_parameters,
@@ -39,7 +39,7 @@ from .recipe import (
     participants,
     recipe_changes,
 )
-from .sources import (
+from mergebuild.sources.resolve import (
     ResolvedSource,
     adapted_digest,
     adapter_directory,
@@ -48,7 +48,7 @@ from .sources import (
     resolve_adapter,
     resolve_source,
 )
-from .store import Store
+from mergebuild.store.objects import Store
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -169,7 +169,7 @@ class Project:
     def lock(self):
         """The ``hub.LockFile`` beside the Mergefile (empty when there is none)."""
         if self._lock is None:
-            from .hub import LockFile
+            from mergebuild.sources.hub import LockFile
 
             self._lock = LockFile.load(self.lock_path)
         return self._lock
@@ -197,7 +197,7 @@ class Project:
         Entries of hub sources the plan did not reach are kept while the Mergefile still
         has them; entries of nodes that are gone are dropped.
         """
-        from .hub import LockFile
+        from mergebuild.sources.hub import LockFile
 
         if self.frozen:
             return False
@@ -455,8 +455,8 @@ class Project:
                recipe: dict[str, Any], device: str, reporter: Reporter) -> tuple[Path, int]:
         from dataclasses import replace
 
-        from .engine import BuildJob, Participant, SliceInput, run_build
-        from .provenance import write_provenance
+        from mergebuild.build.engine import BuildJob, Participant, SliceInput, run_build
+        from mergebuild.provenance.statement import write_provenance
 
         slices = None
         if spec.slices is not None:
@@ -561,9 +561,9 @@ class Project:
     def _check_before_fetch(self, job, spec: MergeSpec, states: dict[str, NodeState]) -> None:
         """Check the parents fit from configs and headers alone: hub metadata comes from the
         cache or by range requests, local and built parents' headers from disk."""
-        from .compat import ModelMetadata, check_compatibility, directory_metadata
-        from .hub import read_metadata
-        from .vocab import harmonize_metadata
+        from mergebuild.build.compat import ModelMetadata, check_compatibility, directory_metadata
+        from mergebuild.sources.hub import read_metadata
+        from mergebuild.build.vocab import harmonize_metadata
 
         metadata = {}
         for ref in dict.fromkeys(spec.parent_refs()):
@@ -588,7 +588,7 @@ class Project:
         import safetensors
         import torch
 
-        from .provenance import BuildRecord, ParentRef, read_statement
+        from mergebuild.provenance.statement import BuildRecord, ParentRef, read_statement
 
         roles: dict[str, str] = {}
         if spec.base:
@@ -674,7 +674,7 @@ class Project:
         Returns:
             An ``audit.VerifyReport``: every problem, the files and stages checked.
         """
-        from .audit import verify_build
+        from mergebuild.verbs.verify import verify_build
 
         with self.store.in_use():
             return verify_build(self.build_dir(node))
@@ -690,7 +690,7 @@ class Project:
     def check(self, node: str, device: str | None = None, reporter: Reporter | None = None):
         """Rebuild ``node`` (parents from the store) into a scratch dir, never published,
         and compare every output file with the stored build (``audit.ReproReport``)."""
-        from .audit import check_reproducible
+        from mergebuild.verbs.verify import check_reproducible
 
         with self.store.in_use():
             return check_reproducible(self, node, device=device, reporter=reporter)
@@ -698,7 +698,7 @@ class Project:
     def collect_garbage(self, dry_run: bool = False):
         """Remove store objects no node reaches and leftovers of dead builds (see
         ``garbage``); returns a ``garbage.GcReport``."""
-        from .garbage import collect_garbage
+        from mergebuild.store.gc import collect_garbage
 
         with self.store.in_use() if dry_run else self.store.exclusive():
             return collect_garbage(self, dry_run=dry_run)
@@ -733,7 +733,7 @@ class Project:
 
     def export(self, node: str, directory: str | Path, force: bool = False):
         """Copy ``node``'s verified build to ``directory`` (``export.ExportResult``)."""
-        from .export import export_build
+        from mergebuild.verbs.export import export_build
 
         with self.store.in_use():
             return export_build(self.path(node), Path(directory), force=force, node=node)
@@ -741,7 +741,7 @@ class Project:
     def push(self, node: str, repo_id: str, private: bool = False,
              revision: str | None = None) -> str:
         """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
-        from .export import push_build
+        from mergebuild.verbs.export import push_build
 
         with self.store.in_use():
             return push_build(self.path(node), repo_id, private=private, revision=revision,

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
-from mergebuild.hf_files import (
+from mergebuild.io.hf_layout import (
     ADAPTER_CONFIG,
     CONFIG_FILES,
     PICKLE_INDEX,

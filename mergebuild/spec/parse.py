@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from .errors import GraphError, MergefileError
-from .methods.registry import METHODS, Method, Param
+from mergebuild.errors import GraphError, MergefileError
+from mergebuild.methods.registry import METHODS, Method, Param
 
 TOP_LEVEL_KEYS = ("version", "defaults", "models")
 DEFAULT_KEYS = ("dtype", "device", "max_shard_size", "tokenizer_source")
@@ -250,7 +250,7 @@ def load_mergefile(path: str | Path) -> Mergefile:
         path: the Mergefile's path.
     Returns:
         A validated :class:`Mergefile`; references are checked, cycles are checked by
-        :mod:`mergebuild.graph`.
+        :mod:`mergebuild.spec.graph`.
     Example:
         >>> mf = load_mergefile("Mergefile.example")
     """

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .audit import scratch_dirs
-from .errors import MergebuildError, StoreError
-from .mergefile import MergeSpec
-from .store import Store, lock_held, remove_tree
+from mergebuild.verbs.verify import scratch_dirs
+from mergebuild.errors import MergebuildError, StoreError
+from mergebuild.spec.parse import MergeSpec
+from mergebuild.store.objects import Store, lock_held, remove_tree
 
 if TYPE_CHECKING:
-    from .project import Project
+    from mergebuild.api import Project
 
 LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _old_free_locks)
 
@@ -184,9 +184,9 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
 
 
 def _old_demo_dirs(store: Store) -> list[Path]:
-    from .demo import DEMO_ADAPTERS
-    from .mergefile import SourceSpec
-    from .sources import DEMO_MODELS, resolve_demo_adapter, resolve_source
+    from mergebuild.sources.demo import DEMO_ADAPTERS
+    from mergebuild.spec.parse import SourceSpec
+    from mergebuild.sources.resolve import DEMO_MODELS, resolve_demo_adapter, resolve_source
 
     if not store.demo.is_dir():
         return []

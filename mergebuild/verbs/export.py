@@ -12,9 +12,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MergebuildError, StoreError
-from .lineage import short_digest, verify_directory
-from .provenance import read_statement, scrub_text, statement_digest
+from mergebuild.errors import MergebuildError, StoreError
+from mergebuild.provenance.lineage import short_digest, verify_directory
+from mergebuild.provenance.statement import read_statement, scrub_text, statement_digest
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Doing: job assembly, compatibility, the tensor table, the streaming engine, vocab."""

@@ -1,0 +1,1 @@
+"""Bytes at the edge: safetensors, Hugging Face directory layout, LoRA adapters, hashing."""

@@ -1,0 +1,1 @@
+"""The task-arithmetic family (TIES, DARE, breadcrumbs, DELLA…): whole-tensor and streamed."""

@@ -1,0 +1,1 @@
+"""Deciding: the canonical recipe and key, staleness with reasons, the lock file."""

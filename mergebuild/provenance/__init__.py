@@ -1,0 +1,1 @@
+"""What a build records: in-toto statements, lineage, integrity, model cards."""

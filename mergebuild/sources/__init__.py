@@ -1,0 +1,1 @@
+"""Source identity and materialisation: local directories, demo://, the Hub."""

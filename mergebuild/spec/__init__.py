@@ -1,0 +1,1 @@
+"""The Mergefile: line-numbered YAML, typed specs, validation, the DAG, mergekit import."""

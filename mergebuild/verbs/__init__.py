@@ -1,0 +1,1 @@
+"""Verify, reproduce, export and push: verbs that take collaborators, not the facade."""
