@@ -354,8 +354,8 @@ def inspect_models(
 
     Example:
         >>> report = inspect_models({"a": Path("a"), "b": Path("b")}, Path("base"))
-        >>> report.total().pairs["a", "b"].cosine
-        0.12
+        >>> pair = report.total().pairs["a", "b"]  # .cosine, .conflict_rate
+        >>> report.by_layer()[3].vectors["a"].norm  # ‖τ_a‖ over layer 3's tensors
     """
     import torch
 
