@@ -16,9 +16,10 @@ from typing import Any
 import xxhash
 
 from mergebuild import faults
-from mergebuild.io.checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
+from mergebuild.io.checkpoint import CheckpointReader, TensorInfo
 from mergebuild.build.compat import check_compatibility, layer_count, reader_metadata, tensor_sources
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
+from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES
 from mergebuild.methods.registry import Method, TensorParams
@@ -32,8 +33,6 @@ from mergebuild.build.vocab import (
     write_vocab_files,
 )
 
-TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_FLOAT_CODES = {"F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"}
 _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
 
@@ -117,8 +116,8 @@ def _num_layers(reader: CheckpointReader) -> int:
 
 
 def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
-    if job.out_dtype and info.dtype in _FLOAT_CODES:
-        return TORCH_DTYPES[job.out_dtype]
+    if job.out_dtype and info.dtype in FLOAT_CODES:
+        return dtype_code(job.out_dtype)
     return info.dtype
 
 
@@ -351,14 +350,12 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
 
 
 def _nbytes(task: TensorTask) -> int:
-    return math.prod(task.shape) * DTYPE_SIZES[task.dtype]
+    return math.prod(task.shape) * dtype_size(task.dtype)
 
 
 def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:
     return [(str(p), stat_signature(p)) for p in reader.weight_files()]
 
-
-_TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 # Methods whose result for one element depends only on that element's inputs: the engine
 # feeds them cache-sized chunks instead of whole float32 tensors (same bytes, far less memory).
@@ -370,12 +367,6 @@ _PAGE = mmap.PAGESIZE
 _STREAM_CHUNK = 1 << 18
 _STREAM_MIN_ELEMENTS = 1 << 16
 _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
-
-
-def _dtype_size(code: str) -> int:
-    from mergebuild.io.checkpoint import DTYPE_SIZES
-
-    return DTYPE_SIZES.get(code, 4)
 
 
 def _set_threads(torch) -> None:
@@ -499,7 +490,7 @@ class _Streaming:
                                           and device == "cpu") else largest
         self.whole = _Scratch(torch, device, whole)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
-        self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
+        self.out_dtype = {code: torch_dtype(code) for code in ARITHMETIC_CODES}
         self.workspace = None  # threads + scratch of the streamed task-arithmetic family
         self.slerp_workspace = None  # the same for SLERP, whose chunks are 1 M elements
 
@@ -522,7 +513,7 @@ class _Streaming:
         mapped = self._mapped(info) if info is not None else None
         if mapped is None:
             return
-        size = _dtype_size(info.dtype)
+        size = dtype_size(info.dtype)
         lo, hi = info.start + first * size, info.start + stop * size
         lo -= lo % _PAGE
         try:
@@ -587,8 +578,8 @@ class _Streaming:
         from mergebuild.methods.task_arithmetic.streamed import streamable
 
         return (self.device == "cpu" and task.remap is None and task.base is not None
-                and task.base.dtype in _TORCH_OF_CODE
-                and all(i.dtype in _TORCH_OF_CODE for i in task.inputs)
+                and task.base.dtype in ARITHMETIC_CODES
+                and all(i.dtype in ARITHMETIC_CODES for i in task.inputs)
                 and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
                 and streamable(self.job.method.name, params))
 
@@ -618,7 +609,7 @@ class _Streaming:
         are cheaper whole, with the same bytes)."""
         return (self.job.method.name == "slerp" and self.device == "cpu"
                 and task.remap is None and task.base is not None and len(task.inputs) == 1
-                and all(i.dtype in _TORCH_OF_CODE for i in (task.base, *task.inputs))
+                and all(i.dtype in ARITHMETIC_CODES for i in (task.base, *task.inputs))
                 and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
                 and params.globals.get("t") is not None)
 
@@ -715,14 +706,14 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
             and job.method.name == "passthrough"):
         scale = _resolve(task.parameters[0], task).get("scale", 1.0)
         x = load(task.inputs[0])
-        if scale == 1.0 or task.dtype not in _TORCH_OF_CODE:
+        if scale == 1.0 or task.dtype not in ARITHMETIC_CODES:
             out = x
         else:
             out = x.to(device=device, dtype=torch.float32) * float(scale)
-        return out.to(dtype=getattr(torch, _TORCH_OF_CODE.get(task.dtype, "float32"))
-                      if task.dtype in _TORCH_OF_CODE else out.dtype).cpu()
+        return out.to(dtype=torch_dtype(task.dtype)
+                      if task.dtype in ARITHMETIC_CODES else out.dtype).cpu()
 
-    if task.dtype not in _TORCH_OF_CODE:
+    if task.dtype not in ARITHMETIC_CODES:
         return load(task.inputs[0] if task.inputs else task.base).clone()
     if stream is not None and stream.elementwise and task.remap is None:
         return stream.compute_chunked(task, load, func, _resolve_params(job, task))
@@ -753,7 +744,7 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
     except ValueError as exc:
         raise IncompatibleModelsError(f"{job.method.name} failed on {task.name}: {exc}",
                                       node=job.node) from None
-    result = out.to(dtype=getattr(torch, _TORCH_OF_CODE[task.dtype])).cpu()
+    result = out.to(dtype=torch_dtype(task.dtype)).cpu()
     # The writer keeps what it is given: never hand it (a view of) a reused scratch buffer.
     return result.clone() if stream is not None and stream.owns(result) else result
 

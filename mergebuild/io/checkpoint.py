@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Self
 
 from mergebuild import faults
 from mergebuild.errors import CheckpointError
+from mergebuild.io.dtypes import DTYPE_SIZES, safetensors_code, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DTYPE_SIZES",
     "INDEX_NAME",
     "MAX_HEADER_BYTES",
     "SINGLE_FILE_NAME",
@@ -42,7 +42,6 @@ __all__ = [
     "read_header",
     "reference_order",
     "shard_file_names",
-    "torch_dtype_name",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,45 +52,8 @@ _ALIGN = 8
 # Large tensors are written and hashed in slices so one syscall never exceeds Linux's 2 GiB cap.
 _IO_CHUNK = 64 * 2**20
 
-# Byte size of every safetensors dtype we read and write. The key order is the reference
-# implementation's dtype order (Rust enum declaration order), which `reference_order` uses.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
 
-# safetensors dtype string -> attribute name on the torch module.
-_TORCH_DTYPE_ATTR = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3": "float8_e4m3fn",
-    "I16": "int16",
-    "U16": "uint16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I32": "int32",
-    "U32": "uint32",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "U64": "uint64",
-}
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _CONVERT_HINT = (
     "load it once with transformers and save_pretrained(out, safe_serialization=True), "
@@ -117,21 +79,6 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors dtype string of a torch dtype, e.g. ``torch.bfloat16`` -> ``"BF16"``."""
-    attr = str(dtype).removeprefix("torch.")
-    for name, torch_attr in _TORCH_DTYPE_ATTR.items():
-        if torch_attr == attr:
-            return name
-    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, _TORCH_DTYPE_ATTR[name])
 
 
 # --------------------------------------------------------------------------- reading headers
@@ -432,7 +379,7 @@ class CheckpointReader:
             info = self.tensors[name]
         except KeyError:
             raise KeyError(f"no tensor '{name}' in {self.directory}") from None
-        dtype = _torch_dtype(info.dtype)
+        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         mapped = self._map(info.file)
@@ -640,7 +587,7 @@ class CheckpointWriter:
         slot = self._slots[self._next]
         if name != slot.name:
             raise ValueError(f"expected tensor '{slot.name}' next (layout order), got '{name}'")
-        dtype = torch_dtype_name(tensor.dtype)
+        dtype = safetensors_code(tensor.dtype)
         if dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"tensor '{name}' is {dtype} {list(tensor.shape)}, layout says "

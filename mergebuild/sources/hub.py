@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
+from mergebuild.io.dtypes import safetensors_code
 from mergebuild.io.hf_layout import (
     ADAPTER_CONFIG,
     CONFIG_FILES,
@@ -748,22 +749,6 @@ def read_safetensors_header(
     return table
 
 
-_TORCH_TO_SAFETENSORS = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-
-
 def _pickle_tensor_table(
     path: Path, uri: str, *, node: str
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -783,12 +768,20 @@ def _pickle_tensor_table(
         raise CheckpointError(f"{uri}: {path.name} does not hold a state dict", node=node)
     return {
         str(name): (
-            _TORCH_TO_SAFETENSORS.get(str(t.dtype).removeprefix("torch."), str(t.dtype)),
+            _dtype_code_or_name(t.dtype),
             tuple(t.shape),
         )
         for name, t in state.items()
         if isinstance(t, torch.Tensor)
     }
+
+
+def _dtype_code_or_name(dtype: Any) -> str:
+    """The safetensors code of a pickled tensor's dtype; one without a code keeps torch's name."""
+    try:
+        return safetensors_code(dtype)
+    except ValueError:
+        return str(dtype)
 
 
 def _download_small(resolution: HubResolution, filename: str, *, node: str, offline: bool) -> Path:

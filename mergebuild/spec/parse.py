@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from mergebuild.errors import GraphError, MergefileError
+from mergebuild.io.dtypes import normalize_dtype_name
 from mergebuild.methods.registry import METHODS, Method, Param
 
 TOP_LEVEL_KEYS = ("version", "defaults", "models")
@@ -35,16 +36,6 @@ PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources",)
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
 
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -305,12 +296,13 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
 
 
 def _dtype(value: Any, file: str, line: int, node: str | None) -> str:
-    if not isinstance(value, str) or value.lower() not in DTYPES:
+    name = normalize_dtype_name(value) if isinstance(value, str) else None
+    if name is None:
         raise MergefileError(
             f"unsupported dtype {value!r}", file=file, line=line, node=node,
             hint="use float32, float16 or bfloat16",
         )
-    return DTYPES[value.lower()]
+    return name
 
 
 class _Builder:
