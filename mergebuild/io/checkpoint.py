@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from mergebuild import faults
 from mergebuild.errors import CheckpointError
+from mergebuild.io.atomic import fsync_directory
 from mergebuild.io.dtypes import DTYPE_SIZES, safetensors_code, torch_dtype
 
 if TYPE_CHECKING:
@@ -654,7 +655,7 @@ class CheckpointWriter:
                 finally:
                     os.close(fd)
                 digests[INDEX_NAME] = hashlib.sha256(payload).hexdigest()
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             self.abort()
             raise
@@ -745,11 +746,3 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         data = data[written:]
         offset += written
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

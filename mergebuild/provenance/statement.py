@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any
 
 from mergebuild import faults
 from mergebuild.errors import StoreError
+from mergebuild.io.atomic import write_bytes_atomic
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -339,20 +338,6 @@ def dumps_statement(statement: Mapping) -> bytes:
     return (json.dumps(statement, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_provenance(directory: Path, record: BuildRecord) -> None:
     """Write ``README.md`` (the model card) and then ``provenance.json`` into ``directory``.
 
@@ -363,10 +348,10 @@ def write_provenance(directory: Path, record: BuildRecord) -> None:
 
     directory = Path(directory)
     card = render_card(record).encode("utf-8")
-    _write_atomic(directory / CARD_FILE, card)
+    write_bytes_atomic(directory / CARD_FILE, card)
     faults.point("provenance.card_written")
     statement = build_statement(record, hashlib.sha256(card).hexdigest(), len(card))
-    _write_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
+    write_bytes_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
     faults.point("provenance.written")
 
 

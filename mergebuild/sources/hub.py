@@ -40,13 +40,13 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
+from mergebuild.io.atomic import write_json_atomic
 from mergebuild.io.dtypes import safetensors_code
 from mergebuild.io.hf_layout import (
     ADAPTER_CONFIG,
@@ -1020,22 +1020,8 @@ class LockFile:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, rename."""
-        path = Path(path)
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write atomically (a temporary file in the same directory, fsync, rename)."""
+        write_json_atomic(Path(path), self.to_json())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LockFile) and self._entries == other._entries
