@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
 from mergebuild.io.atomic import write_json_atomic
+from mergebuild.io.checkpoint import check_tensor_entries, read_header
 from mergebuild.io.dtypes import safetensors_code
 from mergebuild.io.hf_layout import (
     ADAPTER_CONFIG,
@@ -92,7 +92,6 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _REVISION_RE = re.compile(r"[A-Za-z0-9._/+-]+")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- values
@@ -675,7 +674,8 @@ def read_metadata(
         if resolution.is_pickle:
             table = _pickle_tensor_table(path, uri, node=node)
         else:
-            table = read_safetensors_header(path, node=node)
+            infos, _ = read_header(path, node=node, header_only=True)
+            table = {name: (info.dtype, info.shape) for name, info in infos.items()}
         _merge_tables(tensors, table, weight.path, uri, node=node)
     if remote:
         if resolution.is_pickle:
@@ -709,44 +709,6 @@ def _merge_tables(
                 f"{uri}: tensor {name!r} appears in more than one file (again in {file})", node=node
             )
         into[name] = info
-
-
-def read_safetensors_header(
-    path: Path, *, node: str | None = None
-) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} from a safetensors file's header; the data is not read."""
-    try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file", node=node)
-            (length,) = struct.unpack("<Q", prefix)
-            if length > _MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {length} is not plausible", node=node)
-            raw = handle.read(length)
-    except OSError as error:
-        raise CheckpointError(
-            f"{path}: cannot be read ({error.strerror or error})", node=node
-        ) from None
-    if len(raw) != length:
-        raise CheckpointError(f"{path}: truncated inside its safetensors header", node=node)
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON", node=node) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object", node=node)
-    table: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            table[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: malformed header entry for tensor {name!r}", node=node
-            ) from None
-    return table
 
 
 def _pickle_tensor_table(
@@ -828,11 +790,24 @@ def _remote_tensor_tables(
         file_meta = metadata.files_metadata.get(weight.path)
         if file_meta is None:
             raise SourceError(f"{uri}: the hub returned no header for {weight.path}", node=node)
-        tables[weight.path] = {
-            name: (str(info.dtype), tuple(int(d) for d in info.shape))
+        # The hub parsed the header; check it as strictly as a local file's before use.
+        entries = {
+            name: {"dtype": info.dtype, "shape": _as_list(info.shape),
+                   "data_offsets": _as_list(info.data_offsets)}
             for name, info in file_meta.tensors.items()
         }
+        check_tensor_entries(
+            entries, Path(weight.path), max_data_bytes=max(weight.size - 8, 0), node=node
+        )
+        tables[weight.path] = {
+            name: (entry["dtype"], tuple(entry["shape"])) for name, entry in entries.items()
+        }
     return tables
+
+
+def _as_list(value: Any) -> Any:
+    """huggingface_hub gives tuples where the header has JSON arrays; anything else stays."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------- fetch
