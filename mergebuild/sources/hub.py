@@ -56,6 +56,7 @@ from mergebuild.io.hf_layout import (
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
 )
+from mergebuild.sources.pickle import load_pickle_state_dict
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -715,27 +716,8 @@ def _pickle_tensor_table(
     path: Path, uri: str, *, node: str
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Shapes of a cached pickle checkpoint, loaded safely onto the meta device (no data read)."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad pickle
-        raise CheckpointError(
-            f"{uri}: {path.name} cannot be loaded with weights_only=True ({error.__class__.__name__})",
-            node=node,
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{uri}: {path.name} does not hold a state dict", node=node)
-    return {
-        str(name): (
-            _dtype_code_or_name(t.dtype),
-            tuple(t.shape),
-        )
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor)
-    }
+    state = load_pickle_state_dict(path, node=node, uri=uri, shapes_only=True)
+    return {name: (_dtype_code_or_name(t.dtype), tuple(t.shape)) for name, t in state.items()}
 
 
 def _dtype_code_or_name(dtype: Any) -> str:
