@@ -24,7 +24,8 @@ from mergebuild.provenance.lineage import (
     short_digest,
     snapshot_repo,
 )
-from mergebuild.provenance.statement import BuildRecord, build_statement, scrub_text
+from mergebuild.provenance.secrets import scrub_text
+from mergebuild.provenance.statement import BuildRecord, build_statement
 
 MERGEBUILD_URL = "https://github.com/mergebuild/mergebuild"
 

@@ -47,6 +47,7 @@ from typing import Any
 from mergebuild import faults
 from mergebuild.errors import StoreError
 from mergebuild.io.atomic import write_bytes_atomic
+from mergebuild.provenance.secrets import scrub_secrets
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -59,8 +60,6 @@ DIRECTORY_SUBJECT = "."
 
 # Lowercase hex lengths of the digests we write or accept; others are left alone.
 DIGEST_HEX_LENGTHS = {"sha256": 64, "xxh128": 32, "dirHash": 64, "gitCommit": (40, 64)}
-
-REDACTED = "[REDACTED]"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -115,58 +114,6 @@ class BuildRecord:
     finished: str
     invocation_id: str
     rebuild_command: str
-
-
-# --------------------------------------------------------------------------- secrets
-
-_TOKEN_PATTERNS = (
-    re.compile(r"hf_[A-Za-z0-9]{20,}"),
-    re.compile(r"api_org_[A-Za-z0-9]{20,}"),
-)
-_URL_CREDENTIALS = re.compile(r"((?:https?|ssh|git\+https?|git\+ssh)://)[^/@\s]+@")
-_TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token(?:=|\s+))\S+")
-_YAML_SECRET_LINE = re.compile(
-    r"(?im)^(\s*-?\s*[\w-]*(?:token|secret|password|passwd|api_key|apikey)\s*:[ \t]*)(\S.*)$"
-)
-_SECRET_KEY = re.compile(
-    r"(?:^|[_-])(?:token|secret|password|passwd|api_?key|auth|authorization|credentials?)"
-    r"(?:$|[_-])"
-)
-
-
-def scrub_text(text: str) -> str:
-    """Remove anything that looks like a credential from free text."""
-    for pattern in _TOKEN_PATTERNS:
-        text = pattern.sub(REDACTED, text)
-    text = _URL_CREDENTIALS.sub(lambda m: m.group(1) + REDACTED + "@", text)
-    text = _TOKEN_FLAG.sub(lambda m: m.group(1) + REDACTED, text)
-    return _YAML_SECRET_LINE.sub(lambda m: m.group(1) + REDACTED, text)
-
-
-def scrub_secrets(value: Any) -> Any:
-    """Return a JSON-ready copy of ``value`` with credentials removed.
-
-    Strings lose Hugging Face tokens (``hf_…``), URL user-info and ``--token`` arguments;
-    string values under keys such as ``token``, ``hf_token`` or ``api_key`` are replaced
-    whole (``tokenizer`` and friends are left alone). Tuples become lists, other
-    non-JSON values become their ``str``.
-    """
-    if isinstance(value, Mapping):
-        clean: dict[str, Any] = {}
-        for k, v in value.items():
-            key = str(k)
-            if isinstance(v, str) and v and _SECRET_KEY.search(key.lower()):
-                clean[key] = REDACTED
-            else:
-                clean[key] = scrub_secrets(v)
-        return clean
-    if isinstance(value, (list, tuple)):
-        return [scrub_secrets(v) for v in value]
-    if isinstance(value, str):
-        return scrub_text(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return scrub_text(str(value))
 
 
 # --------------------------------------------------------------------------- digests

@@ -56,6 +56,7 @@ from mergebuild.io.hf_layout import (
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
 )
+from mergebuild.provenance.secrets import scrub_text
 from mergebuild.sources.pickle import load_pickle_state_dict
 
 if TYPE_CHECKING:
@@ -92,7 +93,6 @@ _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _REVISION_RE = re.compile(r"[A-Za-z0-9._/+-]+")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
 # --------------------------------------------------------------------------- values
@@ -315,11 +315,8 @@ def _download_hint(repo_id: str, revision: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    """Remove anything that looks like a token from hub error text."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        text = text.replace(token, "***")
-    text = _TOKEN_RE.sub("hf_***", text)
+    """The first line of hub error text, without credentials."""
+    text = scrub_text(text)
     return text.splitlines()[0] if text else text
 
 
