@@ -21,7 +21,7 @@ from mergebuild.build.compat import check_compatibility, layer_count, reader_met
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
-from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES
+from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
 from mergebuild.build.vocab import (
@@ -798,9 +798,7 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
 def _link_root(directory: Path) -> Path:
     """Where a model directory's symlinks may point: itself, or for an HF cache snapshot
     (``models--org--name/snapshots/<commit>``) the repo directory holding ``blobs/``."""
-    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
-        return directory.parent.parent
-    return directory
+    return snapshot_repo_dir(directory) or directory
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from mergebuild.errors import StoreError
+from mergebuild.io.hf_layout import parse_snapshot_path
 from mergebuild.provenance.statement import (
     CARD_FILE,
     PROVENANCE_FILE,
@@ -56,11 +56,6 @@ _STRUCTURAL_KEYS = frozenset(
 )
 
 PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
-
-
-# A Hugging Face cache snapshot directory: models--<org>--<name>/snapshots/<40-hex commit>
-_SNAPSHOT = re.compile(r"/models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/"
-                       r"(?P<commit>[0-9a-f]{40})/?$")
 
 
 @dataclass(frozen=True)
@@ -338,11 +333,8 @@ def iter_lineage(node: LineageNode) -> Iterator[LineageNode]:
 def snapshot_repo(uri: str) -> tuple[str | None, str | None]:
     """(repo id, commit) of a ``file://`` URI inside a Hugging Face cache snapshot, else
     (None, None)."""
-    path = unquote(urlparse(uri.split("+", 1)[0]).path)
-    match = _SNAPSHOT.search(path)
-    if match is None:
-        return None, None
-    return f"{match['org']}/{match['name']}", match["commit"]
+    found = parse_snapshot_path(unquote(urlparse(uri.split("+", 1)[0]).path))
+    return found if found is not None else (None, None)
 
 
 def lineage_hub_ids(node: LineageNode) -> list[str]:

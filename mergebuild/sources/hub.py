@@ -55,6 +55,8 @@ from mergebuild.io.hf_layout import (
     PICKLE_SUFFIXES,
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
+    repo_cache_dir,
+    snapshot_path,
 )
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.sources.pickle import load_pickle_state_dict
@@ -301,13 +303,9 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _repo_cache_dir(repo_id: str) -> Path:
-    return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
 def snapshot_dir(resolution: HubResolution) -> Path:
     """Where the resolution's files live (or will live) in the Hugging Face cache."""
-    return _repo_cache_dir(resolution.repo_id) / "snapshots" / resolution.commit
+    return snapshot_path(hub_cache_dir(), resolution.repo_id, resolution.commit)
 
 
 def _download_hint(repo_id: str, revision: str) -> str:
@@ -535,7 +533,7 @@ def _resolve_from_cache(
             message += f"; {what}"
         return SourceError(message, node=node, hint=missing_hint or _download_hint(repo_id, target))
 
-    repo_dir = _repo_cache_dir(repo_id)
+    repo_dir = repo_cache_dir(hub_cache_dir(), repo_id)
     if _COMMIT_RE.fullmatch(target):
         commit = target
     else:
@@ -546,7 +544,7 @@ def _resolve_from_cache(
             raise missing("") from None
         if not _COMMIT_RE.fullmatch(commit):
             raise missing(f"refs/{target} is corrupt")
-    snapshot = repo_dir / "snapshots" / commit
+    snapshot = snapshot_path(hub_cache_dir(), repo_id, commit)
     if not snapshot.is_dir():
         raise missing("")
 
@@ -849,7 +847,7 @@ def verify_snapshot(resolution: HubResolution, *, node: str) -> None:
     """Check every needed file is cached with the resolved size and blob name (no hashing)."""
     snapshot = snapshot_dir(resolution)
     uri = resolution.pinned_uri
-    hint = f"delete {_repo_cache_dir(resolution.repo_id)} (or `hf cache delete`) and fetch again"
+    hint = f"delete {repo_cache_dir(hub_cache_dir(), resolution.repo_id)} (or `hf cache delete`) and fetch again"
     for expected in resolution.files:
         link = snapshot / expected.path
         if not link.is_file():
