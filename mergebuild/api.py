@@ -29,6 +29,7 @@ from mergebuild.errors import (
 from mergebuild.spec.graph import build_graph, build_order, check_targets, default_targets
 from mergebuild.io.hashing import recipe_key
 from mergebuild.spec.parse import AdaptedSpec, LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
+from mergebuild.spec.parse import participants
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.recipe import (
     build_recipe,
@@ -36,7 +37,6 @@ from mergebuild.plan.recipe import (
     global_parameters,
     parent_names,
     parent_parameters,
-    participants,
     recipe_changes,
 )
 from mergebuild.sources.resolve import (

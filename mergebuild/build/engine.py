@@ -17,12 +17,19 @@ import xxhash
 
 from mergebuild import faults
 from mergebuild.io.checkpoint import CheckpointReader, TensorInfo
-from mergebuild.build.compat import check_compatibility, layer_count, reader_metadata, tensor_sources
+from mergebuild.build.compat import (
+    check_compatibility,
+    involved_parents,
+    layer_count,
+    reader_metadata,
+    tensor_sources,
+)
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.spec.parse import arithmetic_base
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
 from mergebuild.build.vocab import (
     VocabPlan,
@@ -138,10 +145,11 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     def source(node: str, name: str) -> TensorInfo:
         return readers[node].tensors[sources[node][name] or name]
 
+    base_node = arithmetic_base(job.base, job.method)
     tasks: list[TensorTask] = []
     for name in names:
         info = donor.tensors[name]
-        base = source(job.base, name) if job.base and job.method.base != "none" else None
+        base = source(base_node, name) if base_node else None
         inputs = tuple(source(p.node, name) for p in job.participants)
         shape, remap = info.shape, None
         if vocab is not None and is_vocab_tensor(name):
@@ -162,8 +170,8 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
     """
     if not job.tokenizer_source:
         return None
-    base = job.base if job.base and job.method.base != "none" else None
-    nodes = list(dict.fromkeys([*([base] if base else []), *(p.node for p in job.participants)]))
+    base = arithmetic_base(job.base, job.method)
+    nodes = involved_parents(job)
     if job.slices is not None:
         # Only the ends' rows are mapped; a union (like mergekit's) spans every stacked model.
         ends = [job.slices[0].sources[0][0], job.slices[-1].sources[0][0]]
@@ -183,7 +191,7 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
 
 def _vocab_remap(job: BuildJob, plan: VocabPlan, node: str | None = None):
     """Rows by token for the merge's parents, or for ``node`` alone (a slice's end)."""
-    base = job.base if job.base and job.method.base != "none" and node is None else None
+    base = arithmetic_base(job.base, job.method) if node is None else None
     nodes = [node] if node else [*([base] if base else []), *(p.node for p in job.participants)]
 
     def remap(parents: list, base_tensor: Any) -> tuple[list, Any]:
@@ -235,7 +243,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
                             f"'{node}' lacks tensor {src_name} needed by a slice", node=job.node,
                             hint="slice sources must share the layer structure",
                         )
-                    if job.base and node == job.base and job.method.base != "none":
+                    if node == arithmetic_base(job.base, job.method):
                         base_info = info
                     else:
                         infos.append(info)
