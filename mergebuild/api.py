@@ -456,7 +456,7 @@ class Project:
         from dataclasses import replace
 
         from mergebuild.build.engine import BuildJob, Participant, SliceInput, run_build
-        from mergebuild.provenance.statement import write_provenance
+        from mergebuild.provenance.write import write_provenance
 
         slices = None
         if spec.slices is not None:

@@ -20,8 +20,8 @@ from mergebuild.provenance.statement import (
     digest_set,
     dir_hash,
     read_statement,
-    write_provenance,
 )
+from mergebuild.provenance.write import write_provenance
 from mergebuild.provenance.secrets import scrub_secrets, scrub_text
 
 # --------------------------------------------------------------------------- chain fixture

@@ -44,9 +44,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mergebuild import faults
 from mergebuild.errors import StoreError
-from mergebuild.io.atomic import write_bytes_atomic
 from mergebuild.provenance.secrets import scrub_secrets
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -144,6 +142,12 @@ def digests_match(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
     """DigestSets match when they share an algorithm and every shared one agrees."""
     shared = set(a) & set(b)
     return bool(shared) and all(a[k].lower() == b[k].lower() for k in shared)
+
+
+def short_digest(digest: str, length: int = 12) -> str:
+    """``"sha256:abcdef…"`` cut to ``length`` hex digits."""
+    algorithm, sep, value = digest.partition(":")
+    return f"{algorithm}:{value[:length]}" if sep else digest[:length]
 
 
 def dir_hash(files: Mapping[str, str]) -> str:
@@ -283,23 +287,6 @@ def build_statement(
 def dumps_statement(statement: Mapping) -> bytes:
     """Serialise a statement the one way we write it (sorted keys, 2-space indent)."""
     return (json.dumps(statement, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def write_provenance(directory: Path, record: BuildRecord) -> None:
-    """Write ``README.md`` (the model card) and then ``provenance.json`` into ``directory``.
-
-    The statement's subjects are every file of ``record.outputs``, the card, and the
-    whole-directory subject. Each file is written to a temporary name and renamed.
-    """
-    from mergebuild.provenance.card import render_card  # card builds on this module
-
-    directory = Path(directory)
-    card = render_card(record).encode("utf-8")
-    write_bytes_atomic(directory / CARD_FILE, card)
-    faults.point("provenance.card_written")
-    statement = build_statement(record, hashlib.sha256(card).hexdigest(), len(card))
-    write_bytes_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
-    faults.point("provenance.written")
 
 
 # --------------------------------------------------------------------------- reading

@@ -32,7 +32,7 @@ from mergebuild import faults
 from mergebuild.errors import StoreError
 from mergebuild.io.atomic import fsync_directory, write_json_atomic
 from mergebuild.io.hashing import StatCache
-from mergebuild.provenance.lineage import quick_check
+from mergebuild.provenance.integrity import quick_check
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
