@@ -242,3 +242,26 @@ def test_gc_interrupted_while_removing_leaves_no_half_object(workspace, monkeypa
     again = run(workspace, "gc")
     assert again.exit_code == 0, again.output
     assert f"removed temp {leftovers[0]}" in again.output and not leftovers[0].exists()
+
+
+def test_verify_of_a_node_holds_the_store_so_gc_waits_for_it(workspace):
+    """``Project.verify`` (what ``mergebuild verify NODE`` calls) holds the store's use lock:
+    while a gc holds the store, it waits; a built directory needs no store at all."""
+    import threading
+
+    from mergebuild.api import Project
+
+    workspace.chain()
+    workspace.project().make(["base-instruct"])
+    directory = workspace.project().path("base-instruct")
+    reports = []
+    with workspace.project().store.exclusive():
+        worker = threading.Thread(target=lambda: reports.append(
+            workspace.project().verify("base-instruct")))
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and reports == []
+        assert Project.verify_directory(directory).ok
+    worker.join(60)
+    assert [(r.directory, r.ok) for r in reports] == [(directory, True)]
+    assert run(workspace, "verify", "base-instruct").output.startswith("verified ")
