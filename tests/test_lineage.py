@@ -11,6 +11,7 @@ from test_provenance import HUB_BASE, HUB_CODER, build_chain
 
 from mergebuild.errors import StoreError
 from mergebuild.provenance.integrity import Problem, quick_check, verify_directory
+from mergebuild.provenance.statement import statement_id
 from mergebuild.provenance.lineage import (
     format_parameters,
     key_parameters,
@@ -147,10 +148,22 @@ def test_verify_catches_an_edited_card(final_copy):
 def test_verify_catches_a_broken_chain(final_copy):
     path = final_copy / "provenance.json"
     statement = json.loads(path.read_text())
-    b = statement["predicate"]["buildDefinition"]["resolvedDependencies"][0]
-    a = b["annotations"]["statement"]["predicate"]["buildDefinition"]["resolvedDependencies"][0]
-    directory = next(s for s in a["annotations"]["statement"]["subject"] if s["name"] == ".")
+    definition = statement["predicate"]["buildDefinition"]
+    embedded = definition["internalParameters"]["upstreamStatements"]
+    b = definition["resolvedDependencies"][0]
+    b_statement = embedded[b["annotations"]["statementDigest"]]
+    a = b_statement["predicate"]["buildDefinition"]["resolvedDependencies"][0]
+    old = a["annotations"]["statementDigest"]
+    a_statement = embedded.pop(old)
+    directory = next(s for s in a_statement["subject"] if s["name"] == ".")
     directory["digest"]["sha256"] = "0" * 64
+    # re-filed consistently under its new id, so only the digest mismatch remains
+    a["annotations"]["statementDigest"] = statement_id(a_statement)
+    embedded[statement_id(a_statement)] = a_statement
+    new_b = statement_id(b_statement)
+    del embedded[b["annotations"]["statementDigest"]]
+    embedded[new_b] = b_statement
+    b["annotations"]["statementDigest"] = new_b
     path.write_text(json.dumps(statement))
     problems = verify_directory(final_copy)
     assert ("provenance.json#final/B/A", "invalid-provenance") in kinds(problems)

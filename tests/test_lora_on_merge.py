@@ -179,7 +179,8 @@ def test_provenance_lineage_and_card_show_the_adapter(workspace, lora):
     assert node["uri"] == "mergebuild:node/chat-code"
     assert "sha256:" + node["digest"]["sha256"] == plan["chat-code"].digest
     assert node["annotations"]["adapter"] == ref + "#adapter"
-    assert node["annotations"]["statement"]["predicate"]["buildDefinition"][
+    embedded = definition["internalParameters"]["upstreamStatements"]
+    assert embedded[node["annotations"]["statementDigest"]]["predicate"]["buildDefinition"][
         "externalParameters"]["node"] == "chat-code"
     assert adapter["uri"] == lora.as_uri()
     assert "xxh128:" + adapter["digest"]["xxh128"] == plan[ref].adapter.digest

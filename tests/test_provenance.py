@@ -19,7 +19,9 @@ from mergebuild.provenance.statement import (
     build_statement,
     digest_set,
     dir_hash,
+    flatten_statement,
     read_statement,
+    statement_id,
 )
 from mergebuild.provenance.write import write_provenance
 from mergebuild.provenance.secrets import scrub_secrets, scrub_text
@@ -231,7 +233,8 @@ def check_timestamp(value: str, where: str) -> None:
     datetime.fromisoformat(value)
 
 
-def check_statement(statement: dict, where: str = "statement") -> None:
+def check_statement(statement: dict, where: str = "statement",
+                    chain: dict | None = None) -> None:
     """Required fields and formats of in-toto Statement v1 + SLSA Provenance v1."""
     json.dumps(statement)  # plain JSON all the way down
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
@@ -248,11 +251,21 @@ def check_statement(statement: dict, where: str = "statement") -> None:
     assert re.match(r"^https://", definition["buildType"])
     assert isinstance(definition["externalParameters"], dict)
     assert isinstance(definition.get("internalParameters", {}), dict)
+    embedded = definition.get("internalParameters", {}).get("upstreamStatements", {})
+    if chain is not None:
+        assert not embedded, f"{where}: an embedded statement embeds nothing itself"
+        embedded = chain
     for i, dep in enumerate(definition.get("resolvedDependencies", [])):
         check_resource_descriptor(dep, f"{where}.resolvedDependencies[{i}]")
-        upstream = dep.get("annotations", {}).get("statement")
-        if upstream is not None:
-            check_statement(upstream, f"{where}/{dep['name']}")
+        assert "statement" not in dep.get("annotations", {}), "upstream is embedded flat"
+        sid = dep.get("annotations", {}).get("statementDigest")
+        if sid is not None:
+            assert sid in embedded, f"{where}: {sid} is embedded"
+    for sid, upstream in embedded.items() if chain is None else ():
+        assert statement_id(upstream) == sid
+        assert "upstreamStatements" not in upstream["predicate"]["buildDefinition"][
+            "internalParameters"], "each upstream statement is embedded once, at the top"
+        check_statement(upstream, f"{where}/{sid[:19]}", embedded)
     builder = predicate["runDetails"]["builder"]
     assert re.match(r"^https://", builder["id"])
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in builder["version"].items())
@@ -368,10 +381,14 @@ def test_node_dependency_embeds_the_upstream_statement_chain(chain):
     deps = chain["final"]["statement"]["predicate"]["buildDefinition"]["resolvedDependencies"]
     b = next(d for d in deps if d["name"] == "B")
     assert b["annotations"]["method"] == "slerp"
-    assert b["annotations"]["statement"] == chain["B"]["statement"]
-    b_deps = b["annotations"]["statement"]["predicate"]["buildDefinition"]["resolvedDependencies"]
+    embedded = chain["final"]["statement"]["predicate"]["buildDefinition"][
+        "internalParameters"]["upstreamStatements"]
+    b_flat, _ = flatten_statement(chain["B"]["statement"])
+    assert embedded[b["annotations"]["statementDigest"]] == b_flat
+    b_deps = b_flat["predicate"]["buildDefinition"]["resolvedDependencies"]
     a = next(d for d in b_deps if d["name"] == "A")
-    assert a["annotations"]["statement"] == chain["A"]["statement"]
+    assert embedded[a["annotations"]["statementDigest"]] == chain["A"]["statement"]
+    assert len(embedded) == 2  # A and B, each once
     assert a["digest"] == {"sha256": chain["A"]["record"].digest.removeprefix("sha256:")}
 
 

@@ -17,9 +17,11 @@ from mergebuild.provenance.statement import (
     digests_match,
     dir_hash,
     directory_digest,
+    flatten_statement,
     read_statement,
     sha256_file,
     short_digest,
+    statement_id,
     statement_problems,
     subject_files,
 )
@@ -133,53 +135,80 @@ def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
 def chain_problems(statement: Mapping[str, Any], where: str = "") -> list[Problem]:
     """Internal consistency of a statement and every upstream statement embedded in it.
 
-    Checks that the directory subject agrees with the build digest and with the file
-    subjects, and that each embedded upstream statement describes exactly the digest
-    its dependency entry names.
+    Checks that each directory subject agrees with its build digest and with its file
+    subjects, that each embedded statement is filed under its own id, and that each one
+    describes exactly the digest its dependency entry names. Iterative: each embedded
+    statement is checked once, however deep the chain.
     """
-    definition = statement["predicate"]["buildDefinition"]
-    node = str(definition.get("externalParameters", {}).get("node", "?"))
-    chain = f"{where}/{node}" if where else node
-    path = f"{PROVENANCE_FILE}#{chain}"
-    problems = []
+    try:
+        root, upstream = flatten_statement(statement)
+    except (AttributeError, TypeError, ValueError) as exc:
+        return [Problem(PROVENANCE_FILE, "invalid-provenance", f"unreadable chain: {exc}")]
+    problems: list[Problem] = []
+    for sid, embedded in upstream.items():
+        if statement_id(embedded) != sid:
+            problems.append(Problem(f"{PROVENANCE_FILE}#{sid[:19]}", "invalid-provenance",
+                                    "embedded statement does not match its id"))
+    checked: set[str] = set()
+    pending: list[tuple[Mapping[str, Any], str]] = [(root, where)]
+    while pending:
+        current, at = pending.pop()
+        definition = current["predicate"]["buildDefinition"]
+        node = str(definition.get("externalParameters", {}).get("node", "?"))
+        chain = f"{at}/{node}" if at else node
+        path = f"{PROVENANCE_FILE}#{chain}"
+        problems += _own_problems(current, definition, path)
+        for dep in definition.get("resolvedDependencies", []):
+            sid = (dep.get("annotations") or {}).get("statementDigest")
+            if sid is None:
+                continue
+            dep_path = f"{path}/{dep.get('name', '?')}"
+            embedded = upstream.get(str(sid))
+            if embedded is None:
+                problems.append(Problem(dep_path, "invalid-provenance",
+                                        f"embedded statement {str(sid)[:19]} is missing"))
+                continue
+            structural = statement_problems(embedded)
+            if structural:
+                problems.append(Problem(dep_path, "invalid-provenance", structural[0]))
+                continue
+            upstream_digest = directory_digest(embedded)
+            wanted = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
+            if not digests_match(upstream_digest, wanted):
+                problems.append(
+                    Problem(
+                        dep_path,
+                        "invalid-provenance",
+                        f"embedded statement describes {_show(upstream_digest)}, "
+                        f"dependency names {_show(wanted)}",
+                    )
+                )
+            if sid not in checked:
+                checked.add(str(sid))
+                pending.append((embedded, chain))
+    return problems
+
+
+def _own_problems(statement: Mapping[str, Any], definition: Mapping[str, Any],
+                  path: str) -> list[Problem]:
+    """A statement's directory subject against its build digest and its file subjects."""
     own = directory_digest(statement)
     if not own:
-        problems.append(Problem(path, "invalid-provenance", "no whole-directory subject"))
-    else:
-        recorded = definition.get("internalParameters", {}).get("digest")
-        try:
-            if recorded is not None and not digests_match(own, digest_set(str(recorded))):
-                problems.append(
-                    Problem(path, "invalid-provenance", f"directory digest is not {recorded}")
-                )
-        except ValueError as exc:
-            problems.append(Problem(path, "invalid-provenance", str(exc)))
-        outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
-        if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
+        return [Problem(path, "invalid-provenance", "no whole-directory subject")]
+    problems = []
+    recorded = definition.get("internalParameters", {}).get("digest")
+    try:
+        if recorded is not None and not digests_match(own, digest_set(str(recorded))):
             problems.append(
-                Problem(path, "invalid-provenance", "dirHash does not match the file subjects")
+                Problem(path, "invalid-provenance", f"directory digest is not {recorded}")
             )
-    for dep in definition.get("resolvedDependencies", []):
-        upstream = (dep.get("annotations") or {}).get("statement")
-        if upstream is None:
-            continue
-        dep_path = f"{path}/{dep.get('name', '?')}"
-        structural = statement_problems(upstream)
-        if structural:
-            problems.append(Problem(dep_path, "invalid-provenance", structural[0]))
-            continue
-        upstream_digest = directory_digest(upstream)
-        wanted = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
-        if not digests_match(upstream_digest, wanted):
-            problems.append(
-                Problem(
-                    dep_path,
-                    "invalid-provenance",
-                    f"embedded statement describes {_show(upstream_digest)}, "
-                    f"dependency names {_show(wanted)}",
-                )
-            )
-        problems += chain_problems(upstream, chain)
+    except ValueError as exc:
+        problems.append(Problem(path, "invalid-provenance", str(exc)))
+    outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
+    if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
+        problems.append(
+            Problem(path, "invalid-provenance", "dirHash does not match the file subjects")
+        )
     return problems
 
 

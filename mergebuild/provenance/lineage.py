@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from mergebuild.io.hf_layout import parse_snapshot_path
-from mergebuild.provenance.statement import digest_string, read_statement, short_digest
+from mergebuild.provenance.statement import (
+    digest_string,
+    flatten_statement,
+    read_statement,
+    short_digest,
+)
 
 if TYPE_CHECKING:
     from rich.tree import Tree
@@ -183,7 +188,39 @@ def hub_id(uri: str) -> str | None:
 
 
 def lineage_from_statement(statement: Mapping[str, Any]) -> LineageNode:
-    """The lineage tree of the build a statement describes (embedded chain included)."""
+    """The lineage tree of the build a statement describes (embedded chain included).
+
+    Built iteratively, parents first, each embedded statement once: a stage reached by
+    several paths is one shared node, and no chain is too deep.
+    """
+    root, upstream = flatten_statement(statement)
+    built: dict[str, LineageNode] = {}
+    stack: list[tuple[str, Mapping[str, Any]]] = [("", root)]
+    while stack:
+        sid, current = stack[-1]
+        missing = [(child, upstream[child]) for child in _upstream_ids(current)
+                   if child in upstream and child not in built]
+        if missing:
+            stack.extend(missing)
+            continue
+        stack.pop()
+        if sid not in built:
+            built[sid] = _stage_node(current, built, upstream)
+    return built[""]
+
+
+def _upstream_ids(statement: Mapping[str, Any]) -> list[str]:
+    definition = statement.get("predicate", {}).get("buildDefinition", {})
+    ids = []
+    for dep in definition.get("resolvedDependencies", []):
+        annotations = dep.get("annotations") if isinstance(dep, Mapping) else None
+        if isinstance(annotations, Mapping) and isinstance(annotations.get("statementDigest"), str):
+            ids.append(annotations["statementDigest"])
+    return ids
+
+
+def _stage_node(statement: Mapping[str, Any], built: Mapping[str, LineageNode],
+                upstream: Mapping[str, Mapping[str, Any]]) -> LineageNode:
     definition = statement["predicate"]["buildDefinition"]
     external = definition.get("externalParameters", {})
     internal = definition.get("internalParameters", {})
@@ -196,11 +233,12 @@ def lineage_from_statement(statement: Mapping[str, Any]) -> LineageNode:
         method=external.get("method"),
         params=key_parameters(external.get("spec", {})),
         key=internal.get("key"),
-        children=_dependency_nodes(definition.get("resolvedDependencies", [])),
+        children=_dependency_nodes(definition.get("resolvedDependencies", []), built),
     )
 
 
-def _dependency_nodes(deps: list[Mapping[str, Any]]) -> tuple[LineageNode, ...]:
+def _dependency_nodes(deps: list[Mapping[str, Any]],
+                      built: Mapping[str, LineageNode]) -> tuple[LineageNode, ...]:
     """The parents a statement lists; a merge read through a LoRA (two dependencies: the
     node naming its ``adapter``, and that adapter) becomes one ``"lora"`` stage."""
     adapters = {
@@ -211,16 +249,17 @@ def _dependency_nodes(deps: list[Mapping[str, Any]]) -> tuple[LineageNode, ...]:
     for dep in deps:
         if dep.get("name") in applied:
             continue  # shown under the stage of the merge it applies to
-        node = _dependency_node(dep)
+        node = _dependency_node(dep, built)
         adapter = adapters.get((dep.get("annotations") or {}).get("adapter"))
-        nodes.append(node if adapter is None else _adapted_node(node, adapter))
+        nodes.append(node if adapter is None else _adapted_node(node, adapter, built))
     return tuple(nodes)
 
 
-def _adapted_node(model: LineageNode, adapter_dep: Mapping[str, Any]) -> LineageNode:
+def _adapted_node(model: LineageNode, adapter_dep: Mapping[str, Any],
+                  built: Mapping[str, LineageNode]) -> LineageNode:
     annotations = adapter_dep.get("annotations") or {}
     reference = str(adapter_dep.get("name", "")).removesuffix("#adapter")
-    adapter = _dependency_node(adapter_dep)
+    adapter = _dependency_node(adapter_dep, built)
     uri = adapter.uri
     adapter = LineageNode(
         name=reference.partition("+")[2] or uri,
@@ -242,24 +281,22 @@ def _adapted_node(model: LineageNode, adapter_dep: Mapping[str, Any]) -> Lineage
     )
 
 
-def _dependency_node(dep: Mapping[str, Any]) -> LineageNode:
+def _dependency_node(dep: Mapping[str, Any], built: Mapping[str, LineageNode]) -> LineageNode:
     annotations = dep.get("annotations") or {}
     digests = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
+    upstream = built.get(str(annotations.get("statementDigest")))
     common = {
         "name": str(dep.get("name") or dep.get("uri") or "?"),
-        "kind": str(annotations.get("kind", "node" if annotations.get("statement") else "local")),
+        "kind": str(annotations.get("kind", "node" if upstream is not None else "local")),
         "digest": digest_string(digests) if digests else "",
         "uri": str(dep.get("uri", "")),
         "role": annotations.get("role"),
         "revision": annotations.get("revision"),
         "commit": annotations.get("commit"),
     }
-    upstream = annotations.get("statement")
-    if isinstance(upstream, Mapping):
-        node = lineage_from_statement(upstream)
-        return LineageNode(
-            **common, method=node.method, params=node.params, key=node.key, children=node.children
-        )
+    if upstream is not None:
+        return LineageNode(**common, method=upstream.method, params=upstream.params,
+                           key=upstream.key, children=upstream.children)
     return LineageNode(**common, method=annotations.get("method"))
 
 
@@ -278,17 +315,18 @@ def iter_lineage(node: LineageNode) -> Iterator[LineageNode]:
     Models reached by several paths (a shared ancestor) are yielded the first time.
     """
     seen: set[tuple[str, str, str]] = set()
-
-    def visit(n: LineageNode) -> Iterator[LineageNode]:
-        identity = (n.kind, n.uri, n.digest)
+    stack: list[tuple[LineageNode, bool]] = [(node, False)]
+    while stack:  # iterative: a chain may be far deeper than Python's recursion limit
+        current, expanded = stack.pop()
+        identity = (current.kind, current.uri, current.digest)
+        if expanded:
+            yield current
+            continue
         if identity in seen:
-            return
+            continue
         seen.add(identity)
-        for child in n.children:
-            yield from visit(child)
-        yield n
-
-    yield from visit(node)
+        stack.append((current, True))
+        stack.extend((child, False) for child in reversed(current.children))
 
 
 def snapshot_repo(uri: str) -> tuple[str | None, str | None]:

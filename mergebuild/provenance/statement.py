@@ -17,9 +17,10 @@ Layout of one statement (names are ours where the spec leaves them open)::
     predicate.buildDefinition
         buildType            https://mergebuild.dev/buildtypes/merge/v<ENGINE_VERSION>
         externalParameters   {node, method, spec, mergefile_digest}
-        internalParameters   {key, digest, engine_version, device, recipe}
+        internalParameters   {key, digest, engine_version, device, recipe,
+                              upstreamStatements: {<statement id>: <statement>}}
         resolvedDependencies [{name, uri, digest, annotations: {kind, role, revision,
-                               commit, files, method, statement, adapter}}]
+                               commit, files, method, statementDigest, adapter}}]
                              a merge read through a LoRA ("merge+lora") is two entries: the
                              upstream node (its built digest, statement, and "adapter": the
                              name of the second) and the adapter, {kind: "lora", role:
@@ -28,6 +29,14 @@ Layout of one statement (names are ours where the spec leaves them open)::
     predicate.runDetails
         builder   {id, version: {mergebuild, torch, safetensors, python}}
         metadata  {invocationId, startedOn, finishedOn}
+
+Every upstream statement of the whole chain is embedded once, flat, in
+``upstreamStatements``, keyed by its statement id (sha256 of its canonical JSON, see
+:func:`statement_id`); a dependency names its upstream statement by that id
+(``statementDigest``). A chain of depth n is then n statements side by side: linear in
+size and of constant nesting, however deep or however often a stage is shared. Statements
+written before this layout (``annotations.statement`` holding the upstream statement
+itself, nested) are still read (:func:`flatten_statement`).
 
 No secrets are ever written: every string is scrubbed of Hugging Face tokens, URL
 credentials and values under secret-looking keys (:func:`scrub_secrets`).
@@ -57,6 +66,8 @@ CARD_FILE = "README.md"
 DIRECTORY_SUBJECT = "."
 
 # Lowercase hex lengths of the digests we write or accept; others are left alone.
+UPSTREAM_KEY = "upstreamStatements"
+
 DIGEST_HEX_LENGTHS = {"sha256": 64, "xxh128": 32, "dirHash": 64, "gitCommit": (40, 64)}
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
@@ -180,7 +191,7 @@ def _file_subject(name: str, sha256: str, size: int) -> dict[str, Any]:
     return {"name": name, "digest": {"sha256": sha256.lower()}, "annotations": {"size": size}}
 
 
-def _dependency(parent: ParentRef) -> dict[str, Any]:
+def _dependency(parent: ParentRef, statement_ids: Mapping[str, str]) -> dict[str, Any]:
     # A parent whose digest is unknown is still described by its URI (a valid descriptor).
     digest = digest_set(parent.digest) if parent.digest else {}
     if parent.commit and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", parent.commit.lower()):
@@ -194,8 +205,8 @@ def _dependency(parent: ParentRef) -> dict[str, Any]:
         annotations["files"] = {name: parent.files[name] for name in sorted(parent.files)}
     if parent.method is not None:
         annotations["method"] = parent.method
-    if parent.statement is not None:
-        annotations["statement"] = parent.statement
+    if statement_ids.get(parent.name) is not None:
+        annotations["statementDigest"] = statement_ids[parent.name]
     if parent.adapter is not None:
         annotations["adapter"] = parent.adapter
     if parent.applies_to is not None:
@@ -225,6 +236,15 @@ def build_statement(
     subjects = [
         _file_subject(name, sha, size) for name, (sha, size) in sorted(record.outputs.items())
     ]
+    upstream: dict[str, dict] = {}
+    statement_ids: dict[str, str] = {}
+    for parent in record.parents:
+        if parent.statement is None:
+            continue
+        flat, embedded = flatten_statement(parent.statement)
+        statement_ids[parent.name] = statement_id(flat)
+        upstream[statement_ids[parent.name]] = flat
+        upstream.update(embedded)
     if card_sha256 is not None:
         subject = _file_subject(CARD_FILE, card_sha256, card_size or 0)
         if card_size is None:
@@ -265,8 +285,10 @@ def build_statement(
                     "engine_version": record.engine_version,
                     "device": record.device,
                     "recipe": record.recipe,
+                    **({UPSTREAM_KEY: {k: upstream[k] for k in sorted(upstream)}}
+                       if upstream else {}),
                 },
-                "resolvedDependencies": [_dependency(p) for p in record.parents],
+                "resolvedDependencies": [_dependency(p, statement_ids) for p in record.parents],
             },
             "runDetails": {
                 "builder": {
@@ -282,6 +304,92 @@ def build_statement(
         },
     }
     return scrub_secrets(statement)
+
+
+def statement_id(statement: Mapping) -> str:
+    """The id an embedded statement is filed under: ``"sha256:<hex>"`` of its canonical JSON
+    (sorted keys, no whitespace), so the same statement always gets the same id."""
+    canonical = json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _without_upstream(statement: Mapping) -> tuple[dict, dict]:
+    """A copy of ``statement`` without its ``upstreamStatements`` (returned beside it), and
+    with every legacy nested ``annotations.statement`` moved out into that map too."""
+    statement = json.loads(json.dumps(statement))  # a deep copy we may edit
+    internal = _definition(statement).get("internalParameters")
+    embedded = internal.pop(UPSTREAM_KEY, {}) if isinstance(internal, dict) else {}
+    if not isinstance(embedded, dict):
+        embedded = {}
+    return statement, embedded
+
+
+def flatten_statement(statement: Mapping) -> tuple[dict, dict[str, dict]]:
+    """``statement`` without the statements it embeds, and every statement of its chain.
+
+    Returns ``(flat, upstream)``: ``flat`` is the statement as it is filed inside a child's
+    provenance (no ``upstreamStatements``; each dependency names its upstream by
+    ``statementDigest``), ``upstream`` maps statement id → flat statement for the whole
+    chain. Legacy statements that nest their upstream in ``annotations.statement`` are
+    converted, iteratively (no recursion, whatever the chain's depth).
+    """
+    flat, upstream = _without_upstream(statement)
+    upstream = {str(k): v for k, v in upstream.items() if isinstance(v, dict)}
+    pending = [flat, *upstream.values()]
+    while pending:
+        for annotations in _annotations(pending.pop()):
+            if not isinstance(annotations.get("statement"), Mapping):
+                continue
+            nested, more = _without_upstream(annotations.pop("statement"))
+            pending.append(nested)
+            pending.extend(more.values())
+            upstream.update(more)
+            annotations["_nested"] = nested
+    # Ids are computed after every nested statement is itself flat, children first.
+    stack = [flat, *upstream.values()]
+    seen: set[int] = set()
+    while stack:
+        current = stack[-1]
+        children = [a["_nested"] for a in _annotations(current)
+                    if "_nested" in a and id(a["_nested"]) not in seen]
+        if children:
+            stack.extend(children)
+            continue
+        stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for annotations in _annotations(current):
+            nested = annotations.pop("_nested", None)
+            if nested is not None:
+                annotations["statementDigest"] = statement_id(nested)
+                upstream[annotations["statementDigest"]] = nested
+    return flat, upstream
+
+
+def _definition(statement: Any) -> Mapping:
+    """``predicate.buildDefinition`` of a statement, ``{}`` where it is not there."""
+    predicate = statement.get("predicate") if isinstance(statement, Mapping) else None
+    definition = predicate.get("buildDefinition") if isinstance(predicate, Mapping) else None
+    return definition if isinstance(definition, Mapping) else {}
+
+
+def _annotations(statement: Any) -> list[dict]:
+    deps = _definition(statement).get("resolvedDependencies", [])
+    return [dep["annotations"] for dep in (deps if isinstance(deps, list) else [])
+            if isinstance(dep, Mapping) and isinstance(dep.get("annotations"), dict)]
+
+
+def upstream_statement(dependency: Mapping, upstream: Mapping[str, Mapping]) -> Mapping | None:
+    """The statement ``dependency`` embeds, looked up in the chain's ``upstream`` map (see
+    :func:`flatten_statement`); ``None`` for a source."""
+    annotations = dependency.get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        return None
+    if isinstance(annotations.get("statement"), Mapping):  # a legacy nested statement
+        return annotations["statement"]
+    found = upstream.get(str(annotations.get("statementDigest")))
+    return found if isinstance(found, Mapping) else None
 
 
 def dumps_statement(statement: Mapping) -> bytes:
