@@ -21,7 +21,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MergebuildError as exc:
-            click.echo(f"mergebuild: error: {exc}", err=True)
+            from mergebuild.provenance.secrets import scrub_text
+
+            # One line, whatever a message quotes (a multi-line value), and no credential.
+            line = " ".join(scrub_text(str(exc)).split())
+            click.echo(f"mergebuild: error: {line}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("mergebuild: interrupted; nothing half-built was published", err=True)
@@ -95,11 +99,11 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
     project = _project(ctx, frozen=frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
                           reporter=make_reporter(ctx.obj["quiet"]))
-    if not ctx.obj["quiet"]:
-        for name in project.targets_or_default(list(targets)):
-            for r in result.results:
-                if r.name == name and r.path:
-                    click.echo(f"{name}: {r.path}")
+    # stdout carries only results, also with -q: `$(mergebuild make x)` is usable.
+    for name in project.targets_or_default(list(targets)):
+        for r in result.results:
+            if r.name == name and r.path:
+                click.echo(f"{name}: {r.path}")
     if not result.ok:
         sys.exit(1)
 
@@ -114,20 +118,22 @@ def plan(ctx, targets, as_json, frozen=False):
     """Show what make would build, and why, without building."""
     from mergebuild.report import plan_rows
 
+    from mergebuild.provenance.secrets import scrub_secrets, scrub_text
+
     states = _project(ctx, frozen=frozen).plan(list(targets))
     if as_json:
-        click.echo(json.dumps([
+        click.echo(json.dumps(scrub_secrets([
             {"node": s.name, "kind": s.kind, "status": s.status, "reasons": s.reasons,
              "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None,
              **({"uri": s.source.uri, "revision": s.source.revision,
                  "commit": s.source.commit} if s.source is not None else {})}
-            for s in states], indent=2))
+            for s in states]), indent=2))
         return
     rows = plan_rows(states)
     width = max(len(r[0]) for r in rows)
     for name, what, status, why in rows:
         line = f"{name:<{width}}  {what:<18} {status}"
-        click.echo(f"{line}  {why}".rstrip())
+        click.echo(scrub_text(f"{line}  {why}".rstrip()))
     stale = sum(1 for s in states if s.status == "stale")
     click.echo(f"{stale} to build" if stale else "nothing to do: every node is up to date")
 

@@ -1,5 +1,5 @@
-"""What a make shows a person: rich tables and bars on a terminal, plain lines elsewhere;
-and the lines ``make --check`` prints."""
+"""What a make shows a person, on stderr (stdout is for results): rich tables and bars on a
+terminal, plain lines elsewhere; and the lines ``make --check`` prints."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.plan.staleness import NodeState
+from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
@@ -52,17 +53,17 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
 
 
 class PlainReporter(Reporter):
-    """One line per event; for CI logs and pipes."""
+    """One line per event, on stderr; for CI logs and pipes."""
 
     def __init__(self, out: TextIO | None = None, quiet: bool = False, show_plan: bool = True):
-        self.out = out or sys.stdout
+        self.out = out or sys.stderr
         self.quiet = quiet
         self.show_plan = show_plan
         self._last_progress: dict[str, float] = {}
 
     def _print(self, text: str) -> None:
         if not self.quiet:
-            print(text, file=self.out, flush=True)
+            print(scrub_text(text), file=self.out, flush=True)
 
     def plan(self, states: list[NodeState]) -> None:
         if not self.show_plan:
@@ -94,7 +95,8 @@ class PlainReporter(Reporter):
         elif result.outcome == "reused":
             self._print(f"reused {result.name}: {result.detail}")
         else:
-            print(f"{result.outcome} {result.name}: {result.detail}", file=sys.stderr, flush=True)
+            print(scrub_text(f"{result.outcome} {result.name}: {result.detail}"),
+                  file=sys.stderr, flush=True)
 
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
@@ -128,7 +130,7 @@ class RichReporter(PlainReporter):
         super().__init__(quiet=quiet, show_plan=show_plan)
         from rich.console import Console
 
-        self.console = Console(stderr=False)
+        self.console = Console(stderr=True)
         self._progress = None
         self._task = None
         self._downloads = None
@@ -136,7 +138,7 @@ class RichReporter(PlainReporter):
 
     def _print(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(scrub_text(text), highlight=False, markup=False)
 
     def plan(self, states: list[NodeState]) -> None:
         if self.quiet or not self.show_plan:
@@ -151,7 +153,7 @@ class RichReporter(PlainReporter):
             table.add_column(col)
         for row in plan_rows(states):
             style = "yellow" if row[2] == "stale" else None
-            table.add_row(*row, style=style)
+            table.add_row(*(scrub_text(cell) for cell in row), style=style)
         self.console.print(table)
 
     def download(self, node: str, label: str, done: int, total: int) -> None:
@@ -225,7 +227,7 @@ class RichReporter(PlainReporter):
 
 
 def make_reporter(quiet: bool = False) -> Reporter:
-    if sys.stdout.isatty() and not quiet:
+    if sys.stderr.isatty() and not quiet:
         return RichReporter(quiet=quiet)
     return PlainReporter(quiet=quiet)
 

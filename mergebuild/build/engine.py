@@ -28,6 +28,12 @@ from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceEr
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
+from mergebuild.io.json_limits import (
+    CONFIG_MAX_BYTES,
+    TOKENIZER_MAX_BYTES,
+    read_bytes_bounded,
+    read_json_bounded,
+)
 from mergebuild.methods.registry import Method, TensorParams
 from mergebuild.spec.validate import arithmetic_base
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
@@ -752,12 +758,17 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
         # links into its repo's blobs/, which counts as inside).
         if not src.is_file() or src.is_symlink() and not _inside(src, _link_root(donor_dir)):
             continue
-        if name == "tokenizer_config.json" and job.chat_template is not None:
-            data = json.loads(src.read_text(encoding="utf-8"))
-            data["chat_template"] = job.chat_template
-            put(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-            continue
-        put(name, src.read_bytes())
+        limit = CONFIG_MAX_BYTES if name in CONFIG_FILES else TOKENIZER_MAX_BYTES
+        try:
+            if name == "tokenizer_config.json" and job.chat_template is not None:
+                data = read_json_bounded(src, limit)
+                data["chat_template"] = job.chat_template
+                put(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+                continue
+            put(name, read_bytes_bounded(src, limit))
+        except (ValueError, TypeError) as exc:  # too large, or not the JSON object it must be
+            raise CheckpointError(f"{name} of '{job.donor}' is unusable: {exc}",
+                                  node=job.node, hint="fix or re-download it") from None
     return written
 
 

@@ -126,7 +126,9 @@ def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
                 models[name] = {"source": _display_uri(spec, mergefile.directory)}
         elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
             models[name] = spec.plain()
-    return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
+    # libyaml's dumper when present: an excerpt grows with the chain's depth.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump({"version": 1, "models": models}, Dumper=dumper, sort_keys=False)
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:

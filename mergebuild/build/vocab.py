@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mergebuild.errors import IncompatibleModelsError
+from mergebuild.errors import CheckpointError, IncompatibleModelsError
+from mergebuild.io.json_limits import TOKENIZER_MAX_BYTES, read_json_bounded
 
 VOCAB_TENSOR_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out",
                       "output.weight")
@@ -25,7 +26,15 @@ def _tokenizer_json(directory: Path) -> dict | None:
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_tokenizer_file(path)
+
+
+def _read_tokenizer_file(path: Path) -> Any:
+    try:
+        return read_json_bounded(path, TOKENIZER_MAX_BYTES)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path.name} in {path.parent} is unusable: {exc}",
+                              hint="fix or re-download it") from None
 
 
 def vocab_of_tokenizer(data: Mapping[str, Any]) -> dict[str, int]:
@@ -47,10 +56,10 @@ def read_vocab(directory: Path, node: str) -> dict[str, int]:
         return vocab_of_tokenizer(data)
     vocab_file = Path(directory) / "vocab.json"
     if vocab_file.is_file():
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        vocab = _read_tokenizer_file(vocab_file)
         added = Path(directory) / "added_tokens.json"
         if added.is_file():
-            vocab.update(json.loads(added.read_text(encoding="utf-8")))
+            vocab.update(_read_tokenizer_file(added))
         return vocab
     raise IncompatibleModelsError(
         f"'{node}' has no tokenizer.json, so its embedding rows cannot be mapped by token",

@@ -29,6 +29,12 @@ from mergebuild import faults
 from mergebuild.errors import CheckpointError
 from mergebuild.io.atomic import fsync_directory
 from mergebuild.io.dtypes import DTYPE_SIZES, safetensors_code, torch_dtype
+from mergebuild.io.json_limits import (
+    CONFIG_MAX_BYTES,
+    INDEX_MAX_BYTES,
+    loads_bounded,
+    read_json_bounded,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -163,7 +169,7 @@ def read_header(
     if not text.startswith("{"):
         raise _fail(path, "has a header that is not a JSON object", node=node)
     try:
-        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        header = loads_bounded(text, object_pairs_hook=_reject_duplicate_keys)
     except ValueError as exc:
         raise _fail(path, f"has a header that is not valid JSON ({exc})", node=node) from None
     if not isinstance(header, dict):
@@ -322,7 +328,7 @@ class CheckpointReader:
         if index.is_file():
             self.index_file = index
             try:
-                data = json.loads(index.read_text(encoding="utf-8"))
+                data = read_json_bounded(index, INDEX_MAX_BYTES)
                 weight_map = data["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
                     isinstance(v, str) for v in weight_map.values()
@@ -390,7 +396,7 @@ class CheckpointReader:
         if not path.is_file():
             return None
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = read_json_bounded(path, CONFIG_MAX_BYTES)
         except (ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(
                 f"config.json in {self.directory} is not valid JSON ({exc})",

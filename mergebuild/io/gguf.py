@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mergebuild.errors import SourceError, StoreError
 from mergebuild.io.checkpoint import CheckpointReader
+from mergebuild.io.json_limits import TOKENIZER_MAX_BYTES, read_json_bounded
 
 if TYPE_CHECKING:
     import numpy as np
@@ -206,7 +207,7 @@ def _read_json(path: Path, node: str | None, *, what: str) -> dict:
             hint="export a complete Hugging Face model directory",
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_bounded(path, TOKENIZER_MAX_BYTES)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path} is not valid JSON ({exc})", node=node) from None
     if not isinstance(data, dict):

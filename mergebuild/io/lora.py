@@ -11,6 +11,7 @@ from typing import Any
 
 from mergebuild.io.checkpoint import CheckpointReader
 from mergebuild.errors import IncompatibleModelsError, SourceError
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, read_json_bounded
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,7 +73,7 @@ class LoraAdapter:
         self.directory = Path(directory)
         check_adapter_directory(self.directory, node)
         try:
-            self.config = json.loads((self.directory / ADAPTER_CONFIG).read_text("utf-8"))
+            self.config = read_json_bounded(self.directory / ADAPTER_CONFIG, CONFIG_MAX_BYTES)
         except (ValueError, UnicodeDecodeError) as exc:
             raise SourceError(f"{ADAPTER_CONFIG} in {directory} is not valid JSON ({exc})",
                               node=node) from None

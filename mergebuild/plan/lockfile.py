@@ -31,6 +31,7 @@ from mergebuild.sources.hub import HubResolution
 from mergebuild.sources.resolve import ResolvedSource, resolve_adapter, resolve_source
 from mergebuild.spec.model import AdaptedSpec, Mergefile, SourceSpec
 from mergebuild.store.objects import Store
+from mergebuild.io.json_limits import loads_bounded
 
 if TYPE_CHECKING:
     from mergebuild.plan.staleness import NodeState
@@ -63,7 +64,7 @@ class LockFile:
                 f"cannot read lock file ({error.strerror or error})", file=str(path)
             ) from None
         try:
-            data = json.loads(text)
+            data = loads_bounded(text)
         except ValueError as error:
             line = getattr(error, "lineno", None)
             raise MergefileError(

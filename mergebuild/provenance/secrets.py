@@ -20,6 +20,9 @@ _TOKEN_PATTERNS = (
     re.compile(r"api_org_[A-Za-z0-9]{20,}"),
 )
 _URL_CREDENTIALS = re.compile(r"((?:https?|ssh|git\+https?|git\+ssh)://)[^/@\s]+@")
+# ``user:password@`` after any scheme (``hf://user:PASS@org/x``); without the colon,
+# ``hf://gpt2@main`` is a repo and its revision, not a credential.
+_SCHEME_USER_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:'\"]*:[^/@\s'\"]*@")
 _TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token(?:=|\s+))\S+")
 _TOKEN_QUERY = re.compile(r"(?i)([?&](?:access_token|token|api_key|apikey|password)=)[^&#\s]+")
 _AUTH_HEADER = re.compile(
@@ -50,6 +53,7 @@ def scrub_text(text: str) -> str:
     for pattern in _TOKEN_PATTERNS:
         text = pattern.sub(REDACTED, text)
     text = _URL_CREDENTIALS.sub(lambda m: m.group(1) + REDACTED + "@", text)
+    text = _SCHEME_USER_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", text)
     text = _TOKEN_FLAG.sub(lambda m: m.group(1) + REDACTED, text)
     text = _TOKEN_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
     text = _AUTH_HEADER.sub(lambda m: m.group(1) + REDACTED, text)
@@ -80,3 +84,4 @@ def scrub_secrets(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return scrub_text(str(value))
+

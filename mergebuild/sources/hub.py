@@ -46,6 +46,7 @@ from mergebuild.io.hf_layout import (
 )
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.sources.pickle import load_pickle_state_dict
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, INDEX_MAX_BYTES, read_json_bounded
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -555,7 +556,7 @@ def _resolve_from_cache(
 def _read_tree_cache(repo_dir: Path, commit: str) -> dict[str, dict[str, Any]] | None:
     """huggingface_hub's cached tree listing (``trees/<commit>.json``, format 1), if any."""
     try:
-        data = json.loads((repo_dir / "trees" / f"{commit}.json").read_text())
+        data = read_json_bounded(repo_dir / "trees" / f"{commit}.json", INDEX_MAX_BYTES)
     except (OSError, ValueError):
         return None
     if (
@@ -601,7 +602,7 @@ def git_blob_id(data: bytes) -> str:
 
 def _index_shards(index: Path, uri: str, *, node: str) -> set[str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_bounded(index, INDEX_MAX_BYTES)["weight_map"]
         return {str(v) for v in weight_map.values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise SourceError(
@@ -636,7 +637,7 @@ def read_metadata(
         if not config_path.is_file():
             config_path = _download_small(resolution, "config.json", node=node, offline=offline)
         try:
-            config = json.loads(config_path.read_text())
+            config = read_json_bounded(config_path, CONFIG_MAX_BYTES)
         except (OSError, ValueError) as error:
             raise SourceError(
                 f"{uri}: config.json is unreadable ({error.__class__.__name__})", node=node

@@ -17,6 +17,7 @@ from mergebuild.io.hf_layout import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_I
 from mergebuild.sources.pickle import load_pickle_state_dict
 from mergebuild.spec.model import SourceSpec
 from mergebuild.store.objects import Store
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, TOKENIZER_MAX_BYTES
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
 
@@ -56,6 +57,7 @@ def check_model_directory(directory: Path, node: str, allow_pickle: bool = False
                           hint="point 'source:' at a Hugging Face model directory")
     names = [p.name for p in directory.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
+        check_side_files(directory, node)
         return
     if any(n.endswith(PICKLE_SUFFIXES) for n in names):
         if allow_pickle:
@@ -69,6 +71,25 @@ def check_model_directory(directory: Path, node: str, allow_pickle: bool = False
         )
     raise SourceError(f"no weights (*.safetensors) in {directory}", node=node,
                       hint="point 'source:' at a Hugging Face model directory")
+
+
+def check_side_files(directory: Path, node: str) -> None:
+    """A model directory needs its config.json (a merge of it would not load without one),
+    and its config and tokenizer files must be of a size a model's are."""
+    config = directory / "config.json"
+    if not config.is_file():
+        raise SourceError(f"no config.json in {directory}: a merge of it would not load",
+                          node=node, hint="copy the model's config.json beside its weights")
+    for name in (*CONFIG_FILES, *TOKENIZER_FILES):
+        path = directory / name
+        limit = CONFIG_MAX_BYTES if name in CONFIG_FILES else TOKENIZER_MAX_BYTES
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size > limit:
+            raise SourceError(f"{name} in {directory} is {size} bytes, over its {limit}-byte "
+                              "limit", node=node, hint="is it really the model's own file?")
 
 
 def resolve_local(spec: SourceSpec, store: Store) -> ResolvedSource:

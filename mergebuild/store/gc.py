@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.store.objects import Store, lock_held, remove_tree
+from mergebuild.io.json_limits import RECORD_MAX_BYTES, read_json_bounded
 
 LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _old_free_locks)
 
@@ -194,6 +195,6 @@ def _tree_size(path: Path) -> int:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_bounded(path, RECORD_MAX_BYTES)
     except (OSError, ValueError):
         return None

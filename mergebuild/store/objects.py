@@ -35,6 +35,7 @@ from mergebuild.errors import StoreError
 from mergebuild.io.atomic import fsync_directory, write_json_atomic
 from mergebuild.io.hashing import StatCache
 from mergebuild.provenance.integrity import quick_check
+from mergebuild.io.json_limits import PROVENANCE_MAX_BYTES, RECORD_MAX_BYTES, read_json_bounded
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
@@ -104,7 +105,7 @@ class Store:
     def lookup(self, key: str) -> StoredBuild | None:
         """The published build of ``key`` if it exists and passes a cheap integrity check."""
         path = self.object_dir(key)
-        meta = _read_json(path / "provenance.json")
+        meta = _read_json(path / "provenance.json", PROVENANCE_MAX_BYTES)
         if meta is None:
             return None
         try:
@@ -234,7 +235,14 @@ class Store:
         return self.refs / f"{safe}.json"
 
     def read_ref(self, node: str) -> dict[str, Any] | None:
-        return _read_json(self._ref_path(node))
+        """The record of ``node``'s current build; ``None`` when there is none, or when the
+        file is not a record (not JSON, nested too deeply, the wrong shape): it is then
+        bookkeeping to rewrite, not something to crash on."""
+        record = _read_json(self._ref_path(node))
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str) or not (
+                record.get("digest") is None or isinstance(record.get("digest"), str)):
+            return None
+        return record
 
     def write_ref(self, node: str, record: dict[str, Any]) -> None:
         self._mkdir(self.refs)
@@ -387,9 +395,8 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, max_bytes: int = RECORD_MAX_BYTES) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_bounded(path, max_bytes)
     except (OSError, ValueError):
         return None

@@ -1,0 +1,100 @@
+"""JSON from files we did not write, with bounded size and nesting: every failure a ValueError."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_MAX_BYTES",
+    "INDEX_MAX_BYTES",
+    "MAX_DEPTH",
+    "PROVENANCE_MAX_BYTES",
+    "RECORD_MAX_BYTES",
+    "TOKENIZER_MAX_BYTES",
+    "loads_bounded",
+    "read_json_bounded",
+    "read_bytes_bounded",
+]
+
+# Deeper than any real config, tokenizer, index or statement (a statement nests ~10 deep);
+# shallow enough that nothing which walks the value recursively can run out of stack.
+MAX_DEPTH = 100
+# Real config.json / generation_config.json files are a few KiB.
+CONFIG_MAX_BYTES = 4 << 20
+# The largest real tokenizer.json files (250k-token vocabularies) are ~35 MiB.
+TOKENIZER_MAX_BYTES = 128 << 20
+# An index of 100,000 tensors is ~10 MiB.
+INDEX_MAX_BYTES = 64 << 20
+# refs/, pins/ and lock records are a few hundred bytes.
+RECORD_MAX_BYTES = 1 << 20
+# A statement grows by ~4 KiB per upstream stage: 256 MiB is a chain 60,000 stages deep.
+PROVENANCE_MAX_BYTES = 256 << 20
+
+
+def loads_bounded(text: str | bytes, *, max_depth: int = MAX_DEPTH,
+                  object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
+                  ) -> Any:
+    """``json.loads`` that refuses values nested more than ``max_depth`` deep.
+
+    Raises:
+        ValueError: not JSON, or nested too deeply (a ``json.JSONDecodeError`` for both,
+            so callers that catch either keep working); the message is one short line.
+    """
+    doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+    try:
+        value = json.loads(text, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise json.JSONDecodeError(f"nested more than {max_depth} deep", doc[:0], 0) from None
+    if _depth(value) > max_depth:
+        raise json.JSONDecodeError(f"nested more than {max_depth} deep", doc[:0], 0)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply containers nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            children = current.values()
+        elif isinstance(current, list):
+            children = current
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return deepest
+
+
+def read_bytes_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, refused when it is larger than ``max_bytes``.
+
+    Raises:
+        OSError: unreadable.
+        ValueError: larger than ``max_bytes`` (one line saying so, with the limit).
+    """
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{Path(path).name} is larger than its {max_bytes}-byte limit")
+    return data
+
+
+def read_json_bounded(path: Path, max_bytes: int, *, max_depth: int = MAX_DEPTH) -> Any:
+    """JSON from ``path``, at most ``max_bytes`` and nested at most ``max_depth`` deep.
+
+    Raises:
+        OSError: unreadable.
+        ValueError: too large, not UTF-8, not JSON or nested too deeply (one line).
+    """
+    data = read_bytes_bounded(path, max_bytes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return loads_bounded(text, max_depth=max_depth)
