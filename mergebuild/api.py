@@ -127,14 +127,17 @@ class Project:
     @_uses_store(create=True)
     def make(self, targets: list[str] | tuple[str, ...] = (), *, force: bool = False,
              keep_going: bool = False, device: str | None = None,
-             reporter: Reporter | None = None) -> MakeResult:
+             reporter: Reporter | None = None, allow_nonfinite: bool = False) -> MakeResult:
         """Build every stale node the targets need; reuse the rest.
 
         A node whose parents were rebuilt is looked up again with their new digests: when a
-        parent's bytes did not change, the child is reused (early cutoff).
+        parent's bytes did not change, the child is reused (early cutoff). A parent tensor
+        holding NaN or Inf fails the build (naming node, parent and tensor) unless
+        ``allow_nonfinite`` or the node's ``allow_nonfinite: true``.
         """
         return self._maker(self.store).make(list(targets), force=force, keep_going=keep_going,
-                                            device=device, reporter=reporter or Reporter())
+                                            device=device, reporter=reporter or Reporter(),
+                                            allow_nonfinite=allow_nonfinite)
 
     @_uses_store()
     def check(self, node: str, device: str | None = None,

@@ -84,8 +84,12 @@ def _node_or_directory(ctx: click.Context, target_or_dir: str):
                    "stored builds, file by file (a reproducibility audit; publishes nothing).")
 @click.option("--frozen", is_flag=True,
               help="Pin hub sources to the commits in Mergefile.lock; never re-resolve.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge parents holding NaN/Inf instead of failing (as a node's "
+                   "allow_nonfinite: true does).")
 @click.pass_context
-def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen):
+def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
+         allow_nonfinite):
     """Build TARGETS (default: every final node) and their stale ancestors."""
     ctx.obj["quiet"] = ctx.obj["quiet"] or quiet
     if check:
@@ -98,7 +102,8 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
 
     project = _project(ctx, frozen=frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
-                          reporter=make_reporter(ctx.obj["quiet"]))
+                          reporter=make_reporter(ctx.obj["quiet"]),
+                          allow_nonfinite=allow_nonfinite)
     # stdout carries only results, also with -q: `$(mergebuild make x)` is usable.
     for name in project.targets_or_default(list(targets)):
         for r in result.results:

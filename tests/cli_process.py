@@ -21,6 +21,9 @@ from pathlib import Path
 _PRELOAD = ["torch", "safetensors", "safetensors.torch", "numpy", "yaml", "click", "rich",
             "rich.console", "rich.progress", "rich.table", "networkx", "xxhash", "sqlite3"]
 _CTX = None
+# The lines mergebuild.report.PlainReporter prints while a make runs.
+PROGRESS_PREFIXES = ("stale ", "building ", "built ", "reused ", "waiting: ", "downloading ",
+                     "done in ", "nothing to do", "  ")
 
 
 @dataclass
@@ -32,7 +35,10 @@ class Run:
 
     @property
     def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
+        """stderr without make's progress lines (which go to stderr, stdout being for
+        results): what is left must be the error, one line."""
+        return [line for line in self.stderr.splitlines()
+                if line.strip() and not line.startswith(PROGRESS_PREFIXES)]
 
 
 def _context():

@@ -134,6 +134,57 @@ def _bad_config(models: Path, bad: Path) -> None:
     (bad / "model" / "config.json").write_text("{not json")
 
 
+def _poisoned(value: float, tensor: str = "model.layers.1.mlp.down_proj.weight"
+              ) -> Callable[[Path, Path], None]:
+    """A copy of the base model with one element of one tensor set to ``value``."""
+    def setup(models: Path, bad: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        weights = _copy_base(models, bad)
+        tensors = load_file(str(weights))
+        tensors[tensor].view(-1)[7] = value
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    return setup
+
+
+def _nested_json(depth: int = 1000) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _deep_header(models: Path, bad: Path) -> None:
+    weights = _copy_base(models, bad)
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    raw = raw[:-1] + b', "deep": ' + _nested_json().encode() + b"}"
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _deep_config(models: Path, bad: Path) -> None:
+    _copy_base(models, bad)
+    (bad / "model" / "config.json").write_text('{"deep": ' + _nested_json() + "}")
+
+
+def _deep_index(models: Path, bad: Path) -> None:
+    _copy_base(models, bad)
+    (bad / "model" / "model.safetensors.index.json").write_text(
+        '{"weight_map": {}, "deep": ' + _nested_json() + "}")
+
+
+def _no_config(models: Path, bad: Path) -> None:
+    _copy_base(models, bad)
+    (bad / "model" / "config.json").unlink()
+
+
+def _huge_tokenizer(models: Path, bad: Path) -> None:
+    _copy_base(models, bad)
+    with open(bad / "model" / "tokenizer.json", "r+b") as f:  # sparse: no disk used
+        f.truncate(129 << 20)
+
+
 def _generated(**shape) -> Callable[[Path, Path], None]:
     def setup(models: Path, bad: Path) -> None:
         from mergebuild.sources.demo import generate_model
@@ -156,6 +207,16 @@ def _lora(models: Path, bad: Path) -> None:
     save_file({f"{module}.lora_A.weight": torch.zeros(4, 32),
                f"{module}.lora_B.weight": torch.zeros(32, 4)},
               str(bad / "lora" / "adapter_model.safetensors"))
+
+
+def _poison_merge(method: str, params: str = "", base: str | None = "base",
+                  node: str = "") -> str:
+    """A merge of the base, instruct and a poisoned copy of the base ({bad}/model)."""
+    models = "".join(f"      - {{model: {m}{', parameters: {' + params + '}' if params else ''}}}\n"
+                     for m in ("instruct", "src"))
+    return _head(f"  src: {{source: {{bad}}/model}}\n  bad:\n    merge_method: {method}\n"
+                 + (f"    base_model: {base}\n" if base else "") + node + "    models:\n"
+                 + models)
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -313,6 +374,48 @@ CASES = [
                                        ("instruct", "weight: 0.5"))),
          ("node 'bad'", "LoRA lora does not fit model.layers.0.self_attn.q_proj.weight",
           "use the adapter with the base model it was trained on"), setup=_lora, exit_code=3),
+    Case("weight-minus-inf", "weight: -.inf",
+         _merge("linear", "", _entries(("base", "weight: -.inf"), ("instruct", "weight: 1"))),
+         ("Mergefile:13:", "node 'bad'", "parameter 'weight' must be finite, got -inf"),
+         exit_code=2),
+    Case("weight-overflows-float32", "weight: 1.0e+308 (overflows float32 arithmetic)",
+         _merge("linear", "", _entries(("base", "weight: 1.0e+308"), ("instruct", "weight: 1"))),
+         ("Mergefile:13:", "node 'bad'", "parameter 'weight' must be between -1e+06 and 1e+06",
+          "float32"), exit_code=2),
+    Case("density-inf", "density: .inf",
+         _merge("ties", "", _entries(("instruct", "weight: 0.5, density: .inf")), base="base"),
+         ("node 'bad'", "parameter 'density' must be finite"), exit_code=2),
+    Case("nan-parent-model-stock", "one NaN in a parent of model_stock",
+         _poison_merge("model_stock"),
+         ("node 'bad'", "parent 'src' holds NaN or Inf in model.layers.1.mlp.down_proj.weight",
+          "allow_nonfinite"), setup=_poisoned(float("nan")), exit_code=3),
+    Case("nan-parent-karcher", "one NaN in a parent of karcher",
+         _poison_merge("karcher", base=None),
+         ("node 'bad'", "parent 'src' holds NaN or Inf in model.layers.1.mlp.down_proj.weight"),
+         setup=_poisoned(float("nan")), exit_code=3),
+    Case("inf-parent-dare-ties", "one Inf in a parent of dare_ties",
+         _poison_merge("dare_ties", "weight: 0.5, density: 0.5"),
+         ("node 'bad'", "parent 'src' holds NaN or Inf in model.layers.1.mlp.down_proj.weight"),
+         setup=_poisoned(float("inf")), exit_code=3),
+    Case("overflowing-result", "finite parents whose weighted sum overflows",
+         _poison_merge("linear", "weight: 1.0e+6", base=None),
+         ("node 'bad'", "linear produced NaN or Inf in model.layers.1.mlp.down_proj.weight",
+          "arithmetic overflowed"), setup=_poisoned(3.0e38), exit_code=3),
+    Case("deep-json-header", "safetensors header with JSON nested 1,000 deep",
+         _source("{bad}/model"), ("node 'src'", "model.safetensors", "nested more than"),
+         setup=_deep_header, exit_code=3),
+    Case("deep-json-config", "config.json nested 1,000 deep", _source("{bad}/model"),
+         ("node 'src'", "config.json", "nested more than"), setup=_deep_config, exit_code=3),
+    Case("deep-json-index", "safetensors index nested 1,000 deep", _source("{bad}/model"),
+         ("node 'src'", "model.safetensors.index.json", "nested more than"),
+         setup=_deep_index, exit_code=3),
+    Case("no-config", "source directory without config.json", _source("{bad}/model"),
+         ("node 'src'", "no config.json", "would not load"), setup=_no_config, exit_code=3),
+    Case("tokenizer-too-large", "tokenizer.json of 129 MiB", _source("{bad}/model"),
+         ("node 'src'", "tokenizer.json", "limit"), setup=_huge_tokenizer, exit_code=3),
+    Case("credentials-in-hub-url", "hf://user:PASSWORD@org/x (credentials never echoed)",
+         _source("'hf://user:hunter2secret@org/x'"),
+         ("node 'src'", "hf://[REDACTED]@org/x"), exit_code=2),
     Case("lora-stacked", "two LoRA adapters stacked on one reference",
          _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
                                        ("instruct", "weight: 0.5"))),
@@ -382,6 +485,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
     line = lines[0]
     assert line.startswith("mergebuild: error: "), line
     assert "Traceback" not in run.stderr
+    assert "hunter2secret" not in run.stderr + run.stdout, "credentials are never echoed"
     for fragment in case.expect:
         assert fragment.lower() in line.lower(), f"{fragment!r} not in {line!r}"
     assert _listing(store) == before

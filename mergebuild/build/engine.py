@@ -80,6 +80,7 @@ class BuildJob:
     adapters: Mapping[str, Path] = field(default_factory=dict)  # parent → LoRA directory
     tokenizer_source: str | None = None  # "base" | "union" | a parent: vocab rows by token
     pad_vocab_to: int | None = None  # tokenizer.pad_to_multiple_of
+    allow_nonfinite: bool = False  # merge NaN/Inf parents (and results) instead of failing
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,11 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
             for i, task in enumerate(tasks):
                 stream.prefetch(i + 1)
                 out = _compute(job, task, readers, func, device, torch, stream)
+                if not job.allow_nonfinite and not _all_finite(torch, out):
+                    raise IncompatibleModelsError(
+                        f"{job.method.name} produced NaN or Inf in {task.name} from finite "
+                        "parents (its arithmetic overflowed)", node=job.node,
+                        hint="check the node's parameters, or set allow_nonfinite: true")
                 faults.point("engine.computed")
                 stream.release(task)
                 writer.write(task.name, out)
@@ -360,6 +366,20 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
     digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
     return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
                        bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes())
+
+
+# Elements checked at a time: the check's temporaries stay small whatever the tensor.
+_FINITE_CHUNK = 1 << 22
+
+
+def _all_finite(torch, tensor: Any) -> bool:
+    """Whether a floating tensor holds no NaN or Inf (other dtypes always do), checked in
+    chunks as it streams by."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all())
+               for s in range(0, flat.numel(), _FINITE_CHUNK))
 
 
 def _nbytes(task: TensorTask) -> int:
@@ -681,6 +701,12 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
                       None) or readers[stream.by_file[str(info.file)]]
         tensor = reader.load(info.name)
         faults.point("engine.read_tensor")
+        if not job.allow_nonfinite and not _all_finite(torch, tensor):
+            parent = next((n for n, r in readers.items() if r is reader), "?")
+            raise CheckpointError(
+                f"parent '{parent}' holds NaN or Inf in {info.name}; merging would spread it",
+                node=job.node, hint="fix the parent, or set allow_nonfinite: true on the node "
+                                    "(or make --allow-nonfinite) to merge it anyway")
         return tensor
 
     if (len(task.inputs) == 1 and task.base is None and task.remap is None

@@ -24,7 +24,7 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 def assemble_job(mergefile: Mergefile, spec: MergeSpec, method: Method, key: str,
-                 device: str | None) -> BuildJob:
+                 device: str | None, allow_nonfinite: bool = False) -> BuildJob:
     """What to build for ``spec``, its parents not yet located (see :func:`with_parents`)."""
     from mergebuild.build.engine import BuildJob, Participant, SliceInput
 
@@ -48,6 +48,7 @@ def assemble_job(mergefile: Mergefile, spec: MergeSpec, method: Method, key: str
         pad_vocab_to=spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None,
         max_shard_bytes=mergefile.defaults.max_shard_size or DEFAULT_SHARD_BYTES,
         device=device or mergefile.defaults.device,
+        allow_nonfinite=allow_nonfinite or spec.allow_nonfinite,
     )
 
 

@@ -40,15 +40,18 @@ class Maker:
         self.planner = planner
         self.lock = lock
         self.store = store
+        self.allow_nonfinite = False
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
-             device: str | None = None, reporter: Reporter) -> MakeResult:
+             device: str | None = None, reporter: Reporter,
+             allow_nonfinite: bool = False) -> MakeResult:
         """Build every stale node the targets (default: every final node) need; reuse the rest.
 
         A node whose parents were rebuilt is looked up again with their new digests: when a
         parent's bytes did not change, the child is reused (early cutoff).
         """
         started = time.monotonic()
+        self.allow_nonfinite = allow_nonfinite
         targets = self.planner.targets_or_default(targets)
         self._import_torch_early(force)
         states = self.planner.plan(targets, force=force)
@@ -156,7 +159,7 @@ class Maker:
         from mergebuild.build.engine import run_build
         from mergebuild.provenance.write import write_provenance
 
-        job = assemble_job(self.mergefile, spec, method, key, device)
+        job = assemble_job(self.mergefile, spec, method, key, device, self.allow_nonfinite)
         # An incompatible recipe fails here, in seconds, before any weights are downloaded.
         check_before_fetch(job, self.mergefile, spec, states, self.store)
         job = with_parents(job, self.mergefile, spec, states, self.store, reporter.download)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "RECORD_MAX_BYTES",
     "TOKENIZER_MAX_BYTES",
     "loads_bounded",
+    "nesting_depth",
     "read_json_bounded",
     "read_bytes_bounded",
 ]
@@ -37,38 +39,44 @@ PROVENANCE_MAX_BYTES = 256 << 20
 def loads_bounded(text: str | bytes, *, max_depth: int = MAX_DEPTH,
                   object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
                   ) -> Any:
-    """``json.loads`` that refuses values nested more than ``max_depth`` deep.
+    """``json.loads`` that refuses values nested more than ``max_depth`` deep, before
+    parsing them (so neither the parser nor anything walking the value runs out of stack).
 
     Raises:
         ValueError: not JSON, or nested too deeply (a ``json.JSONDecodeError`` for both,
             so callers that catch either keep working); the message is one short line.
     """
     doc = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+    if nesting_depth(doc) > max_depth:
+        raise json.JSONDecodeError(f"nested more than {max_depth} deep", "", 0)
     try:
-        value = json.loads(text, object_pairs_hook=object_pairs_hook)
-    except RecursionError:
-        raise json.JSONDecodeError(f"nested more than {max_depth} deep", doc[:0], 0) from None
-    if _depth(value) > max_depth:
-        raise json.JSONDecodeError(f"nested more than {max_depth} deep", doc[:0], 0)
-    return value
+        return json.loads(doc, object_pairs_hook=object_pairs_hook)
+    except RecursionError:  # only if the scan above was fooled by text that is not JSON
+        raise json.JSONDecodeError(f"nested more than {max_depth} deep", "", 0) from None
 
 
-def _depth(value: Any) -> int:
-    """How deeply containers nest in ``value`` (a scalar is 0), without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        current, depth = stack.pop()
-        if isinstance(current, dict):
-            children = current.values()
-        elif isinstance(current, list):
-            children = current
-        else:
-            continue
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def nesting_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON ``text``, from its brackets alone: strings
+    are dropped and the rest reduced to brackets by regular expressions (C speed), so a
+    document of megabytes is scanned in milliseconds."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if not brackets:
+        return 0
+    steps = brackets.translate(_STEP)
+    # Each opening bracket is "(" and each closing one ")": the depth is the running sum.
+    depth = deepest = 0
+    for run in _RUNS.finditer(steps):
+        depth += len(run.group()) if run.group()[0] == "(" else -len(run.group())
         deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, (dict, list)))
     return deepest
+
+
+_STEP = str.maketrans("[{]}", "(())")
+_RUNS = re.compile(r"\(+|\)+")
 
 
 def read_bytes_bounded(path: Path, max_bytes: int) -> bytes:

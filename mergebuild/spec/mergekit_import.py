@@ -15,8 +15,8 @@ from mergebuild.errors import MergefileError
 from mergebuild.spec.validate import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
-# merge keys but the mergebuild-only `description`).
-MERGE_KEYS = tuple(k for k in _MERGEFILE_MERGE_KEYS if k != "description")
+# merge keys but the mergebuild-only `description` and `allow_nonfinite`).
+MERGE_KEYS = tuple(k for k in _MERGEFILE_MERGE_KEYS if k not in ("description", "allow_nonfinite"))
 # mergekit keys that exist but that mergebuild does not implement: reported, then dropped.
 _UNSUPPORTED = {
     "modules": "multi-module merges are not supported",

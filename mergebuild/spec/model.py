@@ -124,6 +124,8 @@ class MergeSpec:
     tokenizer: TokenizerSpec | None
     chat_template: str | None
     line: int
+    # Merge parents holding NaN/Inf (and keep non-finite results) instead of failing.
+    allow_nonfinite: bool = False
     # The node as written (a LineDict): for line numbers and plain(), never read outside spec/.
     written: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 

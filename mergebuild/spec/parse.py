@@ -354,11 +354,15 @@ class _Builder:
         if chat_template is not None and not isinstance(chat_template, str):
             raise self.error("'chat_template' must be a string", body.line_of("chat_template"),
                              name)
+        allow_nonfinite = body.get("allow_nonfinite", False)
+        if not isinstance(allow_nonfinite, bool):
+            raise self.error("'allow_nonfinite' must be true or false",
+                             body.line_of("allow_nonfinite"), name)
         spec = MergeSpec(
             name=name, method=method.name, base=base, models=tuple(models),
             parameters=global_params, slices=slices, dtype=dtype,
             tokenizer=self._node_tokenizer(body, name), chat_template=chat_template,
-            line=body.line, written=body,
+            line=body.line, allow_nonfinite=allow_nonfinite, written=body,
         )
         validate_parameters(spec, method, self.file)
         return spec

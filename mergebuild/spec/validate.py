@@ -28,11 +28,17 @@ MERGE_KEYS = (
     "tokenizer",
     "chat_template",
     "description",
+    "allow_nonfinite",
 )
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources",)
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
 TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
+
+
+# No merge parameter is meaningful beyond this magnitude; far below it, products with
+# weights (|x| up to ~1e4 in real checkpoints) and sums over parents stay finite in float32.
+PARAMETER_MAGNITUDE_LIMIT = 1e6
 
 
 def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str | None:
@@ -187,6 +193,13 @@ def _check_scalar(param: Param, value: Any, fail) -> None:
         raise fail(f"must be a whole number, got {value!r}")
     if math.isnan(value):
         raise fail("must not be NaN")
+    if math.isinf(value):
+        raise fail(f"must be finite, got {value!r}", "a merge of infinities is all NaN")
+    if abs(value) > PARAMETER_MAGNITUDE_LIMIT:
+        raise fail(f"must be between -{PARAMETER_MAGNITUDE_LIMIT:g} and "
+                   f"{PARAMETER_MAGNITUDE_LIMIT:g}, got {value!r}",
+                   "merges compute in float32 (largest value 3.4e38): a weight this large "
+                   "overflows it once multiplied with the weights it scales")
     lo, hi = param.minimum, param.maximum
     if lo is not None and (value < lo or (param.min_exclusive and value == lo)):
         raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {value!r}")
