@@ -185,6 +185,24 @@ def _huge_tokenizer(models: Path, bad: Path) -> None:
         f.truncate(129 << 20)
 
 
+def _fitting_lora(**config) -> Callable[[Path, Path], None]:
+    """A PEFT LoRA adapter that fits the demo base, with ``config`` added to its config."""
+    def setup(models: Path, bad: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        (bad / "lora").mkdir()
+        (bad / "lora" / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+             **config}))
+        module = "base_model.model.model.layers.0.self_attn.q_proj"
+        save_file({f"{module}.lora_A.weight": torch.zeros(4, 64),
+                   f"{module}.lora_B.weight": torch.zeros(64, 4)},
+                  str(bad / "lora" / "adapter_model.safetensors"))
+
+    return setup
+
+
 def _generated(**shape) -> Callable[[Path, Path], None]:
     def setup(models: Path, bad: Path) -> None:
         from mergebuild.sources.demo import generate_model
@@ -416,6 +434,17 @@ CASES = [
     Case("credentials-in-hub-url", "hf://user:PASSWORD@org/x (credentials never echoed)",
          _source("'hf://user:hunter2secret@org/x'"),
          ("node 'src'", "hf://[REDACTED]@org/x"), exit_code=2),
+    Case("lora-pattern-invalid", "LoRA rank_pattern key that is not a regular expression",
+         _merge("linear", "", _entries(("base+{bad}/lora", "weight: 0.5"),
+                                       ("instruct", "weight: 0.5"))),
+         ("node 'bad'", "rank_pattern: pattern key '(q_proj' is not a regular expression",
+          "module paths"), setup=_fitting_lora(rank_pattern={"(q_proj": 8}), exit_code=3),
+    Case("lora-pattern-backreference", "LoRA alpha_pattern key needing backtracking",
+         _merge("linear", "", _entries(("base+{bad}/lora", "weight: 0.5"),
+                                       ("instruct", "weight: 0.5"))),
+         ("node 'bad'", "alpha_pattern: pattern key '(a)\\1' uses groupref",
+          "needs backtracking"),
+         setup=_fitting_lora(alpha_pattern={"(a)\\1": 8}), exit_code=3),
     Case("lora-stacked", "two LoRA adapters stacked on one reference",
          _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
                                        ("instruct", "weight: 0.5"))),

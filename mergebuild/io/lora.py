@@ -12,6 +12,7 @@ from typing import Any
 from mergebuild.io.checkpoint import CheckpointReader
 from mergebuild.errors import IncompatibleModelsError, SourceError
 from mergebuild.io.json_limits import CONFIG_MAX_BYTES, read_json_bounded
+from mergebuild.io.module_patterns import ModulePattern, PatternError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,10 +38,35 @@ def check_adapter_directory(directory: Path, node: str) -> None:
         )
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT's rule: a pattern key matches a module name that ends with it after a dot.
+def compile_patterns(config: dict[str, Any], field: str) -> list[tuple[ModulePattern, Any]]:
+    """An adapter's ``rank_pattern`` or ``alpha_pattern``, in order, each key compiled to a
+    linear-time matcher (see ``io/module_patterns.py``).
+
+    Raises:
+        PatternError: the field is not a mapping of pattern to number, or a key is not a
+            regular expression PEFT could use, or needs backtracking (one line).
+    """
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise PatternError(f"{field} is not a mapping of module pattern to value")
+    compiled = []
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise PatternError(f"{field} gives '{key}' the value {value!r}, not a positive "
+                               "number")
+        try:
+            compiled.append((ModulePattern(key), value))
+        except PatternError as exc:
+            raise PatternError(f"{field}: {exc}") from None
+    return compiled
+
+
+def _pattern_value(patterns: list[tuple[ModulePattern, Any]], module: str, default: Any) -> Any:
+    # PEFT's rule (get_pattern_key): the first key, in order, matching the module name or a
+    # suffix of it that starts after a dot.
+    for pattern, value in patterns:
+        if pattern.matches(module):
             return value
     return default
 
@@ -56,11 +82,15 @@ class LoraPair:
     transpose: bool
 
 
-def scaling(config: dict[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling: lora_alpha / r, or / sqrt(r) with ``use_rslora``; per-module patterns."""
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
-                           config.get("lora_alpha", 8))
-    rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
+def scaling(config: dict[str, Any], module: str, rank: int,
+            patterns: tuple[list, list] | None = None) -> float:
+    """PEFT's scaling: lora_alpha / r, or / sqrt(r) with ``use_rslora``; per-module patterns
+    (``patterns``: the config's compiled (alpha_pattern, rank_pattern), compiled here when
+    not given)."""
+    alphas, ranks = patterns or (compile_patterns(config, "alpha_pattern"),
+                                 compile_patterns(config, "rank_pattern"))
+    alpha = _pattern_value(alphas, module, config.get("lora_alpha", 8))
+    rank = _pattern_value(ranks, module, rank)
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank)
     return alpha / rank
@@ -100,6 +130,13 @@ class LoraAdapter:
                 continue
             halves.setdefault(m["module"], {})[m["kind"]] = name
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out"))
+        try:
+            patterns = (compile_patterns(self.config, "alpha_pattern"),
+                        compile_patterns(self.config, "rank_pattern"))
+        except PatternError as exc:
+            raise SourceError(f"{ADAPTER_CONFIG} in {directory}: {exc}", node=node,
+                              hint="PEFT's pattern keys are module paths such as "
+                                   "'layers.0.self_attn.q_proj' or 'experts.*.w1'") from None
         for module, parts in sorted(halves.items()):
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             a = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -109,7 +146,7 @@ class LoraAdapter:
                                   f"for {module}", node=node)
             rank = self.reader.tensors[a].shape[0]
             self.pairs[f"{module}.weight"] = LoraPair(
-                target=f"{module}.weight", a=a, b=b, scaling=scaling(self.config, module, rank),
+                target=f"{module}.weight", a=a, b=b, scaling=scaling(self.config, module, rank, patterns),
                 transpose=embedding or fan_in_fan_out,
             )
 

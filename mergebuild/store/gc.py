@@ -26,8 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergebuild.store.objects import Store, lock_held, remove_tree
-from mergebuild.io.json_limits import RECORD_MAX_BYTES, read_json_bounded
+from mergebuild.store.objects import Store, lock_held, read_record, remove_tree
 
 LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _old_free_locks)
 
@@ -60,7 +59,7 @@ def reachable_keys(store: Store, keep: set[str], mergefile: Path) -> set[str]:
     ours = mergefile.resolve()
     refs = store.refs
     for path in sorted(refs.glob("*.json")) if refs.is_dir() else ():
-        record = _read_json(path)
+        record = read_record(path)
         if not isinstance(record, dict) or not record.get("key"):
             continue
         other = record.get("mergefile")
@@ -191,10 +190,3 @@ def _tree_size(path: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def _read_json(path: Path):
-    try:
-        return read_json_bounded(path, RECORD_MAX_BYTES)
-    except (OSError, ValueError):
-        return None

@@ -395,6 +395,12 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
+def read_record(path: Path) -> Any:
+    """A small JSON record of the store (a ref, a pin, a lock note); ``None`` when it is
+    missing or is not bounded, valid JSON."""
+    return _read_json(path)
+
+
 def _read_json(path: Path, max_bytes: int = RECORD_MAX_BYTES) -> Any:
     try:
         return read_json_bounded(path, max_bytes)
