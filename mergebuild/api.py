@@ -30,6 +30,7 @@ from mergebuild.spec.graph import build_graph, build_order, check_targets, defau
 from mergebuild.io.hashing import recipe_key
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, NodeKind, SourceSpec
 from mergebuild.spec.parse import load_mergefile
+from mergebuild.spec.validate import slice_base
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.recipe import (
     build_recipe,
@@ -462,9 +463,14 @@ class Project:
         slices = None
         if spec.slices is not None:
             slices = tuple(
-                SliceInput(sources=tuple(
-                    (src.ref, src.layer_range, parent_parameters(method, spec, src.parameters))
-                    for src in s.sources))
+                SliceInput(
+                    sources=tuple(
+                        (src.ref, src.layer_range,
+                         parent_parameters(method, spec, src.parameters, s.parameters))
+                        for src in s.sources),
+                    base=slice_base(spec, s, method),
+                    global_parameters=global_parameters(method, spec, s.parameters),
+                )
                 for s in spec.slices
             )
         job = BuildJob(
@@ -477,6 +483,7 @@ class Project:
             slices=slices, chat_template=spec.chat_template,
             tokenizer_source=spec.tokenizer_source,
             pad_vocab_to=spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None,
+            tokens=spec.tokenizer.tokens if spec.tokenizer else (),
             max_shard_bytes=self.mergefile.defaults.max_shard_size or DEFAULT_SHARD_BYTES,
             device=device or self.mergefile.defaults.device,
         )

@@ -179,7 +179,7 @@ def check_compatibility(job: MergeShape, metadata: Mapping[str, ModelMetadata]) 
         job: the merge to check (``engine.BuildJob`` or anything with the same fields).
         metadata: each parent's :class:`ModelMetadata`, by node name.
     """
-    if job.method.base == "required" and not job.base:
+    if job.method.base == "required" and not job.base and job.slices is None:
         raise MergefileError(f"{job.method.name} needs a base_model", node=job.node,
                              hint="add 'base_model: <node>'")
     if job.slices is not None:
