@@ -30,7 +30,7 @@ from mergebuild.spec.graph import build_graph, build_order, check_targets, defau
 from mergebuild.io.hashing import recipe_key
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, NodeKind, SourceSpec
 from mergebuild.spec.parse import load_mergefile
-from mergebuild.spec.validate import slice_base
+from mergebuild.spec.validate import participants, slice_base
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.recipe import (
     build_recipe,
@@ -38,7 +38,6 @@ from mergebuild.plan.recipe import (
     global_parameters,
     parent_names,
     parent_parameters,
-    participants,
     recipe_changes,
 )
 from mergebuild.sources.resolve import (
@@ -458,7 +457,7 @@ class Project:
         from dataclasses import replace
 
         from mergebuild.build.engine import BuildJob, Participant, SliceInput, run_build
-        from mergebuild.provenance.statement import write_provenance
+        from mergebuild.provenance.write import write_provenance
 
         slices = None
         if spec.slices is not None:

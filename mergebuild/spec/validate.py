@@ -135,7 +135,7 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]
                 )
             _check_value(param, value, file, kline, spec.name)
 
-    participants = participant_refs(spec, method)
+    taking_part = participants(spec, method)
     base_line = spec.line_of("base_model")
     if method.base == "required" and spec.base is None and (
         spec.slices is None or any(s.base is None for s in spec.slices)
@@ -143,7 +143,7 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]
         raise MergefileError(f"{method.name} needs a base_model", file=file, line=spec.line,
                              node=spec.name, hint="add 'base_model: NODE'")
     if spec.slices is None:
-        count = len(participants)
+        count = len(taking_part)
         _check_count(method, count, file, base_line if count == 0 else spec.models[0].line,
                      spec.name, "")
     else:
@@ -160,7 +160,7 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]
                                  hint=f"add '{param.name}:' under 'parameters:'")
         if param.scope == "parent" and param.name not in spec.parameters:
             for entry in spec.models:
-                if entry.ref == spec.base and method.base != "none":
+                if entry.ref == arithmetic_base(spec.base, method):
                     continue
                 if param.name not in entry.parameters:
                     raise MergefileError(
@@ -225,12 +225,16 @@ def _check_count(method: Method, count: int, file: str, line: int, node: str,
         )
 
 
-def participant_refs(spec: MergeSpec, method: Method) -> list[str]:
-    """The listed models that take part in the arithmetic (the base is passed apart)."""
-    refs = [p.ref for p in spec.models]
-    if method.base != "none" and spec.base is not None:
-        refs = [r for r in refs if r != spec.base]
-    return refs
+def arithmetic_base(base: str | None, method: Method) -> str | None:
+    """The base model as the method uses it: None without one or for a base-free method."""
+    return base if base and method.base != "none" else None
+
+
+def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
+    """(parent node, its raw parameters) for each listed model that takes part in the
+    arithmetic besides the base, which is passed apart (see :func:`arithmetic_base`)."""
+    base = arithmetic_base(spec.base, method)
+    return [(p.ref, p.parameters) for p in spec.models if base is None or p.ref != base]
 
 
 def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> None:

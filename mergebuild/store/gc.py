@@ -127,15 +127,6 @@ def collect_garbage(project: Project, *, dry_run: bool = False,
     return GcReport(removed=tuple(garbage), kept=kept, dry_run=dry_run)
 
 
-def format_size(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _remove(store: Store, item: Garbage) -> None:
     try:
         if item.kind == "lock":
