@@ -21,7 +21,8 @@ TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensor
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "output.weight")
 _SAME_ARCH_HINT = "merge only fine-tunes of the same base architecture"
-_SAME_VOCAB_HINT = "merge models that share a tokenizer, or resize embeddings first"
+_SAME_VOCAB_HINT = ("set tokenizer_source: base (or union) to match embedding rows by token, "
+                    "or merge models that share a tokenizer")
 # Output heads that a tied model leaves out (it reuses the input embedding for them).
 _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 _EMBED_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")

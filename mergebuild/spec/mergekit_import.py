@@ -16,6 +16,7 @@ from mergebuild.io.chat_templates import template_problem
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.validate import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 from mergebuild.spec.validate import known_parameter_names
+from mergebuild.spec.yaml_lines import ConfigLoader
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
 # merge keys but the mergebuild-only `description`).
@@ -134,7 +135,7 @@ class _Importer:
                 "such as {filter: vision_tower, value: ...}) or keep this merge in mergekit",
                 file=str(doc.file))
         body: dict[str, Any] = {}
-        for key, value in doc.body.items():
+        for key, value in _unshared(doc.body).items():
             if key == "name":
                 continue
             if key not in MERGE_KEYS:
@@ -215,6 +216,16 @@ class _Importer:
             del holder[key]
 
 
+def _unshared(obj: Any) -> Any:
+    """A copy with no shared parts: a YAML alias (``*slice``) becomes its own copy, so each
+    use is converted once."""
+    if isinstance(obj, dict):
+        return {k: _unshared(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unshared(v) for v in obj]
+    return obj
+
+
 def _documents(files: list[Path]) -> list[_Document]:
     docs: list[_Document] = []
     for file in files:
@@ -223,7 +234,7 @@ def _documents(files: list[Path]) -> list[_Document]:
         except OSError as exc:
             raise MergefileError(f"cannot read {file}: {exc.strerror}", file=str(file)) from None
         try:
-            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+            loaded = [d for d in yaml.load_all(text, Loader=ConfigLoader) if d is not None]
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise MergefileError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
