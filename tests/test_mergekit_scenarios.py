@@ -822,3 +822,17 @@ def test_bf16_fine_tunes_differ_from_the_base_by_several_ulps(models):
     ulp = torch.exp2(torch.floor(torch.log2(base.abs().clamp(min=1e-30))) - 7)
     assert float(((tuned - base).abs() / ulp).median()) >= 3
     assert math.isfinite(float(tuned.sum()))
+
+
+def test_one_model_twice_in_a_slice_merges_its_two_depth_ranges(models, tmp_path):
+    """mergekit refuses duplicate inputs; mergebuild merges the two ranges as two models."""
+    config = {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
+        {"model": str(models["a"]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+        {"model": str(models["a"]), "layer_range": [2, 4], "parameters": {"weight": 0.5}},
+    ]}]}
+    out, _, _ = run_mergebuild(yaml.safe_dump(config), tmp_path)
+    merged, a = _tensors(out), _tensors(models["a"])
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    expected = (a[name.format(1)] + a[name.format(3)]) / 2
+    torch.testing.assert_close(merged[name.format(1)], expected, rtol=0, atol=1e-7)
+    assert name.format(2) not in merged
