@@ -182,7 +182,7 @@ def test_provenance_lineage_and_card_show_the_adapter(workspace, lora):
     embedded = definition["internalParameters"]["upstreamStatements"]
     assert embedded[node["annotations"]["statementDigest"]]["predicate"]["buildDefinition"][
         "externalParameters"]["node"] == "chat-code"
-    assert adapter["uri"] == lora.as_uri()
+    assert adapter["uri"] == "./style-lora"  # relative to the Mergefile: no local path leaks
     assert "xxh128:" + adapter["digest"]["xxh128"] == plan[ref].adapter.digest
     assert adapter["annotations"]["appliesTo"] == "chat-code"
     assert adapter["annotations"]["adaptedDigest"] == plan[ref].digest

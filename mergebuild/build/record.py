@@ -19,6 +19,7 @@ from mergebuild.methods.registry import Method
 from mergebuild.plan.lockfile import adapter_entry
 from mergebuild.plan.recipe import global_parameters, parent_parameters
 from mergebuild.plan.staleness import NodeState
+from mergebuild.provenance.secrets import portable_uri
 from mergebuild.spec.graph import build_order
 from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
 
@@ -49,7 +50,7 @@ def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, metho
             assert src is not None
             parents.append(ParentRef(
                 name=ref, role=roles[ref], kind="hub" if src.kind == "hub" else "local",
-                uri=src.uri, digest=src.digest, revision=src.revision, commit=src.commit,
+                uri=portable_uri(src.uri, mergefile.directory), digest=src.digest, revision=src.revision, commit=src.commit,
                 files=dict(src.files),
             ))
         elif p.kind == "adapted":  # the merge as built, and the LoRA read over it
@@ -63,7 +64,8 @@ def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, metho
                 method=model.method, adapter=entry,
             ))
             parents.append(ParentRef(
-                name=entry, role="adapter", kind="lora", uri=p.adapter.uri,
+                name=entry, role="adapter", kind="lora",
+                uri=portable_uri(p.adapter.uri, mergefile.directory),
                 digest=p.adapter.digest, revision=p.adapter.revision,
                 commit=p.adapter.commit, files=dict(p.adapter.files),
                 applies_to=node.model, adapted_digest=p.digest,
@@ -116,7 +118,8 @@ def mergefile_digest(mergefile: Mergefile) -> str:
 
 
 def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
-    """The YAML of ``node`` and its ancestors: enough to rebuild it."""
+    """The YAML of ``node`` and its ancestors, with the ``defaults:`` they are built with:
+    enough to rebuild it, to the same digest, in an empty directory."""
     names = build_order(graph, [node])
     models: dict[str, Any] = {}
     for name in names:
@@ -128,16 +131,16 @@ def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
             models[name] = spec.plain()
     # libyaml's dumper when present: an excerpt grows with the chain's depth.
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    return yaml.dump({"version": 1, "models": models}, Dumper=dumper, sort_keys=False)
+    defaults = mergefile.defaults.plain()
+    document = {"version": 1, **({"defaults": defaults} if defaults else {}), "models": models}
+    return yaml.dump(document, Dumper=dumper, sort_keys=False)
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:
     if spec.kind != "local":
         return spec.uri
-    try:
-        return "./" + str(Path(spec.uri).relative_to(base))
-    except ValueError:
-        return spec.uri
+    shown = portable_uri(Path(spec.uri).absolute().as_uri(), base)
+    return shown.removeprefix("file://")
 
 
 def utc_now() -> str:

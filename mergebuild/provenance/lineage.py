@@ -170,7 +170,7 @@ def hub_id(uri: str) -> str | None:
     (``file:///…/models--org--name/snapshots/<commit>``) is that repo too: the cache's
     layout names it exactly (``/`` in the repo id became the first ``--``).
     """
-    if uri.startswith("file://"):
+    if uri.startswith(("file://", "./", "~/")):  # a local path, perhaps a hub cache snapshot
         return snapshot_repo(uri)[0]
     for prefix in ("hf://", "https://huggingface.co/"):
         if uri.startswith(prefix):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
-__all__ = ["REDACTED", "scrub_secrets", "scrub_text"]
+__all__ = ["REDACTED", "portable_uri", "scrub_secrets", "scrub_text"]
 
 REDACTED = "[REDACTED]"
 
@@ -85,3 +87,21 @@ def scrub_secrets(value: Any) -> Any:
         return value
     return scrub_text(str(value))
 
+
+
+def portable_uri(uri: str, base: Path) -> str:
+    """A local source's ``file://`` URI as a build records it, so that a pushed model does
+    not reveal where its builder keeps files: ``./…`` relative to ``base`` (the Mergefile's
+    directory) when inside it, else ``~/…`` when inside the home directory, else unchanged.
+    Other URIs (``hf://…``, ``demo://…``) are returned as they are."""
+    if not uri.startswith("file://"):
+        return uri
+    path = Path(unquote(urlparse(uri).path))
+    for root, prefix in ((Path(base), "./"), (Path.home(), "~/")):
+        for candidate in dict.fromkeys((root, root.resolve())):
+            try:
+                relative = path.relative_to(candidate)
+            except ValueError:
+                continue
+            return prefix + relative.as_posix() if relative.parts else prefix.rstrip("/")
+    return uri

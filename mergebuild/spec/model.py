@@ -115,6 +115,12 @@ class Defaults:
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     max_shard_size: int | None = None  # bytes
     tokenizer: TokenizerSpec | None = None  # applied to every merge node without its own
+    # The block as written: the card's rebuild excerpt repeats it (never read for a build).
+    written: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def plain(self) -> dict[str, Any]:
+        """The ``defaults:`` block as written, as plain dicts (for a YAML excerpt)."""
+        return plain(self.written) if self.written else {}
 
 
 @dataclass(frozen=True)

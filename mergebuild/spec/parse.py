@@ -185,7 +185,7 @@ class _Builder:
             tokenizer = self._tokenizer(raw["tokenizer_source"],
                                         raw.line_of("tokenizer_source"), None)
         self.defaults = Defaults(dtype=dtype, device=device or "auto", max_shard_size=size,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, written=raw)
 
     def add(self, name: str) -> None:
         line = self.models.line_of(name)
