@@ -234,13 +234,24 @@ def make_reporter(quiet: bool = False) -> Reporter:
 
 def describe_repro(report: ReproReport) -> list[str]:
     """The lines ``make --check`` prints for one node."""
+    card = (f"{report.node}: the model card differs (the node's name or description "
+            "changed; the model did not)") if report.card_differs else None
     if report.ok:
         digest = short_digest(report.stored_digest)
-        return [f"{report.node}: reproduced bit for bit ({report.files} files, {digest})"]
-    lines = [f"{report.node}: {d}" for d in report.differences]
+        return [f"{report.node}: reproduced bit for bit ({report.files} files, {digest})",
+                *([card] if card else [])]
+    lines = [f"{report.node}: {d}" for d in report.differences if not d.is_card]
     if report.stored_digest != report.rebuilt_digest:
         lines.append(f"{report.node}: digest {short_digest(report.rebuilt_digest)} rebuilt, "
                      f"{short_digest(report.stored_digest)} stored")
-    lines.append(f"{report.node}: NOT reproduced ({len(report.differences)} of "
-                 f"{report.files} files differ)")
+    weights, metadata = report.weights_differ, report.metadata_differ
+    lines.append(f"{report.node}: weights "
+                 + (f"differ ({len(weights)} files)" if weights else "reproduced bit for bit"))
+    lines.append(f"{report.node}: metadata "
+                 + (f"differs ({', '.join(d.name for d in metadata)})" if metadata
+                    else "reproduced bit for bit"))
+    if card:
+        lines.append(card)
+    differing = len(weights) + len(metadata)
+    lines.append(f"{report.node}: NOT reproduced ({differing} of {report.files} files differ)")
     return lines

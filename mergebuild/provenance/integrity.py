@@ -70,7 +70,7 @@ def _check(directory: Path, *, rehash: bool) -> list[Problem]:
     if not (directory / PROVENANCE_FILE).is_file():
         return [Problem(PROVENANCE_FILE, "missing", f"no {PROVENANCE_FILE} in {directory}")]
     try:
-        statement = read_statement(directory)
+        statement = read_statement(directory, upstream=rehash)
     except StoreError as exc:
         return [Problem(PROVENANCE_FILE, "invalid-provenance", exc.message)]
     expected = subject_files(statement)

@@ -506,8 +506,12 @@ def _digest_problems(digest: Any) -> list[str]:
     return problems
 
 
-def read_statement(directory: Path) -> dict:
+def read_statement(directory: Path, *, upstream: bool = True) -> dict:
     """Read and structurally check ``provenance.json`` in a built model directory.
+
+    With ``upstream=False`` the embedded upstream statements are skipped without being
+    parsed (as :func:`dumps_statement` writes them, one line each, they are cut out of the
+    text first): what a store lookup needs, in time independent of the chain's depth.
 
     Raises:
         StoreError: the file is missing, not JSON, or not a mergebuild statement; the
@@ -523,6 +527,8 @@ def read_statement(directory: Path) -> dict:
         raise StoreError(f"{path}: cannot read provenance: {exc}") from None
     except ValueError as exc:
         raise StoreError(f"{path}: cannot read provenance: {exc}") from None
+    if not upstream:
+        text = _without_upstream_text(text)
     try:
         statement = loads_bounded(text)
     except json.JSONDecodeError as exc:
@@ -534,6 +540,22 @@ def read_statement(directory: Path) -> dict:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise StoreError(f"{path}: invalid provenance: {problems[0]}{more}")
     return statement
+
+
+def _without_upstream_text(text: str) -> str:
+    """``text`` with the value of ``upstreamStatements`` replaced by ``{}``, when it is laid
+    out as :func:`dumps_statement` writes it; otherwise ``text`` unchanged."""
+    opening = f'"{UPSTREAM_KEY}": {{\n'
+    at = text.find(opening)
+    if at < 0:
+        return text
+    indent = text[text.rfind("\n", 0, at) + 1:at]
+    if indent.strip():
+        return text
+    closing = text.find(f"\n{indent}}}", at)
+    if closing < 0:
+        return text
+    return text[:at] + f'"{UPSTREAM_KEY}": {{}}' + text[closing + len(indent) + 2:]
 
 
 def subject_files(statement: Mapping) -> dict[str, tuple[str, int | None]]:

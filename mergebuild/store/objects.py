@@ -35,7 +35,8 @@ from mergebuild.errors import StoreError
 from mergebuild.io.atomic import fsync_directory, write_json_atomic
 from mergebuild.io.hashing import StatCache
 from mergebuild.provenance.integrity import quick_check
-from mergebuild.io.json_limits import PROVENANCE_MAX_BYTES, RECORD_MAX_BYTES, read_json_bounded
+from mergebuild.provenance.statement import read_statement
+from mergebuild.io.json_limits import RECORD_MAX_BYTES, read_json_bounded
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
@@ -105,8 +106,9 @@ class Store:
     def lookup(self, key: str) -> StoredBuild | None:
         """The published build of ``key`` if it exists and passes a cheap integrity check."""
         path = self.object_dir(key)
-        meta = _read_json(path / "provenance.json", PROVENANCE_MAX_BYTES)
-        if meta is None:
+        try:  # the statement without its upstream chain: a lookup's cost is not the depth's
+            meta = read_statement(path, upstream=False)
+        except StoreError:
             return None
         try:
             internal = meta["predicate"]["buildDefinition"]["internalParameters"]

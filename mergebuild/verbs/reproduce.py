@@ -9,7 +9,9 @@ from pathlib import Path
 
 from mergebuild.errors import MergebuildError, StoreError
 from mergebuild.plan.staleness import NodeState
+from mergebuild.io.hf_layout import SAFETENSORS_INDEX
 from mergebuild.provenance.statement import (
+    CARD_FILE,
     read_statement,
     sha256_file,
     statement_digest,
@@ -25,6 +27,16 @@ class FileDifference:
     name: str
     stored: str | None  # sha256 hex
     rebuilt: str | None
+
+    @property
+    def is_weights(self) -> bool:
+        return self.name.endswith(".safetensors") or self.name == SAFETENSORS_INDEX
+
+    @property
+    def is_card(self) -> bool:
+        """The model card names the node and carries its description: a rename or a new
+        description changes it, not the model."""
+        return self.name == CARD_FILE
 
     def __str__(self) -> str:
         if self.stored is None:
@@ -46,8 +58,24 @@ class ReproReport:
     differences: tuple[FileDifference, ...] = field(default=())
 
     @property
+    def weights_differ(self) -> tuple[FileDifference, ...]:
+        return tuple(d for d in self.differences if d.is_weights)
+
+    @property
+    def metadata_differ(self) -> tuple[FileDifference, ...]:
+        """Config, tokenizer and other non-weight files that differ (the card aside)."""
+        return tuple(d for d in self.differences if not d.is_weights and not d.is_card)
+
+    @property
+    def card_differs(self) -> bool:
+        return any(d.is_card for d in self.differences)
+
+    @property
     def ok(self) -> bool:
-        return self.stored_digest == self.rebuilt_digest and not self.differences
+        """Weights and metadata rebuilt bit for bit; a card that differs only because the
+        node was renamed or described anew does not count."""
+        return (self.stored_digest == self.rebuilt_digest and not self.weights_differ
+                and not self.metadata_differ)
 
 
 def check_reproducible(state: NodeState, store: Store,
