@@ -41,6 +41,7 @@ class Case:
     exit_code: int | None = None
     setup: Callable[[Path, Path], None] | None = field(default=None, repr=False)
     argv: tuple[str, ...] = ("make",)
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _head(body: str) -> str:
@@ -445,6 +446,11 @@ CASES = [
          ("node 'bad'", "alpha_pattern: pattern key '(a)\\1' uses groupref",
           "needs backtracking"),
          setup=_fitting_lora(alpha_pattern={"(a)\\1": 8}), exit_code=3),
+    Case("push-without-network", "push when the Hub cannot be reached", _head(""),
+         ("node 'ok'", "cannot push to someone/model", "Connection refused"),
+         argv=("push", "ok"), target="someone/model",
+         env=(("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_OFFLINE", "0"),
+              ("HF_TOKEN", "hf_notarealtokenbutlongenough0123456789")), exit_code=1),
     Case("lora-stacked", "two LoRA adapters stacked on one reference",
          _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
                                        ("instruct", "weight: 0.5"))),
@@ -504,7 +510,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
     assert before, "the template store holds a build"
 
     argv = ["--cache-dir", str(store), *case.argv, case.target]
-    run = run_cli(argv, cwd=tmp_path)
+    run = run_cli(argv, cwd=tmp_path, env=dict(case.env) or None)
 
     assert run.returncode != 0 and run.returncode > 0, (run.returncode, run.stderr)
     if case.exit_code is not None:

@@ -354,3 +354,16 @@ def test_verify_and_lineage_of_a_provenance_nested_1000_deep_is_one_line(tmp_pat
         assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
         lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
         assert any("nested more than" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("ref", ['["a list"]', '{"key": 7}', "[" * 1000 + "]" * 1000, "not json"])
+def test_refs_of_the_wrong_shape_are_rewritten_not_crashed_on(project, ref):
+    env = {"HOME": os.environ["HOME"]}
+    made = run_cli(["make", "avg"], cwd=project, env=env)
+    assert made.returncode == 0, made.stderr
+    ref_file = next((project / "cache" / "refs").rglob("*.json"))  # avg's, the only one
+    ref_file.write_text(ref)
+    for argv in (["plan"], ["path", "avg"], ["gc", "-n"], ["make", "avg"]):
+        run = run_cli(argv, cwd=project, env=env)
+        assert run.returncode == 0 and "Traceback" not in run.stderr, (argv, run.stderr)
+    assert json.loads(ref_file.read_text())["key"]  # make recorded the build again

@@ -130,10 +130,27 @@ def push_build(build: Path, repo_id: str, *, private: bool = False,
             commit_message=f"mergebuild: {node or build.name} ({digest})",
             ignore_patterns=[".*"],
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, *_network_errors()) as exc:
         lines = scrub_text(str(exc)).strip().splitlines()
         first = lines[0] if lines else type(exc).__name__
         raise MergebuildError(f"cannot push to {repo_id}: {first}",
                               node=node, hint="check the repo id and your Hugging Face login "
                               "(hf auth login or HF_TOKEN)") from None
     return str(getattr(commit, "commit_url", None) or commit)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the network is down or the Hub refuses: its HTTP
+    client's transport and timeout errors (httpx or httpx2, requests in older releases)
+    derive from neither OSError nor ValueError."""
+    errors: list[type[BaseException]] = []
+    for module, names in (("httpx", ("TransportError", "HTTPError")),
+                          ("httpx2", ("TransportError", "HTTPError")),
+                          ("requests", ("RequestException",)),
+                          ("huggingface_hub.errors", ("HfHubHTTPError", "OfflineModeIsEnabled"))):
+        try:
+            loaded = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        errors += [getattr(loaded, name) for name in names if hasattr(loaded, name)]
+    return tuple(errors)
