@@ -229,10 +229,18 @@ class Project:
 
     # shipping ----------------------------------------------------------------------------
     @_uses_store()
-    def export(self, node: str, directory: str | Path, force: bool = False) -> ExportResult:
-        """Copy ``node``'s verified build to ``directory``."""
-        from mergebuild.verbs.export import export_build
+    def export(self, node: str, directory: str | Path, force: bool = False,
+               fmt: str = "safetensors", quant: str = "f16") -> ExportResult:
+        """Copy ``node``'s verified build to ``directory`` (``fmt="safetensors"``), or convert
+        it into one GGUF file there (``fmt="gguf"``, stored as ``quant``)."""
+        from mergebuild.verbs.export import export_build, export_gguf_build
 
+        if fmt == "gguf":
+            return export_gguf_build(self.path(node), Path(directory), quant=quant, force=force,
+                                     node=node)
+        if fmt != "safetensors":
+            raise MergebuildError(f"unknown export format '{fmt}'", node=node,
+                                  hint="use safetensors or gguf")
         return export_build(self.path(node), Path(directory), force=force, node=node)
 
     @_uses_store()

@@ -335,10 +335,18 @@ def gc(ctx, dry_run):
 @click.argument("target")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]),
+              default="safetensors", show_default=True,
+              help="safetensors: the build as it is; gguf: one llama.cpp/Ollama file.")
+@click.option("--quant", type=click.Choice(["f16", "bf16", "q8_0", "q4_0", "f32"]),
+              default="f16", show_default=True, help="The GGUF's storage type of 2-D weights.")
 @click.pass_context
-def export(ctx, target, directory, force):
-    """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY."""
-    result = _project(ctx).export(target, directory, force=force)
+def export(ctx, target, directory, force, fmt, quant):
+    """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY,
+    or with --format gguf convert it into one GGUF file whose provenance names the build."""
+    if fmt != "gguf" and ctx.get_parameter_source("quant") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--quant applies to --format gguf")
+    result = _project(ctx).export(target, directory, force=force, fmt=fmt, quant=quant)
     click.echo(f"{target}: exported {result.files} files to {result.directory}")
 
 

@@ -313,3 +313,31 @@ def _fenced(text: str, language: str) -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{language}\n{text}{fence}"
+
+
+# --------------------------------------------------------------------------- front matter
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """A card's YAML front matter (``{}`` if it has none) and the Markdown after it."""
+    if not text.startswith("---\n"):
+        return {}, text
+    end = text.find("\n---\n", 3)
+    if end < 0:
+        return {}, text
+    try:
+        metadata = yaml.safe_load(text[4:end + 1]) or {}
+    except yaml.YAMLError:
+        return {}, text
+    if not isinstance(metadata, dict):
+        return {}, text
+    return metadata, text[end + len("\n---\n"):]
+
+
+def join_front_matter(metadata: Mapping[str, Any], body: str) -> str:
+    """The inverse of :func:`split_front_matter` (keys in the given order)."""
+    if not metadata:
+        return body
+    text = yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True,
+                          default_flow_style=False, width=10_000)
+    return f"---\n{text}---\n{body}"

@@ -1,4 +1,4 @@
-"""Ship a built model: copy it out of the store as a plain directory, or push it to the Hub.
+"""Ship a built model: copy it out of the store as a directory or one GGUF file, or push it.
 
 Both verify the bytes against ``provenance.json`` first: a release never carries a build
 that is not exactly the one that was recorded.
@@ -9,13 +9,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.errors import MergebuildError, StoreError
 from mergebuild.provenance.integrity import verify_directory
 from mergebuild.provenance.secrets import scrub_text
-from mergebuild.provenance.statement import read_statement, short_digest, statement_digest
+from mergebuild.provenance.statement import (
+    CARD_FILE,
+    read_statement,
+    short_digest,
+    statement_digest,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,59 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
     """
     build, dest = Path(build), Path(dest).absolute()
     read_statement(build)  # a mergebuild build, not any directory
+    return _export(dest, force, node, lambda staging: _copy_tree(build, staging))
+
+
+def export_gguf_build(build: Path, dest: Path, *, quant: str = "f16", force: bool = False,
+                      node: str | None = None) -> ExportResult:
+    """Convert a verified build into one GGUF file for llama.cpp/Ollama, in ``dest``.
+
+    ``dest`` receives ``<node>-<quant>.gguf``, a model card, and a ``provenance.json`` whose
+    subject is the GGUF (its sha256) and whose one dependency is the source build (its
+    content digest, its own statement embedded): ``mergebuild verify DEST`` re-hashes the
+    GGUF and checks that chain, and ``mergebuild lineage DEST`` shows the whole tree.
+
+    Raises:
+        MergebuildError: ``dest`` is a file, or a non-empty directory without ``force``.
+        StoreError: the build does not match its provenance.
+        SourceError: the architecture or tokenizer cannot be converted (one line naming it).
+    """
+    build, dest = Path(build), Path(dest).absolute()
+    statement = read_statement(build)
+    problems = verify_directory(build)
+    if problems:
+        raise StoreError(f"the build does not match its provenance: {problems[0]}", node=node,
+                         hint="run 'mergebuild verify'; make rebuilds a corrupt store object")
+    name = node or str(statement["predicate"]["buildDefinition"]["externalParameters"]
+                       .get("node") or build.name)
+
+    def fill(staging: Path) -> tuple[int, int]:
+        from mergebuild.io.gguf import export_gguf
+        from mergebuild.provenance.export_statement import write_gguf_provenance
+
+        result = export_gguf(build, staging / f"{name}-{quant}.gguf", quant,  # type: ignore[arg-type]
+                             node=node, name=name)
+        write_gguf_provenance(staging, statement, result.record(), node=name,
+                              build_card=_read_card(build))
+        files = [p for p in staging.iterdir() if p.is_file()]
+        for path in files:
+            os.chmod(path, 0o644)
+        return len(files), sum(p.stat().st_size for p in files)
+
+    return _export(dest, force, node, fill)
+
+
+def _read_card(build: Path) -> str | None:
+    try:
+        return (build / CARD_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _export(dest: Path, force: bool, node: str | None,
+            fill: Callable[[Path], tuple[int, int]]) -> ExportResult:
+    """The export guard and the atomic publish shared by every format: ``fill`` writes the
+    export into a staging sibling of ``dest``, which is verified and renamed into place."""
     if dest.exists() and not dest.is_dir():
         raise MergebuildError(f"{dest} exists and is not a directory", node=node,
                               hint="pick another destination")
@@ -50,7 +109,7 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
     except OSError as exc:
         raise StoreError(f"cannot write beside {dest}: {exc.strerror or exc}", node=node) from None
     try:
-        files, size = _copy_tree(build, staging)
+        files, size = fill(staging)
         problems = verify_directory(staging)
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
