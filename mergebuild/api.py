@@ -3,6 +3,7 @@ check, verify, gc, pin, export, push); each verb that uses the store holds its l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -17,7 +18,7 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import Mergefile
+from mergebuild.spec.model import Mergefile, MergeSpec, SourceSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
     from mergebuild.verbs.export import ExportResult
+    from mergebuild.verbs.inspect import InspectReport
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -114,6 +116,18 @@ class Project:
         assert path is not None
         return path
 
+    def model_dir(self, node: str) -> Path:
+        """A directory holding ``node``'s weights: a source's files (a demo model generated, a
+        hub snapshot fetched, when not here yet), else the node's current build."""
+        spec = self.mergefile.nodes.get(node)
+        if isinstance(spec, SourceSpec):
+            from mergebuild.sources.resolve import materialize
+
+            state = next(s for s in self.planner.plan([node]) if s.name == node)
+            assert state.source is not None
+            return materialize(state.source, self.store)
+        return self.path(node)
+
     def build_dir(self, node: str) -> Path:
         """The store directory of ``node``'s current key, even if it fails the cheap
         integrity check (so that ``verify`` can say why); else as :meth:`path`."""
@@ -182,6 +196,33 @@ class Project:
         from mergebuild.provenance.lineage import load_lineage
 
         return load_lineage(Path(directory))
+
+    @_uses_store()
+    def inspect(self, nodes: list[str] | tuple[str, ...], base: str | None = None,
+                merged: list[str] | tuple[str, ...] = (), density: float = 0.5,
+                device: str = "cpu") -> InspectReport:
+        """Weight-space diagnostics of ``nodes``' task vectors relative to ``base`` (see
+        ``verbs/inspect.py``); each node is read from its directory (a source available here,
+        or a fresh build). One merge node without ``base`` means: its parents relative to
+        its ``base_model``, with the merge itself measured against them."""
+        from mergebuild.verbs.inspect import inspect_models
+
+        nodes, merged = list(nodes), list(merged)
+        if base is None and len(nodes) == 1 and not merged:
+            spec = self.mergefile.nodes.get(nodes[0])
+            if isinstance(spec, MergeSpec):
+                if spec.base is None:
+                    raise MergefileError("has no base_model to take task vectors against",
+                                         node=spec.name, hint="pass --base NODE")
+                merged, base = nodes, spec.base
+                nodes = [r for r in spec.parent_refs() if r != spec.base]
+        if base is None:
+            raise MergebuildError("inspect needs a base to take task vectors against",
+                                  hint="pass --base NODE, or one merge node with a base_model")
+        report = inspect_models({n: self.model_dir(n) for n in nodes}, self.model_dir(base),
+                                merged={n: self.path(n) for n in merged}, density=density,
+                                device=device)
+        return dataclasses.replace(report, base=base)
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)

@@ -310,6 +310,44 @@ def verify(ctx, target_or_dir):
                f"stage{'s' * (report.stages != 1)}")
 
 
+@main.command("inspect")
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--base", help="The node task vectors are taken against (default: the base_model "
+                             "of a single merge NODE).")
+@click.option("--merged", multiple=True, metavar="NODE",
+              help="A merge to measure against the task vectors (how much of each survives); "
+                   "repeatable. A single merge NODE is its own --merged.")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="The TIES/DARE density the 'kept' shares refer to.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the layer-by-layer picture to FILE (.png, .svg or .pdf; "
+                   "needs matplotlib).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.pass_context
+def inspect_command(ctx, nodes, base, merged, density, as_json, plot, device):
+    """How NODES' task vectors (model - base) agree, per layer and tensor kind: cosine,
+    sign conflicts, norms, what a density keeps, and what a merge kept of each parent."""
+    from mergebuild.verbs.inspect import plot as draw
+    from mergebuild.verbs.inspect import render_table
+
+    report = _project(ctx).inspect(list(nodes), base, list(merged), density=density,
+                                   device=device)
+    if plot:
+        draw(report, Path(plot))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(render_table(report))
+    if plot:
+        click.echo(f"plot: {plot}")
+
+
 @main.command()
 @click.option("-n", "--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @click.pass_context
