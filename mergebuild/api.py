@@ -18,7 +18,7 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
+    from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult
     from mergebuild.verbs.inspect import InspectReport
     from mergebuild.verbs.reproduce import ReproReport
@@ -224,6 +225,42 @@ class Project:
                                 device=device)
         return dataclasses.replace(report, base=base)
 
+    # the card ----------------------------------------------------------------------------
+    def licences(self, node: str) -> dict[str, str | None]:
+        """{parent: licence or None} of a merge node: a source's from its Mergefile card,
+        else its card or config; a merge parent's from its card block, else its parents'
+        when they agree."""
+        spec = self.mergefile.nodes[node]
+        if not isinstance(spec, MergeSpec):
+            return {}
+        return {ref: self._licence(ref) for ref in spec.parent_refs()}
+
+    def _licence(self, node: str) -> str | None:
+        from mergebuild.provenance.card import licence_of, merged_licence
+
+        spec = self.mergefile.nodes[node]
+        if isinstance(spec, AdaptedSpec):
+            return self._licence(spec.model)
+        if isinstance(spec, SourceSpec):
+            if spec.license:
+                return spec.license
+            try:
+                return licence_of(self.model_dir(node))
+            except MergebuildError:
+                return None
+        card = self.mergefile.card_of(node)
+        return merged_licence(card.license if card else None, self.licences(node))
+
+    def card(self, node: str) -> PresentedCard:
+        """The card ``node``'s current build goes out with: its own card with the Mergefile's
+        ``card:`` block and the parents' licences applied, kept in the store beside the
+        object (see ``verbs/card.py``); StoreError if it is not built."""
+        from mergebuild.verbs.card import present_card
+
+        card = self.mergefile.card_of(node)
+        return present_card(self.store.root / "cards", self.path(node), node,
+                            card.to_json() if card else {}, self.licences(node))
+
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)
     def collect_garbage(self, dry_run: bool = False) -> GcReport:
@@ -276,13 +313,15 @@ class Project:
         it into one GGUF file there (``fmt="gguf"``, stored as ``quant``)."""
         from mergebuild.verbs.export import export_build, export_gguf_build
 
-        if fmt == "gguf":
-            return export_gguf_build(self.path(node), Path(directory), quant=quant, force=force,
-                                     node=node)
-        if fmt != "safetensors":
+        if fmt not in ("safetensors", "gguf"):
             raise MergebuildError(f"unknown export format '{fmt}'", node=node,
                                   hint="use safetensors or gguf")
-        return export_build(self.path(node), Path(directory), force=force, node=node)
+        card = self.card(node)
+        if fmt == "gguf":
+            return export_gguf_build(self.path(node), Path(directory), quant=quant, force=force,
+                                     node=node, card=card.text)
+        return export_build(self.path(node), Path(directory), force=force, node=node,
+                            card=card)
 
     @_uses_store()
     def push(self, node: str, repo_id: str, private: bool = False,
@@ -291,4 +330,4 @@ class Project:
         from mergebuild.verbs.export import push_build
 
         return push_build(self.path(node), repo_id, private=private, revision=revision,
-                          node=node)
+                          node=node, card=self.card(node))

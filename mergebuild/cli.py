@@ -100,6 +100,8 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
             for r in result.results:
                 if r.name == name and r.path:
                     click.echo(f"{name}: {r.path}")
+                    for warning in project.card(name).warnings:
+                        click.echo(f"mergebuild: warning: {name}: {warning}", err=True)
     if not result.ok:
         sys.exit(1)
 
@@ -159,10 +161,13 @@ def graph(ctx, fmt):
 
 @main.command()
 @click.argument("node")
+@click.option("--card", is_flag=True,
+              help="Print the path of the card NODE goes out with (its card: block applied).")
 @click.pass_context
-def path(ctx, node):
+def path(ctx, node, card):
     """Print the directory of NODE's current build (exit 4 if it is not built)."""
-    click.echo(str(_project(ctx).path(node)))
+    project = _project(ctx)
+    click.echo(str(project.card(node).path if card else project.path(node)))
 
 
 @main.command()
