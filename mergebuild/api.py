@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
+    from mergebuild.verbs.audit_report import ReportTarget
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult
     from mergebuild.verbs.inspect import InspectReport
@@ -260,6 +261,37 @@ class Project:
         card = self.mergefile.card_of(node)
         return present_card(self.store.root / "cards", self.path(node), node,
                             card.to_json() if card else {}, self.licences(node))
+
+    # release review ----------------------------------------------------------------------
+    @_uses_store()
+    def report(self, targets: list[str] | tuple[str, ...] = (), *, scan: bool = True
+               ) -> list[ReportTarget]:
+        """What the release-review page shows of each built target (default: every final
+        node): lineage, verification, signature, card and licences, warnings (with
+        ``scan``, non-finite values found by reading the weights once)."""
+        from mergebuild.provenance.card import split_front_matter
+        from mergebuild.provenance.lineage import load_lineage
+        from mergebuild.verbs.audit_report import ReportTarget, nonfinite_tensors
+        from mergebuild.verbs.verify import verify_build
+
+        out = []
+        for name in self.targets_or_default(list(targets)):
+            build = self.path(name)
+            verified = verify_build(build)
+            card = self.card(name)
+            warnings = list(card.warnings)
+            if scan:
+                warnings += [f"non-finite values in {found}" for found in nonfinite_tensors(build)]
+            signatures = sorted(p.name for p in build.iterdir()
+                                if p.name.endswith((".dsse.json", ".sig", ".intoto.jsonl")))
+            out.append(ReportTarget(
+                name=name, directory=build, lineage=load_lineage(build),
+                problems=tuple(str(p) for p in verified.problems), files=verified.files,
+                signature=(f"signed ({', '.join(signatures)}); check the key with verify"
+                           if signatures else "unsigned"),
+                card=split_front_matter(card.text)[0], licences=self.licences(name),
+                warnings=tuple(warnings)))
+        return out
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)

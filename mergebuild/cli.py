@@ -315,6 +315,34 @@ def verify(ctx, target_or_dir):
                f"stage{'s' * (report.stages != 1)}")
 
 
+@main.command("report")
+@click.argument("targets", nargs=-1)
+@click.option("-o", "--output", default="report.html", show_default=True,
+              type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--no-scan", is_flag=True,
+              help="Do not read the weights looking for NaN/Inf (faster for large models).")
+@click.pass_context
+def report_command(ctx, targets, output, no_scan):
+    """Write one self-contained HTML page for release review of TARGETS (default: every final
+    node): the lineage drawn, stages, sources, verification, signature, licences, warnings."""
+    from mergebuild.build.record import utc_now
+    from mergebuild.io.atomic import write_bytes_atomic
+    from mergebuild.verbs.audit_report import render_report
+
+    project = _project(ctx)
+    found = project.report(list(targets), scan=not no_scan)
+    page = render_report(found, title=f"mergebuild report: {project.mergefile.path.name}",
+                         generated=utc_now())
+    write_bytes_atomic(Path(output), page.encode("utf-8"))
+    problems = sum(len(t.problems) for t in found)
+    warnings = sum(len(t.warnings) for t in found)
+    click.echo(f"wrote {output}: {len(found)} target{'s' * (len(found) != 1)}, "
+               f"{problems} verification problem{'s' * (problems != 1)}, "
+               f"{warnings} warning{'s' * (warnings != 1)}")
+    if problems:
+        sys.exit(1)
+
+
 @main.command("inspect")
 @click.argument("nodes", nargs=-1, required=True)
 @click.option("--base", help="The node task vectors are taken against (default: the base_model "
