@@ -252,14 +252,14 @@ class Project:
         card = self.mergefile.card_of(node)
         return merged_licence(card.license if card else None, self.licences(node))
 
-    def card(self, node: str) -> PresentedCard:
+    def card(self, node: str, build: Path | None = None) -> PresentedCard:
         """The card ``node``'s current build goes out with: its own card with the Mergefile's
         ``card:`` block and the parents' licences applied, kept in the store beside the
         object (see ``verbs/card.py``); StoreError if it is not built."""
         from mergebuild.verbs.card import present_card
 
         card = self.mergefile.card_of(node)
-        return present_card(self.store.root / "cards", self.path(node), node,
+        return present_card(self.store.root / "cards", build or self.path(node), node,
                             card.to_json() if card else {}, self.licences(node))
 
     # release review ----------------------------------------------------------------------
@@ -276,9 +276,9 @@ class Project:
 
         out = []
         for name in self.targets_or_default(list(targets)):
-            build = self.path(name)
+            build = self.build_dir(name)  # even a corrupt one: the page says what is wrong
             verified = verify_build(build)
-            card = self.card(name)
+            card = self.card(name, build)
             warnings = list(card.warnings)
             if scan:
                 warnings += [f"non-finite values in {found}" for found in nonfinite_tensors(build)]
