@@ -262,8 +262,10 @@ def lineage_svg(root: LineageNode) -> str:
         left = (width - span) / 2
         for x, identity in enumerate(row):
             where[identity] = (left + x * (_W + _GAP_X), _PAD + y * (_H + _GAP_Y))
+    # Scaled to the page's width (never above natural size), so a wide DAG stays whole.
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'height="{height}" style="width:100%;max-width:{width}px;height:auto" '
+             f'viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="lineage of {_e(root.name)}"><defs><marker id="arrow" '
              'viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
              'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#8a93a3"/>'
