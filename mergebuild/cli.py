@@ -107,12 +107,13 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
                           reporter=make_reporter(ctx.obj["quiet"]))
     if not ctx.obj["quiet"]:
-        for name in project.targets_or_default(list(targets)):
-            for r in result.results:
-                if r.name == name and r.path:
-                    click.echo(f"{name}: {r.path}")
-                    for warning in project.card(name).warnings:
-                        click.echo(f"mergebuild: warning: {name}: {warning}", err=True)
+        built = [(name, r.path) for name in project.targets_or_default(list(targets))
+                 for r in result.results if r.name == name and r.path]
+        for name, _ in built:  # before the results, which stay the last lines
+            for warning in project.card(name).warnings:
+                click.echo(f"mergebuild: warning: {name}: {warning}", err=True)
+        for name, path in built:
+            click.echo(f"{name}: {path}")
     if not result.ok:
         sys.exit(1)
 
