@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
 
     def run_build(*args, **kwargs):
         out = real(*args, **kwargs)
-        peaks.append(out.extra["peak_scratch_bytes"])
+        peaks.append(out.peak_scratch_bytes)
         return out
 
     engine.run_build = run_build

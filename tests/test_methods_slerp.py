@@ -97,8 +97,8 @@ def test_matches_mergekit():
 def test_streamed_slerp_is_bit_for_bit_the_whole_tensor_slerp(workers, kind):
     """The engine's chunked SLERP (bf16 parents read a chunk at a time, dot products per
     chunk on worker threads) gives the bytes of merge_slerp on whole float32 tensors."""
+    from mergebuild.methods.chunks import ChunkWorkspace
     from mergebuild.methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
-    from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
 
     n = 3 * CHUNK_ELEMENTS + 12345  # several chunks and a ragged tail
     base = randn(n, seed=3).bfloat16()
@@ -109,14 +109,15 @@ def test_streamed_slerp_is_bit_for_bit_the_whole_tensor_slerp(workers, kind):
         base = torch.zeros_like(base)
     expected = run(base.float(), other.float(), 0.37).bfloat16()
     out = torch.empty(n, dtype=torch.bfloat16)
+    t037 = TensorParams("t", {"t": 0.37}, ({},))
     seen = []
     workspace = ChunkWorkspace(workers, CHUNK_ELEMENTS)
     try:
-        merge_slerp_streamed(base, other, 0.37, out, workspace,
+        merge_slerp_streamed([other], base, t037, None, out, workspace,
                              lambda s, e: seen.append((s, e)))
     finally:
         workspace.close()
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
     assert sorted(seen) == [(s, min(n, s + CHUNK_ELEMENTS)) for s in range(0, n, CHUNK_ELEMENTS)]
     with pytest.raises(ValueError, match="chunk must be"):
-        merge_slerp_streamed(base, other, 0.37, out, ChunkWorkspace(1, 1 << 16))
+        merge_slerp_streamed([other], base, t037, None, out, ChunkWorkspace(1, 1 << 16))

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.task_arithmetic.whole import rescale_mode
+from mergebuild.methods.registry import rescale_mode
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 

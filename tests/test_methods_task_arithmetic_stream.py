@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mergebuild.methods.task_arithmetic.whole as whole
-from mergebuild.methods.registry import TensorParams
-from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace, merge_streamed, streamable
+from mergebuild.methods.chunks import ChunkWorkspace
+from mergebuild.methods.registry import METHODS, TensorParams
 
 N = 3 * 2**16 + 4321  # several reduce blocks and a ragged tail
 
@@ -39,6 +38,12 @@ CASES = [
     ("task_arithmetic", {"lambda": 0.7}, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
     ("dare_ties", {}, [{"weight": 0.5, "density": 0.3}, {"weight": 0.3, "density": 0.6},
                        {"weight": 0.2, "density": 0.5}]),
+    ("ties", {"rescale": "inverse_density"},
+     [{"weight": 0.5, "density": 0.3}, {"weight": 0.3, "density": 0.6},
+      {"weight": 0.2, "density": 0.5}]),
+    ("breadcrumbs", {"rescale": "inverse_density"},
+     [{"weight": 0.5, "density": 0.3, "gamma": 0.05}, {"weight": 0.3, "density": 0.6},
+      {"weight": 0.2, "density": 1.0}]),
     ("dare_linear", {"rescale": "inverse_density"},
      [{"weight": 0.5, "density": 0.3}, {"weight": 0.3, "density": 0.6},
       {"weight": 0.2, "density": 1.0}]),
@@ -49,7 +54,7 @@ def streamed(method, xs, base, params, chunk, workers) -> torch.Tensor:
     workspace = ChunkWorkspace(workers, chunk)
     try:
         out = torch.empty(N, dtype=torch.bfloat16)
-        merge_streamed(method, xs, base, params, 77, out, workspace)
+        METHODS[method].load_streamed()(xs, base, params, 77, out, workspace)
     finally:
         workspace.close()
     return out
@@ -60,8 +65,8 @@ def streamed(method, xs, base, params, chunk, workers) -> torch.Tensor:
 def test_streamed_is_bit_identical_to_whole_tensor(method, globals_, per_parent, discrete):
     base, xs = models(discrete)
     params = TensorParams(tensor_name="t", globals=globals_, parents=tuple(per_parent))
-    assert streamable(method, params)
-    fn = getattr(whole, f"merge_{method}")
+    assert METHODS[method].streamable(params)
+    fn = METHODS[method].load()
     expected = fn([x.float() for x in xs], base.float(), params,
                   torch.Generator().manual_seed(77)).bfloat16()
     for chunk, workers in ((2**16, 1), (2**17, 2), (3 * 2**16, 2), (2**20, 2)):
@@ -87,13 +92,13 @@ def test_nan_and_inf_votes_match_whole_tensor():
     xs[2][70000], xs[0][70000] = float("inf"), float("-inf")
     params = TensorParams(tensor_name="t", globals={},
                           parents=tuple({"weight": 0.3, "density": 0.5} for _ in xs))
-    expected = whole.merge_ties([x.float() for x in xs], base.float(), params).bfloat16()
+    expected = METHODS["ties"].load()([x.float() for x in xs], base.float(), params).bfloat16()
     out = streamed("ties", xs, base, params, 2**16, 2)
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 def test_not_streamable_della_and_magnitude_l1():
     p = TensorParams(tensor_name="t", globals={}, parents=({"weight": 1.0, "density": 0.5},))
-    assert not streamable("della", p)
+    assert not METHODS["della"].streamable(p)
     l1 = TensorParams(tensor_name="t", globals={"rescale": "l1"}, parents=p.parents)
-    assert not streamable("ties", l1) and streamable("dare_ties", l1)
+    assert not METHODS["ties"].streamable(l1) and METHODS["dare_ties"].streamable(l1)

@@ -23,7 +23,7 @@ def test_registry_imports_without_torch():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="registered twice"):
-        register(Method(name="linear", function="x:y", summary="dup"))
+        register(Method(name="linear", summary="dup", when_to_use="never", kernel="x:y"))
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
@@ -114,7 +114,7 @@ def test_task_arithmetic_family_schema(name):
     assert _schema(m) == expected
     assert m.base == "required"
     assert m.randomized == name.startswith(("dare", "della"))
-    assert m.function.startswith("mergebuild.methods.task_arithmetic.whole:")
+    assert m.kernel.startswith("mergebuild.methods.task_arithmetic.whole:")
     if rescale is not None:
         assert set(m.param("rescale").choices) == {"l1", "inverse_density", "none", True, False}
         density = m.param("density")
@@ -160,9 +160,85 @@ def test_core_parameter_names_match_mergekit(name):
 
 
 def test_every_method_says_when_to_use_it():
-    from mergebuild.methods.registry import WHEN_TO_USE, methods_markdown
+    from mergebuild.methods.registry import methods_markdown
 
-    assert set(WHEN_TO_USE) == {m.name for m in METHODS.values()}
+    assert all(m.when_to_use for m in METHODS.values())
     rows = methods_markdown().splitlines()[2:]
     assert len(rows) == len({m.name for m in METHODS.values()})
     assert "| `karcher` | no | `max_iter` (10), `tol` (1e-05) |" in methods_markdown()
+
+
+# --- what each method declares it can do ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_declared_kernels_import(name):
+    """The whole-tensor and streamed kernels named by a declaration exist, and the streamed
+    one takes the one signature every streamed kernel shares."""
+    m = _method(name)
+    assert callable(m.load())
+    if m.streamed is None:
+        assert m.stream_chunk is None
+        with pytest.raises(ValueError, match="no streamed kernel"):
+            m.load_streamed()
+        return
+    params = list(inspect.signature(m.load_streamed()).parameters)
+    assert params[:7] == ["parents", "base", "params", "seed", "out", "workspace", "consumed"]
+
+
+def test_slerp_streams_in_the_chunks_its_dot_products_are_defined_over():
+    from mergebuild.methods import slerp
+
+    assert _method("slerp").stream_chunk == slerp.CHUNK_ELEMENTS
+
+
+# name: (sparsifier, sign consensus, streamed kernel, elementwise)
+SETTINGS = {
+    "task_arithmetic": (None, False, True, True),
+    "ties": ("magnitude", True, True, False),
+    "dare_linear": ("random", False, True, False),
+    "dare_ties": ("random", True, True, False),
+    "breadcrumbs": ("magnitude_outliers", False, True, False),
+    "breadcrumbs_ties": ("magnitude_outliers", True, True, False),
+    "della": ("della", True, False, False),
+    "della_linear": ("della", False, False, False),
+}
+
+
+def test_every_task_arithmetic_member_has_settings():
+    members = {m.name for m in METHODS.values() if m.settings is not None}
+    assert members == set(SETTINGS) == set(FAMILY)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_family_member_settings_are_what_its_name_means(name):
+    sparsifier, consensus, streamed, elementwise = SETTINGS[name]
+    m = _method(name)
+    assert (m.settings.sparsifier, m.settings.consensus) == (sparsifier, consensus)
+    assert (m.streamed is not None, m.elementwise) == (streamed, elementwise)
+    assert m.streamed in (None, "mergebuild.methods.task_arithmetic.streamed:merge")
+    assert m.kernel == "mergebuild.methods.task_arithmetic.whole:merge"
+    assert m.load().keywords == {"method": m}  # the family kernel reads this declaration
+
+
+def test_capabilities_of_the_other_methods():
+    assert [n for n in ALL_METHODS if _method(n).elementwise] == [
+        "linear", "passthrough", "task_arithmetic"]
+    assert [n for n in ALL_METHODS if _method(n).passes_through] == ["passthrough"]
+    assert sorted(n for n in ALL_METHODS if _method(n).streamed) == sorted(
+        ["slerp", *(n for n, s in SETTINGS.items() if s[2])])
+
+
+def test_streamable_per_tensor():
+    from mergebuild.methods.registry import TensorParams
+
+    one = ({"weight": 1.0, "density": 0.5},)
+    plain = TensorParams("t", {}, one)
+    l1 = TensorParams("t", {"rescale": "l1"}, one)
+    assert _method("ties").streamable(plain) and not _method("ties").streamable(l1)
+    assert not _method("breadcrumbs").streamable(TensorParams("t", {"rescale": True}, one))
+    assert _method("dare_ties").streamable(TensorParams("t", {}, one))  # l1 by default
+    assert not _method("della").streamable(plain)
+    assert not _method("linear").streamable(plain)
+    assert _method("slerp").streamable(TensorParams("t", {"t": 0.3}, ({},)))
+    assert not _method("slerp").streamable(TensorParams("t", {"t": None}, ({},)))

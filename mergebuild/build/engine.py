@@ -92,7 +92,7 @@ class BuildOutput:
     device: str
     tensors: int = 0
     bytes_written: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    peak_scratch_bytes: int = 0  # reused float32 buffers and chunk workspaces
 
 
 ProgressFn = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
@@ -346,8 +346,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
             r.close()
     digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
     return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
-                       bytes_written=total_bytes,
-                       extra={"peak_scratch_bytes": stream.peak_bytes()})
+                       bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes())
 
 
 def _nbytes(task: TensorTask) -> int:
@@ -360,13 +359,13 @@ def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, i
 
 _TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
-# Methods whose result for one element depends only on that element's inputs: the engine
-# feeds them cache-sized chunks instead of whole float32 tensors (same bytes, far less memory).
-_ELEMENTWISE = {"linear", "task_arithmetic", "passthrough"}
+# An elementwise method is fed cache-sized chunks instead of whole float32 tensors (same
+# bytes, far less memory).
 _CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32 per input: stays in cache, bounds memory
 _PAGE = mmap.PAGESIZE
-# The streamed task-arithmetic family: 1 MB float32 chunks spread over the worker threads
-# (a 2.9 M-element MLP matrix is 12 chunks, so both cores get work), from 64 K elements up.
+# Streamed kernels free to choose their chunking: 1 MB float32 chunks spread over the worker
+# threads (a 2.9 M-element MLP matrix is 12 chunks, so both cores get work), from 64 K
+# elements up.
 _STREAM_CHUNK = 1 << 18
 _STREAM_MIN_ELEMENTS = 1 << 16
 _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
@@ -488,20 +487,19 @@ class _Streaming:
         self.torch, self.device, self.job = torch, device, job
         self.tasks, self.readers = tasks, readers
         self.by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
-        self.elementwise = job.method.name in _ELEMENTWISE
+        method = job.method
+        self.elementwise = method.elementwise
         self.recent: deque[TensorTask] = deque()
         largest = max((math.prod(t.shape) for t in tasks), default=1)
-        # The streamed family sends only tiny tensors through whole-tensor scratch: size it
-        # by need, not by the largest tensor.
-        from mergebuild.methods.task_arithmetic.streamed import STREAMED
-
-        whole = 1 if self.elementwise or (job.method.name in (*STREAMED, "slerp")
-                                          and device == "cpu") else largest
+        # A streamed method sends only tiny tensors through whole-tensor scratch: size it by
+        # need, not by the largest tensor.
+        streamed = method.streamed is not None and device == "cpu"
+        whole = 1 if self.elementwise or streamed else largest
         self.whole = _Scratch(torch, device, whole)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
         self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
-        self.workspace = None  # threads + scratch of the streamed task-arithmetic family
-        self.slerp_workspace = None  # the same for SLERP, whose chunks are 1 M elements
+        self.merge_streamed = method.load_streamed() if streamed else None
+        self.workspace: Any = None  # a ChunkWorkspace: threads + scratch of chunked merges
 
     def _mapped(self, info: TensorInfo):
         for reader in self.readers.values():
@@ -577,70 +575,46 @@ class _Streaming:
         return out.view(src.shape)
 
     def peak_bytes(self) -> int:
-        streamed = sum(w.nbytes() for w in (self.workspace, self.slerp_workspace)
-                       if w is not None)
+        streamed = self.workspace.nbytes() if self.workspace is not None else 0
         return self.whole.nbytes() + self.chunks.nbytes() + streamed
 
-    def streams(self, task: TensorTask, params: TensorParams) -> bool:
-        """Whether a task-arithmetic-family tensor goes through the multi-pass chunked path
-        (CPU; tiny tensors are cheaper whole, with the same bytes)."""
-        from mergebuild.methods.task_arithmetic.streamed import streamable
+    def chunk_workspace(self) -> Any:
+        """The build's worker threads and their scratch, made on first use, in the chunks the
+        method's streamed kernel is defined over (or the engine's choice)."""
+        from mergebuild.methods.chunks import ChunkWorkspace
 
-        return (self.device == "cpu" and task.remap is None and task.base is not None
-                and task.base.dtype in _TORCH_OF_CODE
-                and all(i.dtype in _TORCH_OF_CODE for i in task.inputs)
+        if self.workspace is None:
+            self.workspace = ChunkWorkspace(_workers(),
+                                            self.job.method.stream_chunk or _STREAM_CHUNK)
+        return self.workspace
+
+    def streams(self, task: TensorTask, params: TensorParams) -> bool:
+        """Whether a tensor goes through the method's streamed kernel (CPU, mmapped parents;
+        tiny tensors are cheaper whole, with the same bytes)."""
+        return (self.merge_streamed is not None and task.remap is None
+                and task.base is not None
+                and all(i.dtype in _TORCH_OF_CODE for i in (task.base, *task.inputs))
                 and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
-                and streamable(self.job.method.name, params))
+                and self.job.method.streamable(params))
 
     def compute_streamed(self, task: TensorTask, load, params: TensorParams) -> Any:
-        """The task-arithmetic family over chunks of the mmapped parents, both cores."""
-        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace, merge_streamed
-
-        torch = self.torch
-        if self.workspace is None:
-            self.workspace = ChunkWorkspace(_workers(), _STREAM_CHUNK)
+        """The method's streamed kernel over chunks of the mmapped parents, on every core."""
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1)
-        out = torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
+        out = self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
         seed = tensor_seed(self.job.key, task.name) if self.job.method.randomized else None
-
         try:
-            merge_streamed(self.job.method.name, srcs, base, params, seed, out.view(-1),
-                           self.workspace, partial(self.drop_spans, task))
+            self.merge_streamed(srcs, base, params, seed, out.view(-1), self.chunk_workspace(),
+                                partial(self.drop_spans, task))
         except ValueError as exc:
             raise IncompatibleModelsError(
                 f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
             ) from None
         return out
 
-    def slerp_streams(self, task: TensorTask, params: TensorParams) -> bool:
-        """Whether a SLERP tensor goes through the two-pass chunked path (CPU; tiny tensors
-        are cheaper whole, with the same bytes)."""
-        return (self.job.method.name == "slerp" and self.device == "cpu"
-                and task.remap is None and task.base is not None and len(task.inputs) == 1
-                and all(i.dtype in _TORCH_OF_CODE for i in (task.base, *task.inputs))
-                and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
-                and params.globals.get("t") is not None)
-
-    def compute_slerp(self, task: TensorTask, load, params: TensorParams) -> Any:
-        """SLERP over chunks of the mmapped parents on both cores: one pass for the dot
-        products, one for ``c0·base + c1·other``."""
-        from mergebuild.methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
-        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
-
-        if self.slerp_workspace is None:
-            self.slerp_workspace = ChunkWorkspace(_workers(), CHUNK_ELEMENTS)
-        out = self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
-
-        merge_slerp_streamed(load(task.base).reshape(-1), load(task.inputs[0]).reshape(-1),
-                             float(params.globals["t"]), out.view(-1), self.slerp_workspace,
-                             partial(self.drop_spans, task))
-        return out
-
     def close(self) -> None:
-        for workspace in (self.workspace, self.slerp_workspace):
-            if workspace is not None:
-                workspace.close()
+        if self.workspace is not None:
+            self.workspace.close()
 
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
@@ -679,12 +653,8 @@ class _Streaming:
                             params: TensorParams) -> None:
         """``compute_chunked`` on the CPU, its chunks spread over the workspace's threads
         (an elementwise method's result does not depend on how it is chunked)."""
-        from mergebuild.methods.task_arithmetic.streamed import ChunkWorkspace
-
         torch = self.torch
-        if self.workspace is None:
-            self.workspace = ChunkWorkspace(_workers(), _STREAM_CHUNK)
-        ws = self.workspace
+        ws = self.chunk_workspace()
         n = flat.numel()
 
         def one(span: tuple[int, int]) -> None:
@@ -699,20 +669,17 @@ class _Streaming:
 
 
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
-             stream: _Streaming | None = None) -> Any:
-    by_file = stream.by_file if stream else {
-        str(d): n for n, r in readers.items() for d in r.weight_files()}
-
+             stream: _Streaming) -> Any:
     def load(info: TensorInfo):
         # By identity first: "base" and "base+lora" share files but not readers.
         reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
-                      None) or readers[by_file[str(info.file)]]
+                      None) or readers[stream.by_file[str(info.file)]]
         tensor = reader.load(info.name)
         faults.point("engine.read_tensor")
         return tensor
 
     if (len(task.inputs) == 1 and task.base is None and task.remap is None
-            and job.method.name == "passthrough"):
+            and job.method.passes_through):
         scale = _resolve(task.parameters[0], task).get("scale", 1.0)
         x = load(task.inputs[0])
         if scale == 1.0 or task.dtype not in _TORCH_OF_CODE:
@@ -724,23 +691,14 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
 
     if task.dtype not in _TORCH_OF_CODE:
         return load(task.inputs[0] if task.inputs else task.base).clone()
-    if stream is not None and stream.elementwise and task.remap is None:
+    if stream.elementwise and task.remap is None:
         return stream.compute_chunked(task, load, func, _resolve_params(job, task))
-    if stream is not None and stream.streams(task, _resolve_params(job, task)):
+    if stream.streams(task, _resolve_params(job, task)):
         return stream.compute_streamed(task, load, _resolve_params(job, task))
-    if stream is not None and stream.slerp_streams(task, _resolve_params(job, task)):
-        return stream.compute_slerp(task, load, _resolve_params(job, task))
-    if stream is None:
-        # copy=True: a float32 parent on CPU would otherwise stay a read-only mmap view, and
-        # methods may compute in place (that crashes the process).
-        parents = [load(info).to(device=device, dtype=torch.float32, copy=True)
-                   for info in task.inputs]
-        base = (load(task.base).to(device=device, dtype=torch.float32, copy=True) if task.base
-                else None)
-    else:  # copies into reused scratch: the methods' in-place arithmetic is safe there too
-        parents = [stream.load_float32(k, info, load(info)) for k, info in enumerate(task.inputs)]
-        base = (stream.load_float32(len(task.inputs), task.base, load(task.base)) if task.base
-                else None)
+    # Copies into reused scratch: the methods' in-place arithmetic is safe there too.
+    parents = [stream.load_float32(k, info, load(info)) for k, info in enumerate(task.inputs)]
+    base = (stream.load_float32(len(task.inputs), task.base, load(task.base)) if task.base
+            else None)
     if task.remap is not None:
         parents, base = task.remap(parents, base)
     params = _resolve_params(job, task)
@@ -755,7 +713,7 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
                                       node=job.node) from None
     result = out.to(dtype=getattr(torch, _TORCH_OF_CODE[task.dtype])).cpu()
     # The writer keeps what it is given: never hand it (a view of) a reused scratch buffer.
-    return result.clone() if stream is not None and stream.owns(result) else result
+    return result.clone() if stream.owns(result) else result
 
 
 def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tuple[str, int]]:

@@ -661,12 +661,6 @@ class CheckpointWriter:
                 except queue.Full:
                     self._raise_pending_error()
 
-    def drain(self) -> None:
-        """Wait until every queued tensor is written (raises a pending write error)."""
-        if self._queue is not None:
-            self._queue.join()
-        self._raise_pending_error()
-
     def finish(self) -> dict[str, str]:
         """Flush, fsync and close every file, write the index; return {file name: sha256 hex}.
 

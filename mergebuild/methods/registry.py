@@ -1,10 +1,10 @@
-"""The single list of merge methods and their parameter schemas (importable without torch).
+"""The single list of merge methods: schema, kernels and capabilities (importable without torch).
 
-Each entry names the function that computes it as ``"module:function"``; the module is
-imported only when a tensor is actually merged, so validating and planning a Mergefile
-never imports torch.
+Each method is one declaration: its parameters, when to use it, and what it can do. Kernels
+are named as ``"module:function"`` and imported only when a tensor is actually merged, so
+validating and planning a Mergefile never imports torch.
 
-A method function has the signature::
+The whole-tensor kernel (``kernel``) has the signature::
 
     def merge(parents: list[Tensor], base: Tensor | None, params: TensorParams,
               generator: torch.Generator | None) -> Tensor
@@ -14,6 +14,18 @@ A method function has the signature::
 base or none was given); ``generator`` is a CPU generator seeded by (node key, tensor
 name) for randomised methods, None otherwise. The function returns a float32 tensor of
 the same shape; it may modify its inputs in place (the engine never reuses them).
+
+The streamed kernel (``streamed``), one signature for every method that has one::
+
+    def merge(parents: list[Tensor], base: Tensor, params: TensorParams, seed: int | None,
+              out: Tensor, workspace: ChunkWorkspace, consumed=None) -> None
+
+reads flat parents of any float dtype (mmap views, say) a chunk at a time and writes the
+flat ``out``, bit for bit the whole-tensor kernel's result cast to ``out``'s dtype;
+``consumed(start, stop)`` is called once a span of the inputs is read for the last time.
+
+A family member (a method with ``settings``) gets its declaration as the keyword argument
+``method`` of both kernels, and reads its knobs from ``method.settings``.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 
 class _Required:
@@ -60,23 +73,95 @@ class Param:
 
 
 @dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved to plain scalars for one output tensor."""
+
+    tensor_name: str
+    globals: Mapping[str, Any]
+    parents: tuple[Mapping[str, Any], ...]
+
+
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"]
+RescaleMode = Literal["l1", "inverse_density", "none"]
+
+_RESCALE_MODES: dict[Any, RescaleMode] = {
+    True: "l1",
+    False: "none",
+    "l1": "l1",
+    "inverse_density": "inverse_density",
+    "none": "none",
+}
+
+
+def rescale_mode(value: Any) -> RescaleMode:
+    """Map a ``rescale`` setting to "l1", "inverse_density" or "none" (bools as mergekit)."""
+    try:
+        return _RESCALE_MODES[value]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"rescale must be true, false, 'l1', 'inverse_density' or 'none', got {value!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TaskVectorSettings:
+    """What sets one member of the task-arithmetic family apart from the others.
+
+    ``sparsifier`` drops entries of each task vector before they are added: ``magnitude``
+    (TIES: keep the top density by |δ|), ``random`` (DARE: keep with p = density),
+    ``magnitude_outliers`` (breadcrumbs: drop the top gamma, keep the next density),
+    ``della`` (per row, keep p rising with the magnitude rank); None keeps everything.
+    ``consensus``: whether each entry's sign is elected (the vote is the ``consensus``
+    parameter, sum or count) and only the agreeing task vectors are added.
+    """
+
+    sparsifier: Sparsifier | None
+    consensus: bool
+
+    @property
+    def ranks_magnitudes(self) -> bool:
+        """Whether the sparsifier keeps a range of magnitude ranks (TIES, breadcrumbs)."""
+        return self.sparsifier in ("magnitude", "magnitude_outliers")
+
+    def streamable(self, method: Method, params: TensorParams) -> bool:
+        """A magnitude cut with an l1 rescale needs whole tensors (the streamed passes take
+        the cut before the norms are known)."""
+        if self.ranks_magnitudes:
+            return rescale_mode(method.value(params.globals, "rescale")) != "l1"
+        return True
+
+
+@dataclass(frozen=True)
 class Method:
-    """A registered merge method.
+    """A registered merge method: schema, kernels and what the engine may do with them.
 
     ``base``: "none" (a base_model only donates config/tokenizer; every listed model
     participates), "required" (participants are the listed models other than the base),
     or "optional" (as "required" when a base is given, else as "none").
+    ``kernel``: the whole-tensor kernel; ``streamed``: the chunked one (None: none), whose
+    results are defined over chunks of ``stream_chunk`` elements (None: any chunking).
+    ``elementwise``: each output element depends only on the same element of the inputs,
+    so the engine may merge any slices of the tensors separately.
+    ``passes_through``: the result is the one parent's tensor times its ``scale``, so the
+    engine hands unscaled tensors to the writer as they are.
+    ``settings``: a family member's knobs, read by the family's kernels.
     """
 
     name: str
-    function: str  # "module:function"
     summary: str
+    when_to_use: str
+    kernel: str  # "module:function"
     base: str = "none"
     params: tuple[Param, ...] = ()
     min_parents: int = 1
     max_parents: int | None = None
     randomized: bool = False
     aliases: tuple[str, ...] = field(default=())
+    streamed: str | None = None  # "module:function"
+    stream_chunk: int | None = None
+    elementwise: bool = False
+    passes_through: bool = False
+    settings: TaskVectorSettings | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -84,18 +169,39 @@ class Method:
                 return p
         return None
 
+    def value(self, values: Mapping[str, Any], name: str) -> Any:
+        """The value of parameter ``name`` in ``values``, else its default."""
+        if name in values and values[name] is not None:
+            return values[name]
+        param = self.param(name)
+        if param is None or param.required:
+            raise ValueError(f"{self.name}: missing required parameter {name!r}")
+        return param.default
+
     def load(self) -> Callable[..., Any]:
-        module, _, attr = self.function.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        """The whole-tensor kernel."""
+        return self._import(self.kernel)
 
+    def load_streamed(self) -> Callable[..., Any]:
+        """The streamed kernel (the method must have one)."""
+        if self.streamed is None:
+            raise ValueError(f"{self.name} has no streamed kernel")
+        return self._import(self.streamed)
 
-@dataclass(frozen=True)
-class TensorParams:
-    """Parameters resolved to plain scalars for one output tensor."""
+    def _import(self, path: str) -> Callable[..., Any]:
+        module, _, attr = path.partition(":")
+        function = getattr(importlib.import_module(module), attr)
+        return partial(function, method=self) if self.settings is not None else function
 
-    tensor_name: str
-    globals: Mapping[str, Any]
-    parents: tuple[Mapping[str, Any], ...]
+    def streamable(self, params: TensorParams) -> bool:
+        """Whether the streamed kernel computes a tensor with these parameters: it has one,
+        every required node-wide parameter has a value, and the settings allow it."""
+        if self.streamed is None:
+            return False
+        if any(p.required and p.scope == "global" and params.globals.get(p.name) is None
+               for p in self.params):
+            return False
+        return self.settings is None or self.settings.streamable(self, params)
 
 
 METHODS: dict[str, Method] = {}
@@ -124,19 +230,24 @@ def _core_density() -> Param:
                  help="fraction of the task vector to keep")
 
 
-def _core_family(
-    name: str, summary: str, *, normalize: bool, rescale: bool | None = None,
-    consensus: bool = False, gamma: bool = False, epsilon: bool = False,
-    randomized: bool = False,
+_FAMILY_WHOLE = "mergebuild.methods.task_arithmetic.whole:merge"
+_FAMILY_STREAMED = "mergebuild.methods.task_arithmetic.streamed:merge"
+
+
+def _task_vector_member(
+    name: str, summary: str, when_to_use: str, *, sparsifier: Sparsifier | None,
+    consensus: bool, normalize: bool, rescale: bool = False,
 ) -> Method:
-    # rescale is None for plain task arithmetic: it does not sparsify, so `density` and
-    # `rescale` (accepted and ignored by mergekit) would do nothing and are refused.
-    params = [_core_weight()] + ([_core_density()] if rescale is not None else []) + [
+    """One member of the task-arithmetic family: its settings decide its parameters, its
+    randomness and whether it streams (``rescale`` is the default rescale, on as l1)."""
+    # Plain task arithmetic does not sparsify, so `density` and `rescale` (accepted and
+    # ignored by mergekit) would do nothing and are refused.
+    params = [_core_weight()] + ([_core_density()] if sparsifier else []) + [
         Param("normalize", "bool", default=normalize,
               help="divide by the sum of the weights (of the agreeing models with consensus)"),
         Param("lambda", "float", default=1.0, help="scale of the merged task vector"),
     ]
-    if rescale is not None:
+    if sparsifier:
         params.append(Param(
             "rescale", "choice", default="l1" if rescale else "none",
             choices=("l1", "inverse_density", "none", True, False),
@@ -150,29 +261,36 @@ def _core_family(
             help="elect each entry's sign by the sum of the weighted task vectors (mergekit) "
                  "or by the count of signs (the TIES paper's variant)",
         ))
-    if gamma:
+    if sparsifier == "magnitude_outliers":
         params.append(Param("gamma", "float", default=0.01, scope="parent", minimum=0.0,
                             maximum=1.0, help="fraction of largest-magnitude outliers to drop"))
-    if epsilon:
+    if sparsifier == "della":
         params.append(Param("epsilon", "float", default=0.15, scope="parent", minimum=0.0,
                             maximum=0.5, max_exclusive=True,
                             help="spread of keep probabilities around density "
                                  "(density ± epsilon must lie in (0, 1))"))
-    function = "merge_" + name
     return Method(
         name=name,
-        function=f"mergebuild.methods.task_arithmetic.whole:{function}",
         summary=summary,
+        when_to_use=when_to_use,
+        kernel=_FAMILY_WHOLE,
+        # DELLA ranks each row and draws torch's generator row block by row block: whole only.
+        streamed=None if sparsifier == "della" else _FAMILY_STREAMED,
+        # Without a sparsifier each output element depends only on the same inputs' elements.
+    elementwise=sparsifier is None,
         base="required",
         params=tuple(params),
-        randomized=randomized,
+        randomized=sparsifier in ("random", "della"),
+        settings=TaskVectorSettings(sparsifier=sparsifier, consensus=consensus),
     )
 
 
 register(Method(
     name="linear",
-    function="mergebuild.methods.linear:merge_linear",
     summary="weighted average of the models",
+    when_to_use="model soups: average fine-tunes of one base (weights normalised by default)",
+    kernel="mergebuild.methods.linear:merge_linear",
+    elementwise=True,
     params=(
         _core_weight(),
         Param("normalize", "bool", default=True, help="divide by the sum of the weights"),
@@ -180,46 +298,64 @@ register(Method(
 ))
 register(Method(
     name="slerp",
-    function="mergebuild.methods.slerp:merge_slerp",
     summary="spherical interpolation from the base_model (t = 0) to one other model (t = 1)",
+    when_to_use="blend exactly two models smoothly; `t` may follow a per-layer gradient",
+    kernel="mergebuild.methods.slerp:merge_slerp",
+    streamed="mergebuild.methods.slerp:merge_slerp_streamed",
+    stream_chunk=1 << 20,  # slerp.CHUNK_ELEMENTS: the chunks its dot products are taken over
     base="required",
     params=(Param("t", "float", help="interpolation factor; 0 is the base_model"),),
     min_parents=1,
     max_parents=1,
 ))
-register(_core_family("task_arithmetic", "base + λ·Σ w_i·(x_i − base)", normalize=False))
-register(_core_family(
+register(_task_vector_member(
+    "task_arithmetic", "base + λ·Σ w_i·(x_i − base)",
+    "add task vectors (model − base) with weights; `lambda` scales the sum",
+    sparsifier=None, consensus=False, normalize=False,
+))
+register(_task_vector_member(
     "ties", "task vectors trimmed to their top density by magnitude, sign consensus",
-    normalize=True, rescale=False, consensus=True,
+    "combine several experts: keep each one's largest changes, resolve sign conflicts",
+    sparsifier="magnitude", consensus=True, normalize=True,
 ))
-register(_core_family(
+register(_task_vector_member(
     "dare_linear", "task vectors randomly dropped (keep p = density) and rescaled",
-    normalize=False, rescale=True, randomized=True,
+    "many similar fine-tunes: task arithmetic with random dropping",
+    sparsifier="random", consensus=False, normalize=False, rescale=True,
 ))
-register(_core_family(
+register(_task_vector_member(
     "dare_ties", "DARE random drop and rescale, then TIES sign consensus",
-    normalize=False, rescale=True, consensus=True, randomized=True,
+    "many similar fine-tunes: TIES with random dropping",
+    sparsifier="random", consensus=True, normalize=False, rescale=True,
 ))
-register(_core_family(
+register(_task_vector_member(
     "breadcrumbs", "task vectors without the top gamma outliers and the small tail",
-    normalize=False, rescale=False, gamma=True,
+    "drop both the outlier and the tiny changes before adding",
+    sparsifier="magnitude_outliers", consensus=False, normalize=False,
 ))
-register(_core_family(
+register(_task_vector_member(
     "breadcrumbs_ties", "breadcrumbs sparsification, then TIES sign consensus",
-    normalize=False, rescale=False, consensus=True, gamma=True,
+    "breadcrumbs, then resolve sign conflicts as TIES does",
+    sparsifier="magnitude_outliers", consensus=True, normalize=False,
 ))
-register(_core_family(
+register(_task_vector_member(
     "della", "per-row magnitude-ranked random drop (DELLA), rescale, sign consensus",
-    normalize=True, rescale=True, consensus=True, epsilon=True, randomized=True,
+    "DARE with magnitude-ranked keep probabilities per row, with sign consensus",
+    sparsifier="della", consensus=True, normalize=True, rescale=True,
 ))
-register(_core_family(
+register(_task_vector_member(
     "della_linear", "per-row magnitude-ranked random drop (DELLA), rescale, weighted sum",
-    normalize=False, rescale=True, epsilon=True, randomized=True,
+    "DARE with magnitude-ranked keep probabilities per row, weighted sum",
+    sparsifier="della", consensus=False, normalize=False, rescale=True,
 ))
 register(Method(
     name="passthrough",
-    function="mergebuild.methods.passthrough:merge_passthrough",
     summary="one model's tensors unchanged (optionally scaled); with slices, stacks layers",
+    when_to_use="copy tensors (optionally `scale`d); with `slices`, stack layer ranges "
+                "(frankenmerge)",
+    kernel="mergebuild.methods.passthrough:merge_passthrough",
+    elementwise=True,
+    passes_through=True,
     params=(Param("scale", "float", default=1.0, scope="parent",
                   help="multiply this model's tensors"),),
     min_parents=1,
@@ -237,7 +373,8 @@ _WEIGHT = Param("weight", "float", scope="parent", help="relative weight of this
 register(
     Method(
         name="nuslerp",
-        function="mergebuild.methods.nuslerp:nuslerp",
+        when_to_use="slerp with per-model weights, or slerp of task vectors when a base is given",
+        kernel="mergebuild.methods.nuslerp:nuslerp",
         summary="slerp two models (or their task vectors, with a base) at t = w2 / (w1 + w2)",
         base="optional",
         params=(
@@ -262,7 +399,8 @@ register(
 register(
     Method(
         name="multislerp",
-        function="mergebuild.methods.multislerp:multislerp",
+        when_to_use="spherical blend of more than two models",
+        kernel="mergebuild.methods.multislerp:multislerp",
         summary="weighted barycentric slerp of any number of models (task vectors with a base)",
         base="optional",
         params=(
@@ -280,7 +418,8 @@ register(
 register(
     Method(
         name="karcher",
-        function="mergebuild.methods.karcher:karcher",
+        when_to_use="geometric (Riemannian) mean of several models, no weights to tune",
+        kernel="mergebuild.methods.karcher:karcher",
         summary="iterative Riemannian mean of the normalised models, scaled by their mean norm",
         params=(
             Param("max_iter", "int", default=10, minimum=0, help="maximum iterations"),
@@ -291,7 +430,9 @@ register(
 register(
     Method(
         name="model_stock",
-        function="mergebuild.methods.model_stock:model_stock",
+        when_to_use="several fine-tunes of one base; the ratio comes from their angle, "
+                    "nothing to tune",
+        kernel="mergebuild.methods.model_stock:model_stock",
         summary="move from the base towards the models' mean by their task vectors' cosine",
         base="required",
         params=(
@@ -308,7 +449,8 @@ register(
 register(
     Method(
         name="sce",
-        function="mergebuild.methods.sce:sce",
+        when_to_use="several experts; keeps high-variance positions, weights by energy",
+        kernel="mergebuild.methods.sce:sce",
         summary="select high-variance positions, energy-weight task vectors, erase sign conflicts",
         base="required",
         params=(
@@ -324,7 +466,8 @@ register(
 register(
     Method(
         name="nearswap",
-        function="mergebuild.methods.nearswap:nearswap",
+        when_to_use="pull a model towards the base where they are already close",
+        kernel="mergebuild.methods.nearswap:nearswap",
         summary="take the model's values where they lie within t of the base's",
         base="required",
         params=(Param("t", "float", help="distance under which values are swapped"),),
@@ -342,7 +485,8 @@ _RAM_EPSILON = Param(
 register(
     Method(
         name="ram",
-        function="mergebuild.methods.ram:ram",
+        when_to_use="reinforcement-learned experts: sum unique changes, average shared ones",
+        kernel="mergebuild.methods.ram:ram",
         summary="sum task-vector entries unique to one model, average shared ones",
         base="required",
         params=(_RAM_EPSILON,),
@@ -351,7 +495,8 @@ register(
 register(
     Method(
         name="ramplus_tl",
-        function="mergebuild.methods.ram:ramplus_tl",
+        when_to_use="as ram, boosting each model's unique changes by its shared/unique ratio",
+        kernel="mergebuild.methods.ram:ramplus_tl",
         summary="RAM with each model's unique entries scaled by its shared/unique ratio",
         base="required",
         params=(
@@ -364,7 +509,8 @@ register(
 register(
     Method(
         name="arcee_fusion",
-        function="mergebuild.methods.arcee_fusion:arcee_fusion",
+        when_to_use="take only the parts of one model that differ importantly from the base",
+        kernel="mergebuild.methods.arcee_fusion:arcee_fusion",
         summary="take the model's changes where their KL-weighted importance is an outlier",
         base="required",
         min_parents=1,
@@ -375,30 +521,6 @@ register(
 
 # --- the methods table (`mergebuild methods --markdown`, README's "Methods") ---
 
-WHEN_TO_USE: dict[str, str] = {
-    "linear": "model soups: average fine-tunes of one base (weights normalised by default)",
-    "slerp": "blend exactly two models smoothly; `t` may follow a per-layer gradient",
-    "nuslerp": "slerp with per-model weights, or slerp of task vectors when a base is given",
-    "multislerp": "spherical blend of more than two models",
-    "karcher": "geometric (Riemannian) mean of several models, no weights to tune",
-    "task_arithmetic": "add task vectors (model − base) with weights; `lambda` scales the sum",
-    "ties": "combine several experts: keep each one's largest changes, resolve sign conflicts",
-    "dare_linear": "many similar fine-tunes: task arithmetic with random dropping",
-    "dare_ties": "many similar fine-tunes: TIES with random dropping",
-    "breadcrumbs": "drop both the outlier and the tiny changes before adding",
-    "breadcrumbs_ties": "breadcrumbs, then resolve sign conflicts as TIES does",
-    "della": "DARE with magnitude-ranked keep probabilities per row, with sign consensus",
-    "della_linear": "DARE with magnitude-ranked keep probabilities per row, weighted sum",
-    "model_stock": "several fine-tunes of one base; the ratio comes from their angle, "
-                   "nothing to tune",
-    "sce": "several experts; keeps high-variance positions, weights by energy",
-    "nearswap": "pull a model towards the base where they are already close",
-    "ram": "reinforcement-learned experts: sum unique changes, average shared ones",
-    "ramplus_tl": "as ram, boosting each model's unique changes by its shared/unique ratio",
-    "arcee_fusion": "take only the parts of one model that differ importantly from the base",
-    "passthrough": "copy tensors (optionally `scale`d); with `slices`, stack layer ranges "
-                   "(frankenmerge)",
-}
 
 _BASE_CELL = {"none": "no", "required": "required", "optional": "optional"}
 
@@ -421,5 +543,5 @@ def methods_markdown() -> str:
         params = ", ".join(_param_cell(p) for p in m.params) or "—"
         random = " (randomised, seeded per tensor)" if m.randomized else ""
         rows.append(f"| `{m.name}` | {_BASE_CELL[m.base]} | {params} | "
-                    f"{WHEN_TO_USE[m.name]}{random} |")
+                    f"{m.when_to_use}{random} |")
     return "\n".join(rows) + "\n"

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from mergebuild.methods.chunks import ChunkWorkspace
 from mergebuild.methods.registry import TensorParams
 
 _CHUNK_ELEMENTS = 1 << 20
@@ -19,8 +20,9 @@ def slerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[fl
 
     The norms and the dot product are taken per ``CHUNK_ELEMENTS`` chunk (float32) and the
     chunk results added in float64 in chunk order, so no full-size temporary is created and
-    ``merge_slerp_streamed`` gets the same coefficients on any number of threads. Nearly collinear tensors (|cos| > 0.9995) fall back to linear
-    interpolation; zero tensors (norm ≤ 1e-8) are not normalised, as in mergekit.
+    ``merge_slerp_streamed`` gets the same coefficients on any number of threads. Nearly
+    collinear tensors (|cos| > 0.9995) fall back to linear interpolation; zero tensors
+    (norm ≤ 1e-8) are not normalised, as in mergekit.
     """
     a, b = v0.reshape(-1), v1.reshape(-1)
     sums = [_chunk_dots(a[s : s + _CHUNK_ELEMENTS], b[s : s + _CHUNK_ELEMENTS])
@@ -49,6 +51,16 @@ def _coefficients(sums: list[tuple[float, float, float]], t: float) -> tuple[flo
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
+def _t(base: torch.Tensor | None, parents: list[torch.Tensor], params: TensorParams) -> float:
+    """The interpolation factor, once the inputs are checked."""
+    if base is None or len(parents) != 1:
+        raise ValueError("slerp needs a base model and exactly one other model")
+    t = params.globals.get("t")
+    if t is None:
+        raise ValueError("slerp: missing required parameter 't'")
+    return float(t)
+
+
 def merge_slerp(
     parents: list[torch.Tensor],
     base: torch.Tensor | None,
@@ -66,12 +78,7 @@ def merge_slerp(
     Returns:
         sin((1−t)θ)/sin θ · base + sin(tθ)/sin θ · parent, θ the angle between them.
     """
-    if base is None or len(parents) != 1:
-        raise ValueError("slerp needs a base model and exactly one other model")
-    t = params.globals.get("t")
-    if t is None:
-        raise ValueError("slerp: missing required parameter 't'")
-    t = float(t)
+    t = _t(base, parents, params)
     other = parents[0]
     if not base.is_contiguous() or other.data_ptr() == base.data_ptr():
         base = base.clone(memory_format=torch.contiguous_format)
@@ -79,8 +86,15 @@ def merge_slerp(
     return base.mul_(c0).add_(other, alpha=c1)
 
 
-def merge_slerp_streamed(base: torch.Tensor, other: torch.Tensor, t: float, out: torch.Tensor,
-                         workspace, consumed=None) -> None:
+def merge_slerp_streamed(
+    parents: list[torch.Tensor],
+    base: torch.Tensor,
+    params: TensorParams,
+    seed: int | None,
+    out: torch.Tensor,
+    workspace: ChunkWorkspace,
+    consumed=None,
+) -> None:
     """``merge_slerp`` over flat CPU tensors of any float dtype (bf16 mmap views, say), a
     chunk at a time on the workspace's threads, written into flat ``out``.
 
@@ -90,12 +104,15 @@ def merge_slerp_streamed(base: torch.Tensor, other: torch.Tensor, t: float, out:
     of two whole float32 tensors.
 
     Args:
-        base, other: flat tensors of ``out``'s length (not modified).
-        t: the interpolation factor (0 → base).
+        parents: exactly one flat tensor of ``out``'s length, the non-base model.
+        base: flat tensor of ``out``'s length (neither is modified).
+        params: global ``t``, the interpolation factor (0 → base); seed: unused.
         out: flat output tensor.
         workspace: a ``ChunkWorkspace`` whose chunk is ``CHUNK_ELEMENTS``; ``consumed(start,
             stop)`` is called once a span of the inputs is read for the last time.
     """
+    t = _t(base, parents, params)
+    other = parents[0]
     if workspace.chunk != _CHUNK_ELEMENTS:
         raise ValueError(f"the workspace's chunk must be {_CHUNK_ELEMENTS} elements")
     n = out.numel()

@@ -13,35 +13,33 @@ into reused float32 scratch, in up to three passes:
    bit-packed: n/8 bytes per parent), rescale, × w_i, sign consensus, sum, normalise, × λ,
    + b, cast into ``out``.
 
-Results are bit for bit those of ``task_arithmetic._merge`` (same total order for the top
-k, ties by flat index; same DARE draws and l1 block sums; the same ``mix_into_`` per
-element), whatever the chunk size (a multiple of ``REDUCE_BLOCK``) or worker count: the
-histograms are integer sums, the l1 sums are per fixed block, and the one order-dependent
-state — how many threshold ties earlier chunks kept — is handed from chunk to chunk.
+Both schedules apply one plan (``keep.plan``), so the results are bit for bit those of
+``whole.merge`` (same total order for the top k, ties by flat index; same DARE draws and l1
+block sums; the same ``mix_into_`` per element), whatever the chunk size (a multiple of
+``REDUCE_BLOCK``) or worker count: the histograms are integer sums, the l1 sums are per fixed
+block, and the one order-dependent state — how many threshold ties earlier chunks kept — is
+handed from chunk to chunk. A magnitude cut with an l1 rescale and DELLA need whole tensors
+(``Method.streamable``).
 
-Chunks are spread over ``workers`` threads (torch and numpy release the GIL); each worker
-has its own scratch.
+Chunks are spread over the workspace's threads; each worker has its own scratch.
 """
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from mergebuild.methods.registry import METHODS, TensorParams
-from mergebuild.methods.task_arithmetic.whole import (
-    _FAMILY,
+from mergebuild.methods.chunks import ChunkWorkspace
+from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.methods.task_arithmetic.keep import (
     REDUCE_BLOCK,
-    _setting,
+    Keep,
     keep_draws,
     l1_blocks,
-    mix_into_,
-    rescale_mode,
+    l1_factor,
+    plan,
 )
 from mergebuild.methods.task_arithmetic.topk import (
     HIGH_BUCKETS,
@@ -53,45 +51,7 @@ from mergebuild.methods.task_arithmetic.topk import (
     low_histogram,
     select_from_top,
 )
-
-STREAMED = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-            "breadcrumbs_ties"}
-
-
-class ChunkWorkspace:
-    """Worker threads and their per-thread scratch, kept for a whole build."""
-
-    def __init__(self, workers: int, chunk: int):
-        if chunk % REDUCE_BLOCK:
-            raise ValueError(f"chunk must be a multiple of {REDUCE_BLOCK}")
-        self.chunk, self.workers = chunk, max(1, workers)
-        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
-        self.local = threading.local()
-        self.allocated = 0  # bytes of scratch over all workers
-        self._lock = threading.Lock()
-
-    def buffer(self, name: Any, dtype: torch.dtype) -> torch.Tensor:
-        buffers = getattr(self.local, "buffers", None)
-        if buffers is None:
-            buffers = self.local.buffers = {}
-        buf = buffers.get(name)
-        if buf is None:
-            buf = buffers[name] = torch.empty(self.chunk, dtype=dtype)
-            with self._lock:
-                self.allocated += buf.numel() * buf.element_size()
-        return buf
-
-    def run(self, fn, items) -> list:
-        if self.pool is None:
-            return [fn(i) for i in items]
-        return list(self.pool.map(fn, items))
-
-    def nbytes(self) -> int:
-        return self.allocated
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+from mergebuild.methods.task_arithmetic.whole import mix_into_
 
 
 @dataclass
@@ -166,74 +126,36 @@ def _keep_between_(d: torch.Tensor, bits: torch.Tensor, low: int, high: int,
 
 @dataclass
 class _Parent:
-    index: int
-    weight: float
-    mode: str  # "all" | "zero" | "magnitude" | "random"
-    density: float = 1.0
-    rescale: str = "none"
-    keep: _Cut | None = None
-    drop: _Cut | None = None
+    """One parent's keep plan and what the passes learn about it."""
+
+    keep: Keep
+    top: _Cut | None = None  # "ranks": the ranks below stop ...
+    outliers: _Cut | None = None  # ... minus those below start
     factor: float | None = None  # l1 rescale factor once known
     before: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
 
+    @property
+    def index(self) -> int:
+        return self.keep.index
+
     def cuts(self) -> list[_Cut]:
-        return [c for c in (self.keep, self.drop) if c is not None and not c.trivial]
+        return [c for c in (self.top, self.outliers) if c is not None and not c.trivial]
 
 
-def _plan(method: str, params: TensorParams, n: int) -> tuple[list[_Parent], dict]:
-    kind, takes_consensus = _FAMILY[method]
-    g = params.globals
-    settings = {
-        "normalize": bool(_setting(method, g, "normalize")),
-        "lam": float(_setting(method, g, "lambda")),
-        "consensus": str(_setting(method, g, "consensus")) if takes_consensus else None,
-    }
-    rescale = rescale_mode(_setting(method, g, "rescale")) if kind else "none"
-    names = {p.name for p in METHODS[method].params}
+def _parents(keeps: list[Keep], n: int) -> list[_Parent]:
     parents = []
-    for i, values in enumerate(params.parents):
-        weight = float(_setting(method, values, "weight"))
-        density = float(_setting(method, values, "density")) if kind else 1.0
-        p = _Parent(i, weight, "all", density, rescale)
-        if kind is None or density >= 1:
-            pass
-        elif density <= 0 or n == 0:
-            p.mode = "zero"
-        elif kind == "random":
-            p.mode = "random"
-        else:
-            if kind == "magnitude":
-                start, stop = 0, max(1, int(density * n))
-            else:
-                gamma = float(_setting(method, values, "gamma")) if "gamma" in names else 0.0
-                target = int(density * n)
-                n_bottom = max(0, n - target - int(gamma * n))
-                start, stop = n - n_bottom - target, n - n_bottom
-            start, stop = max(0, start), min(n, stop)
-            if stop <= start:
-                p.mode = "zero"
-            elif not (start == 0 and stop == n):
-                p.mode = "magnitude"
-                p.keep, p.drop = _Cut(stop, n), _Cut(start, n)
+    for keep in keeps:
+        if keep.mode == "della" or keep.mode == "ranks" and keep.rescale == "l1":
+            raise ValueError(f"{keep.mode} with rescale {keep.rescale} needs whole tensors")
+        p = _Parent(keep)
+        if keep.mode == "ranks":
+            p.top, p.outliers = _Cut(keep.stop, n), _Cut(keep.start, n)
         parents.append(p)
-    return parents, settings
+    return parents
 
 
-def streamable(method: str, params: TensorParams) -> bool:
-    """Whether ``merge_streamed`` computes this method with these parameters (DELLA and a
-    magnitude trim with an l1 rescale need whole tensors)."""
-    if method not in STREAMED:
-        return False
-    kind, _ = _FAMILY[method]
-    if kind in ("magnitude", "magnitude_outliers"):
-        rescale = rescale_mode(_setting(method, params.globals, "rescale"))
-        return rescale != "l1"
-    return True
-
-
-def merge_streamed(
-    method: str,
+def merge(
     parents: list[torch.Tensor],
     base: torch.Tensor,
     params: TensorParams,
@@ -241,20 +163,25 @@ def merge_streamed(
     out: torch.Tensor,
     workspace: ChunkWorkspace,
     consumed=None,
+    *,
+    method: Method,
 ) -> None:
     """Merge flat CPU tensors ``parents`` over flat ``base`` into flat ``out``, chunk by chunk.
 
     Args:
-        method: a name in ``STREAMED`` for which ``streamable`` holds.
         parents, base: flat tensors of any float dtype (e.g. bf16 mmap views); not modified.
         params: the tensor's parameters; seed: the tensor's seed (randomised methods).
         out: flat output tensor (its dtype is the cast at the end).
         workspace: threads and scratch; ``consumed(start, stop)`` is called once a span of
             the inputs is read for the last time.
+        method: the family member, for which ``method.streamable(params)`` holds.
     """
+    if workspace.chunk % REDUCE_BLOCK:
+        raise ValueError(f"chunk must be a multiple of {REDUCE_BLOCK}")
     n = out.numel()
-    plan, settings = _plan(method, params, n)
-    if any(p.mode == "random" for p in plan) and seed is None:
+    keeps, mix = plan(method, params, n)
+    plans = _parents(keeps, n)
+    if any(p.keep.mode == "random" for p in plans) and seed is None:
         raise RuntimeError("random sparsification needs a seeded generator")
     chunk = workspace.chunk
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -270,8 +197,8 @@ def merge_streamed(
             ds.append(d.sub_(b))
         return b, ds
 
-    cut_parents = [p for p in plan if p.cuts()]
-    l1_parents = [p for p in plan if p.mode == "random" and p.rescale == "l1"]
+    cut_parents = [p for p in plans if p.cuts()]
+    l1_parents = [p for p in plans if p.keep.mode == "random" and p.keep.rescale == "l1"]
     # DARE's keep masks drawn in pass 1 (for the l1 sums), bit-packed for pass 3: n/8 bytes
     # per parent instead of drawing every uniform twice (~1.4 ns each; packing ~0.2 ns).
     drawn: dict[tuple[int, int], np.ndarray] = {}
@@ -288,15 +215,15 @@ def merge_streamed(
             hists = {}
             _, ds = deltas(s, e, cut_parents + l1_parents)
             for p, d in zip(cut_parents + l1_parents, ds):
-                if p.mode == "magnitude":
+                if p.keep.mode == "ranks":
                     hists[p.index] = high_histogram(abs_bits(d, bits), keys)
                 else:
                     block0 = s // REDUCE_BLOCK
                     sums = l1_blocks(d)
                     p.before[block0 : block0 + len(sums)] = sums
-                    keep = keep_draws(seed, p.index, s, e, p.density)
-                    drawn[(p.index, s)] = np.packbits(keep.numpy())
-                    keep_only_(d, keep)
+                    mask = keep_draws(seed, p.index, s, e, p.keep.density)
+                    drawn[(p.index, s)] = np.packbits(mask.numpy())
+                    keep_only_(d, mask)
                     sums = l1_blocks(d)
                     p.after[block0 : block0 + len(sums)] = sums
             return hists
@@ -306,8 +233,7 @@ def merge_streamed(
             for i, h in hists.items():
                 highs[i] += h
         for p in l1_parents:
-            before, after = sum(p.before), sum(p.after)
-            p.factor = before / after if before >= 1e-7 and after >= 1e-7 else None
+            p.factor = l1_factor(sum(p.before), sum(p.after))
         for p in cut_parents:
             for cut in p.cuts():
                 cut.bucket, above = select_from_top(highs[p.index], cut.k)
@@ -346,41 +272,43 @@ def merge_streamed(
                     cut.ties_before.append(cut.ties_before[-1] + counts.get(low_bits, 0))
 
     # Pass 3: the merge.
-    weights = [p.weight for p in plan]
+    weights = [p.keep.weight for p in plans]
 
     def pass3(index: int) -> None:
         s, e = spans[index]
-        b, ds = deltas(s, e, plan)
+        b, ds = deltas(s, e, plans)
         bits = ws.buffer("bits", torch.int32)[: e - s]
-        for p, d in zip(plan, ds):
-            if p.mode == "zero":
+        for p, d in zip(plans, ds):
+            keep = p.keep
+            if keep.mode == "zero":
                 d.zero_()
-            elif p.mode == "magnitude":
+            elif keep.mode == "ranks":
                 abs_bits(d, bits)
-                low, high = p.keep.bound(index), p.drop.bound(index)
+                low, high = p.top.bound(index), p.outliers.bound(index)
                 if low is not None and high is not None:
                     _keep_between_(d, bits, low, high, ws.buffer("keys", torch.int32)[: e - s])
                 else:
                     inside = (bits >= low if low is not None
-                              else p.keep.member(bits, index))
+                              else p.top.member(bits, index))
                     if high is None:
-                        inside &= ~p.drop.member(bits, index)
+                        inside &= ~p.outliers.member(bits, index)
                     elif high < 1 << 31:
                         inside &= bits < high
                     keep_only_(d, inside)
-            elif p.mode == "random":
+                if keep.rescale == "inverse_density":
+                    d.div_(keep.density)
+            elif keep.mode == "random":
                 packed = drawn.pop((p.index, s), None)
-                keep_only_(d, keep_draws(seed, p.index, s, e, p.density) if packed is None
+                keep_only_(d, keep_draws(seed, p.index, s, e, keep.density) if packed is None
                            else torch.from_numpy(np.unpackbits(packed, count=e - s)
                                                  .view(np.bool_)))
-                if p.rescale == "l1":
+                if keep.rescale == "l1":
                     if p.factor is not None:
                         d.mul_(p.factor)
-                elif p.rescale == "inverse_density":
-                    d.div_(p.density)
-            d.mul_(p.weight)
-        mix_into_(b, ds, weights, settings["consensus"], settings["normalize"],
-                  settings["lam"], ws.buffer)
+                elif keep.rescale == "inverse_density":
+                    d.div_(keep.density)
+            d.mul_(keep.weight)
+        mix_into_(b, ds, weights, mix.consensus, mix.normalize, mix.lam, ws.buffer)
         out[s:e].copy_(b)
         if consumed is not None:
             consumed(s, e)

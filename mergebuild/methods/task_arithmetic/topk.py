@@ -18,7 +18,7 @@ nested (top-j ⊆ top-k for j ≤ k), which breadcrumbs relies on. ``-0.0`` and 
 same magnitude; NaNs rank above ``inf`` (their bit patterns are larger).
 
 Measured on this machine kind (torch 2.13 CPU, 2 cores, 50 M float32 from ``torch.randn``,
-k = 20 %, median of ``benchmark()`` runs; times in seconds):
+k = 20 %, median of three runs; times in seconds):
 
     operation                                   2 threads, best   1 thread, load ≈ 6
     magnitude_cut (2 radix passes)                   0.27              0.47
@@ -79,7 +79,8 @@ def _chunks(n: int):
         yield start, min(n, start + CHUNK_ELEMENTS)
 
 
-def _abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of ``|chunk|`` (float32) written into ``out`` (int32 scratch)."""
     out = out[: chunk.numel()]
     return torch.bitwise_and(chunk.view(torch.int32), _ABS_MASK, out=out)
 
@@ -117,19 +118,14 @@ def magnitude_cut(x: torch.Tensor, k: int) -> MagnitudeCut:
 
     high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64, device=flat.device)
     for start, stop in _chunks(n):
-        add_high_histogram_(high, _abs_bits(flat[start:stop], bits), keys)
+        high += high_histogram(abs_bits(flat[start:stop], bits), keys)
     bucket, above = select_from_top(high, k)
     need = k - above
 
     low = torch.zeros(LOW_BINS, dtype=torch.int64, device=flat.device)
     for start, stop in _chunks(n):
-        add_low_histogram_(low, _abs_bits(flat[start:stop], bits), bucket, keys)
+        low += low_histogram(abs_bits(flat[start:stop], bits), bucket, keys)
     return cut_in_bucket(low, bucket, need)
-
-
-def abs_bits(chunk: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The int32 bit patterns of ``|chunk|`` (float32) written into ``out`` (int32 scratch)."""
-    return _abs_bits(chunk, out)
 
 
 def high_histogram(bits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -145,16 +141,6 @@ def low_histogram(bits: torch.Tensor, bucket: int, keys: torch.Tensor) -> torch.
     key = torch.sub(bits, (bucket << 16) - 1, out=keys[: bits.numel()])
     key.clamp_(0, _LOW_BUCKETS + 1)
     return torch.bincount(key, minlength=LOW_BINS)
-
-
-def add_high_histogram_(high: torch.Tensor, bits: torch.Tensor, keys: torch.Tensor) -> None:
-    high += high_histogram(bits, keys)
-
-
-def add_low_histogram_(
-    low: torch.Tensor, bits: torch.Tensor, bucket: int, keys: torch.Tensor
-) -> None:
-    low += low_histogram(bits, bucket, keys)
 
 
 def cut_in_bucket(low: torch.Tensor, bucket: int, need: int) -> MagnitudeCut:
@@ -232,7 +218,7 @@ def keep_magnitude_ranks_(x: torch.Tensor, start: int, stop: int) -> torch.Tenso
     bits = torch.empty(min(n, CHUNK_ELEMENTS), dtype=torch.int32, device=flat.device)
     for lo, hi in _chunks(n):
         chunk = flat[lo:hi]
-        b = _abs_bits(chunk, bits)
+        b = abs_bits(chunk, bits)
         inside = keep.member(b)
         dropped = drop.member(b)
         if dropped is not False:
@@ -263,30 +249,5 @@ def top_k_magnitude_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     top = _TopSet(flat, k)
     bits = torch.empty(min(n, CHUNK_ELEMENTS), dtype=torch.int32, device=flat.device)
     for lo, hi in _chunks(n):
-        mask[lo:hi] = top.member(_abs_bits(flat[lo:hi], bits))
+        mask[lo:hi] = top.member(abs_bits(flat[lo:hi], bits))
     return mask.view(x.shape)
-
-
-def benchmark(n: int = 50_000_000, fraction: float = 0.2, repeat: int = 3) -> dict[str, float]:
-    """Time the radix select against torch's sort-based selections (numbers in the docstring)."""
-    import time
-
-    x = torch.randn(n)
-    k = max(1, int(fraction * n))
-
-    def median_time(fn) -> float:
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    scratch = x.clone()
-    return {
-        "magnitude_cut": median_time(lambda: magnitude_cut(x, k)),
-        "keep_magnitude_ranks_": median_time(lambda: keep_magnitude_ranks_(scratch.copy_(x), 0, k)),
-        "kthvalue": median_time(lambda: torch.kthvalue(x.abs(), n - k + 1)),
-        "topk": median_time(lambda: torch.topk(x.abs(), k)),
-        "sort": median_time(lambda: torch.sort(x.abs())),
-    }
