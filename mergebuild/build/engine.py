@@ -7,7 +7,7 @@ import math
 import mmap
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,11 +17,21 @@ import xxhash
 
 from mergebuild import faults
 from mergebuild.io.checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
-from mergebuild.build.compat import check_compatibility, layer_count, reader_metadata, tensor_sources
+from mergebuild.build.compat import (
+    HEAD_NAMES,
+    check_compatibility,
+    head_name,
+    involved_parents,
+    layer_count,
+    output_layout,
+    reader_metadata,
+    tensor_sources,
+)
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
 from mergebuild.io.hashing import manifest_digest, stat_signature
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES
 from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.build.output_config import StackedRange, output_config
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
 from mergebuild.build.vocab import (
     VocabPlan,
@@ -129,19 +139,20 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     if job.slices is not None:
         return _plan_slices(job, readers)
     donor = readers[job.donor]
-    names = list(donor.tensors)
     num_layers = _num_layers(donor)
     vocab = vocab_plan(job, readers)
-    # The donor's layout; a tied parent's embedding stands in for the donor's lm_head.
-    donor_meta = reader_metadata(donor)
-    sources = {node: tensor_sources(donor_meta, reader_metadata(r)) for node, r in readers.items()}
+    # The donor's layout (plus the head when tied and untied parents meet); a tied parent's
+    # embedding stands in for the output's lm_head.
+    layout = output_layout(reader_metadata(donor),
+                           [reader_metadata(readers[n]) for n in involved_parents(job)])
+    sources = {node: tensor_sources(layout, reader_metadata(r)) for node, r in readers.items()}
 
     def source(node: str, name: str) -> TensorInfo:
         return readers[node].tensors[sources[node][name] or name]
 
     tasks: list[TensorTask] = []
-    for name in names:
-        info = donor.tensors[name]
+    for name in layout.tensors:
+        info = source(job.donor, name)
         base = source(job.base, name) if job.base and job.method.base != "none" else None
         inputs = tuple(source(p.node, name) for p in job.participants)
         shape, remap = info.shape, None
@@ -202,9 +213,10 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     vocab = vocab_plan(job, readers)
     tasks: list[TensorTask] = []
 
-    def non_layer(reader: CheckpointReader, pre: bool) -> list[str]:
-        return [n for n in reader.tensors if layer_index(n) is None
-                and any(h in n for h in _PRE_LAYER_HINTS) == pre]
+    def non_layer(names: Iterable[str], pre: bool) -> list[str]:
+        # An output head ("embed_out" included) comes after the layers, whatever its name.
+        return [n for n in names if layer_index(n) is None
+                and (n not in HEAD_NAMES and any(h in n for h in _PRE_LAYER_HINTS)) == pre]
 
     def simple(node: str, name: str, out_name: str | None = None) -> TensorTask:
         info = readers[node].tensors[name]
@@ -217,7 +229,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
 
     widths = [s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices]
 
-    for name in non_layer(readers[first_node], pre=True):
+    for name in non_layer(readers[first_node].tensors, pre=True):
         tasks.append(simple(first_node, name))
     out_layer = 0
     for s, width in zip(job.slices, widths, strict=True):
@@ -256,9 +268,11 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
             out_layer += 1
     # Final norm and head from the last slice's model in the donor's layout (its config says
     # whether lm_head is tied): a tied last model supplies its embedding for the donor's head.
-    last_sources = tensor_sources(reader_metadata(readers[job.donor]),
-                                  reader_metadata(readers[last_node]))
-    for name in non_layer(readers[job.donor], pre=False):
+    # An untied last model over a tied donor supplies its own head (and unties the output).
+    last_meta = reader_metadata(readers[last_node])
+    layout = output_layout(reader_metadata(readers[job.donor]), [last_meta])
+    last_sources = tensor_sources(layout, last_meta)
+    for name in non_layer(layout.tensors, pre=False):
         src = last_sources[name]
         if src is None:
             raise IncompatibleModelsError(
@@ -337,7 +351,10 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
                     hint="run make again once nothing is writing the parent",
                 )
         files = {name: (sha, (out_dir / name).stat().st_size) for name, sha in hashes.items()}
-        files.update(_copy_support_files(job, readers, out_dir))
+        # The output stores a head its tied donor lacks: its config must say so.
+        untie_head = (head_name(reader_metadata(readers[job.donor])) is None
+                      and any(t.name in HEAD_NAMES for t in tasks))
+        files.update(_copy_support_files(job, readers, out_dir, untie_head))
         vocab = vocab_plan(job, readers)
         if vocab is not None:
             write_vocab_files(vocab, out_dir, files)
@@ -716,8 +733,10 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
     return result.clone() if stream.owns(result) else result
 
 
-def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tuple[str, int]]:
-    """Config and tokenizer from the donor; config adjusted for slices and dtype."""
+def _copy_support_files(job: BuildJob, readers, out_dir: Path,
+                        untie_head: bool = False) -> dict[str, tuple[str, int]]:
+    """Config and tokenizer from the donor; config adjusted for slices, an output head the
+    tied donor lacks (``untie_head``) and dtype."""
     import hashlib
 
     donor_dir = Path(job.parents[job.donor])
@@ -737,15 +756,12 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
     if config_file.is_symlink() and not _inside(config_file, _link_root(donor_dir)):
         config = {}  # a config.json linking out of the model directory is not copied
     if config:
+        stack = None
         if job.slices is not None:
-            total = sum(s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices)
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if key in config:
-                    config[key] = total
-        if job.out_dtype:
-            config["torch_dtype"] = job.out_dtype
-            if "dtype" in config:
-                config["dtype"] = job.out_dtype
+            stack = [StackedRange(readers[node].config or {}, start, end)
+                     for node, (start, end), _ in (s.sources[0] for s in job.slices)]
+        config = output_config(config, stack=stack, untie_head=untie_head,
+                               out_dtype=job.out_dtype)
         put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     for name in (*[c for c in CONFIG_FILES if c != "config.json"], *TOKENIZER_FILES):
         src = donor_dir / name
