@@ -14,7 +14,7 @@ from mergebuild import faults
 from mergebuild.errors import SourceError
 from mergebuild.io.hashing import canonical_json, manifest_digest
 from mergebuild.io.hf_layout import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
-from mergebuild.spec.parse import SourceSpec
+from mergebuild.spec.model import SourceSpec
 from mergebuild.store.objects import Store
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from mergebuild.verbs.verify import scratch_dirs
 from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.spec.parse import MergeSpec
+from mergebuild.spec.model import MergeSpec
 from mergebuild.store.objects import Store, lock_held, remove_tree
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
 
 def _old_demo_dirs(store: Store) -> list[Path]:
     from mergebuild.sources.demo import DEMO_ADAPTERS
-    from mergebuild.spec.parse import SourceSpec
+    from mergebuild.spec.model import SourceSpec
     from mergebuild.sources.resolve import DEMO_MODELS, resolve_demo_adapter, resolve_source
 
     if not store.demo.is_dir():
