@@ -149,3 +149,16 @@ def test_layer_count_and_vocab_from_tensors_without_config():
     meta = _meta(layers=3, vocab=40, config=False)
     assert layer_count(meta) == 3
     assert vocab_size(meta) == 40
+
+
+def test_slices_of_a_model_with_several_layer_stacks_are_refused():
+    vlm = ModelMetadata(
+        config={"model_type": "llava"},
+        tensors={"language_model.model.layers.0.mlp.up_proj.weight": ("F32", (8, 4)),
+                 "vision_tower.encoder.layers.0.mlp.fc1.weight": ("F32", (8, 4))})
+    job = Job(base=None, slices=(SimpleNamespace(sources=(("tuned", (0, 1), {}),)),),
+              method=Method("passthrough", "none"))
+    with pytest.raises(IncompatibleModelsError,
+                       match="'tuned' has 2 layer stacks \\(language_model.model.layers, "
+                             "vision_tower.encoder.layers\\)"):
+        check_compatibility(job, {"tuned": vlm})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mergebuild.errors import IncompatibleModelsError, MergefileError
-from mergebuild.build.parameters import layer_index
+from mergebuild.build.parameters import layer_index, layer_stack
 
 TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)
 
@@ -270,12 +270,27 @@ def _check_pair(node: str, ref_name: str, ref: ModelMetadata, other_name: str,
         )
 
 
+def layer_stacks(meta: ModelMetadata) -> list[str]:
+    """The prefixes of the model's numbered layer stacks: one for a decoder, more for a
+    multi-module model (a VLM's ``model.language_model.layers`` and its vision tower's)."""
+    return sorted({stack for stack in map(layer_stack, meta.tensors) if stack is not None})
+
+
 def _check_slices(job: MergeShape, metadata: Mapping[str, ModelMetadata]) -> None:
     assert job.slices is not None
     families = {}
     for s in job.slices:
         for node, (start, end), _ in s.sources:
             meta = metadata[node]
+            stacks = layer_stacks(meta)
+            if len(stacks) > 1:
+                # A layer_range would cut every stack at once (vision blocks included).
+                raise IncompatibleModelsError(
+                    f"'{node}' has {len(stacks)} layer stacks ({', '.join(stacks)}): a "
+                    f"layer_range cannot say which one it slices", node=job.node,
+                    hint="merge a multi-module model without slices, or slice each module "
+                         "separately (mergekit's modules: syntax)",
+                )
             n = layer_count(meta)
             if end > n:
                 raise IncompatibleModelsError(
@@ -295,5 +310,5 @@ def _check_slices(job: MergeShape, metadata: Mapping[str, ModelMetadata]) -> Non
 
 __all__ = ["HEAD_NAMES", "ModelMetadata", "architecture", "check_compatibility",
            "directory_metadata", "embedding_name", "head_name", "ignored_extras",
-           "involved_parents", "layer_count", "output_layout", "reader_metadata",
+           "involved_parents", "layer_count", "layer_stacks", "output_layout", "reader_metadata",
            "tensor_sources", "vocab_size"]
