@@ -8,6 +8,7 @@ from typing import Any
 from mergebuild import ENGINE_VERSION
 from mergebuild.methods.registry import REQUIRED, Method
 from mergebuild.spec.model import Defaults, MergeSpec
+from mergebuild.spec.validate import participants
 
 
 def _param_defaults(method: Method, scope: str) -> dict[str, Any]:
@@ -38,14 +39,6 @@ def global_parameters(method: Method, spec: MergeSpec) -> dict[str, Any]:
         if p is not None and p.scope == "global":
             out[name] = value
     return out
-
-
-def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
-    """(parent node, its raw parameters) for each model that takes part in the arithmetic."""
-    entries = [(p.ref, p.parameters) for p in spec.models]
-    if method.base != "none" and spec.base is not None:
-        entries = [(ref, params) for ref, params in entries if ref != spec.base]
-    return entries
 
 
 def donor(spec: MergeSpec) -> str:

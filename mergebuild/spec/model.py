@@ -7,21 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from mergebuild.io.dtypes import DTYPE_NAMES
 from mergebuild.spec.yaml_lines import LineDict, plain
 
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[DType, ...] = get_args(DType)
 # Every spelling a Mergefile (or a mergekit config) may use, folded to the one name kept.
-DTYPE_ALIASES: Mapping[str, DType] = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
+DTYPE_ALIASES: Mapping[str, DType] = DTYPE_NAMES  # type: ignore[assignment]
 
 SourceKind = Literal["local", "hub", "demo"]
 # What a tokenizer source does to the vocabulary: keep the base's, take the union, or take

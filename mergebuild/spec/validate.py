@@ -88,13 +88,13 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
                 )
             _check_value(param, value, file, kline, spec.name)
 
-    participants = participant_refs(spec, method)
+    taking_part = participants(spec, method)
     base_line = spec.line_of("base_model")
     if method.base == "required" and spec.base is None:
         raise MergefileError(f"{method.name} needs a base_model", file=file, line=spec.line,
                              node=spec.name, hint="add 'base_model: NODE'")
     if spec.slices is None:
-        count = len(participants)
+        count = len(taking_part)
         if count < method.min_parents or (method.max_parents and count > method.max_parents):
             expected = (
                 f"exactly {method.min_parents}" if method.min_parents == method.max_parents
@@ -117,7 +117,7 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
                                  hint=f"add '{param.name}:' under 'parameters:'")
         if param.scope == "parent" and param.name not in spec.parameters:
             for entry in spec.models:
-                if entry.ref == spec.base and method.base != "none":
+                if entry.ref == arithmetic_base(spec.base, method):
                     continue
                 if param.name not in entry.parameters:
                     raise MergefileError(
@@ -127,12 +127,16 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
                     )
 
 
-def participant_refs(spec: MergeSpec, method: Method) -> list[str]:
-    """The listed models that take part in the arithmetic (the base is passed apart)."""
-    refs = [p.ref for p in spec.models]
-    if method.base != "none" and spec.base is not None:
-        refs = [r for r in refs if r != spec.base]
-    return refs
+def arithmetic_base(base: str | None, method: Method) -> str | None:
+    """The base model as the method uses it: None without one or for a base-free method."""
+    return base if base and method.base != "none" else None
+
+
+def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
+    """(parent node, its raw parameters) for each listed model that takes part in the
+    arithmetic besides the base, which is passed apart (see :func:`arithmetic_base`)."""
+    base = arithmetic_base(spec.base, method)
+    return [(p.ref, p.parameters) for p in spec.models if base is None or p.ref != base]
 
 
 def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> None:

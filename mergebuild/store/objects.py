@@ -8,6 +8,8 @@ Layout of a store directory::
     refs/<node>.json           the last build of each node name: key, digest, recipe (for
                                "what changed" reasons and human-facing names)
     pins/<name>.json           builds kept by ``mergebuild pin`` (gc never removes them)
+    scratch/check.<pid>.<random>/  ``make --check`` rebuilds, never published; gc removes
+                               those whose process is gone
     use.lock                   flock'd shared by every command using objects, exclusively
                                by gc (so gc never removes what a running command uses)
     demo/                      demo models generated on first use
@@ -30,8 +32,9 @@ from typing import Any
 
 from mergebuild import faults
 from mergebuild.errors import StoreError
+from mergebuild.io.atomic import fsync_directory, write_json_atomic
 from mergebuild.io.hashing import StatCache
-from mergebuild.provenance.lineage import quick_check
+from mergebuild.provenance.integrity import quick_check
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
@@ -43,14 +46,6 @@ class StoredBuild:
     path: Path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory below root (files first, then their directories)."""
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -60,7 +55,7 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_directory(Path(dirpath))
 
 
 def _make_readonly(root: Path) -> None:
@@ -99,6 +94,7 @@ class Store:
         self.refs = self.root / "refs"
         self.demo = self.root / "demo"
         self.pins = self.root / "pins"
+        self.scratch = self.root / "scratch"
         self.stat_cache = StatCache(self.root / "state.db")
 
     # objects -----------------------------------------------------------------------------
@@ -224,7 +220,7 @@ class Store:
             faults.point("store.before_rename")
             os.rename(tmp_dir, final)
             faults.point("store.after_rename")
-            _fsync_dir(final.parent)
+            fsync_directory(final.parent)
         except OSError as exc:
             raise self.os_error(exc, f"cannot publish build {key[:12]}") from None
         return final
@@ -248,15 +244,10 @@ class Store:
     def _write_record(self, path: Path, record: dict[str, Any], what: str,
                       node: str | None = None, fault: str | None = None) -> None:
         """Write JSON beside ``path`` and rename it into place (readers see old or new)."""
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            if fault:
-                faults.point(fault)
-            os.replace(tmp, path)
+            write_json_atomic(path, record, indent=1, trailing_newline=False,
+                              before_rename=(lambda: faults.point(fault)) if fault else None)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise self.os_error(exc, what, node=node) from None
 
     # pins --------------------------------------------------------------------------------
@@ -305,6 +296,30 @@ class Store:
                 dead.append(path)
         return dead
 
+    def dead_scratch_dirs(self) -> list[Path]:
+        """Scratch directories of checks whose process is gone (left by a killed check)."""
+        if not self.scratch.is_dir():
+            return []
+        dead = []
+        for path in sorted(self.scratch.iterdir()):
+            parts = path.name.split(".")
+            pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+            if pid is None or not _alive(pid):
+                dead.append(path)
+        return dead
+
+    # scratch builds ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scratch_store(self) -> Iterator[Store]:
+        """This store, except that builds stay in a fresh scratch directory (removed on
+        exit): nothing is published and no ref is written; parents are read from the real
+        objects."""
+        scratch = self.scratch / f"check.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            yield _ScratchStore(self.root, scratch)
+        finally:
+            remove_tree(scratch)
+
     # helpers -----------------------------------------------------------------------------
     def _mkdir(self, path: Path) -> None:
         try:
@@ -321,6 +336,30 @@ class Store:
             return StoreError(f"{what}: permission denied in {self.root}", node=node,
                               hint="check the store's permissions or pass --cache-dir")
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
+
+
+class _ScratchStore(Store):
+    """A store whose builds stay where they were built (see ``Store.scratch_store``)."""
+
+    def __init__(self, root: Path, scratch: Path):
+        super().__init__(root)
+        self.tmp = scratch
+
+    def publish(self, tmp_dir: Path, key: str) -> Path:
+        return tmp_dir
+
+    def write_ref(self, node: str, record: dict[str, Any]) -> None:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _flock_waiting(fd: int, mode: int, on_wait: Callable[[], None] | None) -> None:
