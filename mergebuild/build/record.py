@@ -128,7 +128,8 @@ def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
             if not spec.implicit:
                 models[name] = {"source": _display_uri(spec, mergefile.directory)}
         elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
-            models[name] = spec.plain()
+            # The card is presentation, kept beside the object: the weights' record omits it.
+            models[name] = {k: v for k, v in spec.plain().items() if k != "card"}
     # libyaml's dumper when present: an excerpt grows with the chain's depth.
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     defaults = mergefile.defaults.plain()
