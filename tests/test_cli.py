@@ -134,8 +134,8 @@ def test_console_entry_point_flushes_output_and_keeps_exit_codes(workspace):
     target.write_bytes(target.read_bytes()[:-1000])
     workspace.mergefile.write_text(workspace.mergefile.read_text().replace(
         str(workspace.models / "code"), str(weights)))
-    failed = subprocess.run([*base, "make", "chat-code"], check=False, capture_output=True,
-                          text=True)
+    failed = subprocess.run([*base, "make", "-q", "chat-code"], check=False,
+                            capture_output=True, text=True)  # -q: no progress on stderr
     assert failed.returncode not in (0, 1), failed.stderr
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("mergebuild: error: ")
     assert "'code'" in failed.stderr, failed.stderr
