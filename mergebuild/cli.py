@@ -150,6 +150,9 @@ def plan(ctx, targets, as_json, frozen=False):
             for s in states]), indent=2))
         return
     rows = plan_rows(states)
+    if not rows:
+        click.echo("nothing to do: the Mergefile has no merge nodes")
+        return
     width = max(len(r[0]) for r in rows)
     for name, what, status, why in rows:
         line = f"{name:<{width}}  {what:<18} {status}"
@@ -230,7 +233,13 @@ def import_configs(configs, output):
     for warning in result.warnings:
         click.echo(f"mergebuild: warning: {warning}", err=True)
     if output:
-        Path(output).write_text(result.text, encoding="utf-8")
+        try:
+            Path(output).write_text(result.text, encoding="utf-8")
+        except OSError as exc:
+            from mergebuild.errors import MergefileError
+
+            raise MergefileError(f"cannot write {output}: {exc.strerror or exc}",
+                                 hint="create its directory first, or pick another -o") from None
     else:
         click.echo(result.text, nl=False)
 

@@ -186,6 +186,11 @@ def _huge_tokenizer(models: Path, bad: Path) -> None:
         f.truncate(129 << 20)
 
 
+def _mergekit_config(models: Path, bad: Path) -> None:
+    (bad / "mk.yml").write_text("merge_method: linear\nmodels:\n"
+                                "  - {model: org/model, parameters: {weight: 1.0}}\n")
+
+
 def _fitting_lora(**config) -> Callable[[Path, Path], None]:
     """A PEFT LoRA adapter that fits the demo base, with ``config`` added to its config."""
     def setup(models: Path, bad: Path) -> None:
@@ -451,6 +456,10 @@ CASES = [
          argv=("push", "ok"), target="someone/model",
          env=(("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_OFFLINE", "0"),
               ("HF_TOKEN", "hf_notarealtokenbutlongenough0123456789")), exit_code=1),
+    Case("import-into-missing-dir", "import -o into a directory that does not exist",
+         _head(""), ("cannot write missing_dir/Mergefile", "create its directory first"),
+         argv=("import", "bad/mk.yml", "-o"), target="missing_dir/Mergefile",
+         setup=_mergekit_config, exit_code=2),
     Case("lora-stacked", "two LoRA adapters stacked on one reference",
          _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
                                        ("instruct", "weight: 0.5"))),
