@@ -127,8 +127,8 @@ def test_four_concurrent_makes_build_each_node_once(chain_dir, reference, conten
     started = [start_cli(argv, cwd=chain_dir, env=env) for _ in range(4)]
     runs = [s.wait() for s in started]
     assert [r.returncode for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
-    built = [line.split()[1] for r in runs for line in r.stdout.splitlines()
-             if line.startswith("built ")]
+    built = [line.split()[1] for r in runs for line in r.stderr.splitlines()
+             if line.startswith("built ")]  # progress is on stderr, results on stdout
     assert sorted(built) == sorted(NODES)
     finals = {line for r in runs for line in r.stdout.splitlines()
               if line.startswith("final-model: ")}
@@ -212,9 +212,9 @@ def test_store_object_edited_after_publish(chain_dir, reference):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert [p.kind for p in verify_directory(obj)] == ["modified"]
-    assert "built final-model" not in run_cli(argv, cwd=chain_dir).stdout
+    assert "built final-model" not in run_cli(argv, cwd=chain_dir).stderr
     rebuilt = run_cli([*argv[:-1], "--force", "final-model"], cwd=chain_dir)
-    assert rebuilt.returncode == 0 and "built final-model" in rebuilt.stdout
+    assert rebuilt.returncode == 0 and "built final-model" in rebuilt.stderr
     assert verify_directory(obj) == []
 
     # Size changed: make's cheap check notices, and make rebuilds.
@@ -225,7 +225,7 @@ def test_store_object_edited_after_publish(chain_dir, reference):
     plan = run_cli(["--cache-dir", store.name, "plan", "final-model"], cwd=chain_dir)
     assert "output corrupt or incomplete" in plan.stdout
     again = run_cli(argv, cwd=chain_dir)
-    assert again.returncode == 0 and "built final-model" in again.stdout
+    assert again.returncode == 0 and "built final-model" in again.stderr
     _assert_store_sound(store)
     assert _outputs(store) == reference
 
