@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.export import ExportResult
+    from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -156,18 +156,28 @@ class Project:
 
     # auditing ----------------------------------------------------------------------------
     @_uses_store()
-    def verify(self, node: str) -> VerifyReport:
-        """Re-hash ``node``'s current build against its provenance and walk its chain."""
+    def verify(self, node: str, public_key: Any = None) -> VerifyReport:
+        """Re-hash ``node``'s current build against its provenance, walk its chain, and
+        check that it is what the store published (and, with ``public_key``, signed)."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(self.build_dir(node))
+        path = self.build_dir(node)
+        return verify_build(path, **self._published(path), public_key=public_key)
 
     @staticmethod
-    def verify_directory(directory: str | Path) -> VerifyReport:
-        """:meth:`verify` for a built model directory (no Mergefile, no store)."""
+    def verify_directory(directory: str | Path, public_key: Any = None) -> VerifyReport:
+        """:meth:`verify` for a built model directory (no Mergefile, no store): with
+        ``public_key`` (an exported, signed model) it needs to trust nothing but the key."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(Path(directory))
+        return verify_build(Path(directory), public_key=public_key)
+
+    def _published(self, path: Path) -> dict[str, Any]:
+        """For a store object, the digest the store recorded when it published it."""
+        if path.parent.parent != self.store.objects:
+            return {}  # a source's directory: nothing was published
+        record = self.store.read_published(path.name)
+        return {"in_store": True, "published_digest": record.digest if record else None}
 
     @_uses_store()
     def lineage(self, node: str) -> LineageNode:
@@ -229,17 +239,37 @@ class Project:
 
     # shipping ----------------------------------------------------------------------------
     @_uses_store()
-    def export(self, node: str, directory: str | Path, force: bool = False) -> ExportResult:
-        """Copy ``node``'s verified build to ``directory``."""
+    def export(self, node: str, directory: str | Path, force: bool = False,
+               sign_key: Any = None) -> ExportResult:
+        """Copy ``node``'s verified build to ``directory``; ``force`` replaces only an earlier
+        export or an empty directory, never the store, the project or a source. With
+        ``sign_key`` (Ed25519) the copy carries a DSSE envelope over its provenance."""
         from mergebuild.verbs.export import export_build
 
-        return export_build(self.path(node), Path(directory), force=force, node=node)
+        path = self.build_dir(node)
+        return export_build(path, Path(directory), force=force, node=node,
+                            protected=self._protected(), sign_key=sign_key,
+                            **self._published(path))
+
+    def _protected(self) -> Protected:
+        from mergebuild.spec.model import AdaptedSpec, SourceSpec
+        from mergebuild.verbs.export import Protected
+
+        roots = [(self.mergefile.path.resolve().parent, "the Mergefile's directory")]
+        for name, spec in self.mergefile.nodes.items():
+            local = (spec.uri if isinstance(spec, SourceSpec) and spec.kind == "local" else
+                     spec.adapter if isinstance(spec, AdaptedSpec) else None)
+            if local and not local.startswith(("hf://", "demo://")):
+                roots.append((Path(local), f"the source of '{name}'"))
+        return Protected(store=self.store.root, roots=tuple(roots))
 
     @_uses_store()
     def push(self, node: str, repo_id: str, private: bool = False,
-             revision: str | None = None) -> str:
-        """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
+             revision: str | None = None, sign_key: Any = None) -> str:
+        """Verify ``node``'s build and upload it to the Hub as ``repo_id`` (signed with
+        ``sign_key``: a DSSE envelope travels with it); the commit URL."""
         from mergebuild.verbs.export import push_build
 
-        return push_build(self.path(node), repo_id, private=private, revision=revision,
-                          node=node)
+        path = self.build_dir(node)
+        return push_build(path, repo_id, private=private, revision=revision, node=node,
+                          sign_key=sign_key, **self._published(path))

@@ -98,6 +98,12 @@ class CorruptParentError(StoreError):
         self.file = file
 
 
+class SigningError(MergebuildError):
+    """A signing key cannot be read, or a signature does not verify against the given key."""
+
+    exit_code = 5
+
+
 class BuildInterrupted(MergebuildError):
     """The build was interrupted; nothing was published."""
 

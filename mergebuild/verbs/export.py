@@ -6,16 +6,22 @@ that is not exactly the one that was recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mergebuild.errors import MergebuildError, StoreError
 from mergebuild.provenance.integrity import verify_directory
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import read_statement, short_digest, statement_digest
+
+
+EXPORT_MARKER = ".mergebuild-export"  # written into every export: --force may replace it
 
 
 @dataclass(frozen=True)
@@ -25,25 +31,94 @@ class ExportResult:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Protected:
+    """Directories an export must never replace or write into, each with why.
+
+    ``store``: the store (nothing inside it either); ``roots``: directories that must not
+    be replaced, nor any directory above them (the Mergefile's, each local source's, the
+    current directory).
+    """
+
+    store: Path | None = None
+    roots: Sequence[tuple[Path, str]] = ()
+
+
+def check_destination(dest: Path, *, force: bool, protected: Protected,
+                      node: str | None = None) -> None:
+    """Refuse a destination ``export`` must not write: inside or above the store, the
+    current directory or one above it, a directory holding a Mergefile or a source (or
+    above one), and a non-empty directory that no export wrote (even with ``force``).
+
+    Raises:
+        MergebuildError: one line naming the destination and why; nothing was touched.
+    """
+    real = Path(os.path.realpath(dest))
+    refuse = lambda why: MergebuildError(  # noqa: E731
+        f"refusing to export to {dest}: {why}", node=node,
+        hint="pick a new or empty directory, or one a previous export wrote")
+    if protected.store is not None:
+        store = Path(os.path.realpath(protected.store))
+        if real == store or real.is_relative_to(store):
+            raise refuse(f"it is {'' if real == store else 'inside '}the store {store}")
+        if store.is_relative_to(real):
+            raise refuse(f"it holds the store {store}")
+    roots = [*protected.roots, (Path.cwd(), "the current directory")]
+    for root, what in roots:
+        root = Path(os.path.realpath(root))
+        if root.is_relative_to(real):
+            raise refuse(f"it {'is' if root == real else 'holds'} {what}")
+    if real.is_dir():
+        if (real / "Mergefile").exists():
+            raise refuse("it holds a Mergefile")
+        if any(real.iterdir()):
+            if not force:
+                raise MergebuildError(f"{dest} is not empty", node=node,
+                                      hint="pass --force to replace an earlier export, or "
+                                      "pick an empty directory")
+            if not (real / EXPORT_MARKER).is_file():
+                raise refuse(f"it is not empty and no export wrote it (no {EXPORT_MARKER})")
+
+
+def check_published(statement: dict, published_digest: str | None, node: str | None,
+                    doing: str) -> None:
+    """A store object ships only as the store published it: its statement must state the
+    digest recorded at publish (a consistent rewrite of weights and provenance is caught)."""
+    stated = statement_digest(statement)
+    if published_digest is None or stated != published_digest:
+        what = ("the store holds no record of publishing it" if published_digest is None else
+                f"its provenance states {short_digest(stated)}, the store published "
+                f"{short_digest(published_digest)}")
+        raise StoreError(f"refusing to {doing}: the build is not what the store published "
+                         f"({what})", node=node,
+                         hint="make rebuilds a corrupt store object")
+
+
 def export_build(build: Path, dest: Path, *, force: bool = False,
-                 node: str | None = None) -> ExportResult:
+                 node: str | None = None, protected: Protected = Protected(),
+                 published_digest: str | None = None, in_store: bool = False,
+                 sign_key: Any = None) -> ExportResult:
     """Copy a built model directory (weights, config, tokenizer, card, provenance) to ``dest``.
 
     The copy is made in a temporary sibling of ``dest``, verified against the provenance,
     and renamed into place; its files are ordinary writable files.
 
+    ``force`` replaces only an earlier export (it holds ``.mergebuild-export``, the export
+    record) or an empty directory; see :func:`check_destination` for what is refused.
+
     Raises:
-        MergebuildError: ``dest`` is a file, or a non-empty directory without ``force``.
+        MergebuildError: ``dest`` is a file, protected, or a non-empty directory that is
+            not an earlier export (or is one, without ``force``).
         StoreError: the build does not match its provenance.
     """
     build, dest = Path(build), Path(dest).absolute()
-    read_statement(build)  # a mergebuild build, not any directory
+    statement = read_statement(build)  # a mergebuild build, not any directory
     if dest.exists() and not dest.is_dir():
         raise MergebuildError(f"{dest} exists and is not a directory", node=node,
                               hint="pick another destination")
-    if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise MergebuildError(f"{dest} is not empty", node=node,
-                              hint="pass --force to replace it, or pick an empty directory")
+    check_destination(dest, force=force, protected=protected, node=node)
+    if in_store:
+        check_published(statement, published_digest, node, "export")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
@@ -57,6 +132,14 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
             raise StoreError(f"the build does not match its provenance: {problems[0]}{more}",
                              node=node, hint="run 'mergebuild verify'; make rebuilds a "
                              "corrupt store object")
+        marker = {"node": node, "digest": statement_digest(statement),
+                  "from": str(build), "files": files}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        if sign_key is not None:
+            from mergebuild.provenance.signing import sign_directory
+
+            sign_directory(staging, sign_key)
+            files += 1
         os.chmod(staging, 0o755)
         _replace_dir(staging, dest)
     except OSError as exc:
@@ -101,7 +184,9 @@ def _replace_dir(staging: Path, dest: Path) -> None:
 
 
 def push_build(build: Path, repo_id: str, *, private: bool = False,
-               revision: str | None = None, node: str | None = None) -> str:
+               revision: str | None = None, node: str | None = None,
+               published_digest: str | None = None, in_store: bool = False,
+               sign_key: Any = None) -> str:
     """Verify a built model and upload it to the Hugging Face Hub as ``repo_id``.
 
     Creates the repo (and the ``revision`` branch) when missing. The token comes from
@@ -111,14 +196,26 @@ def push_build(build: Path, repo_id: str, *, private: bool = False,
     Returns:
         The URL of the commit.
     """
-    from huggingface_hub import HfApi
-
     build = Path(build)
     statement = read_statement(build)
     problems = verify_directory(build)
     if problems:
         raise StoreError(f"refusing to push: the build does not match its provenance: "
                          f"{problems[0]}", node=node, hint="run 'mergebuild verify'")
+    if in_store:
+        check_published(statement, published_digest, node, "push")
+    if sign_key is not None:  # the envelope travels with the model: push a signed copy
+        with tempfile.TemporaryDirectory(prefix="mergebuild-push-") as staging:
+            signed = Path(staging) / "model"
+            export_build(build, signed, node=node, sign_key=sign_key)
+            return _upload(signed, repo_id, statement, private, revision, node)
+    return _upload(build, repo_id, statement, private, revision, node)
+
+
+def _upload(build: Path, repo_id: str, statement: dict, private: bool,
+            revision: str | None, node: str | None) -> str:
+    from huggingface_hub import HfApi
+
     api = HfApi()
     digest = short_digest(statement_digest(statement))
     try:
