@@ -144,6 +144,13 @@ def sign_directory(directory: Path, private_key: Any) -> Path:
     return path
 
 
+def _b64(text: str) -> bytes:
+    """DSSE allows standard or URL-safe Base64."""
+    if "-" in text or "_" in text:
+        return base64.urlsafe_b64decode(text.encode("ascii"))
+    return base64.b64decode(text, validate=True)
+
+
 def check_signature(directory: Path, public_key: Any) -> str | None:
     """Why ``directory``'s envelope does not vouch for its ``provenance.json`` under
     ``public_key``, or None when a signature by that key covers exactly those bytes."""
@@ -154,8 +161,8 @@ def check_signature(directory: Path, public_key: Any) -> str | None:
             return f"{SIGNATURE_FILE} is over 64 MiB"
         envelope = json.loads(path.read_text(encoding="utf-8"))
         payload_type = envelope["payloadType"]
-        payload = base64.b64decode(envelope["payload"], validate=True)
-        signatures = [base64.b64decode(s["sig"], validate=True) for s in envelope["signatures"]]
+        payload = _b64(envelope["payload"])
+        signatures = [_b64(s["sig"]) for s in envelope["signatures"]]
     except FileNotFoundError:
         return f"not signed (no {SIGNATURE_FILE})"
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
