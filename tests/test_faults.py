@@ -295,10 +295,10 @@ def test_child_build_hashes_a_corrupt_parent_and_moves_it_aside(chain_dir, refer
     run = run_cli(["--cache-dir", store.name, "make", "final-model"], cwd=chain_dir,
                   env={"MERGEBUILD_FAULT": f"engine.start:1:flip={weights}"})
     assert run.returncode == 4, run.stderr
-    assert run.error_lines == [
+    assert run.error_lines == [(
         "mergebuild: error: node 'final-model': parent 'base-instruct' is corrupt in the "
         "store: model.safetensors is not what was published (it was moved aside; run make "
-        "again to rebuild it)"]
+        "again to rebuild it)")]
     assert not parent.exists()
     (moved,) = Store(store).quarantined_objects()
     assert moved.name.startswith(parent.name)

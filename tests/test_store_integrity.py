@@ -66,7 +66,7 @@ def test_unchanged_object_is_reused_without_reading_its_weights(workspace, monke
     # The signature check is cheap: a fresh object's files are not re-read.
     workspace.write(CHAIN)
     workspace.project().make(["chat-code"])
-    import mergebuild.io.hashing as hashing
+    from mergebuild.io import hashing
 
     def no_reads(path):
         raise AssertionError(f"re-hashed {path}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 from mergebuild.store.objects import Store
 
 

@@ -20,9 +20,9 @@ import queue
 import struct
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import xxhash

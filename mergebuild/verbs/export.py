@@ -20,7 +20,6 @@ from mergebuild.provenance.integrity import verify_directory
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import read_statement, short_digest, statement_digest
 
-
 EXPORT_MARKER = ".mergebuild-export"  # written into every export: --force may replace it
 
 
@@ -54,9 +53,12 @@ def check_destination(dest: Path, *, force: bool, protected: Protected,
         MergebuildError: one line naming the destination and why; nothing was touched.
     """
     real = Path(os.path.realpath(dest))
-    refuse = lambda why: MergebuildError(  # noqa: E731
-        f"refusing to export to {dest}: {why}", node=node,
-        hint="pick a new or empty directory, or one a previous export wrote")
+
+    def refuse(why: str) -> MergebuildError:
+        return MergebuildError(f"refusing to export to {dest}: {why}", node=node,
+                               hint="pick a new or empty directory, or one a previous "
+                               "export wrote")
+
     if protected.store is not None:
         store = Path(os.path.realpath(protected.store))
         if real == store or real.is_relative_to(store):
