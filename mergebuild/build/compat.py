@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mergebuild.errors import IncompatibleModelsError, MergefileError
 from mergebuild.build.parameters import layer_index, layer_stack
+from mergebuild.errors import IncompatibleModelsError, MergefileError
 from mergebuild.spec.validate import arithmetic_base
 
 TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)

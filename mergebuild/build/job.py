@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from mergebuild.errors import CheckpointError
 from mergebuild.methods.registry import Method
 from mergebuild.plan.recipe import donor, global_parameters, parent_parameters
-from mergebuild.spec.validate import participants, slice_base
 from mergebuild.plan.staleness import NodeState
 from mergebuild.sources.resolve import adapter_directory, fetch_adapter, materialize
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec
+from mergebuild.spec.validate import participants, slice_base
 from mergebuild.store.objects import Store
 
 if TYPE_CHECKING:

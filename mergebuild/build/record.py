@@ -21,7 +21,7 @@ from mergebuild.plan.recipe import global_parameters, parent_parameters
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.secrets import portable_uri
 from mergebuild.spec.graph import build_order
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 
 if TYPE_CHECKING:
     from mergebuild.build.engine import BuildOutput

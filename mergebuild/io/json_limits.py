@@ -17,8 +17,8 @@ __all__ = [
     "TOKENIZER_MAX_BYTES",
     "loads_bounded",
     "nesting_depth",
-    "read_json_bounded",
     "read_bytes_bounded",
+    "read_json_bounded",
 ]
 
 # Deeper than any real config, tokenizer, index or statement (a statement nests ~10 deep);

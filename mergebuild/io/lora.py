@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergebuild.io.checkpoint import CheckpointReader
 from mergebuild.errors import IncompatibleModelsError, SourceError
+from mergebuild.io.checkpoint import CheckpointReader
 from mergebuild.io.json_limits import CONFIG_MAX_BYTES, read_json_bounded
 from mergebuild.io.module_patterns import ModulePattern, PatternError
 

@@ -39,6 +39,10 @@ _CATEGORIES: dict[object, Predicate] = {
 }
 
 
+def _equals(char: str) -> Predicate:
+    return lambda c: c == char
+
+
 class ModulePattern:
     """One pattern key, compiled to an NFA; :meth:`matches` is PEFT's test for a module name."""
 
@@ -146,7 +150,7 @@ class ModulePattern:
         tests: list[Predicate] = []
         for kind, value in av[1:] if negate else av:
             if kind is sre.LITERAL:
-                tests.append(lambda c, ch=chr(value): c == ch)
+                tests.append(_equals(chr(value)))
             elif kind is sre.RANGE:
                 tests.append(lambda c, lo=value[0], hi=value[1]: lo <= ord(c) <= hi)
             elif kind is sre.CATEGORY and value in _CATEGORIES:

@@ -19,19 +19,18 @@ A hub-hosted LoRA adapter is locked under its node's name plus ``#adapter``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergebuild.io.atomic import write_json_atomic
 from mergebuild.errors import MergefileError, StoreError
+from mergebuild.io.atomic import write_json_atomic
+from mergebuild.io.json_limits import loads_bounded
 from mergebuild.sources.hub import HubResolution
 from mergebuild.sources.resolve import ResolvedSource, resolve_adapter, resolve_source
 from mergebuild.spec.model import AdaptedSpec, Mergefile, SourceSpec
 from mergebuild.store.objects import Store
-from mergebuild.io.json_limits import loads_bounded
 
 if TYPE_CHECKING:
     from mergebuild.plan.staleness import NodeState

@@ -15,7 +15,7 @@ from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, NodeKind, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, NodeKind, SourceSpec
 from mergebuild.store.objects import Store
 
 

@@ -8,7 +8,6 @@ same card.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, read_json_bounded
 from mergebuild.provenance.lineage import (
     LineageNode,
     format_parameters,
@@ -368,7 +368,7 @@ def licence_of(directory: Path) -> str | None:
     found = metadata.get("license")
     if not found:
         try:
-            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            config = read_json_bounded(directory / "config.json", CONFIG_MAX_BYTES)
         except (OSError, UnicodeDecodeError, ValueError):
             config = {}
         found = config.get("license") if isinstance(config, dict) else None

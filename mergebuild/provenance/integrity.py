@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mergebuild.errors import StoreError
+from mergebuild.io.json_limits import RECORD_MAX_BYTES, read_json_bounded
 from mergebuild.provenance.statement import (
     CARD_ATTESTATION_FILE,
     CARD_FILE,
@@ -32,7 +32,9 @@ from mergebuild.provenance.statement import (
 
 __all__ = ["PROBLEM_KINDS", "Problem", "chain_problems", "quick_check", "verify_directory"]
 
-PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance",
+                 "not-as-published", "bad-signature")
+SIGNATURE_FILE = "provenance.dsse.json"  # a DSSE envelope over provenance.json (signing.py)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def _card_attestation(directory: Path, statement: Mapping[str, Any]
     if not path.is_file():
         return None
     try:
-        attestation = json.loads(path.read_text(encoding="utf-8"))
+        attestation = read_json_bounded(path, RECORD_MAX_BYTES)
         assert attestation["predicateType"] == CARD_PREDICATE_TYPE
         (subject,) = attestation["subject"]
         assert subject["name"] == CARD_FILE
@@ -160,7 +162,8 @@ def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
             if filename.startswith("."):
                 continue
             rel = (Path(root) / filename).relative_to(directory).as_posix()
-            if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE):
+            if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE,
+                                                   SIGNATURE_FILE):
                 problems.append(Problem(rel, "unexpected", "not listed in provenance"))
     return problems
 

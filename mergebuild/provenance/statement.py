@@ -54,8 +54,8 @@ from types import MappingProxyType
 from typing import Any
 
 from mergebuild.errors import StoreError
-from mergebuild.provenance.secrets import scrub_secrets
 from mergebuild.io.json_limits import PROVENANCE_MAX_BYTES, loads_bounded, read_bytes_bounded
+from mergebuild.provenance.secrets import scrub_secrets
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -347,14 +347,14 @@ def flatten_statement(statement: Mapping) -> tuple[dict, dict[str, dict]]:
     upstream = {str(k): v for k, v in upstream.items() if isinstance(v, dict)}
     pending = [flat, *upstream.values()]
     while pending:
-        for annotations in _annotations(pending.pop()):
-            if not isinstance(annotations.get("statement"), Mapping):
+        for notes in _annotations(pending.pop()):
+            if not isinstance(notes.get("statement"), Mapping):
                 continue
-            nested, more = _without_upstream(annotations.pop("statement"))
+            nested, more = _without_upstream(notes.pop("statement"))
             pending.append(nested)
             pending.extend(more.values())
             upstream.update(more)
-            annotations["_nested"] = nested
+            notes["_nested"] = nested
     # Ids are computed after every nested statement is itself flat, children first.
     stack = [flat, *upstream.values()]
     seen: set[int] = set()
@@ -369,11 +369,11 @@ def flatten_statement(statement: Mapping) -> tuple[dict, dict[str, dict]]:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        for annotations in _annotations(current):
-            nested = annotations.pop("_nested", None)
+        for notes in _annotations(current):
+            nested = notes.pop("_nested", None)
             if nested is not None:
-                annotations["statementDigest"] = statement_id(nested)
-                upstream[annotations["statementDigest"]] = nested
+                notes["statementDigest"] = statement_id(nested)
+                upstream[notes["statementDigest"]] = nested
     return flat, upstream
 
 

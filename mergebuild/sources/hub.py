@@ -44,9 +44,9 @@ from mergebuild.io.hf_layout import (
     repo_cache_dir,
     snapshot_path,
 )
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, INDEX_MAX_BYTES, read_json_bounded
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.sources.pickle import load_pickle_state_dict
-from mergebuild.io.json_limits import CONFIG_MAX_BYTES, INDEX_MAX_BYTES, read_json_bounded
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -13,11 +13,16 @@ import xxhash
 from mergebuild import faults
 from mergebuild.errors import SourceError
 from mergebuild.io.hashing import canonical_json, manifest_digest
-from mergebuild.io.hf_layout import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
+from mergebuild.io.hf_layout import (
+    CONFIG_FILES,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
+)
+from mergebuild.io.json_limits import CONFIG_MAX_BYTES, TOKENIZER_MAX_BYTES
 from mergebuild.sources.pickle import load_pickle_state_dict
 from mergebuild.spec.model import SourceSpec
 from mergebuild.store.objects import Store
-from mergebuild.io.json_limits import CONFIG_MAX_BYTES, TOKENIZER_MAX_BYTES
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
 

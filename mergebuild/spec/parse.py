@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mergebuild.errors import GraphError, MergefileError
+from mergebuild.io.chat_templates import NAMED_TEMPLATES, template_problem
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.card import SOURCE_CARD_KEYS, parse_card
 from mergebuild.spec.model import (
@@ -38,7 +39,6 @@ from mergebuild.spec.validate import (
     did_you_mean,
     validate_parameters,
 )
-from mergebuild.io.chat_templates import NAMED_TEMPLATES, template_problem
 from mergebuild.spec.yaml_lines import LineDict, line_of, load_yaml
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

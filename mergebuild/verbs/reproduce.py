@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.plan.staleness import NodeState
 from mergebuild.io.hf_layout import SAFETENSORS_INDEX
+from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.statement import (
     CARD_FILE,
     read_statement,
