@@ -305,7 +305,7 @@ def test_child_build_hashes_a_corrupt_parent_and_moves_it_aside(chain_dir, refer
     assert [d.name for d in Store(store).iter_objects()] == [_ref_object(store, "chat-code").name]
     again = run_cli(["--cache-dir", store.name, "make", "final-model"], cwd=chain_dir)
     assert again.returncode == 0, again.stderr
-    assert "built base-instruct" in again.stdout and "built final-model" in again.stdout
+    assert "built base-instruct" in again.stderr and "built final-model" in again.stderr
     _assert_store_sound(store)
     assert _outputs(store) == reference
 
@@ -348,7 +348,7 @@ def test_a_forged_object_is_caught_by_verify_export_push_and_make(chain_dir, ref
     assert "output corrupt or incomplete" in plan.stdout
     again = run_cli([*argv, "make", "final-model"], cwd=chain_dir)
     assert again.returncode == 0, again.stderr
-    assert "built chat-code" in again.stdout and "built final-model" not in again.stdout
+    assert "built chat-code" in again.stderr and "built final-model" not in again.stderr
     _assert_store_sound(store)
     assert _outputs(store) == reference
 
@@ -365,10 +365,10 @@ def test_forced_rebuild_of_a_parent_while_a_child_reads_it(chain_dir, reference)
     reader = start_cli([*argv, "make", "final-model"], cwd=chain_dir,
                        env={"MERGEBUILD_FAULT": "engine.read_tensor:1:sleep=4"})
     forced = run_cli([*argv, "make", "-B", "base-instruct"], cwd=chain_dir)
-    assert forced.returncode == 0 and "built base-instruct" in forced.stdout, forced.stderr
+    assert forced.returncode == 0 and "built base-instruct" in forced.stderr, forced.stderr
     read = reader.wait()
     assert read.returncode == 0, read.stderr
-    assert "built final-model" in read.stdout
+    assert "built final-model" in read.stderr
     assert (parent / "model.safetensors").stat().st_ino == inode  # left in place
     _assert_store_sound(store)
     assert _outputs(store) == reference
