@@ -40,6 +40,7 @@ class Maker:
         self.planner = planner
         self.lock = lock
         self.store = store
+        self.refs = store.refs_of(mergefile.path)  # this Mergefile's records, nobody else's
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter) -> MakeResult:
@@ -98,7 +99,7 @@ class Maker:
         been built here (so something will be): the import (~2 s) then overlaps the hashing
         (~1 s for a 2.4 GB fresh store). A no-op make never imports torch."""
         merges = [n for n, s in self.mergefile.nodes.items() if isinstance(s, MergeSpec)]
-        if not (force or any(self.store.read_ref(n) is None for n in merges)):
+        if not (force or any(self.refs.read(n) is None for n in merges)):
             return
 
         def load() -> None:
@@ -142,12 +143,12 @@ class Maker:
                           seconds=time.monotonic() - t0, bytes_written=written, path=path)
 
     def _record(self, spec: MergeSpec, method: Method, state: NodeState) -> None:
-        previous = self.store.read_ref(spec.name)
-        if previous and previous.get("key") == state.key:
+        previous = self.refs.read(spec.name)
+        if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
             return
-        self.store.write_ref(spec.name, {
+        self.refs.write(spec.name, {
             "key": state.key, "digest": state.digest, "recipe": state.recipe,
-            "parents": parent_names(spec, method), "mergefile": str(self.mergefile.path),
+            "parents": parent_names(spec, method),
         })
 
     def _build(self, spec: MergeSpec, method: Method, state: NodeState,

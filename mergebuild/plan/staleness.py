@@ -49,6 +49,7 @@ class Planner:
         self.graph = graph
         self.store = store
         self.sources = sources
+        self.refs = store.refs_of(mergefile.path)
 
     def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
         targets = list(targets) or default_targets(self.graph)
@@ -89,7 +90,7 @@ class Planner:
                               self.mergefile.defaults)
         state = NodeState(name=spec.name, kind="merge", status="stale", method=method.name,
                           recipe=recipe)
-        previous = self.store.read_ref(spec.name)
+        previous = self.refs.read(spec.name)
         if pending:
             if previous and isinstance(previous.get("recipe"), dict):
                 reasons = recipe_changes(previous["recipe"], recipe, parent_names(spec, method))
@@ -161,7 +162,7 @@ class Planner:
         states = self.plan(list(self.mergefile.nodes))
         keys = {s.key for s in states if s.kind == "merge" and s.key}
         for name, spec in self.mergefile.nodes.items():
-            ref = self.store.read_ref(name)
+            ref = self.refs.read(name)
             if isinstance(spec, MergeSpec) and ref and ref.get("key"):
                 keys.add(str(ref["key"]))
         return keys
