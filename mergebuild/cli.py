@@ -170,9 +170,13 @@ def path(ctx, node):
 @click.option("--as", "name", help="The pin's name (default: NODE), e.g. v1.0.")
 @click.option("--list", "list_pins", is_flag=True, help="List the store's pins.")
 @click.option("--remove", metavar="NAME", help="Remove pin NAME (gc may then collect it).")
+@click.option("--force", is_flag=True, help="Move pin NAME if it already keeps another build.")
 @click.pass_context
-def pin(ctx, node, name, list_pins, remove):
-    """Keep NODE's current build from gc under a name, whatever the Mergefile becomes."""
+def pin(ctx, node, name, list_pins, remove, force):
+    """Keep NODE's current build from gc under a name, whatever the Mergefile becomes.
+
+    A pin's name then names its build wherever a build is named (path, export, push,
+    lineage, verify): a bare name that is not a node, or pin:NAME."""
     if node is not None and (list_pins or remove is not None):
         raise click.UsageError("give NODE to pin it, or --remove NAME, or --list")
     project = _project(ctx)
@@ -185,7 +189,7 @@ def pin(ctx, node, name, list_pins, remove):
         project.unpin(remove)
         click.echo(f"unpinned {remove}")
         return
-    pin_name, record = project.pin(node, name)
+    pin_name, record = project.pin(node, name, force=force)
     click.echo(f"pinned {node} as {pin_name}: {record['path']}")
 
 
