@@ -360,7 +360,7 @@ def _nbytes(task: TensorTask) -> int:
     return math.prod(task.shape) * dtype_size(task.dtype)
 
 
-def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:
+def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int, int]]]:
     return [(str(p), stat_signature(p)) for p in reader.weight_files()]
 
 
