@@ -241,7 +241,7 @@ class Project:
         """Keep ``node``'s current build (or another pin's build) out of ``gc``'s reach under
         ``name`` (default: the node's name), whatever later happens to the Mergefile; returns
         (name, record). An existing pin of another build moves only with ``force``."""
-        name = name or (node[4:] if node.startswith("pin:") else node)
+        name = name or node.removeprefix("pin:")
         if not _PIN_NAME.match(name):
             raise MergefileError(f"invalid pin name {shorten(name)}", node=None,
                                  hint="use letters, digits, '.', '_' and '-' (e.g. v1.0)")

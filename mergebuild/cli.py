@@ -205,7 +205,13 @@ def import_configs(configs, output):
     for warning in result.warnings:
         click.echo(f"mergebuild: warning: {warning}", err=True)
     if output:
-        Path(output).write_text(result.text, encoding="utf-8")
+        try:
+            Path(output).write_text(result.text, encoding="utf-8")
+        except OSError as exc:
+            hint = ("create the directory first" if isinstance(exc, FileNotFoundError)
+                    else "choose a path you can write")
+            raise MergebuildError(f"cannot write {output}: {exc.strerror or exc}",
+                                  hint=hint) from None
     else:
         click.echo(result.text, nl=False)
 

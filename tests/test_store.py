@@ -95,10 +95,11 @@ def test_a_locked_stat_cache_is_waited_for_with_a_message_then_fails_in_one_line
     store = tmp_path / "cache"
     StatCache(store / "state.db").digest(tmp_path / "Mergefile")  # the database exists
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3, sys, time\n"
-         f"c = sqlite3.connect({str(store / 'state.db')!r}, isolation_level=None)\n"
-         "c.execute('BEGIN EXCLUSIVE'); c.execute('DELETE FROM file_digests')\n"
-         "print('held', flush=True); time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(store / 'state.db')!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); c.execute('DELETE FROM file_digests')\n"
+            "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         started = time.monotonic()

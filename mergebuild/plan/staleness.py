@@ -8,7 +8,7 @@ from typing import Any
 
 import networkx as nx
 
-from mergebuild.errors import StoreError
+from mergebuild.errors import MergefileError, StoreError
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
@@ -53,6 +53,10 @@ class Planner:
 
     def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
         targets = list(targets) or default_targets(self.graph)
+        if not targets:
+            raise MergefileError("the Mergefile has no merge nodes: nothing to plan or build",
+                                 file=str(self.mergefile.path),
+                                 hint="add a node with 'merge_method:', as in Mergefile.example")
         check_targets(self.mergefile, targets)
         return targets
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergebuild.errors import GraphError, MergefileError
+from mergebuild.errors import GraphError, MergefileError, shorten
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.model import (
     DTYPE_ALIASES,
@@ -38,6 +38,10 @@ from mergebuild.spec.validate import (
 from mergebuild.spec.yaml_lines import LineDict, line_of, load_yaml
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A node's record is refs/<id>/<name>.json, written through a temp file beside it: a name
+# this long always fits a file name (255 bytes) and still reads in a terminal.
+MAX_NODE_NAME = 128
+MAX_DESCRIPTION = 10_000  # characters: a paragraph or a page, not a pasted file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # A size is bytes, or a number and a unit: KB/MB/GB/TB count in powers of 1000 and
@@ -87,7 +91,8 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     version = data.get("version", 1)
     if version != 1:
         raise MergefileError(
-            f"unsupported Mergefile version {version!r}", file=file, line=data.line_of("version"),
+            f"unsupported Mergefile version {shorten(version)}", file=file,
+            line=data.line_of("version"),
             hint="this mergebuild reads version 1",
         )
     raw_defaults = data.get("defaults") or LineDict()
@@ -113,7 +118,7 @@ def parse_dtype(value: Any, file: str, line: int, node: str | None) -> DType:
     """A dtype as written (any alias, any case) → its one name; else a MergefileError."""
     if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
         raise MergefileError(
-            f"unsupported dtype {value!r}", file=file, line=line, node=node,
+            f"unsupported dtype {shorten(value)}", file=file, line=line, node=node,
             hint="use float32, float16 or bfloat16",
         )
     return DTYPE_ALIASES[value.lower()]
@@ -128,7 +133,7 @@ def parse_size(value: Any, file: str, line: int, key: str) -> int:
         number = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
     if number is None or number < 1 or not float(number).is_integer():
         raise MergefileError(
-            f"'{key}' must be a positive size, got {value!r}", file=file, line=line,
+            f"'{key}' must be a positive size, got {shorten(value)}", file=file, line=line,
             hint="write bytes (5000000000) or a size: 500MB or 5GB (powers of 1000), "
                  "2GiB (powers of 1024)",
         )
@@ -139,7 +144,7 @@ def parse_device(value: Any, file: str, line: int) -> str:
     """A device as written; only the ones the engine can run on pass."""
     if not isinstance(value, str) or not _DEVICE.match(value):
         raise MergefileError(
-            f"unsupported device {value!r}", file=file, line=line,
+            f"unsupported device {shorten(value)}", file=file, line=line,
             hint="use auto, cpu, cuda, cuda:N or mps",
         )
     return value
@@ -174,16 +179,31 @@ class _Builder:
 
     def add(self, name: str) -> None:
         line = self.models.line_of(name)
+        number = self.models.written_as_number(name)
+        if number is not None:
+            raise self.error(
+                f"node name {number} is read by YAML as the number {name}", line, None,
+                f"quote it: '{number}': (or start it with a letter)")
         if not NODE_NAME.match(name) or ".." in name:
             raise self.error(
-                f"invalid node name '{name}'", line, None,
+                f"invalid node name {shorten(name)}", line, None,
                 "node names use letters, digits, '.', '_' and '-', no slashes or '..'",
             )
+        if len(name) > MAX_NODE_NAME:
+            raise self.error(
+                f"node name {shorten(name, 40)} is {len(name)} characters long", line, None,
+                f"use at most {MAX_NODE_NAME}")
         body = self.models[name]
         if not isinstance(body, LineDict):
             raise self.error(
                 "a node must be a mapping with 'source:' or 'merge_method:'", line, name
             )
+        description = body.get("description")
+        if description is not None and (not isinstance(description, str)
+                                        or len(description) > MAX_DESCRIPTION):
+            raise self.error(
+                f"'description' must be text of at most {MAX_DESCRIPTION:,} characters",
+                body.line_of("description"), name, "write a paragraph, not a pasted file")
         if "source" in body:
             self.nodes[name] = self._source(name, body)
         elif "merge_method" in body:
@@ -215,13 +235,13 @@ class _Builder:
         if uri.startswith("hf://"):
             repo = uri[5:].split("@", 1)[0]
             if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", repo):
-                raise self.error(f"invalid hub reference '{uri}'", line, node,
+                raise self.error(f"invalid hub reference {shorten(uri)}", line, node,
                                  "write hf://org/name or hf://org/name@revision")
             return uri
         if uri.startswith("demo://"):
             return uri
         if "://" in uri:
-            raise self.error(f"unsupported source '{uri}'", line, node,
+            raise self.error(f"unsupported source {shorten(uri)}", line, node,
                              "use a local path, hf://org/name[@rev] or demo://name")
         return str((self.base_dir / Path(uri).expanduser()).resolve())
 
@@ -234,8 +254,8 @@ class _Builder:
 
     def _ref(self, ref: Any, line: int, node: str | None) -> str:
         if not isinstance(ref, str) or not ref.strip():
-            raise self.error(f"model reference must be a node name or a path, not {ref!r}", line,
-                             node)
+            raise self.error(f"model reference must be a node name or a path, not {shorten(ref)}",
+                             line, node)
         ref = ref.strip()
         if ref in self.models:
             return ref
@@ -253,7 +273,7 @@ class _Builder:
         hint = did_you_mean(ref, list(self.models)) or (
             "name a node of this Mergefile, a path (./dir) or a hub id (hf://org/name)"
         )
-        raise GraphError(f"unknown model '{ref}'", file=self.file, line=line, node=node,
+        raise GraphError(f"unknown model {shorten(ref)}", file=self.file, line=line, node=node,
                          hint=hint)
 
     def _adapted(self, ref: str, line: int, node: str | None) -> str:
@@ -264,10 +284,10 @@ class _Builder:
         """
         parts = [part.strip() for part in ref.split("+")]
         if not all(parts):
-            raise self.error(f"cannot parse LoRA reference '{ref}'", line, node,
+            raise self.error(f"cannot parse LoRA reference {shorten(ref)}", line, node,
                              "write MODEL+ADAPTER, e.g. base+./my-lora or base+hf://org/lora")
         if len(parts) > 2:
-            raise self.error(f"'{ref}' stacks two adapters", line, node,
+            raise self.error(f"{shorten(ref)} stacks two adapters", line, node,
                              f"apply one adapter per reference; to stack them, merge "
                              f"'{parts[0]}+{parts[1]}' into a node of its own and adapt that")
         model, adapter = parts
@@ -307,7 +327,7 @@ class _Builder:
             hint = did_you_mean(str(method_name), sorted(METHODS)) or (
                 "run 'mergebuild methods' for the list"
             )
-            raise self.error(f"unknown merge method '{method_name}'", line, name, hint)
+            raise self.error(f"unknown merge method {shorten(method_name)}", line, name, hint)
 
         base = None
         if body.get("base_model") is not None:
@@ -428,7 +448,7 @@ class _Builder:
                     or lr[0] < 0 or lr[1] <= lr[0]
                 ):
                     raise self.error(f"layer_range must be [start, end) with 0 <= start < end, "
-                                     f"got {lr!r}", src_line, name)
+                                     f"got {shorten(lr)}", src_line, name)
                 params = src.get("parameters") or {}
                 ref = self._ref(src["model"], src.line_of("model"), name)
                 sources.append(SliceSourceSpec(ref=ref, layer_range=(lr[0], lr[1]),

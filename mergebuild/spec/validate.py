@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mergebuild.errors import MergefileError
+from mergebuild.errors import MergefileError, shorten
 from mergebuild.methods.registry import Method, Param
 from mergebuild.spec.model import MergeSpec
 from mergebuild.spec.yaml_lines import LineDict
@@ -175,20 +175,20 @@ def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> N
 def _check_scalar(param: Param, value: Any, fail) -> None:
     if param.kind == "bool":
         if not isinstance(value, bool):
-            raise fail(f"must be true or false, got {value!r}")
+            raise fail(f"must be true or false, got {shorten(value)}")
         return
     if param.kind == "choice":
         if value not in param.choices:
-            raise fail(f"must be one of {', '.join(map(str, param.choices))}, got {value!r}")
+            raise fail(f"must be one of {', '.join(map(str, param.choices))}, got {shorten(value)}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(f"must be a number, got {value!r}")
+        raise fail(f"must be a number, got {shorten(value)}")
     if param.kind == "int" and not float(value).is_integer():
-        raise fail(f"must be a whole number, got {value!r}")
+        raise fail(f"must be a whole number, got {shorten(value)}")
     if math.isnan(value):
         raise fail("must not be NaN")
     lo, hi = param.minimum, param.maximum
     if lo is not None and (value < lo or (param.min_exclusive and value == lo)):
-        raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {value!r}")
+        raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {shorten(value)}")
     if hi is not None and (value > hi or (param.max_exclusive and value == hi)):
-        raise fail(f"must be {'<' if param.max_exclusive else '<='} {hi}, got {value!r}")
+        raise fail(f"must be {'<' if param.max_exclusive else '<='} {hi}, got {shorten(value)}")

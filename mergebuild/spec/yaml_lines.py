@@ -82,7 +82,7 @@ def load_yaml_documents(text: str, file: str) -> list[Any]:
 class _Open:
     """A mapping or list being filled, with what it has read so far."""
 
-    __slots__ = ("value", "anchor", "size", "key", "key_line", "key_text", "merges")
+    __slots__ = ("anchor", "key", "key_line", "key_text", "merges", "size", "value")
 
     def __init__(self, value: Any, anchor: str | None, is_map: bool):
         self.value = value
