@@ -16,7 +16,7 @@ from huggingface_hub.utils._safetensors import (
     SafetensorsRepoMetadata,
     TensorInfo,
 )
-from test_hub import HubCache, offline_hub_cache
+from test_sources_hub import HubCache, offline_hub_cache
 
 from mergebuild.sources import hub
 from mergebuild.cli import main

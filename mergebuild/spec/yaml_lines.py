@@ -10,6 +10,7 @@ an error line, a model card or memory; nesting is bounded by ``MAX_DEPTH``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -35,7 +36,12 @@ MAX_DEPTH = 100  # nested mappings and lists (a Mergefile needs about 8)
 
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
 _STR, _MAP, _SEQ = BaseResolver.DEFAULT_SCALAR_TAG, "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
-_IMPLICIT = Resolver.yaml_implicit_resolvers
+# YAML 1.2 floats too: PyYAML (YAML 1.1) reads `1e-5` (no dot) as a string; mergekit's
+# configs write tolerances so and mergekit reads them as numbers.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_IMPLICIT = {first: [*resolvers, *(
+    [("tag:yaml.org,2002:float", _EXPONENT_FLOAT)] if first in "-+0123456789" and first else [])]
+    for first, resolvers in Resolver.yaml_implicit_resolvers.items()}
 _CONSTRUCT = yaml.SafeLoader.yaml_constructors
 _MERGE = "tag:yaml.org,2002:merge"
 
