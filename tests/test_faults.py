@@ -201,7 +201,8 @@ def test_store_object_edited_after_publish(chain_dir, reference):
     store = chain_dir / "store-edited"
     argv = ["--cache-dir", store.name, "make", "final-model"]
     assert run_cli(argv, cwd=chain_dir).returncode == 0
-    obj = Store(store).object_dir(json.loads(next((store / "refs").glob("*/final-model.json")).read_text())["key"])
+    ref = next((store / "refs").glob("*/final-model.json"))
+    obj = Store(store).object_dir(json.loads(ref.read_text())["key"])
     weights = obj / "model.safetensors"
 
     # Same size, one byte flipped: the cheap check (sizes) cannot see it; verify can,
