@@ -17,7 +17,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-QUOTE_LIMIT = 80  # characters of a user's value quoted in an error (or a card)
+QUOTE_LIMIT = 200  # characters of a user's value quoted in an error (a long path still fits)
 MESSAGE_LIMIT = 2000  # an error line never grows past this, whatever it quotes
 
 _REPR = reprlib.Repr()
