@@ -68,6 +68,13 @@ CASES: dict[str, dict[str, Any]] = {
               "models": [{"model": "base"}, {"model": "ft1"}], "parameters": {"t": 0.3}},
     "karcher": {"merge_method": "karcher",
                 "models": [{"model": "ft1"}, {"model": "ft2"}, {"model": "base"}]},
+    # LazyMergekit's SLERP template: one slice over the whole depth, t by filter and layer
+    "sliced_slerp": {"merge_method": "slerp", "base_model": "base", "slices": [
+        {"sources": [{"model": "base", "layer_range": [0, 4]},
+                     {"model": "ft1", "layer_range": [0, 4]}]}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                             {"value": 0.5}]}},
     # five layers: base's 0–1, then ft1's 1–3
     "stack": {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "base", "layer_range": [0, 2]}]},
@@ -83,7 +90,8 @@ MERGEKIT_FAILS: dict[tuple[str, str], str] = {
        for arch in ("qwen2", "qwen3", "gemma2", "gemma3_text")},
     **{("llava", case): "writes the model without its language-model layers"
        for case in ("linear", "ties", "slerp", "karcher")},
-    ("llava", "stack"): "needs the modules: syntax for slices of a multi-module model",
+    **{("llava", case): "needs the modules: syntax for slices of a multi-module model"
+       for case in ("stack", "sliced_slerp")},
 }
 
 
@@ -206,7 +214,7 @@ def _assert_task_vector_close(ours, theirs, base, name: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_builds_and_loads(built, case):
     result = built.ours[case]
-    if built.arch in VISION_LANGUAGE and case == "stack":
+    if built.arch in VISION_LANGUAGE and case in ("stack", "sliced_slerp"):
         assert isinstance(result, IncompatibleModelsError)
         assert "2 layer stacks" in str(result)
         return
@@ -258,9 +266,15 @@ def test_matches_mergekit(built, case):
     if built.arch in MIXTURES:
         ours = _fused_experts(built.arch, ours, set(reference))
         base = _fused_experts(built.arch, base, set(reference))
-        if case in ("ties", "slerp", "karcher"):  # mergekit merges the fused expert tensors
+        if case in ("ties", "slerp", "sliced_slerp", "karcher"):  # mergekit merges fused experts
             ours = {n: t for n, t in ours.items() if ".experts." not in n}
             reference = {n: t for n, t in reference.items() if ".experts." not in n}
+        if built.arch == "mixtral" and case == "sliced_slerp":
+            # A filter matches the names as stored: ours are block_sparse_moe.*, which
+            # mergekit (reading through transformers 5) sees renamed to mlp.*, so the "mlp"
+            # filter's t applies to its router and not to ours — a naming convention (README).
+            ours = {n: t for n, t in ours.items() if ".mlp." not in n}
+            reference = {n: t for n, t in reference.items() if ".mlp." not in n}
     assert set(ours) == set(reference)
     for name in sorted(reference):
         assert ours[name].shape == reference[name].shape, name

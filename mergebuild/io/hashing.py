@@ -144,13 +144,29 @@ class StatCache:
         if stat_signature(path) != signature:
             # Changed while we read it: do not cache a digest of a moving target.
             return digest
-        if conn is not None:
-            try:
-                self._run(conn, "INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?)",
-                          (str(path), *signature, digest))
-            except sqlite3.Error:
-                pass
+        self._store(path, signature, digest)
         return digest
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Record ``digest`` as the content of ``path`` as it is now (hashed while it was
+        written), so the next :meth:`digest` reads nothing unless the file changes. Best
+        effort: a locked database is not waited for (nothing depends on this entry)."""
+        path = Path(path).resolve()
+        self._store(path, stat_signature(path), digest, wait=False)
+
+    def _store(self, path: Path, signature: tuple[int, ...], digest: str,
+               wait: bool = True) -> None:
+        conn = self._conn()
+        if conn is None:
+            return
+        sql = "INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?)"
+        try:
+            if wait:
+                self._run(conn, sql, (str(path), *signature, digest))
+            else:
+                conn.execute(sql, (str(path), *signature, digest))
+        except sqlite3.Error:
+            pass
 
 
 _FIRST_TRY_SECONDS = 0.5  # a lock held this briefly (another mergebuild writing) is no news
