@@ -309,9 +309,14 @@ class Project:
         object (see ``verbs/card.py``); StoreError if it is not built."""
         from mergebuild.verbs.card import present_card
 
-        card = self.mergefile.card_of(node)
-        return present_card(self.store.root / "cards", build or self.path(node), node,
-                            card.to_json() if card else {}, self.licences(node))
+        build = build or self.path(node)
+        pinned = self._pin_named(node)
+        if pinned is not None:  # the card of the node that built it, if the Mergefile has it
+            node = str(pinned[1].get("node") or pinned[0])
+        here = node in self.mergefile.nodes
+        card = self.mergefile.card_of(node) if here else None
+        return present_card(self.store.root / "cards", build, node,
+                            card.to_json() if card else {}, self.licences(node) if here else {})
 
     # release review ----------------------------------------------------------------------
     @_uses_store()
