@@ -7,7 +7,7 @@ import math
 import mmap
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -283,20 +283,49 @@ def _resolve(values: Mapping[str, Any], task: TensorTask) -> dict[str, Any]:
 
 def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) -> BuildOutput:
     """Build ``job`` into ``out_dir`` (a fresh temp dir); the caller publishes it."""
+    return run_builds([job], [out_dir], progress)[0]
+
+
+def fusable(jobs: Sequence[BuildJob]) -> bool:
+    """Whether ``jobs`` can be built in one pass: the same parents (and adapters) on the
+    same device. Their tensor tables must also agree, which ``run_builds`` checks."""
+    first = jobs[0]
+    return all(dict(j.parents) == dict(first.parents) and dict(j.adapters) == dict(first.adapters)
+               and j.device == first.device for j in jobs)
+
+
+def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
+               progress: ProgressFn | None = None) -> list[BuildOutput]:
+    """Build every job of ``jobs`` (variants over the same parents) in one pass.
+
+    Each parent tensor is mapped and paged in once and every job's output tensor is made
+    from it before the pass moves on, instead of one full pass over the parents per job.
+    Every job's tensor goes through exactly the code a build of that job alone runs (same
+    kernels, same chunking, same seeds), so each output is byte for byte its separate
+    build's; scratch buffers and worker threads are shared, and the writers' queued bytes
+    are bounded together, so memory stays near one build's. ``out_dirs`` are fresh temp
+    dirs, one per job; the caller publishes them. Jobs whose tensor tables differ are
+    built one after another.
+    """
     import torch
 
     from mergebuild.io.checkpoint import CheckpointWriter
 
-    device = select_device(job.device)
+    if len(jobs) != len(out_dirs) or not jobs:
+        raise ValueError("run_builds needs one output directory per job, and a job")
+    if not fusable(jobs):
+        raise ValueError("jobs built in one pass must share their parents, adapters and device")
+    lead = jobs[0]
+    device = select_device(lead.device)
     readers: dict[str, CheckpointReader] = {}
     faults.point("engine.start")
     try:
-        for node, directory in job.parents.items():
+        for node, directory in lead.parents.items():
             try:
-                if node in job.adapters:
+                if node in lead.adapters:
                     from mergebuild.io.lora import AdaptedReader
 
-                    readers[node] = AdaptedReader(directory, job.adapters[node], job.node)
+                    readers[node] = AdaptedReader(directory, lead.adapters[node], lead.node)
                 else:
                     readers[node] = CheckpointReader(directory)
             except CheckpointError as exc:
@@ -304,49 +333,106 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
                 raise
             faults.point("engine.open_parent")
         before = {node: _stat_weights(r) for node, r in readers.items()}
-        tasks = plan_tensors(job, readers)
-        func = job.method.load()
-        layout = [(t.name, t.dtype, t.shape) for t in tasks]
-        writer = CheckpointWriter(out_dir, layout, max_shard_bytes=job.max_shard_bytes,
-                                  metadata={"format": "pt"})
-        total_bytes = sum(_nbytes(t) for t in tasks)
-        done_bytes = 0
+        tables = [plan_tensors(job, readers) for job in jobs]
+        names = [t.name for t in tables[0]]
+        if len(jobs) > 1 and any([t.name for t in table] != names for table in tables[1:]):
+            outputs: list[BuildOutput] = []
+            for job, out_dir in zip(jobs, out_dirs, strict=True):
+                outputs.extend(run_builds([job], [out_dir], progress))
+            return outputs
         _set_threads(torch)
-        stream = _Streaming(job, tasks, readers, device, torch)
+        shared = _SharedScratch(torch, device)
+        streams = [_Streaming(job, table, readers, device, torch, shared)
+                   for job, table in zip(jobs, tables, strict=True)]
+        funcs = [job.method.load() for job in jobs]
+        writers: list[Any] = []
         try:
-            for i, task in enumerate(tasks):
-                stream.prefetch(i + 1)
-                out = _compute(job, task, readers, func, device, torch, stream)
-                faults.point("engine.computed")
-                stream.release(task)
-                writer.write(task.name, out)
-                done_bytes += _nbytes(task)
-                if progress:
-                    progress(i + 1, len(tasks), done_bytes, total_bytes)
-            hashes = writer.finish()
+            for job, table, out_dir in zip(jobs, tables, out_dirs, strict=True):
+                writers.append(CheckpointWriter(
+                    out_dir, [(t.name, t.dtype, t.shape) for t in table],
+                    max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"}))
+            hashes = _stream_tensors(jobs, tables, readers, funcs, device, torch, streams,
+                                     writers, progress)
         except BaseException:
-            writer.abort()
+            for writer in writers:
+                writer.abort()
             raise
         finally:
-            stream.close()
+            shared.close()
         faults.point("engine.after_finish")
         for node, r in readers.items():
             if _stat_weights(r) != before[node]:
                 raise SourceError(
-                    f"the weights of '{node}' changed on disk while being merged", node=job.node,
+                    f"the weights of '{node}' changed on disk while being merged",
+                    node=", ".join(j.node for j in jobs),
                     hint="run make again once nothing is writing the parent",
                 )
-        files = {name: (sha, (out_dir / name).stat().st_size) for name, sha in hashes.items()}
-        files.update(_copy_support_files(job, readers, out_dir))
-        vocab = vocab_plan(job, readers)
-        if vocab is not None:
-            write_vocab_files(vocab, out_dir, files)
+        outputs = []
+        for job, table, out_dir, written in zip(jobs, tables, out_dirs, hashes, strict=True):
+            files = {name: (sha, (out_dir / name).stat().st_size)
+                     for name, sha in written.items()}
+            files.update(_copy_support_files(job, readers, out_dir))
+            vocab = vocab_plan(job, readers)
+            if vocab is not None:
+                write_vocab_files(vocab, out_dir, files)
+            digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
+            outputs.append(BuildOutput(
+                files=files, digest=digest, device=device, tensors=len(table),
+                bytes_written=sum(_nbytes(t) for t in table),
+                peak_scratch_bytes=shared.peak_bytes()))
     finally:
         for r in readers.values():
             r.close()
-    digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
-    return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
-                       bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes())
+    return outputs
+
+
+def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, writers,
+                    progress: ProgressFn | None) -> list[dict[str, str]]:
+    """The pass: tensor by tensor, every job's output from the same mapped parent pages.
+
+    Only the last job of a tensor drops its parents' pages (the others would make the next
+    job fault them in again). The bytes queued in all writers together are kept under
+    ``_queued_budget`` by waiting for the writers that hold the oldest tensors.
+    """
+    count = len(tables[0])
+    total_bytes = sum(_nbytes(t) for table in tables for t in table)
+    budget = _queued_budget(tables) if len(jobs) > 1 else None
+    done_bytes = 0
+    last = len(jobs) - 1
+    for i in range(count):
+        streams[0].prefetch(i + 1)
+        for j, (job, table, stream, writer) in enumerate(
+                zip(jobs, tables, streams, writers, strict=True)):
+            task = table[i]
+            stream.drops = j == last
+            out = _compute(job, task, readers, funcs[j], device, torch, stream)
+            faults.point("engine.computed")
+            stream.release(task)
+            if budget is not None:
+                _wait_for_room(writers, j, _nbytes(task), budget)
+            writer.write(task.name, out)
+            del out
+            done_bytes += _nbytes(task)
+        if progress:
+            progress(i + 1, count, done_bytes, total_bytes)
+    return [writer.finish() for writer in writers]
+
+
+def _queued_budget(tables) -> int:
+    """Bytes of output tensors the writers of a fused pass may hold together: two of the
+    largest tensors (so one is written while the next is computed), at least 64 MB."""
+    largest = max((_nbytes(t) for table in tables for t in table), default=0)
+    return max(2 * largest, 64 * 2**20)
+
+
+def _wait_for_room(writers, current: int, nbytes: int, budget: int) -> None:
+    """Wait, oldest tensors first (the writers after ``current``, round the ring), until
+    handing ``nbytes`` more keeps the writers' queued bytes within ``budget``."""
+    n = len(writers)
+    for step in range(1, n + 1):
+        if sum(w.pending_bytes for w in writers) + nbytes <= budget:
+            return
+        writers[(current + step) % n].settle()
 
 
 def _nbytes(task: TensorTask) -> int:
@@ -480,10 +566,40 @@ class _Scratch:
             p.numel() for p in self.pinned.values())
 
 
-class _Streaming:
-    """The state of one build's tensor stream: scratch buffers, page hints, chunked methods."""
+class _SharedScratch:
+    """The scratch of one pass: reused buffers and worker threads, shared by every job of a
+    fused pass (jobs run one after another per tensor, so no two use them at once)."""
 
-    def __init__(self, job: BuildJob, tasks: list[TensorTask], readers, device: str, torch):
+    def __init__(self, torch, device: str):
+        self.torch, self.device = torch, device
+        self.whole = _Scratch(torch, device, 1)
+        self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
+        self.workspaces: dict[int, Any] = {}  # chunk elements → ChunkWorkspace
+
+    def need_whole(self, elements: int) -> None:
+        self.whole.capacity = max(self.whole.capacity, elements)
+
+    def workspace(self, chunk: int) -> Any:
+        from mergebuild.methods.chunks import ChunkWorkspace
+
+        if chunk not in self.workspaces:
+            self.workspaces[chunk] = ChunkWorkspace(_workers(), chunk)
+        return self.workspaces[chunk]
+
+    def peak_bytes(self) -> int:
+        streamed = sum(w.nbytes() for w in self.workspaces.values())
+        return self.whole.nbytes() + self.chunks.nbytes() + streamed
+
+    def close(self) -> None:
+        for workspace in self.workspaces.values():
+            workspace.close()
+
+
+class _Streaming:
+    """One job's view of a pass's tensor stream: page hints and how its method computes."""
+
+    def __init__(self, job: BuildJob, tasks: list[TensorTask], readers, device: str, torch,
+                 shared: _SharedScratch):
         self.torch, self.device, self.job = torch, device, job
         self.tasks, self.readers = tasks, readers
         self.by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
@@ -494,12 +610,12 @@ class _Streaming:
         # A streamed method sends only tiny tensors through whole-tensor scratch: size it by
         # need, not by the largest tensor.
         streamed = method.streamed is not None and device == "cpu"
-        whole = 1 if self.elementwise or streamed else largest
-        self.whole = _Scratch(torch, device, whole)
-        self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
+        shared.need_whole(1 if self.elementwise or streamed else largest)
+        self.shared = shared
+        self.whole, self.chunks = shared.whole, shared.chunks
         self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
         self.merge_streamed = method.load_streamed() if streamed else None
-        self.workspace: Any = None  # a ChunkWorkspace: threads + scratch of chunked merges
+        self.drops = True  # whether this job reads a tensor last (and may drop its pages)
 
     def _mapped(self, info: TensorInfo):
         for reader in self.readers.values():
@@ -517,7 +633,7 @@ class _Streaming:
 
     def drop_pages(self, info: TensorInfo | None, first: int, stop: int) -> None:
         """Unmap elements [first, stop) of a parent's tensor once they are converted."""
-        mapped = self._mapped(info) if info is not None else None
+        mapped = self._mapped(info) if info is not None and self.drops else None
         if mapped is None:
             return
         size = _dtype_size(info.dtype)
@@ -550,6 +666,8 @@ class _Streaming:
         so resident memory follows the tensor being merged, not the bytes read so far."""
         self.whole.done()
         self.chunks.done()
+        if not self.drops:
+            return
         self._advise(task, mmap.MADV_DONTNEED)
         # A zero-copy output (passthrough) is read by the writer thread after this point and
         # maps its pages back in; the writer queue is bounded, so once _WRITER_LAG more
@@ -574,19 +692,10 @@ class _Streaming:
             self.drop_pages(info, s, e)
         return out.view(src.shape)
 
-    def peak_bytes(self) -> int:
-        streamed = self.workspace.nbytes() if self.workspace is not None else 0
-        return self.whole.nbytes() + self.chunks.nbytes() + streamed
-
     def chunk_workspace(self) -> Any:
-        """The build's worker threads and their scratch, made on first use, in the chunks the
-        method's streamed kernel is defined over (or the engine's choice)."""
-        from mergebuild.methods.chunks import ChunkWorkspace
-
-        if self.workspace is None:
-            self.workspace = ChunkWorkspace(_workers(),
-                                            self.job.method.stream_chunk or _STREAM_CHUNK)
-        return self.workspace
+        """The pass's worker threads and their scratch, in the chunks the method's streamed
+        kernel is defined over (or the engine's choice)."""
+        return self.shared.workspace(self.job.method.stream_chunk or _STREAM_CHUNK)
 
     def streams(self, task: TensorTask, params: TensorParams) -> bool:
         """Whether a tensor goes through the method's streamed kernel (CPU, mmapped parents;
@@ -611,10 +720,6 @@ class _Streaming:
                 f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
             ) from None
         return out
-
-    def close(self) -> None:
-        if self.workspace is not None:
-            self.workspace.close()
 
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
