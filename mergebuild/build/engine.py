@@ -390,9 +390,12 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
                     progress: ProgressFn | None) -> list[dict[str, str]]:
     """The pass: tensor by tensor, every job's output from the same mapped parent pages.
 
-    Only the last job of a tensor drops its parents' pages (the others would make the next
-    job fault them in again). The bytes queued in all writers together are kept under
-    ``_queued_budget`` by waiting for the writers that hold the oldest tensors.
+    When the method allows it, a tensor's outputs are computed together from one read of
+    its inputs (``_compute_together``); otherwise job by job, and only the last job of a
+    tensor drops its parents' pages (the others would fault them in again). The bytes
+    queued in all writers together, plus the outputs being computed, are kept under
+    ``_queued_budget`` by waiting for the writers that hold the oldest tensors; a tensor
+    whose outputs together exceed it is computed job by job.
     """
     count = len(tables[0])
     total_bytes = sum(_nbytes(t) for table in tables for t in table)
@@ -401,14 +404,24 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
     last = len(jobs) - 1
     for i in range(count):
         streams[0].prefetch(i + 1)
+        together = None
+        group_bytes = sum(_nbytes(t[i]) for t in tables)
+        if budget is not None and group_bytes <= budget:
+            _wait_for_room(writers, last, group_bytes, budget)
+            together = _compute_together(jobs, [t[i] for t in tables], readers, funcs,
+                                         streams)
         for j, (job, table, stream, writer) in enumerate(
                 zip(jobs, tables, streams, writers, strict=True)):
             task = table[i]
             stream.drops = j == last
-            out = _compute(job, task, readers, funcs[j], device, torch, stream)
+            if together is not None:
+                out = together[j]
+                together[j] = None
+            else:
+                out = _compute(job, task, readers, funcs[j], device, torch, stream)
             faults.point("engine.computed")
             stream.release(task)
-            if budget is not None:
+            if budget is not None and together is None:
                 _wait_for_room(writers, j, _nbytes(task), budget)
             writer.write(task.name, out)
             del out
@@ -416,6 +429,31 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
         if progress:
             progress(i + 1, count, done_bytes, total_bytes)
     return [writer.finish() for writer in writers]
+
+
+def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) -> list | None:
+    """Every job's output for one tensor from a single read of its inputs, when the jobs
+    share the method and the inputs and the method can do that: an elementwise method
+    (inputs converted once per chunk, the kernel run per job on copies) or one with a
+    ``streamed_many`` kernel. None: each job computes its tensor alone."""
+    if len(jobs) < 2:
+        return None
+    lead, task = streams[0], tasks[0]
+    method = jobs[0].method
+    if (lead.device != "cpu" or any(j.method is not method for j in jobs)
+            or task.dtype not in _TORCH_OF_CODE or method.passes_through
+            or any(t.remap is not None or t.base is not task.base or t.inputs != task.inputs
+                   or t.dtype != task.dtype for t in tasks)):
+        return None
+    params = [_resolve_params(job, t) for job, t in zip(jobs, tasks, strict=True)]
+    load = partial(_load, readers, lead)
+    if lead.elementwise:
+        return lead.compute_chunked_many(tasks, load, funcs, params)
+    many = lead.merge_streamed_many
+    if many is not None and all(s.streams(t, p) for s, t, p in zip(streams, tasks, params,
+                                                                     strict=True)):
+        return lead.compute_streamed_many(jobs, tasks, load, many, params)
+    return None
 
 
 def _queued_budget(tables) -> int:
@@ -615,6 +653,7 @@ class _Streaming:
         self.whole, self.chunks = shared.whole, shared.chunks
         self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
         self.merge_streamed = method.load_streamed() if streamed else None
+        self.merge_streamed_many = method.load_streamed_many() if streamed else None
         self.drops = True  # whether this job reads a tensor last (and may drop its pages)
 
     def _mapped(self, info: TensorInfo):
@@ -721,6 +760,68 @@ class _Streaming:
             ) from None
         return out
 
+    def compute_streamed_many(self, jobs, tasks: list[TensorTask], load, many,
+                              params: list[TensorParams]) -> list:
+        """Every job's tensor through the method's ``streamed_many`` kernel, in one pass."""
+        task = tasks[0]
+        srcs = [load(info).reshape(-1) for info in task.inputs]
+        base = load(task.base).reshape(-1)
+        outs = [self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in jobs]
+        seeds = [tensor_seed(job.key, t.name) if job.method.randomized else None
+                 for job, t in zip(jobs, tasks, strict=True)]
+        self.drops = True  # the one pass reads each span for the last time
+        try:
+            many(srcs, base, params, seeds, [o.view(-1) for o in outs], self.chunk_workspace(),
+                 partial(self.drop_spans, task))
+        except ValueError as exc:
+            raise IncompatibleModelsError(
+                f"{self.job.method.name} failed on {task.name}: {exc}",
+                node=", ".join(job.node for job in jobs)) from None
+        return outs
+
+    def compute_chunked_many(self, tasks: list[TensorTask], load, funcs,
+                             params: list[TensorParams]) -> list:
+        """An elementwise method for several jobs: each chunk of the inputs converted to
+        float32 once, then every job's kernel run on its own copy (kernels may work in
+        place), its result written into that job's output."""
+        torch = self.torch
+        task = tasks[0]
+        srcs = [load(info).reshape(-1) for info in task.inputs]
+        base = load(task.base).reshape(-1) if task.base else None
+        outs = [torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in tasks]
+        flats = [o.view(-1) for o in outs]
+        n = flats[0].numel()
+        ws = self.chunk_workspace()
+        self.drops = True  # the one pass reads each span for the last time
+        last = len(tasks) - 1
+
+        def one(span: tuple[int, int]) -> None:
+            s, e = span
+            shared = [ws.buffer(("in", k), torch.float32)[: e - s].copy_(x[s:e])
+                      for k, x in enumerate(srcs)]
+            b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
+                 if base is not None else None)
+            self.drop_spans(task, s, e)
+            for j, (t, func, p, flat) in enumerate(zip(tasks, funcs, params, flats,
+                                                        strict=True)):
+                if j == last:
+                    parents, job_base = shared, b
+                else:
+                    parents = [ws.buffer(("job", k), torch.float32)[: e - s].copy_(x)
+                               for k, x in enumerate(shared)]
+                    job_base = (ws.buffer(("job", len(shared)), torch.float32)[: e - s]
+                                .copy_(b) if b is not None else None)
+                try:
+                    r = func(parents, job_base, p, None)
+                except ValueError as exc:
+                    raise IncompatibleModelsError(
+                        f"{self.job.method.name} failed on {t.name}: {exc}",
+                        node=self.job.node) from None
+                flat[s:e].copy_(r)
+
+        ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
+        return outs
+
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
         torch = self.torch
@@ -773,15 +874,19 @@ class _Streaming:
         ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
 
 
+def _load(readers, stream: _Streaming, info: TensorInfo):
+    """A parent tensor as a view of its mapped file."""
+    # By identity first: "base" and "base+lora" share files but not readers.
+    reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
+                  None) or readers[stream.by_file[str(info.file)]]
+    tensor = reader.load(info.name)
+    faults.point("engine.read_tensor")
+    return tensor
+
+
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
              stream: _Streaming) -> Any:
-    def load(info: TensorInfo):
-        # By identity first: "base" and "base+lora" share files but not readers.
-        reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
-                      None) or readers[stream.by_file[str(info.file)]]
-        tensor = reader.load(info.name)
-        faults.point("engine.read_tensor")
-        return tensor
+    load = partial(_load, readers, stream)
 
     if (len(task.inputs) == 1 and task.base is None and task.remap is None
             and job.method.passes_through):
