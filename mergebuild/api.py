@@ -28,7 +28,9 @@ from mergebuild.errors import (
 )
 from mergebuild.spec.graph import build_graph, build_order, check_targets, default_targets
 from mergebuild.io.hashing import recipe_key
-from mergebuild.spec.parse import AdaptedSpec, LineDict, Mergefile, MergeSpec, SourceSpec, load_mergefile
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, NodeKind, SourceSpec
+from mergebuild.spec.parse import load_mergefile
+from mergebuild.spec.validate import participants
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.recipe import (
     build_recipe,
@@ -36,7 +38,6 @@ from mergebuild.plan.recipe import (
     global_parameters,
     parent_names,
     parent_parameters,
-    participants,
     recipe_changes,
 )
 from mergebuild.sources.resolve import (
@@ -58,7 +59,7 @@ class NodeState:
     """One node of a plan: its identity, whether it must be built, and why."""
 
     name: str
-    kind: str  # "source" | "merge" | "adapted" (a merge's output read through a LoRA)
+    kind: NodeKind  # "adapted": a merge's output read through a LoRA
     status: str  # "source" | "fresh" | "stale" | "pending" (adapted, its merge is stale)
     reasons: list[str] = field(default_factory=list)
     key: str | None = None
@@ -456,7 +457,7 @@ class Project:
         from dataclasses import replace
 
         from mergebuild.build.engine import BuildJob, Participant, SliceInput, run_build
-        from mergebuild.provenance.statement import write_provenance
+        from mergebuild.provenance.write import write_provenance
 
         slices = None
         if spec.slices is not None:
@@ -472,12 +473,12 @@ class Project:
                                for ref, params in participants(spec, method)),
             base=spec.base, donor=donor(spec),
             global_parameters=global_parameters(method, spec),
-            out_dtype=spec.dtype or self.mergefile.defaults.get("dtype"),
+            out_dtype=spec.dtype or self.mergefile.defaults.dtype,
             slices=slices, chat_template=spec.chat_template,
-            tokenizer_source=spec.tokenizer_source, pad_vocab_to=_vocab_padding(spec),
-            max_shard_bytes=int(self.mergefile.defaults.get("max_shard_size")
-                                or DEFAULT_SHARD_BYTES),
-            device=device or self.mergefile.defaults.get("device", "auto"),
+            tokenizer_source=spec.tokenizer_source,
+            pad_vocab_to=spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None,
+            max_shard_bytes=self.mergefile.defaults.max_shard_size or DEFAULT_SHARD_BYTES,
+            device=device or self.mergefile.defaults.device,
         )
         # An incompatible recipe fails here, in seconds, before any weights are downloaded.
         self._check_before_fetch(job, spec, states)
@@ -655,7 +656,7 @@ class Project:
             out["models"] = [{"model": p.ref,
                               "parameters": parent_parameters(method, spec, p.parameters)}
                              for p in spec.models]
-        for key, value in (("dtype", spec.dtype or self.mergefile.defaults.get("dtype")),
+        for key, value in (("dtype", spec.dtype or self.mergefile.defaults.dtype),
                            ("tokenizer_source", spec.tokenizer_source),
                            ("chat_template", spec.chat_template)):
             if value is not None:
@@ -757,13 +758,8 @@ class Project:
                 if not spec.implicit:
                     models[name] = {"source": _display_uri(spec, self.mergefile.directory)}
             elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
-                models[name] = _plain(spec.body)
+                models[name] = spec.plain()
         return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
-
-
-def _vocab_padding(spec: MergeSpec) -> int | None:
-    tokenizer = spec.body.get("tokenizer")
-    return tokenizer.get("pad_to_multiple_of") if isinstance(tokenizer, dict) else None
 
 
 _ADAPTER_SUFFIX = "#adapter"
@@ -797,14 +793,6 @@ def _display_uri(spec: SourceSpec, base: Path) -> str:
         return "./" + str(Path(spec.uri).relative_to(base))
     except ValueError:
         return spec.uri
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, (LineDict, dict)):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _now() -> str:

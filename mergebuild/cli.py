@@ -300,7 +300,7 @@ def gc(ctx, dry_run):
     Kept: every node's current build and the last build of every node still in the
     Mergefile (and builds recorded by other Mergefiles sharing the store).
     """
-    from mergebuild.store.gc import format_size
+    from mergebuild.report import format_size
 
     report = _project(ctx).collect_garbage(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

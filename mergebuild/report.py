@@ -9,12 +9,13 @@ from typing import TextIO
 from mergebuild.api import MakeResult, NodeResult, NodeState, Reporter
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+def format_size(n: float) -> str:
+    """A byte count in IEC units: ``1536`` → ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 def _short(digest: str | None) -> str:
@@ -76,13 +77,14 @@ class PlainReporter(Reporter):
         if done == total or now - self._last_progress.get(name, 0) > 5:
             self._last_progress[name] = now
             if done != total:
-                self._print(f"  {name}: {done}/{total} tensors, {_size(bytes_done)}")
+                self._print(f"  {name}: {done}/{total} tensors, {format_size(bytes_done)}")
 
     def node_done(self, result: NodeResult) -> None:
         if result.outcome == "built":
             rate = result.bytes_written / result.seconds if result.seconds > 0 else 0
+            size = format_size(result.bytes_written)
             self._print(f"built {result.name} in {result.seconds:.2f}s "
-                        f"({_size(result.bytes_written)}, {_size(rate)}/s) -> {result.path}")
+                        f"({size}, {format_size(rate)}/s) -> {result.path}")
         elif result.outcome == "reused":
             self._print(f"reused {result.name}: {result.detail}")
         else:
@@ -100,8 +102,8 @@ class PlainReporter(Reporter):
         finished = total > 0 and done >= total
         if finished or now - self._last_progress.get(key, 0) > 5:
             self._last_progress[key] = now
-            of = f"/{_size(total)}" if total else ""
-            self._print(f"downloading {label} for {node}: {_size(done)}{of}"
+            of = f"/{format_size(total)}" if total else ""
+            self._print(f"downloading {label} for {node}: {format_size(done)}{of}"
                         f"{' (done)' if finished else ''}")
 
     def summary(self, result: MakeResult) -> None:
@@ -110,7 +112,7 @@ class PlainReporter(Reporter):
         failed = result.count("failed") + result.count("skipped")
         written = sum(r.bytes_written for r in result.results)
         self._print(f"done in {result.seconds:.2f}s: {built} built, {reused + fresh} up to date"
-                    f"{f', {failed} failed' if failed else ''}, {_size(written)} written")
+                    f"{f', {failed} failed' if failed else ''}, {format_size(written)} written")
 
 
 class RichReporter(PlainReporter):

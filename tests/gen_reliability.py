@@ -37,7 +37,7 @@ def render() -> str:
            ("Each row kills a real `mergebuild make final-model` (three merge nodes over tiny "
            "models) at the n-th hit of a named point (`MERGEBUILD_FAULT=<point>:<n>:<action>`, "
            "see `mergebuild/faults.py`). After every kill: each published object passes "
-           "`lineage.verify_directory`, leftovers are only dead temp dirs, the next `make` "
+           "`integrity.verify_directory`, leftovers are only dead temp dirs, the next `make` "
            "exits 0, and every node's output files are bit-identical to an uninterrupted "
            "build."),
            "",

@@ -19,8 +19,8 @@ from mergebuild.io.checkpoint import (
     CheckpointWriter,
     read_header,
     reference_order,
-    torch_dtype_name,
 )
+from mergebuild.io.dtypes import safetensors_code
 from mergebuild.errors import CheckpointError
 
 
@@ -40,7 +40,7 @@ def _sample_tensors() -> dict[str, torch.Tensor]:
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(name, torch_dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    return [(name, safetensors_code(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
 
 
 def _write(directory: Path, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, str]:
@@ -82,7 +82,7 @@ def test_read_header_gives_absolute_offsets_of_reference_file(reference_file):
     raw = path.read_bytes()
     for name, info in infos.items():
         expected = tensors[name]
-        assert info.dtype == torch_dtype_name(expected.dtype)
+        assert info.dtype == safetensors_code(expected.dtype)
         assert info.shape == tuple(expected.shape)
         assert info.file == path
         assert info.nbytes == expected.numel() * expected.element_size()

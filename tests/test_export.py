@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import CHAIN
 
 from mergebuild.cli import main
-from mergebuild.provenance.lineage import verify_directory
+from mergebuild.provenance.integrity import verify_directory
 
 TOKEN = "hf_" + "S3cr3tT0kenValue" * 3
 

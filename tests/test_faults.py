@@ -19,7 +19,7 @@ from cli_process import run_cli, start_cli
 from conftest import CHAIN
 
 from mergebuild.faults import POINTS
-from mergebuild.provenance.lineage import verify_directory
+from mergebuild.provenance.integrity import verify_directory
 from mergebuild.store.objects import Store
 
 NODES = ("base-instruct", "chat-code", "final-model")

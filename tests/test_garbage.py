@@ -12,7 +12,7 @@ from conftest import CHAIN
 
 from mergebuild.cli import main
 from mergebuild.store.gc import collect_garbage
-from mergebuild.provenance.lineage import verify_directory
+from mergebuild.provenance.integrity import verify_directory
 
 MERGE_NODES = ("base-instruct", "chat-code", "final-model")
 

@@ -23,7 +23,7 @@ from huggingface_hub.utils._safetensors import (
 from safetensors.torch import save as save_safetensors
 
 from mergebuild.sources import hub
-from mergebuild.errors import MergefileError, SourceError
+from mergebuild.errors import CheckpointError, MergefileError, SourceError
 from mergebuild.sources.hub import HubFile, HubResolution, LockFile
 
 A1 = "a1" * 20  # org/alpha, tag v1.0
@@ -582,6 +582,34 @@ def test_read_metadata_remote_without_downloading_weights(hf_cache, online, monk
     assert config["num_hidden_layers"] == 3
     assert tensors == {"lm_head.weight": ("BF16", (48, 8))}
     assert downloads == [("org/remote", "config.json", NEW, str(hf_cache.root))]
+
+
+def test_read_metadata_checks_remote_headers_like_local_ones(hf_cache, online, monkeypatch,
+                                                            tmp_path):
+    files = {"config.json": _config(layers=3, vocab=48), "model.safetensors": b"x" * 1000}
+    _fake_model_info(monkeypatch, lambda repo, rev: hf_cache.model_info(repo, NEW, files))
+    res = hub.resolve("org/remote", "main", node="base")
+
+    def hf_hub_download(repo_id, filename, *, revision=None, cache_dir=None, **kwargs):
+        path = tmp_path / filename
+        path.write_bytes(files[filename])
+        return str(path)
+
+    def get_safetensors_metadata(self, repo_id, *, revision=None, **kwargs):
+        # 48x8 BF16 is 768 bytes, but the header claims 2000: past the 1000-byte file.
+        tensors = {"lm_head.weight": TensorInfo(dtype="BF16", shape=[48, 8],
+                                                data_offsets=(0, 2000))}
+        return SafetensorsRepoMetadata(
+            metadata=None, sharded=False, weight_map={"lm_head.weight": "model.safetensors"},
+            files_metadata={"model.safetensors": SafetensorsFileMetadata(metadata={},
+                                                                         tensors=tensors)},
+        )
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(HfApi, "get_safetensors_metadata", get_safetensors_metadata)
+    with pytest.raises(CheckpointError, match="data_offsets span 2000 bytes") as caught:
+        hub.read_metadata(res, node="base")
+    assert caught.value.node == "base"
 
 
 def test_read_metadata_offline_without_weights(hf_cache, online, monkeypatch):

@@ -10,15 +10,13 @@ from rich.console import Console
 from test_provenance import HUB_BASE, HUB_CODER, build_chain
 
 from mergebuild.errors import StoreError
+from mergebuild.provenance.integrity import Problem, quick_check, verify_directory
 from mergebuild.provenance.lineage import (
-    Problem,
     format_parameters,
     key_parameters,
     lineage_to_json,
     load_lineage,
-    quick_check,
     render_lineage_tree,
-    verify_directory,
 )
 
 

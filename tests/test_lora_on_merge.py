@@ -163,7 +163,8 @@ def test_merge_rebuilt_to_the_same_bytes_reuses_the_child(workspace, lora):
 
 
 def test_provenance_lineage_and_card_show_the_adapter(workspace, lora):
-    from mergebuild.provenance.lineage import lineage_to_json, load_lineage, verify_directory
+    from mergebuild.provenance.integrity import verify_directory
+    from mergebuild.provenance.lineage import lineage_to_json, load_lineage
 
     _chain(workspace, lora)
     project = workspace.project()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from click.testing import CliRunner
 
 from mergebuild.cli import main
-from mergebuild.provenance.lineage import verify_directory
+from mergebuild.provenance.integrity import verify_directory
 
 
 def run(ws, *args):

@@ -20,9 +20,9 @@ from mergebuild.provenance.statement import (
     digest_set,
     dir_hash,
     read_statement,
-    scrub_secrets,
-    write_provenance,
 )
+from mergebuild.provenance.write import write_provenance
+from mergebuild.provenance.secrets import scrub_secrets, scrub_text
 
 # --------------------------------------------------------------------------- chain fixture
 #   hub base-org/base-7b ─┐
@@ -461,6 +461,16 @@ def test_scrub_keeps_ordinary_values_and_hub_revisions():
         "list": ["a", 1, None],
         "git": "https://[REDACTED]@example.com/repo.git",
     }
+
+
+def test_scrub_text_covers_headers_query_tokens_and_the_environment_token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "plain-secret-value")
+    text = (f"GET https://hub.example/x?revision=main&token={TOKEN} failed; "
+            f"Authorization: Bearer {TOKEN}; retry with plain-secret-value")
+    assert scrub_text(text) == (
+        "GET https://hub.example/x?revision=main&token=[REDACTED] failed; "
+        "Authorization: Bearer [REDACTED]; retry with [REDACTED]"
+    )
 
 
 def test_read_statement_missing_raises_one_line_store_error(tmp_path):

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import CHAIN, outcomes
 
-from mergebuild.provenance.lineage import verify_directory
+from mergebuild.provenance.integrity import verify_directory
 
 
 def _open(path):

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from mergebuild.errors import IncompatibleModelsError, MergefileError
 from mergebuild.build.parameters import layer_index
+from mergebuild.spec.validate import arithmetic_base
 
 TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)
 
@@ -158,7 +159,8 @@ def ignored_extras(ref: ModelMetadata, other: ModelMetadata) -> tuple[list[str],
 
 def involved_parents(job: MergeShape) -> list[str]:
     """The parents whose tensors enter the arithmetic: the base (if used) and the models."""
-    involved = [job.base] if job.base and job.method.base != "none" else []
+    base = arithmetic_base(job.base, job.method)
+    involved = [base] if base else []
     involved += [p.node for p in job.participants]
     return list(dict.fromkeys(involved))
 

@@ -16,12 +16,20 @@ from typing import Any
 import xxhash
 
 from mergebuild import faults
-from mergebuild.io.checkpoint import DTYPE_SIZES, CheckpointReader, TensorInfo
-from mergebuild.build.compat import check_compatibility, layer_count, reader_metadata, tensor_sources
+from mergebuild.io.checkpoint import CheckpointReader, TensorInfo
+from mergebuild.build.compat import (
+    check_compatibility,
+    involved_parents,
+    layer_count,
+    reader_metadata,
+    tensor_sources,
+)
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
+from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
-from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES
+from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.spec.validate import arithmetic_base
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
 from mergebuild.build.vocab import (
     VocabPlan,
@@ -32,8 +40,6 @@ from mergebuild.build.vocab import (
     write_vocab_files,
 )
 
-TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_FLOAT_CODES = {"F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"}
 _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 
 
@@ -117,8 +123,8 @@ def _num_layers(reader: CheckpointReader) -> int:
 
 
 def _out_dtype(job: BuildJob, info: TensorInfo) -> str:
-    if job.out_dtype and info.dtype in _FLOAT_CODES:
-        return TORCH_DTYPES[job.out_dtype]
+    if job.out_dtype and info.dtype in FLOAT_CODES:
+        return dtype_code(job.out_dtype)
     return info.dtype
 
 
@@ -139,10 +145,11 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     def source(node: str, name: str) -> TensorInfo:
         return readers[node].tensors[sources[node][name] or name]
 
+    base_node = arithmetic_base(job.base, job.method)
     tasks: list[TensorTask] = []
     for name in names:
         info = donor.tensors[name]
-        base = source(job.base, name) if job.base and job.method.base != "none" else None
+        base = source(base_node, name) if base_node else None
         inputs = tuple(source(p.node, name) for p in job.participants)
         shape, remap = info.shape, None
         if vocab is not None and is_vocab_tensor(name):
@@ -163,8 +170,8 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
     """
     if not job.tokenizer_source:
         return None
-    base = job.base if job.base and job.method.base != "none" else None
-    nodes = list(dict.fromkeys([*([base] if base else []), *(p.node for p in job.participants)]))
+    base = arithmetic_base(job.base, job.method)
+    nodes = involved_parents(job)
     if job.slices is not None:
         # Only the ends' rows are mapped; a union (like mergekit's) spans every stacked model.
         ends = [job.slices[0].sources[0][0], job.slices[-1].sources[0][0]]
@@ -184,7 +191,7 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
 
 def _vocab_remap(job: BuildJob, plan: VocabPlan, node: str | None = None):
     """Rows by token for the merge's parents, or for ``node`` alone (a slice's end)."""
-    base = job.base if job.base and job.method.base != "none" and node is None else None
+    base = arithmetic_base(job.base, job.method) if node is None else None
     nodes = [node] if node else [*([base] if base else []), *(p.node for p in job.participants)]
 
     def remap(parents: list, base_tensor: Any) -> tuple[list, Any]:
@@ -236,7 +243,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
                             f"'{node}' lacks tensor {src_name} needed by a slice", node=job.node,
                             hint="slice sources must share the layer structure",
                         )
-                    if job.base and node == job.base and job.method.base != "none":
+                    if node == arithmetic_base(job.base, job.method):
                         base_info = info
                     else:
                         infos.append(info)
@@ -441,7 +448,7 @@ def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) ->
     lead, task = streams[0], tasks[0]
     method = jobs[0].method
     if (lead.device != "cpu" or any(j.method is not method for j in jobs)
-            or task.dtype not in _TORCH_OF_CODE or method.passes_through
+            or task.dtype not in ARITHMETIC_CODES or method.passes_through
             or any(t.remap is not None or t.base is not task.base or t.inputs != task.inputs
                    or t.dtype != task.dtype for t in tasks)):
         return None
@@ -474,14 +481,12 @@ def _wait_for_room(writers, current: int, nbytes: int, budget: int) -> None:
 
 
 def _nbytes(task: TensorTask) -> int:
-    return math.prod(task.shape) * DTYPE_SIZES[task.dtype]
+    return math.prod(task.shape) * dtype_size(task.dtype)
 
 
 def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:
     return [(str(p), stat_signature(p)) for p in reader.weight_files()]
 
-
-_TORCH_OF_CODE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 # An elementwise method is fed cache-sized chunks instead of whole float32 tensors (same
 # bytes, far less memory).
@@ -493,12 +498,6 @@ _PAGE = mmap.PAGESIZE
 _STREAM_CHUNK = 1 << 18
 _STREAM_MIN_ELEMENTS = 1 << 16
 _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
-
-
-def _dtype_size(code: str) -> int:
-    from mergebuild.io.checkpoint import DTYPE_SIZES
-
-    return DTYPE_SIZES.get(code, 4)
 
 
 def _set_threads(torch) -> None:
@@ -651,7 +650,7 @@ class _Streaming:
         shared.need_whole(1 if self.elementwise or streamed else largest)
         self.shared = shared
         self.whole, self.chunks = shared.whole, shared.chunks
-        self.out_dtype = {n: getattr(torch, t) for n, t in _TORCH_OF_CODE.items()}
+        self.out_dtype = {code: torch_dtype(code) for code in ARITHMETIC_CODES}
         self.merge_streamed = method.load_streamed() if streamed else None
         self.merge_streamed_many = method.load_streamed_many() if streamed else None
         self.drops = True  # whether this job reads a tensor last (and may drop its pages)
@@ -675,7 +674,7 @@ class _Streaming:
         mapped = self._mapped(info) if info is not None and self.drops else None
         if mapped is None:
             return
-        size = _dtype_size(info.dtype)
+        size = dtype_size(info.dtype)
         lo, hi = info.start + first * size, info.start + stop * size
         lo -= lo % _PAGE
         try:
@@ -741,7 +740,7 @@ class _Streaming:
         tiny tensors are cheaper whole, with the same bytes)."""
         return (self.merge_streamed is not None and task.remap is None
                 and task.base is not None
-                and all(i.dtype in _TORCH_OF_CODE for i in (task.base, *task.inputs))
+                and all(i.dtype in ARITHMETIC_CODES for i in (task.base, *task.inputs))
                 and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
                 and self.job.method.streamable(params))
 
@@ -892,14 +891,14 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
             and job.method.passes_through):
         scale = _resolve(task.parameters[0], task).get("scale", 1.0)
         x = load(task.inputs[0])
-        if scale == 1.0 or task.dtype not in _TORCH_OF_CODE:
+        if scale == 1.0 or task.dtype not in ARITHMETIC_CODES:
             out = x
         else:
             out = x.to(device=device, dtype=torch.float32) * float(scale)
-        return out.to(dtype=getattr(torch, _TORCH_OF_CODE.get(task.dtype, "float32"))
-                      if task.dtype in _TORCH_OF_CODE else out.dtype).cpu()
+        return out.to(dtype=torch_dtype(task.dtype)
+                      if task.dtype in ARITHMETIC_CODES else out.dtype).cpu()
 
-    if task.dtype not in _TORCH_OF_CODE:
+    if task.dtype not in ARITHMETIC_CODES:
         return load(task.inputs[0] if task.inputs else task.base).clone()
     if stream.elementwise and task.remap is None:
         return stream.compute_chunked(task, load, func, _resolve_params(job, task))
@@ -921,7 +920,7 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
     except ValueError as exc:
         raise IncompatibleModelsError(f"{job.method.name} failed on {task.name}: {exc}",
                                       node=job.node) from None
-    result = out.to(dtype=getattr(torch, _TORCH_OF_CODE[task.dtype])).cpu()
+    result = out.to(dtype=torch_dtype(task.dtype)).cpu()
     # The writer keeps what it is given: never hand it (a view of) a reused scratch buffer.
     return result.clone() if stream.owns(result) else result
 
@@ -975,9 +974,7 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
 def _link_root(directory: Path) -> Path:
     """Where a model directory's symlinks may point: itself, or for an HF cache snapshot
     (``models--org--name/snapshots/<commit>``) the repo directory holding ``blobs/``."""
-    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
-        return directory.parent.parent
-    return directory
+    return snapshot_repo_dir(directory) or directory
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -22,27 +22,29 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from mergebuild import faults
 from mergebuild.errors import CheckpointError
+from mergebuild.io.atomic import fsync_directory
+from mergebuild.io.dtypes import DTYPE_SIZES, safetensors_code, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DTYPE_SIZES",
     "INDEX_NAME",
     "MAX_HEADER_BYTES",
     "SINGLE_FILE_NAME",
     "CheckpointReader",
     "CheckpointWriter",
     "TensorInfo",
+    "check_tensor_entries",
     "plan_shards",
     "read_header",
     "reference_order",
     "shard_file_names",
-    "torch_dtype_name",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,45 +55,8 @@ _ALIGN = 8
 # Large tensors are written and hashed in slices so one syscall never exceeds Linux's 2 GiB cap.
 _IO_CHUNK = 64 * 2**20
 
-# Byte size of every safetensors dtype we read and write. The key order is the reference
-# implementation's dtype order (Rust enum declaration order), which `reference_order` uses.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
 _DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
 
-# safetensors dtype string -> attribute name on the torch module.
-_TORCH_DTYPE_ATTR = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3": "float8_e4m3fn",
-    "I16": "int16",
-    "U16": "uint16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I32": "int32",
-    "U32": "uint32",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "U64": "uint64",
-}
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _CONVERT_HINT = (
     "load it once with transformers and save_pretrained(out, safe_serialization=True), "
@@ -119,26 +84,13 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors dtype string of a torch dtype, e.g. ``torch.bfloat16`` -> ``"BF16"``."""
-    attr = str(dtype).removeprefix("torch.")
-    for name, torch_attr in _TORCH_DTYPE_ATTR.items():
-        if torch_attr == attr:
-            return name
-    raise ValueError(f"torch dtype {dtype} has no safetensors equivalent")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, _TORCH_DTYPE_ATTR[name])
-
-
 # --------------------------------------------------------------------------- reading headers
 
 
-def _fail(path: Path, problem: str, todo: str = "re-download or rebuild it") -> CheckpointError:
-    return CheckpointError(f"{path.name} {problem}; {todo}", hint=str(path))
+def _fail(
+    path: Path, problem: str, todo: str = "re-download or rebuild it", *, node: str | None = None
+) -> CheckpointError:
+    return CheckpointError(f"{path.name} {problem}; {todo}", node=node, hint=str(path))
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -150,11 +102,16 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(
+    path: Path, *, node: str | None = None, header_only: bool = False
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a safetensors header without trusting any of it first.
 
     Args:
         path: a ``.safetensors`` file.
+        node: the node the file belongs to, named in errors.
+        header_only: check the header alone, not that the file holds the data it promises
+            (for planning from a file whose tensor data is not needed yet).
 
     Returns:
         (tensors by name in file order, the ``__metadata__`` mapping or ``{}``).
@@ -171,98 +128,64 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size < 8:
-                raise _fail(path, f"is {size} bytes, too short to be a safetensors file")
+                raise _fail(path, f"is {size} bytes, too short to be a safetensors file", node=node)
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len > MAX_HEADER_BYTES:
                 raise _fail(
                     path,
                     f"declares a {header_len}-byte header (limit {MAX_HEADER_BYTES}); "
                     "it is corrupt or not a safetensors file",
+                    node=node,
                 )
             if header_len > size - 8:
                 raise _fail(
                     path,
                     f"is truncated: header length is {header_len} bytes but only "
                     f"{size - 8} bytes follow it",
+                    node=node,
                 )
             raw = fh.read(header_len)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist", hint="check the path") from None
+        raise CheckpointError(f"{path} does not exist", node=node, hint="check the path") from None
     except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a safetensors file") from None
+        raise CheckpointError(
+            f"{path} is a directory, not a safetensors file", node=node
+        ) from None
     except PermissionError:
-        raise CheckpointError(f"{path} is not readable", hint="check its permissions") from None
+        raise CheckpointError(
+            f"{path} is not readable", node=node, hint="check its permissions"
+        ) from None
 
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _fail(path, "has a header that is not UTF-8") from None
+        raise _fail(path, "has a header that is not UTF-8", node=node) from None
     if not text.startswith("{"):
-        raise _fail(path, "has a header that is not a JSON object")
+        raise _fail(path, "has a header that is not a JSON object", node=node)
     try:
         header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except ValueError as exc:
-        raise _fail(path, f"has a header that is not valid JSON ({exc})") from None
+        raise _fail(path, f"has a header that is not valid JSON ({exc})", node=node) from None
     if not isinstance(header, dict):
-        raise _fail(path, "has a header that is not a JSON object")
+        raise _fail(path, "has a header that is not a JSON object", node=node)
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise _fail(path, "has __metadata__ that is not a string-to-string mapping")
+        raise _fail(path, "has __metadata__ that is not a string-to-string mapping", node=node)
 
     data_start = 8 + header_len
     data_size = size - data_start
-    ranges: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise _fail(path, f"has a malformed entry for tensor '{name}'")
-        dtype = entry.get("dtype")
-        if dtype not in DTYPE_SIZES:
-            raise _fail(
-                path,
-                f"has tensor '{name}' with unsupported dtype {dtype!r} "
-                f"(known: {', '.join(DTYPE_SIZES)})",
-                "convert it to a supported dtype",
-            )
-        shape = entry.get("shape")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _fail(path, f"has tensor '{name}' with an invalid shape {shape!r}")
-        offsets = entry.get("data_offsets")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)
-            or offsets[1] < offsets[0]
-        ):
-            raise _fail(path, f"has tensor '{name}' with invalid data_offsets {offsets!r}")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if offsets[1] - offsets[0] != expected:
-            raise _fail(
-                path,
-                f"has tensor '{name}' whose data_offsets span {offsets[1] - offsets[0]} bytes "
-                f"but {dtype} {shape} needs {expected}",
-            )
-        ranges.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
-
-    ranges.sort(key=lambda r: (r[0], r[1]))
-    cursor = 0
-    for begin, end, name, _, _ in ranges:
-        if begin < cursor:
-            raise _fail(path, f"has tensor '{name}' overlapping the previous tensor's bytes")
-        if begin > cursor:
-            raise _fail(path, f"has a gap of unused bytes before tensor '{name}'")
-        cursor = end
-    if cursor > data_size:
-        raise _fail(
-            path,
-            f"is truncated: header promises {cursor} bytes of tensor data, file has {data_size}",
-        )
-    if cursor < data_size:
+    ranges = check_tensor_entries(
+        header, path, max_data_bytes=None if header_only else data_size, node=node
+    )
+    cursor = ranges[-1][1] if ranges else 0
+    if cursor < data_size and not header_only:
         raise _fail(
             path,
             f"has {data_size - cursor} unexpected trailing bytes after its tensor data",
+            node=node,
         )
 
     tensors = {
@@ -270,6 +193,81 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         for begin, end, name, dtype, shape in ranges
     }
     return tensors, dict(metadata)
+
+
+def check_tensor_entries(
+    entries: Mapping[str, Any],
+    path: Path,
+    *,
+    max_data_bytes: int | None,
+    node: str | None = None,
+) -> list[tuple[int, int, str, str, tuple[int, ...]]]:
+    """Validate a safetensors header's tensor entries (``__metadata__`` removed).
+
+    Every entry needs a known dtype, a shape of non-negative ints and ``data_offsets`` that
+    span exactly its bytes; together they must tile the data from 0 without overlaps or gaps
+    and end within ``max_data_bytes`` (when given).
+
+    Returns:
+        ``(begin, end, name, dtype, shape)`` per tensor, by offset (relative to the data).
+
+    Raises:
+        CheckpointError: naming ``path`` (and ``node``) and the first bad entry.
+    """
+    ranges: list[tuple[int, int, str, str, tuple[int, ...]]] = []
+    for name, entry in entries.items():
+        if not isinstance(entry, Mapping):
+            raise _fail(path, f"has a malformed entry for tensor '{name}'", node=node)
+        dtype = entry.get("dtype")
+        if dtype not in DTYPE_SIZES:
+            raise _fail(
+                path,
+                f"has tensor '{name}' with unsupported dtype {dtype!r} "
+                f"(known: {', '.join(DTYPE_SIZES)})",
+                "convert it to a supported dtype",
+                node=node,
+            )
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise _fail(path, f"has tensor '{name}' with an invalid shape {shape!r}", node=node)
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]
+        ):
+            raise _fail(
+                path, f"has tensor '{name}' with invalid data_offsets {offsets!r}", node=node
+            )
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise _fail(
+                path,
+                f"has tensor '{name}' whose data_offsets span {offsets[1] - offsets[0]} bytes "
+                f"but {dtype} {shape} needs {expected}",
+                node=node,
+            )
+        ranges.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+
+    ranges.sort(key=lambda r: (r[0], r[1]))
+    cursor = 0
+    for begin, end, name, _, _ in ranges:
+        if begin < cursor:
+            raise _fail(
+                path, f"has tensor '{name}' overlapping the previous tensor's bytes", node=node
+            )
+        if begin > cursor:
+            raise _fail(path, f"has a gap of unused bytes before tensor '{name}'", node=node)
+        cursor = end
+    if max_data_bytes is not None and cursor > max_data_bytes:
+        raise _fail(
+            path,
+            f"is truncated: header promises {cursor} bytes of tensor data, "
+            f"file has {max_data_bytes}",
+            node=node,
+        )
+    return ranges
 
 
 # --------------------------------------------------------------------------- reading weights
@@ -432,7 +430,7 @@ class CheckpointReader:
             info = self.tensors[name]
         except KeyError:
             raise KeyError(f"no tensor '{name}' in {self.directory}") from None
-        dtype = _torch_dtype(info.dtype)
+        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         mapped = self._map(info.file)
@@ -642,7 +640,7 @@ class CheckpointWriter:
         slot = self._slots[self._next]
         if name != slot.name:
             raise ValueError(f"expected tensor '{slot.name}' next (layout order), got '{name}'")
-        dtype = torch_dtype_name(tensor.dtype)
+        dtype = safetensors_code(tensor.dtype)
         if dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise ValueError(
                 f"tensor '{name}' is {dtype} {list(tensor.shape)}, layout says "
@@ -715,7 +713,7 @@ class CheckpointWriter:
                 finally:
                     os.close(fd)
                 digests[INDEX_NAME] = hashlib.sha256(payload).hexdigest()
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             self.abort()
             raise
@@ -808,11 +806,3 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         data = data[written:]
         offset += written
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

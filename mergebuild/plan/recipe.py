@@ -6,8 +6,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mergebuild import ENGINE_VERSION
-from mergebuild.spec.parse import MergeSpec
 from mergebuild.methods.registry import REQUIRED, Method
+from mergebuild.spec.model import Defaults, MergeSpec
+from mergebuild.spec.validate import participants
 
 
 def _param_defaults(method: Method, scope: str) -> dict[str, Any]:
@@ -40,14 +41,6 @@ def global_parameters(method: Method, spec: MergeSpec) -> dict[str, Any]:
     return out
 
 
-def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
-    """(parent node, its raw parameters) for each model that takes part in the arithmetic."""
-    entries = [(p.ref, p.parameters) for p in spec.models]
-    if method.base != "none" and spec.base is not None:
-        entries = [(ref, params) for ref, params in entries if ref != spec.base]
-    return entries
-
-
 def donor(spec: MergeSpec) -> str:
     """The node whose config and tokenizer the output takes: explicit, else base, else first."""
     first = spec.models[0].ref if spec.models else spec.slices[0].sources[0].ref  # type: ignore[index]
@@ -60,7 +53,7 @@ def build_recipe(
     spec: MergeSpec,
     method: Method,
     digest_of: Callable[[str], str],
-    defaults: Mapping[str, Any],
+    defaults: Defaults,
 ) -> dict[str, Any]:
     """The canonical recipe: method, parameters after defaults, parents by digest, output
     dtype, engine version. Node names, comments, key order and descriptions are not in it.
@@ -69,9 +62,9 @@ def build_recipe(
         "engine": ENGINE_VERSION,
         "method": method.name,
         "parameters": global_parameters(method, spec),
-        "dtype": spec.dtype or defaults.get("dtype"),
+        "dtype": spec.dtype or defaults.dtype,
         "donor": digest_of(donor(spec)),
-        "shard_size": defaults.get("max_shard_size"),
+        "shard_size": defaults.max_shard_size,
     }
     if spec.base is not None:
         recipe["base"] = digest_of(spec.base)
@@ -94,14 +87,11 @@ def build_recipe(
         ]
     if spec.chat_template is not None:
         recipe["chat_template"] = spec.chat_template
-    if spec.tokenizer_source is not None:
+    if spec.tokenizer is not None:
         # The policy changes embedding rows; which model donates is in "donor" already.
-        tokenizer = spec.body.get("tokenizer") if isinstance(spec.body, Mapping) else None
         recipe["tokenizer"] = {
-            "source": spec.tokenizer_source if spec.tokenizer_source in ("base", "union")
-            else "model",
-            "pad_to_multiple_of": tokenizer.get("pad_to_multiple_of")
-            if isinstance(tokenizer, Mapping) else None,
+            "source": spec.tokenizer.policy,
+            "pad_to_multiple_of": spec.tokenizer.pad_to_multiple_of,
         }
     return recipe
 

@@ -21,10 +21,10 @@ from mergebuild.provenance.lineage import (
     lineage_from_statement,
     lineage_hub_ids,
     lineage_methods,
-    short_digest,
     snapshot_repo,
 )
-from mergebuild.provenance.statement import BuildRecord, build_statement, scrub_text
+from mergebuild.provenance.secrets import scrub_text
+from mergebuild.provenance.statement import BuildRecord, build_statement, short_digest
 
 MERGEBUILD_URL = "https://github.com/mergebuild/mergebuild"
 

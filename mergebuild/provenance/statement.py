@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mergebuild import faults
 from mergebuild.errors import StoreError
+from mergebuild.provenance.secrets import scrub_secrets
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -60,8 +58,6 @@ DIRECTORY_SUBJECT = "."
 
 # Lowercase hex lengths of the digests we write or accept; others are left alone.
 DIGEST_HEX_LENGTHS = {"sha256": 64, "xxh128": 32, "dirHash": 64, "gitCommit": (40, 64)}
-
-REDACTED = "[REDACTED]"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -118,58 +114,6 @@ class BuildRecord:
     rebuild_command: str
 
 
-# --------------------------------------------------------------------------- secrets
-
-_TOKEN_PATTERNS = (
-    re.compile(r"hf_[A-Za-z0-9]{20,}"),
-    re.compile(r"api_org_[A-Za-z0-9]{20,}"),
-)
-_URL_CREDENTIALS = re.compile(r"((?:https?|ssh|git\+https?|git\+ssh)://)[^/@\s]+@")
-_TOKEN_FLAG = re.compile(r"(--(?:hf[-_])?token(?:=|\s+))\S+")
-_YAML_SECRET_LINE = re.compile(
-    r"(?im)^(\s*-?\s*[\w-]*(?:token|secret|password|passwd|api_key|apikey)\s*:[ \t]*)(\S.*)$"
-)
-_SECRET_KEY = re.compile(
-    r"(?:^|[_-])(?:token|secret|password|passwd|api_?key|auth|authorization|credentials?)"
-    r"(?:$|[_-])"
-)
-
-
-def scrub_text(text: str) -> str:
-    """Remove anything that looks like a credential from free text."""
-    for pattern in _TOKEN_PATTERNS:
-        text = pattern.sub(REDACTED, text)
-    text = _URL_CREDENTIALS.sub(lambda m: m.group(1) + REDACTED + "@", text)
-    text = _TOKEN_FLAG.sub(lambda m: m.group(1) + REDACTED, text)
-    return _YAML_SECRET_LINE.sub(lambda m: m.group(1) + REDACTED, text)
-
-
-def scrub_secrets(value: Any) -> Any:
-    """Return a JSON-ready copy of ``value`` with credentials removed.
-
-    Strings lose Hugging Face tokens (``hf_…``), URL user-info and ``--token`` arguments;
-    string values under keys such as ``token``, ``hf_token`` or ``api_key`` are replaced
-    whole (``tokenizer`` and friends are left alone). Tuples become lists, other
-    non-JSON values become their ``str``.
-    """
-    if isinstance(value, Mapping):
-        clean: dict[str, Any] = {}
-        for k, v in value.items():
-            key = str(k)
-            if isinstance(v, str) and v and _SECRET_KEY.search(key.lower()):
-                clean[key] = REDACTED
-            else:
-                clean[key] = scrub_secrets(v)
-        return clean
-    if isinstance(value, (list, tuple)):
-        return [scrub_secrets(v) for v in value]
-    if isinstance(value, str):
-        return scrub_text(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return scrub_text(str(value))
-
-
 # --------------------------------------------------------------------------- digests
 
 
@@ -198,6 +142,12 @@ def digests_match(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
     """DigestSets match when they share an algorithm and every shared one agrees."""
     shared = set(a) & set(b)
     return bool(shared) and all(a[k].lower() == b[k].lower() for k in shared)
+
+
+def short_digest(digest: str, length: int = 12) -> str:
+    """``"sha256:abcdef…"`` cut to ``length`` hex digits."""
+    algorithm, sep, value = digest.partition(":")
+    return f"{algorithm}:{value[:length]}" if sep else digest[:length]
 
 
 def dir_hash(files: Mapping[str, str]) -> str:
@@ -337,37 +287,6 @@ def build_statement(
 def dumps_statement(statement: Mapping) -> bytes:
     """Serialise a statement the one way we write it (sorted keys, 2-space indent)."""
     return (json.dumps(statement, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_provenance(directory: Path, record: BuildRecord) -> None:
-    """Write ``README.md`` (the model card) and then ``provenance.json`` into ``directory``.
-
-    The statement's subjects are every file of ``record.outputs``, the card, and the
-    whole-directory subject. Each file is written to a temporary name and renamed.
-    """
-    from mergebuild.provenance.card import render_card  # card builds on this module
-
-    directory = Path(directory)
-    card = render_card(record).encode("utf-8")
-    _write_atomic(directory / CARD_FILE, card)
-    faults.point("provenance.card_written")
-    statement = build_statement(record, hashlib.sha256(card).hexdigest(), len(card))
-    _write_atomic(directory / PROVENANCE_FILE, dumps_statement(statement))
-    faults.point("provenance.written")
 
 
 # --------------------------------------------------------------------------- reading

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebuild.io.checkpoint import CheckpointWriter
+from mergebuild.io.dtypes import OUTPUT_DTYPES, dtype_code
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ __all__ = ["DEMO_MODELS", "MARKER_NAME", "Delta", "generate_demo_models", "gener
 MARKER_NAME = ".mergebuild-demo.json"
 # Bump when the bytes generated for the same parameters change, so old directories rebuild.
 _FORMAT_VERSION = 1
-_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 _INIT_STD = 0.02
 
@@ -226,8 +226,8 @@ def generate_model(
         safetensors weights (sharded with an index when larger than `max_shard_bytes`).
     """
     directory = Path(directory)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     if num_heads <= 0 or hidden_size % num_heads:
         raise ValueError("hidden_size must be a multiple of num_heads")
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
@@ -299,7 +299,7 @@ def _write_model(directory: Path, seed: int, shape: _Shape) -> None:
 
     tensors = _weights(seed, shape)
     dtype = getattr(torch, shape.dtype)
-    layout = [(name, _DTYPES[shape.dtype], tuple(t.shape)) for name, t in tensors.items()]
+    layout = [(name, dtype_code(shape.dtype), tuple(t.shape)) for name, t in tensors.items()]
     kwargs = {} if shape.max_shard_bytes is None else {"max_shard_bytes": shape.max_shard_bytes}
     writer = CheckpointWriter(directory, layout, **kwargs)
     try:

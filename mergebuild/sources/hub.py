@@ -39,14 +39,15 @@ import hashlib
 import json
 import os
 import re
-import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
+from mergebuild.io.atomic import write_json_atomic
+from mergebuild.io.checkpoint import check_tensor_entries, read_header
+from mergebuild.io.dtypes import safetensors_code
 from mergebuild.io.hf_layout import (
     ADAPTER_CONFIG,
     CONFIG_FILES,
@@ -54,7 +55,11 @@ from mergebuild.io.hf_layout import (
     PICKLE_SUFFIXES,
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
+    repo_cache_dir,
+    snapshot_path,
 )
+from mergebuild.provenance.secrets import scrub_text
+from mergebuild.sources.pickle import load_pickle_state_dict
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -90,8 +95,6 @@ _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
 _REVISION_RE = re.compile(r"[A-Za-z0-9._/+-]+")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- values
@@ -300,13 +303,9 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _repo_cache_dir(repo_id: str) -> Path:
-    return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
 def snapshot_dir(resolution: HubResolution) -> Path:
     """Where the resolution's files live (or will live) in the Hugging Face cache."""
-    return _repo_cache_dir(resolution.repo_id) / "snapshots" / resolution.commit
+    return snapshot_path(hub_cache_dir(), resolution.repo_id, resolution.commit)
 
 
 def _download_hint(repo_id: str, revision: str) -> str:
@@ -314,11 +313,8 @@ def _download_hint(repo_id: str, revision: str) -> str:
 
 
 def _scrub(text: str) -> str:
-    """Remove anything that looks like a token from hub error text."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        text = text.replace(token, "***")
-    text = _TOKEN_RE.sub("hf_***", text)
+    """The first line of hub error text, without credentials."""
+    text = scrub_text(text)
     return text.splitlines()[0] if text else text
 
 
@@ -537,7 +533,7 @@ def _resolve_from_cache(
             message += f"; {what}"
         return SourceError(message, node=node, hint=missing_hint or _download_hint(repo_id, target))
 
-    repo_dir = _repo_cache_dir(repo_id)
+    repo_dir = repo_cache_dir(hub_cache_dir(), repo_id)
     if _COMMIT_RE.fullmatch(target):
         commit = target
     else:
@@ -548,7 +544,7 @@ def _resolve_from_cache(
             raise missing("") from None
         if not _COMMIT_RE.fullmatch(commit):
             raise missing(f"refs/{target} is corrupt")
-    snapshot = repo_dir / "snapshots" / commit
+    snapshot = snapshot_path(hub_cache_dir(), repo_id, commit)
     if not snapshot.is_dir():
         raise missing("")
 
@@ -674,7 +670,8 @@ def read_metadata(
         if resolution.is_pickle:
             table = _pickle_tensor_table(path, uri, node=node)
         else:
-            table = read_safetensors_header(path, node=node)
+            infos, _ = read_header(path, node=node, header_only=True)
+            table = {name: (info.dtype, info.shape) for name, info in infos.items()}
         _merge_tables(tensors, table, weight.path, uri, node=node)
     if remote:
         if resolution.is_pickle:
@@ -710,85 +707,20 @@ def _merge_tables(
         into[name] = info
 
 
-def read_safetensors_header(
-    path: Path, *, node: str | None = None
-) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (dtype, shape)} from a safetensors file's header; the data is not read."""
-    try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file", node=node)
-            (length,) = struct.unpack("<Q", prefix)
-            if length > _MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {length} is not plausible", node=node)
-            raw = handle.read(length)
-    except OSError as error:
-        raise CheckpointError(
-            f"{path}: cannot be read ({error.strerror or error})", node=node
-        ) from None
-    if len(raw) != length:
-        raise CheckpointError(f"{path}: truncated inside its safetensors header", node=node)
-    try:
-        header = json.loads(raw)
-    except ValueError:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON", node=node) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object", node=node)
-    table: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            table[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: malformed header entry for tensor {name!r}", node=node
-            ) from None
-    return table
-
-
-_TORCH_TO_SAFETENSORS = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-
-
 def _pickle_tensor_table(
     path: Path, uri: str, *, node: str
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Shapes of a cached pickle checkpoint, loaded safely onto the meta device (no data read)."""
-    import torch
+    state = load_pickle_state_dict(path, node=node, uri=uri, shapes_only=True)
+    return {name: (_dtype_code_or_name(t.dtype), tuple(t.shape)) for name, t in state.items()}
 
+
+def _dtype_code_or_name(dtype: Any) -> str:
+    """The safetensors code of a pickled tensor's dtype; one without a code keeps torch's name."""
     try:
-        state = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad pickle
-        raise CheckpointError(
-            f"{uri}: {path.name} cannot be loaded with weights_only=True ({error.__class__.__name__})",
-            node=node,
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{uri}: {path.name} does not hold a state dict", node=node)
-    return {
-        str(name): (
-            _TORCH_TO_SAFETENSORS.get(str(t.dtype).removeprefix("torch."), str(t.dtype)),
-            tuple(t.shape),
-        )
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor)
-    }
+        return safetensors_code(dtype)
+    except ValueError:
+        return str(dtype)
 
 
 def _download_small(resolution: HubResolution, filename: str, *, node: str, offline: bool) -> Path:
@@ -835,11 +767,24 @@ def _remote_tensor_tables(
         file_meta = metadata.files_metadata.get(weight.path)
         if file_meta is None:
             raise SourceError(f"{uri}: the hub returned no header for {weight.path}", node=node)
-        tables[weight.path] = {
-            name: (str(info.dtype), tuple(int(d) for d in info.shape))
+        # The hub parsed the header; check it as strictly as a local file's before use.
+        entries = {
+            name: {"dtype": info.dtype, "shape": _as_list(info.shape),
+                   "data_offsets": _as_list(info.data_offsets)}
             for name, info in file_meta.tensors.items()
         }
+        check_tensor_entries(
+            entries, Path(weight.path), max_data_bytes=max(weight.size - 8, 0), node=node
+        )
+        tables[weight.path] = {
+            name: (entry["dtype"], tuple(entry["shape"])) for name, entry in entries.items()
+        }
     return tables
+
+
+def _as_list(value: Any) -> Any:
+    """huggingface_hub gives tuples where the header has JSON arrays; anything else stays."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------- fetch
@@ -902,7 +847,7 @@ def verify_snapshot(resolution: HubResolution, *, node: str) -> None:
     """Check every needed file is cached with the resolved size and blob name (no hashing)."""
     snapshot = snapshot_dir(resolution)
     uri = resolution.pinned_uri
-    hint = f"delete {_repo_cache_dir(resolution.repo_id)} (or `hf cache delete`) and fetch again"
+    hint = f"delete {repo_cache_dir(hub_cache_dir(), resolution.repo_id)} (or `hf cache delete`) and fetch again"
     for expected in resolution.files:
         link = snapshot / expected.path
         if not link.is_file():
@@ -1027,22 +972,8 @@ class LockFile:
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, rename."""
-        path = Path(path)
-        text = json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write atomically (a temporary file in the same directory, fsync, rename)."""
+        write_json_atomic(Path(path), self.to_json())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LockFile) and self._entries == other._entries

@@ -14,7 +14,8 @@ from mergebuild import faults
 from mergebuild.errors import SourceError
 from mergebuild.io.hashing import canonical_json, manifest_digest
 from mergebuild.io.hf_layout import CONFIG_FILES, PICKLE_SUFFIXES, SAFETENSORS_INDEX, TOKENIZER_FILES
-from mergebuild.spec.parse import SourceSpec
+from mergebuild.sources.pickle import load_pickle_state_dict
+from mergebuild.spec.model import SourceSpec
 from mergebuild.store.objects import Store
 
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
@@ -295,23 +296,13 @@ def convert_pickle_snapshot(snapshot: Path, out: Path, *, node: str) -> Path:
     import shutil
     import tempfile
 
-    import torch
     from safetensors.torch import save_file
 
     state: dict[str, Any] = {}
     for path in sorted(snapshot.iterdir()):
         if not path.name.endswith(PICKLE_SUFFIXES) or path.name == "training_args.bin":
             continue
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad pickle
-            raise SourceError(f"{path.name} cannot be loaded with weights_only=True "
-                              f"({exc.__class__.__name__})", node=node) from None
-        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, dict):
-            raise SourceError(f"{path.name} does not hold a state dict", node=node)
-        state.update({str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+        state.update(load_pickle_state_dict(path, node=node))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

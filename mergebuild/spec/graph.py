@@ -7,7 +7,7 @@ import difflib
 import networkx as nx
 
 from mergebuild.errors import GraphError
-from mergebuild.spec.parse import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from mergebuild.errors import MergefileError
-from mergebuild.spec.parse import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
+from mergebuild.spec.validate import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
 # merge keys but the mergebuild-only `description`).

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from mergebuild.verbs.verify import scratch_dirs
 from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.spec.parse import MergeSpec
+from mergebuild.spec.model import MergeSpec
 from mergebuild.store.objects import Store, lock_held, remove_tree
 
 if TYPE_CHECKING:
@@ -127,15 +127,6 @@ def collect_garbage(project: Project, *, dry_run: bool = False,
     return GcReport(removed=tuple(garbage), kept=kept, dry_run=dry_run)
 
 
-def format_size(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _remove(store: Store, item: Garbage) -> None:
     try:
         if item.kind == "lock":
@@ -185,7 +176,7 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
 
 def _old_demo_dirs(store: Store) -> list[Path]:
     from mergebuild.sources.demo import DEMO_ADAPTERS
-    from mergebuild.spec.parse import SourceSpec
+    from mergebuild.spec.model import SourceSpec
     from mergebuild.sources.resolve import DEMO_MODELS, resolve_demo_adapter, resolve_source
 
     if not store.demo.is_dir():

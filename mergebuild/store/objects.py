@@ -30,8 +30,9 @@ from typing import Any
 
 from mergebuild import faults
 from mergebuild.errors import StoreError
+from mergebuild.io.atomic import fsync_directory, write_json_atomic
 from mergebuild.io.hashing import StatCache
-from mergebuild.provenance.lineage import quick_check
+from mergebuild.provenance.integrity import quick_check
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
@@ -43,14 +44,6 @@ class StoredBuild:
     path: Path
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory below root (files first, then their directories)."""
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -60,7 +53,7 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_directory(Path(dirpath))
 
 
 def _make_readonly(root: Path) -> None:
@@ -224,7 +217,7 @@ class Store:
             faults.point("store.before_rename")
             os.rename(tmp_dir, final)
             faults.point("store.after_rename")
-            _fsync_dir(final.parent)
+            fsync_directory(final.parent)
         except OSError as exc:
             raise self.os_error(exc, f"cannot publish build {key[:12]}") from None
         return final
@@ -248,15 +241,10 @@ class Store:
     def _write_record(self, path: Path, record: dict[str, Any], what: str,
                       node: str | None = None, fault: str | None = None) -> None:
         """Write JSON beside ``path`` and rename it into place (readers see old or new)."""
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         try:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            if fault:
-                faults.point(fault)
-            os.replace(tmp, path)
+            write_json_atomic(path, record, indent=1, trailing_newline=False,
+                              before_rename=(lambda: faults.point(fault)) if fault else None)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise self.os_error(exc, what, node=node) from None
 
     # pins --------------------------------------------------------------------------------

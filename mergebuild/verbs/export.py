@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.provenance.lineage import short_digest, verify_directory
-from mergebuild.provenance.statement import read_statement, scrub_text, statement_digest
+from mergebuild.provenance.integrity import verify_directory
+from mergebuild.provenance.secrets import scrub_text
+from mergebuild.provenance.statement import read_statement, short_digest, statement_digest
 
 
 @dataclass(frozen=True)

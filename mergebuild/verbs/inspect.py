@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mergebuild.build.parameters import layer_index
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, MergebuildError
 from mergebuild.io.checkpoint import CheckpointReader
+from mergebuild.io.dtypes import FLOAT_CODES
 
 if TYPE_CHECKING:
     import torch
@@ -414,7 +415,7 @@ def _open(directory: Path, node: str) -> CheckpointReader:
 
 
 def _floating(safetensors_dtype: str) -> bool:
-    return safetensors_dtype in ("F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3")
+    return safetensors_dtype in FLOAT_CODES
 
 
 def _measure_tensor(

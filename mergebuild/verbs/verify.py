@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.provenance.lineage import Problem, iter_lineage, load_lineage, short_digest, verify_directory
-from mergebuild.provenance.statement import read_statement, sha256_file, statement_digest, subject_files
+from mergebuild.provenance.integrity import Problem, verify_directory
+from mergebuild.provenance.lineage import iter_lineage, load_lineage
+from mergebuild.provenance.statement import (
+    read_statement,
+    sha256_file,
+    short_digest,
+    statement_digest,
+    subject_files,
+)
 from mergebuild.store.objects import Store, remove_tree
 
 if TYPE_CHECKING:

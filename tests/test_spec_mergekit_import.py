@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from mergebuild.cli import main
 from mergebuild.spec.graph import build_graph
 from mergebuild.spec.mergekit_import import import_mergekit
-from mergebuild.spec.parse import MergeSpec, load_mergefile
+from mergebuild.spec.model import MergeSpec
+from mergebuild.spec.parse import load_mergefile
 
 
 def _write(path, text):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mergebuild.errors import GraphError, MergefileError
-from mergebuild.spec.parse import MergeSpec, SourceSpec, parse_mergefile
+from mergebuild.spec.model import Defaults, MergeSpec, SourceSpec
+from mergebuild.spec.parse import parse_mergefile
 
 HERE = Path("/work/project/Mergefile")
 
@@ -30,7 +31,7 @@ models:
     parameters: {t: [0, 0.5, 1]}
     dtype: fp16
 """)
-    assert mf.defaults == {"dtype": "bf16"}
+    assert mf.defaults == Defaults(dtype="bfloat16")  # the alias folded at parse time
     base, hub, out = mf.nodes["base"], mf.nodes["hub"], mf.nodes["out"]
     assert isinstance(base, SourceSpec) and base.uri == "/work/project/models/base"
     assert base.kind == "local" and hub.kind == "hub" and hub.uri == "hf://org/name@v1"

@@ -1,0 +1,188 @@
+"""Check a model directory's bytes against its provenance, and the embedded chain's consistency."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mergebuild.errors import StoreError
+from mergebuild.provenance.statement import (
+    CARD_FILE,
+    PROVENANCE_FILE,
+    digest_set,
+    digest_string,
+    digests_match,
+    dir_hash,
+    directory_digest,
+    read_statement,
+    sha256_file,
+    short_digest,
+    statement_problems,
+    subject_files,
+)
+
+__all__ = ["PROBLEM_KINDS", "Problem", "chain_problems", "quick_check", "verify_directory"]
+
+PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One integrity problem found in a model directory.
+
+    ``path`` is relative to the directory (``provenance.json#a/b`` for a problem inside
+    the embedded chain); ``kind`` is one of :data:`PROBLEM_KINDS`.
+    """
+
+    path: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind}: {self.detail}"
+
+
+def verify_directory(directory: Path) -> list[Problem]:
+    """Re-hash every file against the provenance subjects and check the embedded chain.
+
+    Returns every problem found (empty when the directory is intact): a subject file that
+    is ``missing``, shorter than recorded (``truncated``), of other size or content
+    (``modified``), a file no subject names (``unexpected``; dot-files are ignored), and
+    ``invalid-provenance`` for a statement or embedded chain that does not hold together.
+    """
+    return _check(Path(directory), rehash=True)
+
+
+def quick_check(directory: Path) -> list[Problem]:
+    """The cheap check before reusing a store object: files exist with their sizes.
+
+    No file is read except ``provenance.json``.
+    """
+    return _check(Path(directory), rehash=False)
+
+
+def _check(directory: Path, *, rehash: bool) -> list[Problem]:
+    if not (directory / PROVENANCE_FILE).is_file():
+        return [Problem(PROVENANCE_FILE, "missing", f"no {PROVENANCE_FILE} in {directory}")]
+    try:
+        statement = read_statement(directory)
+    except StoreError as exc:
+        return [Problem(PROVENANCE_FILE, "invalid-provenance", exc.message)]
+    expected = subject_files(statement)
+    problems: list[Problem] = []
+    for name, (sha256, size) in sorted(expected.items()):
+        if not _safe_name(name):
+            problems.append(
+                Problem(name, "invalid-provenance", "subject name escapes the directory")
+            )
+            continue
+        problems += _check_file(directory / name, name, sha256, size, rehash=rehash)
+    problems += _unexpected_files(directory, set(expected))
+    if rehash:
+        problems += chain_problems(statement)
+    return problems
+
+
+def _safe_name(name: str) -> bool:
+    path = PurePosixPath(name)
+    return (
+        bool(name)
+        and "\\" not in name
+        and not path.is_absolute()
+        and ".." not in path.parts
+        and name != PROVENANCE_FILE
+    )
+
+
+def _check_file(
+    path: Path, name: str, sha256: str, size: int | None, *, rehash: bool
+) -> list[Problem]:
+    try:
+        actual_size = path.stat().st_size
+    except FileNotFoundError:
+        return [Problem(name, "missing", "listed in provenance but not present")]
+    if not path.is_file():
+        return [Problem(name, "missing", "listed in provenance but not a regular file")]
+    if size is not None and actual_size < size:
+        return [Problem(name, "truncated", f"{actual_size} bytes, expected {size}")]
+    if size is not None and actual_size > size:
+        return [Problem(name, "modified", f"{actual_size} bytes, expected {size}")]
+    if rehash:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            return [Problem(name, "modified", f"sha256 {actual[:12]}…, expected {sha256[:12]}…")]
+    return []
+
+
+def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
+    problems = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for filename in sorted(files):
+            if filename.startswith("."):
+                continue
+            rel = (Path(root) / filename).relative_to(directory).as_posix()
+            if rel not in expected and rel != PROVENANCE_FILE:
+                problems.append(Problem(rel, "unexpected", "not listed in provenance"))
+    return problems
+
+
+def chain_problems(statement: Mapping[str, Any], where: str = "") -> list[Problem]:
+    """Internal consistency of a statement and every upstream statement embedded in it.
+
+    Checks that the directory subject agrees with the build digest and with the file
+    subjects, and that each embedded upstream statement describes exactly the digest
+    its dependency entry names.
+    """
+    definition = statement["predicate"]["buildDefinition"]
+    node = str(definition.get("externalParameters", {}).get("node", "?"))
+    chain = f"{where}/{node}" if where else node
+    path = f"{PROVENANCE_FILE}#{chain}"
+    problems = []
+    own = directory_digest(statement)
+    if not own:
+        problems.append(Problem(path, "invalid-provenance", "no whole-directory subject"))
+    else:
+        recorded = definition.get("internalParameters", {}).get("digest")
+        try:
+            if recorded is not None and not digests_match(own, digest_set(str(recorded))):
+                problems.append(
+                    Problem(path, "invalid-provenance", f"directory digest is not {recorded}")
+                )
+        except ValueError as exc:
+            problems.append(Problem(path, "invalid-provenance", str(exc)))
+        outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
+        if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
+            problems.append(
+                Problem(path, "invalid-provenance", "dirHash does not match the file subjects")
+            )
+    for dep in definition.get("resolvedDependencies", []):
+        upstream = (dep.get("annotations") or {}).get("statement")
+        if upstream is None:
+            continue
+        dep_path = f"{path}/{dep.get('name', '?')}"
+        structural = statement_problems(upstream)
+        if structural:
+            problems.append(Problem(dep_path, "invalid-provenance", structural[0]))
+            continue
+        upstream_digest = directory_digest(upstream)
+        wanted = {k: v for k, v in (dep.get("digest") or {}).items() if k != "gitCommit"}
+        if not digests_match(upstream_digest, wanted):
+            problems.append(
+                Problem(
+                    dep_path,
+                    "invalid-provenance",
+                    f"embedded statement describes {_show(upstream_digest)}, "
+                    f"dependency names {_show(wanted)}",
+                )
+            )
+        problems += chain_problems(upstream, chain)
+    return problems
+
+
+def _show(digests: Mapping[str, str]) -> str:
+    plain = {k: v for k, v in digests.items() if k != "dirHash"}
+    return short_digest(digest_string(plain)) if plain else "no digest"

@@ -1,0 +1,171 @@
+"""The typed specs a Mergefile is read into: nodes, their parents, and the file's defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from mergebuild.io.dtypes import DTYPE_NAMES
+from mergebuild.spec.yaml_lines import LineDict, plain
+
+DType = Literal["float32", "float16", "bfloat16"]
+DTYPES: tuple[DType, ...] = get_args(DType)
+# Every spelling a Mergefile (or a mergekit config) may use, folded to the one name kept.
+DTYPE_ALIASES: Mapping[str, DType] = DTYPE_NAMES  # type: ignore[assignment]
+
+SourceKind = Literal["local", "hub", "demo"]
+# What a tokenizer source does to the vocabulary: keep the base's, take the union, or take
+# one named model's ("model"; which model is the recipe's donor).
+TokenizerPolicy = Literal["base", "union", "model"]
+NodeKind = Literal["source", "merge", "adapted"]
+
+
+def _uri_kind(uri: str) -> SourceKind:
+    if uri.startswith("hf://"):
+        return "hub"
+    if uri.startswith("demo://"):
+        return "demo"
+    return "local"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A node whose weights come from outside: a local directory, the hub, or a demo model."""
+
+    name: str
+    uri: str  # absolute local path, "hf://org/name[@rev]" or "demo://<name>"
+    line: int
+    allow_pickle: bool = False
+    implicit: bool = False  # created from a path/hub reference written as a parent
+    adapter: str | None = None  # a PEFT LoRA applied on the fly ("model+lora" references)
+
+    @property
+    def kind(self) -> SourceKind:
+        return _uri_kind(self.uri)
+
+
+@dataclass(frozen=True)
+class AdaptedSpec:
+    """A merge node's output read through a PEFT LoRA (a ``merge+lora`` parent reference).
+
+    Nothing is built for it: the child that uses it reads ``model``'s build with the
+    adapter's delta added while streaming. Its identity waits on ``model``'s digest.
+    """
+
+    name: str  # the reference as written, e.g. "chat-code+./style-lora"
+    model: str  # the merge node whose output is adapted
+    adapter: str  # absolute local path or "hf://org/adapter[@rev]"
+    line: int
+    implicit: bool = True
+
+    @property
+    def adapter_kind(self) -> SourceKind:
+        return _uri_kind(self.adapter)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Where a merge's tokenizer (and so its embedding rows) comes from."""
+
+    source: str  # "base", "union" or a node name
+    pad_to_multiple_of: int | None = None
+
+    @property
+    def policy(self) -> TokenizerPolicy:
+        if self.source == "base" or self.source == "union":
+            return self.source
+        return "model"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The Mergefile's ``defaults:``, normalised: what a node gets unless it says otherwise."""
+
+    dtype: DType | None = None
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
+    max_shard_size: int | None = None  # bytes
+    tokenizer: TokenizerSpec | None = None  # applied to every merge node without its own
+
+
+@dataclass(frozen=True)
+class ParentSpec:
+    ref: str  # node name (after path references were turned into implicit source nodes)
+    parameters: Mapping[str, Any]
+    line: int
+
+
+@dataclass(frozen=True)
+class SliceSourceSpec:
+    ref: str
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, Any]
+    line: int
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    sources: tuple[SliceSourceSpec, ...]
+    line: int
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """A node computed from other nodes by a merge method."""
+
+    name: str
+    method: str
+    base: str | None
+    models: tuple[ParentSpec, ...]
+    parameters: Mapping[str, Any]
+    slices: tuple[SliceSpec, ...] | None
+    dtype: DType | None
+    tokenizer: TokenizerSpec | None
+    chat_template: str | None
+    line: int
+    # The node as written (a LineDict): for line numbers and plain(), never read outside spec/.
+    written: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def tokenizer_source(self) -> str | None:
+        return self.tokenizer.source if self.tokenizer is not None else None
+
+    def line_of(self, key: str) -> int:
+        """The line of ``key`` in the node as written (the node's line if it is absent)."""
+        return self.written.line_of(key) if isinstance(self.written, LineDict) else self.line
+
+    def plain(self) -> dict[str, Any]:
+        """The node as written, as plain dicts and lists (for a YAML excerpt)."""
+        return plain(self.written)
+
+    def parent_refs(self) -> list[str]:
+        refs: list[str] = []
+        if self.base:
+            refs.append(self.base)
+        refs.extend(p.ref for p in self.models)
+        for s in self.slices or ():
+            refs.extend(src.ref for src in s.sources)
+        tokenizer = self.tokenizer
+        if tokenizer and tokenizer.policy == "model" and not tokenizer.source.startswith("model:"):
+            refs.append(tokenizer.source)
+        seen: dict[str, None] = {}
+        for r in refs:
+            seen.setdefault(r, None)
+        return list(seen)
+
+
+Node = SourceSpec | MergeSpec | AdaptedSpec
+
+
+@dataclass(frozen=True)
+class Mergefile:
+    path: Path
+    text: str
+    version: int
+    defaults: Defaults
+    nodes: Mapping[str, Node]
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent

@@ -1,0 +1,194 @@
+"""Check what a Mergefile says against the method registry: keys, parameter kinds, ranges,
+scopes and base requirements; every error names file, line and node, with a hint."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from mergebuild.errors import MergefileError
+from mergebuild.methods.registry import Method, Param
+from mergebuild.spec.model import MergeSpec
+from mergebuild.spec.yaml_lines import LineDict
+
+TOP_LEVEL_KEYS = ("version", "defaults", "models")
+DEFAULT_KEYS = ("dtype", "device", "max_shard_size", "tokenizer_source")
+SOURCE_KEYS = ("source", "description", "allow_pickle")
+MERGE_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "slices",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "description",
+)
+PARENT_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources",)
+SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
+TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
+
+
+def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def check_keys(
+    mapping: LineDict, allowed: tuple[str, ...], what: str, file: str, node: str | None
+) -> None:
+    """Reject a key of ``mapping`` that is not in ``allowed``, suggesting the closest one."""
+    for key in mapping:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed) or f"allowed keys: {', '.join(allowed)}"
+            raise MergefileError(
+                f"unknown key '{key}' in {what}", file=file, line=mapping.line_of(key), node=node,
+                hint=hint,
+            )
+
+
+def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
+    """Check parameter names, scopes, kinds and ranges against the method's schema."""
+    names = [p.name for p in method.params]
+    g_line = spec.line_of("parameters")
+
+    def unknown(key: str, line: int, where: str) -> MergefileError:
+        hint = did_you_mean(key, names) or (
+            f"{method.name} takes: {', '.join(names)}" if names else f"{method.name} takes none"
+        )
+        return MergefileError(f"unknown parameter '{key}' {where} for {method.name}", file=file,
+                              line=line, node=spec.name, hint=hint)
+
+    for key, value in spec.parameters.items():
+        line = spec.parameters.line_of(key) if isinstance(spec.parameters, LineDict) else g_line
+        param = method.param(key)
+        if param is None:
+            raise unknown(key, line, "in 'parameters'")
+        _check_value(param, value, file, line, spec.name)
+
+    entries: list[tuple[Mapping[str, Any], int]] = [(p.parameters, p.line) for p in spec.models]
+    for s in spec.slices or ():
+        entries.extend((src.parameters, src.line) for src in s.sources)
+    for params, line in entries:
+        for key, value in params.items():
+            kline = params.line_of(key) if isinstance(params, LineDict) else line
+            param = method.param(key)
+            if param is None:
+                raise unknown(key, kline, "in a models entry")
+            if param.scope != "parent":
+                raise MergefileError(
+                    f"'{key}' is a node-wide parameter of {method.name}", file=file, line=kline,
+                    node=spec.name, hint="move it to the node's 'parameters:'",
+                )
+            _check_value(param, value, file, kline, spec.name)
+
+    taking_part = participants(spec, method)
+    base_line = spec.line_of("base_model")
+    if method.base == "required" and spec.base is None:
+        raise MergefileError(f"{method.name} needs a base_model", file=file, line=spec.line,
+                             node=spec.name, hint="add 'base_model: NODE'")
+    if spec.slices is None:
+        count = len(taking_part)
+        if count < method.min_parents or (method.max_parents and count > method.max_parents):
+            expected = (
+                f"exactly {method.min_parents}" if method.min_parents == method.max_parents
+                else f"at least {method.min_parents}" if not method.max_parents
+                else f"{method.min_parents} to {method.max_parents}"
+            )
+            extra = " besides the base_model" if method.base == "required" else ""
+            noun = "model" if method.max_parents == 1 else "models"
+            raise MergefileError(
+                f"{method.name} takes {expected} {noun}{extra}, got {count}", file=file,
+                line=base_line if count == 0 else spec.models[0].line, node=spec.name,
+                hint="check 'models:' and 'base_model:'",
+            )
+    for param in method.params:
+        if not param.required:
+            continue
+        if param.scope == "global" and param.name not in spec.parameters:
+            raise MergefileError(f"{method.name} needs parameter '{param.name}'", file=file,
+                                 line=g_line, node=spec.name,
+                                 hint=f"add '{param.name}:' under 'parameters:'")
+        if param.scope == "parent" and param.name not in spec.parameters:
+            for entry in spec.models:
+                if entry.ref == arithmetic_base(spec.base, method):
+                    continue
+                if param.name not in entry.parameters:
+                    raise MergefileError(
+                        f"model '{entry.ref}' needs parameter '{param.name}'", file=file,
+                        line=entry.line, node=spec.name,
+                        hint=f"add 'parameters: {{{param.name}: ...}}' to that models entry",
+                    )
+
+
+def arithmetic_base(base: str | None, method: Method) -> str | None:
+    """The base model as the method uses it: None without one or for a base-free method."""
+    return base if base and method.base != "none" else None
+
+
+def participants(spec: MergeSpec, method: Method) -> list[tuple[str, Mapping[str, Any]]]:
+    """(parent node, its raw parameters) for each listed model that takes part in the
+    arithmetic besides the base, which is passed apart (see :func:`arithmetic_base`)."""
+    base = arithmetic_base(spec.base, method)
+    return [(p.ref, p.parameters) for p in spec.models if base is None or p.ref != base]
+
+
+def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> None:
+    def fail(msg: str, hint: str | None = None) -> MergefileError:
+        return MergefileError(f"parameter '{param.name}' {msg}", file=file, line=line, node=node,
+                              hint=hint)
+
+    if isinstance(value, list):
+        if not param.varies:
+            raise fail("does not vary by layer or tensor; give one value")
+        if not value:
+            raise fail("is an empty list")
+        if all(isinstance(v, dict) for v in value):
+            for entry in value:
+                extra = set(entry) - {"filter", "value"}
+                if extra or "value" not in entry:
+                    raise fail("filter entries are {filter: SUBSTRING, value: VALUE}")
+                if "filter" in entry and not isinstance(entry["filter"], str):
+                    raise fail("'filter' must be a substring of tensor names")
+                _check_value(param, entry["value"], file, line, node)
+            return
+        if param.kind in ("bool", "choice"):
+            # Interpolating between true/false or between choices means nothing.
+            raise fail(f"is a {param.kind} and takes no gradient",
+                       "give one value, or a list of {filter: SUBSTRING, value: VALUE}")
+        for v in value:
+            if isinstance(v, (list, dict)):
+                raise fail("gradients are flat lists of numbers")
+            _check_scalar(param, v, fail)
+        return
+    if isinstance(value, dict):
+        raise fail("must be a value, a list (gradient) or a list of {filter, value}")
+    _check_scalar(param, value, fail)
+
+
+def _check_scalar(param: Param, value: Any, fail) -> None:
+    if param.kind == "bool":
+        if not isinstance(value, bool):
+            raise fail(f"must be true or false, got {value!r}")
+        return
+    if param.kind == "choice":
+        if value not in param.choices:
+            raise fail(f"must be one of {', '.join(map(str, param.choices))}, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(f"must be a number, got {value!r}")
+    if param.kind == "int" and not float(value).is_integer():
+        raise fail(f"must be a whole number, got {value!r}")
+    if math.isnan(value):
+        raise fail("must not be NaN")
+    lo, hi = param.minimum, param.maximum
+    if lo is not None and (value < lo or (param.min_exclusive and value == lo)):
+        raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (param.max_exclusive and value == hi)):
+        raise fail(f"must be {'<' if param.max_exclusive else '<='} {hi}, got {value!r}")
