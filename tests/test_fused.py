@@ -59,6 +59,13 @@ VARIANTS: dict[str, tuple[list[str], list[list[dict]], list[dict]]] = {
     "ties": (THREE, [[{"weight": 0.5, "density": d}, {"weight": 0.3, "density": 0.6},
                       {"weight": 0.2, "density": 0.4}] for d in (0.2, 0.5, 0.9)],
              [{}, {}, {"rescale": "l1"}]),  # l1 after a magnitude cut: the whole-tensor path
+    "ties/streamed": (THREE, [[{"weight": 0.5, "density": d}, {"weight": 0.3, "density": 0.6},
+                               {"weight": 0.2, "density": 0.4}] for d in (0.2, 0.5, 1.0)],
+                      [{}, {"consensus": "count"}, {"normalize": False}]),
+    "breadcrumbs/streamed": (THREE, [[{"weight": 0.5, "density": d, "gamma": g},
+                                      {"weight": 0.5, "density": 0.7}, {"weight": 0.5}]
+                                     for d, g in ((0.4, 0.02), (0.8, 0.0), (0.6, 0.1))],
+                             [{}, {}, {"rescale": "inverse_density"}]),
     "dare_ties": (THREE, [[{"weight": 0.4, "density": d}, {"weight": 0.3, "density": 0.5},
                            {"weight": 0.3, "density": 0.5}] for d in (0.3, 0.6, 0.9)],
                   [{}, {"rescale": "inverse_density"}, {}]),
@@ -86,7 +93,8 @@ VARIANTS: dict[str, tuple[list[str], list[list[dict]], list[dict]]] = {
 
 
 def test_every_method_family_is_covered():
-    assert set(VARIANTS) | {"breadcrumbs", "della_linear"} == {m.name for m in METHODS.values()}
+    assert {v.split("/")[0] for v in VARIANTS} | {"della_linear"} == {
+        m.name for m in METHODS.values()}
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -103,12 +111,36 @@ def _separate_and_fused(jobs: list[BuildJob], tmp_path: Path):
     return separate, [(o, _files(d)) for o, d in zip(fused, outs, strict=True)]
 
 
-@pytest.mark.parametrize("method_name", sorted(VARIANTS))
-def test_fused_pass_equals_separate_builds_byte_for_byte(method_name, parents, tmp_path):
-    models, per_parent, globals_ = VARIANTS[method_name]
+# Recipes whose variants all take one path together: SLERP's and the task-arithmetic
+# family's streamed_many kernels, and elementwise methods' shared chunks.
+TOGETHER = {"slerp": "compute_streamed_many", "ties/streamed": "compute_streamed_many",
+            "breadcrumbs/streamed": "compute_streamed_many",
+            "breadcrumbs_ties": "compute_streamed_many",
+            "dare_ties": "compute_streamed_many", "dare_linear": "compute_streamed_many",
+            "linear": "compute_chunked_many", "task_arithmetic": "compute_chunked_many"}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fused_pass_equals_separate_builds_byte_for_byte(variant, parents, tmp_path,
+                                                         monkeypatch):
+    method_name = variant.split("/")[0]
+    models, per_parent, globals_ = VARIANTS[variant]
     jobs = [make_job(method_name, parents, f"key-{method_name}-{i}", models, pp, g)
             for i, (pp, g) in enumerate(zip(per_parent, globals_, strict=True))]
+    together: list[str] = []
+    for name in ("compute_streamed_many", "compute_chunked_many"):
+        real = getattr(engine._Streaming, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            together.append(_name)
+            return _real(self, *args)
+
+        monkeypatch.setattr(engine._Streaming, name, counted)
     separate, fused = _separate_and_fused(jobs, tmp_path)
+    if variant in TOGETHER:
+        assert together and set(together) == {TOGETHER[variant]}
+    else:
+        assert together == []
     for (s_out, s_files), (f_out, f_files) in zip(separate, fused, strict=True):
         assert f_files == s_files
         assert f_out.digest == s_out.digest

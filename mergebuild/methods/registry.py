@@ -249,6 +249,7 @@ def _core_density() -> Param:
 
 _FAMILY_WHOLE = "mergebuild.methods.task_arithmetic.whole:merge"
 _FAMILY_STREAMED = "mergebuild.methods.task_arithmetic.streamed:merge"
+_FAMILY_STREAMED_MANY = "mergebuild.methods.task_arithmetic.streamed:merge_many"
 
 
 def _task_vector_member(
@@ -293,6 +294,7 @@ def _task_vector_member(
         kernel=_FAMILY_WHOLE,
         # DELLA ranks each row and draws torch's generator row block by row block: whole only.
         streamed=None if sparsifier == "della" else _FAMILY_STREAMED,
+        streamed_many=None if sparsifier == "della" else _FAMILY_STREAMED_MANY,
         # Without a sparsifier each output element depends only on the same inputs' elements.
     elementwise=sparsifier is None,
         base="required",
