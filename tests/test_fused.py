@@ -229,3 +229,18 @@ def test_fused_jobs_must_share_their_parents(parents, tmp_path):
                  [{"weight": 1.0}], {})
     with pytest.raises(ValueError, match="share their parents"):
         run_builds([a, b], [tmp_path / "a", tmp_path / "b"])
+
+
+def test_outputs_over_the_budget_are_computed_in_groups(parents, tmp_path, monkeypatch):
+    """With room for two variants' outputs of the largest tensor, four TIES variants take
+    that tensor in two groups (each one read of the inputs), with the same bytes."""
+    from mergebuild.io.checkpoint import CheckpointReader
+
+    models, per_parent, globals_ = VARIANTS["ties/streamed"]
+    jobs = [make_job("ties", parents, f"g{i}", models, per_parent[i % 3], globals_[i % 3])
+            for i in range(4)]
+    largest = max(info.nbytes for info in CheckpointReader(parents["base"]).tensors.values())
+    monkeypatch.setattr(engine, "_queued_budget", lambda tables: 2 * largest)
+    assert engine._groups([largest] * 4, 2 * largest) == [[0, 1], [2, 3]]
+    separate, fused = _separate_and_fused(jobs, tmp_path)
+    assert [f for _, f in fused] == [f for _, f in separate]

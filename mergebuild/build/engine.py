@@ -398,44 +398,63 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
     """The pass: tensor by tensor, every job's output from the same mapped parent pages.
 
     When the method allows it, a tensor's outputs are computed together from one read of
-    its inputs (``_compute_together``); otherwise job by job, and only the last job of a
-    tensor drops its parents' pages (the others would fault them in again). The bytes
-    queued in all writers together, plus the outputs being computed, are kept under
-    ``_queued_budget`` by waiting for the writers that hold the oldest tensors; a tensor
-    whose outputs together exceed it is computed job by job.
+    its inputs (``_compute_together``), in groups of jobs whose outputs fit the budget
+    below; otherwise job by job. Only the last reader of a tensor drops its parents' pages
+    (earlier ones would make the next fault them in again). The bytes queued in all
+    writers together, plus the outputs being computed, are kept under ``_queued_budget``
+    by waiting for the writers that hold the oldest tensors.
     """
     count = len(tables[0])
     total_bytes = sum(_nbytes(t) for table in tables for t in table)
     budget = _queued_budget(tables) if len(jobs) > 1 else None
     done_bytes = 0
-    last = len(jobs) - 1
     for i in range(count):
         streams[0].prefetch(i + 1)
-        together = None
-        group_bytes = sum(_nbytes(t[i]) for t in tables)
-        if budget is not None and group_bytes <= budget:
-            _wait_for_room(writers, last, group_bytes, budget)
-            together = _compute_together(jobs, [t[i] for t in tables], readers, funcs,
-                                         streams)
-        for j, (job, table, stream, writer) in enumerate(
-                zip(jobs, tables, streams, writers, strict=True)):
-            task = table[i]
-            stream.drops = j == last
-            if together is not None:
-                out = together[j]
-                together[j] = None
-            else:
-                out = _compute(job, task, readers, funcs[j], device, torch, stream)
-            faults.point("engine.computed")
-            stream.release(task)
-            if budget is not None and together is None:
-                _wait_for_room(writers, j, _nbytes(task), budget)
-            writer.write(task.name, out)
-            del out
-            done_bytes += _nbytes(task)
+        groups = _groups([_nbytes(t[i]) for t in tables], budget)
+        for g, members in enumerate(groups):
+            last_group = g == len(groups) - 1
+            together = None
+            if len(members) > 1:
+                _wait_for_room(writers, members[-1],
+                               sum(_nbytes(tables[j][i]) for j in members), budget)
+                streams[members[0]].drops = last_group
+                together = _compute_together(
+                    [jobs[j] for j in members], [tables[j][i] for j in members], readers,
+                    [funcs[j] for j in members], [streams[j] for j in members])
+            for k, j in enumerate(members):
+                job, task, stream, writer = jobs[j], tables[j][i], streams[j], writers[j]
+                stream.drops = last_group and k == len(members) - 1
+                if together is not None:
+                    out = together[k]
+                    together[k] = None
+                else:
+                    out = _compute(job, task, readers, funcs[j], device, torch, stream)
+                faults.point("engine.computed")
+                stream.release(task)
+                if budget is not None and together is None:
+                    _wait_for_room(writers, j, _nbytes(task), budget)
+                writer.write(task.name, out)
+                del out
+                done_bytes += _nbytes(task)
         if progress:
             progress(i + 1, count, done_bytes, total_bytes)
     return [writer.finish() for writer in writers]
+
+
+def _groups(sizes: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive jobs whose outputs of one tensor fit ``budget`` together (at least one
+    job per group); every job alone without a budget (a single build)."""
+    if budget is None:
+        return [[j] for j in range(len(sizes))]
+    groups: list[list[int]] = [[]]
+    used = 0
+    for j, size in enumerate(sizes):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(j)
+        used += size
+    return groups
 
 
 def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) -> list | None:
@@ -768,7 +787,6 @@ class _Streaming:
         outs = [self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in jobs]
         seeds = [tensor_seed(job.key, t.name) if job.method.randomized else None
                  for job, t in zip(jobs, tasks, strict=True)]
-        self.drops = True  # the one pass reads each span for the last time
         try:
             many(srcs, base, params, seeds, [o.view(-1) for o in outs], self.chunk_workspace(),
                  partial(self.drop_spans, task))
@@ -791,7 +809,6 @@ class _Streaming:
         flats = [o.view(-1) for o in outs]
         n = flats[0].numel()
         ws = self.chunk_workspace()
-        self.drops = True  # the one pass reads each span for the last time
         last = len(tasks) - 1
 
         def one(span: tuple[int, int]) -> None:
