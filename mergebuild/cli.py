@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
@@ -50,6 +51,19 @@ def _project(ctx: click.Context, frozen: bool = False):
     from mergebuild.api import Project
 
     return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"], frozen=frozen)
+
+
+def _node_or_directory(ctx: click.Context, target_or_dir: str):
+    """TARGET_OR_DIR as given: a built model directory (returned as a Path; no Mergefile
+    needed), else a node of the Mergefile (its Project is returned)."""
+    path = Path(target_or_dir)
+    if path.is_dir():
+        return path
+    if not Path(ctx.obj["mergefile"]).exists():
+        raise MergebuildError(
+            f"'{target_or_dir}' is not a directory, and there is no {ctx.obj['mergefile']} "
+            "to find it in", hint="pass a built model directory, or -f MERGEFILE with a node name")
+    return _project(ctx)
 
 
 @main.command()
@@ -181,8 +195,6 @@ def pin(ctx, node, name, list_pins, remove):
               help="Write the Mergefile here instead of standard output.")
 def import_configs(configs, output):
     """Turn mergekit configs (and mergekit-multi files) into a Mergefile."""
-    from pathlib import Path
-
     from mergebuild.spec.mergekit_import import import_mergekit
 
     result = import_mergekit(list(configs), Path(output).parent if output else None)
@@ -230,7 +242,7 @@ def methods(names, markdown):
 
 
 def _make_check(ctx, targets, device) -> None:
-    from mergebuild.verbs.verify import describe_repro
+    from mergebuild.report import describe_repro
 
     project = _project(ctx)
     failed = False
@@ -252,10 +264,14 @@ def lineage(ctx, target_or_dir, as_json):
 
     TARGET_OR_DIR is a node of the Mergefile or a built model directory (no Mergefile needed).
     """
-    from mergebuild.verbs.verify import locate_build
-    from mergebuild.provenance.lineage import lineage_to_json, load_lineage, render_lineage_tree
+    from mergebuild.api import Project
+    from mergebuild.provenance.lineage import lineage_to_json, render_lineage_tree
 
-    tree = load_lineage(locate_build(target_or_dir, ctx.obj["mergefile"], ctx.obj["cache_dir"]))
+    found = _node_or_directory(ctx, target_or_dir)
+    if isinstance(found, Path):
+        tree = Project.directory_lineage(found)
+    else:
+        tree = found.lineage(target_or_dir)
     if as_json:
         click.echo(json.dumps(lineage_to_json(tree), indent=2))
         return
@@ -276,10 +292,13 @@ def verify(ctx, target_or_dir):
     Prints every problem (missing, truncated, modified, unexpected file; broken chain) and
     exits 1 if there is any. TARGET_OR_DIR is a node or a built model directory.
     """
-    from mergebuild.verbs.verify import locate_build, verify_build
+    from mergebuild.api import Project
 
-    report = verify_build(locate_build(target_or_dir, ctx.obj["mergefile"],
-                                       ctx.obj["cache_dir"]))
+    found = _node_or_directory(ctx, target_or_dir)
+    if isinstance(found, Path):
+        report = Project.verify_directory(found)
+    else:
+        report = found.verify(target_or_dir)
     for problem in report.problems:
         click.echo(str(problem))
     if not report.ok:

@@ -1,12 +1,18 @@
-"""What a make shows a person: rich tables and bars on a terminal, plain lines elsewhere."""
+"""What a make shows a person: rich tables and bars on a terminal, plain lines elsewhere;
+and the lines ``make --check`` prints."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from mergebuild.api import MakeResult, NodeResult, NodeState, Reporter
+from mergebuild.build.events import MakeResult, NodeResult, Reporter
+from mergebuild.plan.staleness import NodeState
+from mergebuild.provenance.statement import short_digest
+
+if TYPE_CHECKING:
+    from mergebuild.verbs.reproduce import ReproReport
 
 
 def format_size(n: float) -> str:
@@ -222,3 +228,17 @@ def make_reporter(quiet: bool = False) -> Reporter:
     if sys.stdout.isatty() and not quiet:
         return RichReporter(quiet=quiet)
     return PlainReporter(quiet=quiet)
+
+
+def describe_repro(report: ReproReport) -> list[str]:
+    """The lines ``make --check`` prints for one node."""
+    if report.ok:
+        digest = short_digest(report.stored_digest)
+        return [f"{report.node}: reproduced bit for bit ({report.files} files, {digest})"]
+    lines = [f"{report.node}: {d}" for d in report.differences]
+    if report.stored_digest != report.rebuilt_digest:
+        lines.append(f"{report.node}: digest {short_digest(report.rebuilt_digest)} rebuilt, "
+                     f"{short_digest(report.stored_digest)} stored")
+    lines.append(f"{report.node}: NOT reproduced ({len(report.differences)} of "
+                 f"{report.files} files differ)")
+    return lines

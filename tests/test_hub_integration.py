@@ -16,13 +16,14 @@ from huggingface_hub.utils._safetensors import (
     SafetensorsRepoMetadata,
     TensorInfo,
 )
-from test_hub import HubCache, offline_hub_cache
+from test_sources_hub import HubCache, offline_hub_cache
 
 from mergebuild.sources import hub
 from mergebuild.cli import main
 from mergebuild.sources.demo import Delta, generate_model
 from mergebuild.errors import IncompatibleModelsError, SourceError
-from mergebuild.api import Project, Reporter
+from mergebuild.api import Project
+from mergebuild.build.events import Reporter
 from mergebuild.provenance.statement import read_statement
 
 B1 = "b1" * 20  # org/base, main

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import CHAIN, outcomes
 from safetensors.torch import load_file
-from test_lora import write_adapter
+from test_io_lora import write_adapter
 
 from mergebuild.errors import MergefileError, StoreError
 
@@ -327,7 +327,7 @@ def test_a_merge_with_a_failed_parent_skips_its_adapted_reference(workspace, lor
 
 def test_hub_adapter_on_a_merge_offline(workspace, demo_models, tmp_path, monkeypatch):
     """``chat-code+org/style-lora@v1`` from a Hugging Face cache, HF_HUB_OFFLINE=1."""
-    from test_hub import offline_hub_cache
+    from test_sources_hub import offline_hub_cache
 
     from mergebuild.api import Project
 

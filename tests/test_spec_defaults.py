@@ -11,7 +11,7 @@ import torch
 from cli_process import run_cli
 from conftest import CHAIN
 from safetensors.torch import load_file
-from test_vocab import _extended_model
+from test_build_vocab import _extended_model
 
 from mergebuild.errors import MergefileError
 from mergebuild.io.hashing import recipe_key

@@ -1,4 +1,4 @@
-"""Hugging Face Hub sources: resolve a revision to a commit, read metadata, fetch, lock.
+"""Hugging Face Hub sources: resolve a revision to a commit, read metadata, fetch.
 
 A hub source is identified by its *content*: the digest is the sha256 of the sorted
 ``{path: LFS sha256 or git blob id}`` of the files a merge needs, so a branch that moves
@@ -16,20 +16,7 @@ huggingface_hub call, so tests can point it at a temporary directory with monkey
 No token is ever passed, stored or printed here: huggingface_hub finds it the standard
 way (``HF_TOKEN``, ``hf auth login``), and error text taken from the hub is scrubbed.
 
-The lock file (``Mergefile.lock``) is JSON (which is also YAML), sorted and indented so it
-diffs well::
-
-    {
-      "version": 1,
-      "sources": {
-        "base": {
-          "uri": "hf://org/name@main",
-          "commit": "<40-hex sha>",
-          "digest": "sha256:<64-hex>",
-          "files": [{"path": "config.json", "size": 612, "sha256": null, "blob_id": "<git oid>"}, ...]
-        }
-      }
-    }
+A ``HubResolution`` is also one entry of ``Mergefile.lock`` (``plan/lockfile.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergebuild.errors import CheckpointError, MergefileError, SourceError
-from mergebuild.io.atomic import write_json_atomic
+from mergebuild.errors import CheckpointError, SourceError
 from mergebuild.io.checkpoint import check_tensor_entries, read_header
 from mergebuild.io.dtypes import safetensors_code
 from mergebuild.io.hf_layout import (
@@ -67,7 +53,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HubFile",
     "HubResolution",
-    "LockFile",
     "fetch",
     "hub_cache_dir",
     "is_offline",
@@ -77,7 +62,6 @@ __all__ = [
 ]
 
 HUB_SCHEME = "hf://"
-LOCK_VERSION = 1
 
 # Files a merge needs besides the weights; everything else in a repo (README, images,
 # onnx/, gguf, original/ checkpoints) is neither hashed into the digest nor downloaded.
@@ -902,81 +886,3 @@ def _progress_bar_class(progress: Callable[[str, int, int], None], repo_id: str)
             return None
 
     return _CallbackBar
-
-
-# --------------------------------------------------------------------------- lock file
-
-
-class LockFile:
-    """``Mergefile.lock``: the resolved commit and files of every hub source, by node name."""
-
-    def __init__(self, entries: Mapping[str, HubResolution] | None = None) -> None:
-        self._entries: dict[str, HubResolution] = dict(entries or {})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LockFile:
-        """Read a lock file; a missing file is an empty lock."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return cls()
-        except OSError as error:
-            raise MergefileError(
-                f"cannot read lock file ({error.strerror or error})", file=str(path)
-            ) from None
-        try:
-            data = json.loads(text)
-        except ValueError as error:
-            line = getattr(error, "lineno", None)
-            raise MergefileError(
-                "lock file is not valid JSON",
-                file=str(path),
-                line=line,
-                hint="delete it to resolve sources again",
-            ) from None
-        if not isinstance(data, dict) or not isinstance(data.get("sources"), dict):
-            raise MergefileError(
-                "lock file has no 'sources' table", file=str(path), hint="delete it"
-            )
-        if data.get("version") != LOCK_VERSION:
-            raise MergefileError(
-                f"lock file version {data.get('version')!r} is not {LOCK_VERSION}",
-                file=str(path),
-                hint="delete it",
-            )
-        return cls(
-            {
-                node: HubResolution.from_json(entry, node=node)
-                for node, entry in data["sources"].items()
-            }
-        )
-
-    def get(self, node: str, *, uri: str | None = None) -> HubResolution | None:
-        """The locked resolution of ``node``; with ``uri``, None unless the entry was made for that URI."""
-        entry = self._entries.get(node)
-        if entry is None or (uri is not None and entry.uri != uri):
-            return None
-        return entry
-
-    def set(self, node: str, resolution: HubResolution) -> None:
-        self._entries[node] = resolution
-
-    def nodes(self) -> list[str]:
-        return sorted(self._entries)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": LOCK_VERSION,
-            "sources": {node: self._entries[node].to_json() for node in sorted(self._entries)},
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (a temporary file in the same directory, fsync, rename)."""
-        write_json_atomic(Path(path), self.to_json())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LockFile) and self._entries == other._entries
-
-    def __repr__(self) -> str:
-        return f"LockFile({self.nodes()!r})"

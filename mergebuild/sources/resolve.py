@@ -127,6 +127,17 @@ def resolve_demo_adapter(uri: str, name: str, store: Store) -> ResolvedSource:
     return _demo_source(name, uri, adapter, store)
 
 
+def live_demo_dirs(store: Store) -> set[str]:
+    """The names of the directories under ``store/demo/`` the current demo generator writes
+    (every other one there is from an older generator); empty when the store has none."""
+    if not store.demo.is_dir():
+        return set()
+    from mergebuild.sources.demo import DEMO_ADAPTERS
+
+    return {Path(_demo_source(n, f"demo://{n}", n, store).extra["demo_root"]).name
+            for n in (*DEMO_MODELS, *DEMO_ADAPTERS)}
+
+
 def materialize_demo(source: ResolvedSource) -> Path:
     """Generate the demo models on first use (deterministic, a fraction of a second)."""
     from mergebuild.sources.demo import generate_demo_adapters, generate_demo_models

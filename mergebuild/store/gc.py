@@ -1,20 +1,19 @@
-"""Garbage collection of a store: what no current node can reach, and what dead builds left.
+"""Garbage collection of a store: what no live build is kept for, and what dead builds left.
 
 What ``gc`` keeps (the roots), so that it never removes anything the Mergefile can reach:
 
-- the object of every merge node's *current* key (planned over all nodes of the Mergefile);
-- the object each node still in the Mergefile was last built as (``refs/<node>.json``), so
-  editing a knob and running ``gc`` before ``make`` does not throw the last build away;
+- the keys it is given: every merge node's *current* key and the key each node still in
+  the Mergefile was last built as (``refs/<node>.json``), worked out by the planner;
 - the objects recorded in refs by *another* Mergefile that still exists (a shared store
   via ``$MERGEBUILD_CACHE`` or ``--cache-dir``);
 - pinned builds (``mergebuild pin``), whatever became of their node or Mergefile.
 
 What it removes: every other object, temp dirs of interrupted builds (their lock is free),
 scratch dirs of killed ``make --check`` runs, lock files nobody holds (untouched for
-``LOCK_GRACE_SECONDS``), and demo model directories of an older demo generator.
+``LOCK_GRACE_SECONDS``), and demo model directories the current generator does not write.
 
-If any node cannot be planned (a source is missing, the hub is unreachable), ``gc`` stops
-before removing anything: without every current key it cannot know what is reachable.
+The caller works out the keys before anything is removed: if any node cannot be planned
+(a source is missing, the hub is unreachable), it cannot know what is reachable.
 """
 
 from __future__ import annotations
@@ -26,15 +25,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mergebuild.verbs.verify import scratch_dirs
-from mergebuild.errors import MergebuildError, StoreError
-from mergebuild.spec.model import MergeSpec
 from mergebuild.store.objects import Store, lock_held, remove_tree
-
-if TYPE_CHECKING:
-    from mergebuild.api import Project
 
 LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _old_free_locks)
 
@@ -60,21 +52,12 @@ class GcReport:
         return sum(g.size for g in self.removed)
 
 
-def reachable_keys(project: Project) -> set[str]:
-    """The keys whose objects ``gc`` keeps (see the module docstring)."""
-    try:
-        states = project.plan(list(project.mergefile.nodes))
-    except MergebuildError as exc:
-        raise StoreError(f"gc cannot work out what is reachable: {exc}; nothing was removed",
-                         hint="fix the Mergefile or make its sources available") from None
-    keys = {s.key for s in states if s.kind == "merge" and s.key}
-    for name, spec in project.mergefile.nodes.items():
-        ref = project.store.read_ref(name)
-        if isinstance(spec, MergeSpec) and ref and ref.get("key"):
-            keys.add(str(ref["key"]))
-    keys |= {str(pin["key"]) for pin in project.store.read_pins().values()}
-    ours = project.mergefile.path.resolve()
-    refs = project.store.refs
+def reachable_keys(store: Store, keep: set[str], mergefile: Path) -> set[str]:
+    """``keep`` (the keys ``mergefile`` reaches), the pinned keys, and the keys recorded in
+    refs by another Mergefile that still exists."""
+    keys = set(keep) | {str(pin["key"]) for pin in store.read_pins().values()}
+    ours = mergefile.resolve()
+    refs = store.refs
     for path in sorted(refs.glob("*.json")) if refs.is_dir() else ():
         record = _read_json(path)
         if not isinstance(record, dict) or not record.get("key"):
@@ -85,11 +68,15 @@ def reachable_keys(project: Project) -> set[str]:
     return keys
 
 
-def find_garbage(project: Project, *, lock_grace: float = LOCK_GRACE_SECONDS
-                 ) -> tuple[list[Garbage], int]:
-    """Everything ``gc`` would remove, and how many objects it keeps."""
-    store = project.store
-    keep = reachable_keys(project)
+def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: set[str],
+                 lock_grace: float = LOCK_GRACE_SECONDS) -> tuple[list[Garbage], int]:
+    """Everything ``gc`` would remove, and how many objects it keeps.
+
+    Args:
+        keep: the keys ``mergefile`` reaches (see the module docstring).
+        live_demo: the names of the demo directories the current generator writes.
+    """
+    keep = reachable_keys(store, keep, mergefile)
     garbage: list[Garbage] = []
     kept = 0
     for path in store.iter_objects():
@@ -100,10 +87,10 @@ def find_garbage(project: Project, *, lock_grace: float = LOCK_GRACE_SECONDS
                                    "not reachable from the Mergefile"))
     for path in store.dead_tmp_dirs():
         garbage.append(Garbage(path, "temp", _tree_size(path), "left by an interrupted build"))
-    for path in scratch_dirs(store):
+    for path in store.dead_scratch_dirs():
         garbage.append(Garbage(path, "scratch", _tree_size(path),
                                "left by an interrupted make --check"))
-    for path in _old_demo_dirs(store):
+    for path in _old_demo_dirs(store, live_demo):
         garbage.append(Garbage(path, "demo", _tree_size(path),
                                "demo models of an older generator"))
     for path in _old_free_locks(store, lock_grace):
@@ -111,19 +98,18 @@ def find_garbage(project: Project, *, lock_grace: float = LOCK_GRACE_SECONDS
     return garbage, kept
 
 
-def collect_garbage(project: Project, *, dry_run: bool = False,
-                    lock_grace: float = LOCK_GRACE_SECONDS) -> GcReport:
+def collect_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: set[str],
+                    dry_run: bool = False, lock_grace: float = LOCK_GRACE_SECONDS) -> GcReport:
     """Remove (or with ``dry_run`` only list) everything :func:`find_garbage` finds.
 
-    Example:
-        >>> report = collect_garbage(Project("Mergefile"), dry_run=True)
-        >>> report.bytes_freed
+    The caller holds the store's use lock, exclusively unless ``dry_run``.
     """
-    garbage, kept = find_garbage(project, lock_grace=lock_grace)
+    garbage, kept = find_garbage(store, keep, mergefile=mergefile, live_demo=live_demo,
+                                 lock_grace=lock_grace)
     if not dry_run:
         for item in garbage:
-            _remove(project.store, item)
-        _remove_empty_prefixes(project.store)
+            _remove(store, item)
+        _remove_empty_prefixes(store)
     return GcReport(removed=tuple(garbage), kept=kept, dry_run=dry_run)
 
 
@@ -174,21 +160,11 @@ def _old_free_locks(store: Store, grace: float) -> list[Path]:
     return old
 
 
-def _old_demo_dirs(store: Store) -> list[Path]:
-    from mergebuild.sources.demo import DEMO_ADAPTERS
-    from mergebuild.spec.model import SourceSpec
-    from mergebuild.sources.resolve import DEMO_MODELS, resolve_demo_adapter, resolve_source
-
+def _old_demo_dirs(store: Store, live: set[str]) -> list[Path]:
     if not store.demo.is_dir():
         return []
-    current = {
-        Path(resolve_source(SourceSpec(name=n, uri=f"demo://{n}", line=0), store)
-             .extra["demo_root"]).name
-        for n in DEMO_MODELS
-    } | {Path(resolve_demo_adapter(f"demo://{n}", n, store).extra["demo_root"]).name
-         for n in DEMO_ADAPTERS}
     return [p for p in sorted(store.demo.iterdir())
-            if p.is_dir() and p.name not in current and not p.name.startswith(".")]
+            if p.is_dir() and p.name not in live and not p.name.startswith(".")]
 
 
 def _remove_empty_prefixes(store: Store) -> None:

@@ -8,6 +8,8 @@ Layout of a store directory::
     refs/<node>.json           the last build of each node name: key, digest, recipe (for
                                "what changed" reasons and human-facing names)
     pins/<name>.json           builds kept by ``mergebuild pin`` (gc never removes them)
+    scratch/check.<pid>.<random>/  ``make --check`` rebuilds, never published; gc removes
+                               those whose process is gone
     use.lock                   flock'd shared by every command using objects, exclusively
                                by gc (so gc never removes what a running command uses)
     demo/                      demo models generated on first use
@@ -92,6 +94,7 @@ class Store:
         self.refs = self.root / "refs"
         self.demo = self.root / "demo"
         self.pins = self.root / "pins"
+        self.scratch = self.root / "scratch"
         self.stat_cache = StatCache(self.root / "state.db")
 
     # objects -----------------------------------------------------------------------------
@@ -293,6 +296,30 @@ class Store:
                 dead.append(path)
         return dead
 
+    def dead_scratch_dirs(self) -> list[Path]:
+        """Scratch directories of checks whose process is gone (left by a killed check)."""
+        if not self.scratch.is_dir():
+            return []
+        dead = []
+        for path in sorted(self.scratch.iterdir()):
+            parts = path.name.split(".")
+            pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+            if pid is None or not _alive(pid):
+                dead.append(path)
+        return dead
+
+    # scratch builds ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def scratch_store(self) -> Iterator[Store]:
+        """This store, except that builds stay in a fresh scratch directory (removed on
+        exit): nothing is published and no ref is written; parents are read from the real
+        objects."""
+        scratch = self.scratch / f"check.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            yield _ScratchStore(self.root, scratch)
+        finally:
+            remove_tree(scratch)
+
     # helpers -----------------------------------------------------------------------------
     def _mkdir(self, path: Path) -> None:
         try:
@@ -309,6 +336,30 @@ class Store:
             return StoreError(f"{what}: permission denied in {self.root}", node=node,
                               hint="check the store's permissions or pass --cache-dir")
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
+
+
+class _ScratchStore(Store):
+    """A store whose builds stay where they were built (see ``Store.scratch_store``)."""
+
+    def __init__(self, root: Path, scratch: Path):
+        super().__init__(root)
+        self.tmp = scratch
+
+    def publish(self, tmp_dir: Path, key: str) -> Path:
+        return tmp_dir
+
+    def write_ref(self, node: str, record: dict[str, Any]) -> None:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _flock_waiting(fd: int, mode: int, on_wait: Callable[[], None] | None) -> None:

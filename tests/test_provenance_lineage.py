@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from rich.console import Console
-from test_provenance import HUB_BASE, HUB_CODER, build_chain
+from test_provenance_statement import HUB_BASE, HUB_CODER, build_chain
 
 from mergebuild.errors import StoreError
 from mergebuild.provenance.integrity import Problem, quick_check, verify_directory

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 from huggingface_hub import ModelCard
-from test_provenance import HUB_BASE, HUB_MATH, LOCAL_CHAT, build_chain
+from test_provenance_statement import HUB_BASE, HUB_MATH, LOCAL_CHAT, build_chain
 
 from mergebuild.provenance.card import render_card
 

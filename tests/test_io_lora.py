@@ -153,7 +153,7 @@ BASE_COMMIT = "ba" * 20
 
 def test_hub_adapter_on_a_hub_model_offline(workspace, demo_models, tmp_path, monkeypatch):
     """``org/base+org/adapter@rev``: both resolved from the Hugging Face cache, offline."""
-    from test_hub import offline_hub_cache
+    from test_sources_hub import offline_hub_cache
 
     cache = offline_hub_cache(tmp_path, monkeypatch)
     base = demo_models["base"]

@@ -24,7 +24,8 @@ from safetensors.torch import save as save_safetensors
 
 from mergebuild.sources import hub
 from mergebuild.errors import CheckpointError, MergefileError, SourceError
-from mergebuild.sources.hub import HubFile, HubResolution, LockFile
+from mergebuild.plan.lockfile import LockFile
+from mergebuild.sources.hub import HubFile, HubResolution
 
 A1 = "a1" * 20  # org/alpha, tag v1.0
 A2 = "a2" * 20  # org/alpha, main

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 from conftest import CHAIN
 
 from mergebuild.cli import main
-from mergebuild.store.gc import collect_garbage
 from mergebuild.provenance.integrity import verify_directory
 
 MERGE_NODES = ("base-instruct", "chat-code", "final-model")
@@ -86,7 +85,7 @@ def test_dry_run_lists_and_removes_nothing(workspace):
     orphan = orphan_object(workspace, current_paths(workspace)["final-model"])
     tmp = dead_tmp_dir(workspace)
     size = sum(f.stat().st_size for f in orphan.iterdir()) + 5000
-    report = collect_garbage(workspace.project(), dry_run=True)
+    report = workspace.project().collect_garbage(dry_run=True)
     assert [(g.kind, g.path) for g in report.removed] == [("object", orphan), ("temp", tmp)]
     assert report.bytes_freed == size
     result = run(workspace, "gc", "--dry-run")
@@ -99,13 +98,13 @@ def test_gc_keeps_the_last_build_of_an_edited_node_until_it_is_rebuilt(workspace
     workspace.project().make(["final-model"])
     old = current_paths(workspace)
     workspace.write(CHAIN.replace("{{t: 0.4}}", "{{t: 0.5}}"))
-    report = collect_garbage(workspace.project())
+    report = workspace.project().collect_garbage()
     assert report.removed == () and report.kept == 3
     assert objects(workspace) == {p.name for p in old.values()}
 
     workspace.project().make(["final-model"])
     new = current_paths(workspace)
-    report = collect_garbage(workspace.project())
+    report = workspace.project().collect_garbage()
     removed = {g.path.name for g in report.removed}
     assert removed == {old["chat-code"].name, old["final-model"].name}
     assert objects(workspace) == {p.name for p in new.values()}
@@ -131,9 +130,9 @@ def test_gc_keeps_a_temp_dir_whose_build_is_running(workspace):
     key = "ab" * 16
     with project.store.lock(key):
         running = project.store.new_tmp(key)
-        assert collect_garbage(project).removed == ()
+        assert project.collect_garbage().removed == ()
     assert running.exists()
-    assert [g.path for g in collect_garbage(project).removed] == [running]
+    assert [g.path for g in project.collect_garbage().removed] == [running]
 
 
 def test_gc_removes_nothing_when_a_source_is_missing(workspace, tmp_path):
@@ -166,7 +165,7 @@ def test_gc_removes_demo_models_of_an_older_generator(workspace):
     current = sorted((workspace.cache / "demo").iterdir())
     stale = workspace.cache / "demo" / "0123456789abcdef"
     shutil.copytree(current[0], stale)
-    report = collect_garbage(workspace.project())
+    report = workspace.project().collect_garbage()
     assert [(g.kind, g.path) for g in report.removed] == [("demo", stale)]
     assert sorted((workspace.cache / "demo").iterdir()) == current
     assert verify_directory(workspace.project().path("mix")) == []
@@ -194,7 +193,7 @@ def test_gc_refuses_while_another_command_uses_the_store(workspace):
 def test_make_waits_for_a_running_gc_then_builds(workspace):
     import threading
 
-    from mergebuild.api import Reporter
+    from mergebuild.build.events import Reporter
 
     class Recorder(Reporter):
         busy = 0
@@ -243,3 +242,26 @@ def test_gc_interrupted_while_removing_leaves_no_half_object(workspace, monkeypa
     again = run(workspace, "gc")
     assert again.exit_code == 0, again.output
     assert f"removed temp {leftovers[0]}" in again.output and not leftovers[0].exists()
+
+
+def test_verify_of_a_node_holds_the_store_so_gc_waits_for_it(workspace):
+    """``Project.verify`` (what ``mergebuild verify NODE`` calls) holds the store's use lock:
+    while a gc holds the store, it waits; a built directory needs no store at all."""
+    import threading
+
+    from mergebuild.api import Project
+
+    workspace.chain()
+    workspace.project().make(["base-instruct"])
+    directory = workspace.project().path("base-instruct")
+    reports = []
+    with workspace.project().store.exclusive():
+        worker = threading.Thread(target=lambda: reports.append(
+            workspace.project().verify("base-instruct")))
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and reports == []
+        assert Project.verify_directory(directory).ok
+    worker.join(60)
+    assert [(r.directory, r.ok) for r in reports] == [(directory, True)]
+    assert run(workspace, "verify", "base-instruct").output.startswith("verified ")

@@ -1,0 +1,207 @@
+"""The make loop: build each stale node in order under its key's lock, reuse what another
+build or an early cutoff already made, publish into the store and record the node's ref."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from mergebuild import faults
+from mergebuild.build.events import MakeResult, NodeResult, Reporter
+from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
+from mergebuild.build.record import build_record, utc_now
+from mergebuild.errors import BuildInterrupted, MergebuildError, SourceError
+from mergebuild.io.hashing import recipe_key
+from mergebuild.methods.registry import METHODS, Method
+from mergebuild.plan.lockfile import SourceLock
+from mergebuild.plan.recipe import build_recipe, parent_names
+from mergebuild.plan.staleness import NodeState, Planner, adapt
+from mergebuild.sources.resolve import resolve_adapter, resolve_source
+from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
+from mergebuild.store.objects import Store
+
+
+class Maker:
+    """Builds what a plan finds stale into ``store`` (a scratch store for ``make --check``).
+
+    The caller holds the store's use lock; each key is built under its own lock.
+    """
+
+    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, planner: Planner,
+                 lock: SourceLock, store: Store) -> None:
+        self.mergefile = mergefile
+        self.graph = graph
+        self.planner = planner
+        self.lock = lock
+        self.store = store
+
+    def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
+             device: str | None = None, reporter: Reporter) -> MakeResult:
+        """Build every stale node the targets (default: every final node) need; reuse the rest.
+
+        A node whose parents were rebuilt is looked up again with their new digests: when a
+        parent's bytes did not change, the child is reused (early cutoff).
+        """
+        started = time.monotonic()
+        targets = self.planner.targets_or_default(targets)
+        self._import_torch_early(force)
+        states = self.planner.plan(targets, force=force)
+        reporter.plan(states)
+        self.lock.update(states)
+        by_name = {s.name: s for s in states}
+        results: list[NodeResult] = []
+        failed: set[str] = set()
+        for state in states:
+            if state.kind == "source":
+                continue
+            spec = self.mergefile.nodes[state.name]
+            if isinstance(spec, AdaptedSpec):
+                if spec.model in failed:
+                    failed.add(state.name)
+                    results.append(NodeResult(state.name, "skipped",
+                                              f"parent '{spec.model}' failed"))
+                    reporter.node_done(results[-1])
+                else:  # its merge is built now: the identity children's keys use
+                    adapt(state, spec, by_name[spec.model])
+                continue
+            assert isinstance(spec, MergeSpec)
+            blocked = [r for r in spec.parent_refs() if r in failed]
+            if blocked:
+                failed.add(state.name)
+                results.append(NodeResult(state.name, "skipped",
+                                          f"parent '{blocked[0]}' failed"))
+                reporter.node_done(results[-1])
+                continue
+            try:
+                result = self._make_node(spec, state, by_name, force and state.name in targets,
+                                         device, reporter)
+            except MergebuildError as exc:
+                if not keep_going:
+                    raise
+                failed.add(state.name)
+                result = NodeResult(state.name, "failed", str(exc))
+            results.append(result)
+            if result.outcome != "fresh":
+                reporter.node_done(result)
+        outcome = MakeResult(results=results, seconds=time.monotonic() - started)
+        reporter.summary(outcome)
+        return outcome
+
+    def _import_torch_early(self, force: bool) -> None:
+        """Import torch on a thread while the plan hashes sources, when a merge node has never
+        been built here (so something will be): the import (~2 s) then overlaps the hashing
+        (~1 s for a 2.4 GB fresh store). A no-op make never imports torch."""
+        merges = [n for n, s in self.mergefile.nodes.items() if isinstance(s, MergeSpec)]
+        if not (force or any(self.store.read_ref(n) is None for n in merges)):
+            return
+
+        def load() -> None:
+            with contextlib.suppress(BaseException):  # the engine's own import reports it
+                importlib.import_module("torch")
+
+        threading.Thread(target=load, name="import-torch", daemon=True).start()
+
+    def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str | None, reporter: Reporter) -> NodeResult:
+        method = METHODS[spec.method]
+        if state.status == "fresh":
+            self._record(spec, method, state)  # a no-op unless a make died before its ref
+            return NodeResult(spec.name, "fresh", path=state.path)
+        recipe = build_recipe(spec, method, lambda ref: states[ref].digest,  # type: ignore[arg-type,return-value]
+                              self.mergefile.defaults)
+        key = recipe_key(recipe)
+        state.key, state.recipe = key, recipe
+        found = None if force else self.store.lookup(key)
+        if found:
+            state.status, state.digest, state.path = "fresh", found.digest, found.path
+            self._record(spec, method, state)
+            return NodeResult(spec.name, "reused",
+                              "parents rebuilt with identical output (early cutoff)",
+                              path=found.path)
+        with self.store.lock(key, on_wait=lambda: reporter.waiting(spec.name)):
+            found = None if force else self.store.lookup(key)
+            if found:
+                state.status, state.digest, state.path = "fresh", found.digest, found.path
+                self._record(spec, method, state)
+                return NodeResult(spec.name, "reused", "built by another mergebuild",
+                                  path=found.path)
+            t0 = time.monotonic()
+            path, written = self._build(spec, method, state, states, key, recipe, device,
+                                        reporter)
+        state.status, state.path = "fresh", path
+        faults.point("project.before_ref")
+        self._record(spec, method, state)
+        faults.point("project.node_done")
+        return NodeResult(spec.name, "built", "; ".join(state.reasons),
+                          seconds=time.monotonic() - t0, bytes_written=written, path=path)
+
+    def _record(self, spec: MergeSpec, method: Method, state: NodeState) -> None:
+        previous = self.store.read_ref(spec.name)
+        if previous and previous.get("key") == state.key:
+            return
+        self.store.write_ref(spec.name, {
+            "key": state.key, "digest": state.digest, "recipe": state.recipe,
+            "parents": parent_names(spec, method), "mergefile": str(self.mergefile.path),
+        })
+
+    def _build(self, spec: MergeSpec, method: Method, state: NodeState,
+               states: dict[str, NodeState], key: str, recipe: dict[str, Any],
+               device: str | None, reporter: Reporter) -> tuple[Path, int]:
+        from mergebuild.build.engine import run_build
+        from mergebuild.provenance.write import write_provenance
+
+        job = assemble_job(self.mergefile, spec, method, key, device)
+        # An incompatible recipe fails here, in seconds, before any weights are downloaded.
+        check_before_fetch(job, self.mergefile, spec, states, self.store)
+        job = with_parents(job, self.mergefile, spec, states, self.store, reporter.download)
+        reporter.node_start(state)
+        tmp = self.store.new_tmp(key)
+        started = utc_now()
+        try:
+            output = run_build(job, tmp, progress=lambda *a: reporter.node_progress(spec.name, *a))
+            self._check_sources_unchanged(spec, states)
+            state.digest = output.digest
+            record = build_record(self.mergefile, self.graph, spec, method, states, key,
+                                  recipe, output, started)
+            write_provenance(tmp, record)
+            path = self.store.publish(tmp, key)
+        except KeyboardInterrupt:
+            self.store.abandon(tmp)
+            done = "its complete build was published" if self.store.object_dir(key).exists() \
+                else "nothing was published"
+            raise BuildInterrupted(f"interrupted; {done}", node=spec.name,
+                                   hint="run make again to finish") from None
+        except OSError as exc:
+            self.store.abandon(tmp)
+            raise self.store.os_error(exc, "build failed", node=spec.name) from None
+        except BaseException:
+            self.store.abandon(tmp)
+            raise
+        return path, output.bytes_written
+
+    def _check_sources_unchanged(self, spec: MergeSpec, states: dict[str, NodeState]) -> None:
+        """A local parent edited after planning (even before the engine opened it) must not be
+        recorded under the digest it had when planned. Stat-cache cheap when nothing changed."""
+        for ref in spec.parent_refs():
+            planned = states[ref].source
+            node = self.mergefile.nodes[ref]
+            if isinstance(node, AdaptedSpec):
+                adapter = states[ref].adapter
+                if adapter is not None and adapter.kind == "local" and resolve_adapter(
+                        node.adapter, ref, self.store).digest != adapter.digest:
+                    raise SourceError(f"the LoRA adapter of '{ref}' changed on disk during the "
+                                      "build", node=spec.name,
+                                      hint="run make again once nothing is writing the adapter")
+                continue
+            if planned is None or planned.kind != "local" or not isinstance(node, SourceSpec):
+                continue
+            if resolve_source(node, self.store).digest != planned.digest:
+                raise SourceError(f"the weights of '{ref}' changed on disk during the build",
+                                  node=spec.name,
+                                  hint="run make again once nothing is writing the parent")

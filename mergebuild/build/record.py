@@ -1,0 +1,143 @@
+"""The BuildRecord a build's provenance is written from: its parents, the spec as the user
+wrote it, the Mergefile excerpt that rebuilds it, and the builder's versions."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import yaml
+
+from mergebuild import ENGINE_VERSION, __version__
+from mergebuild.build.job import adapted_model_dir
+from mergebuild.methods.registry import Method
+from mergebuild.plan.lockfile import adapter_entry
+from mergebuild.plan.recipe import global_parameters, parent_parameters
+from mergebuild.plan.staleness import NodeState
+from mergebuild.spec.graph import build_order
+from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
+
+if TYPE_CHECKING:
+    from mergebuild.build.engine import BuildOutput
+    from mergebuild.provenance.statement import BuildRecord
+
+
+def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, method: Method,
+                 states: dict[str, NodeState], key: str, recipe: dict[str, Any],
+                 output: BuildOutput, started: str) -> BuildRecord:
+    """What ``spec``'s provenance records of the build that produced ``output``."""
+    import safetensors
+    import torch
+
+    from mergebuild.provenance.statement import BuildRecord, ParentRef, read_statement
+
+    roles: dict[str, str] = {}
+    if spec.base:
+        roles[spec.base] = "base"
+    for ref in spec.parent_refs():
+        roles.setdefault(ref, "slice" if spec.slices is not None else "model")
+    parents = []
+    for ref in spec.parent_refs():
+        p = states[ref]
+        if p.kind == "source":
+            src = p.source
+            assert src is not None
+            parents.append(ParentRef(
+                name=ref, role=roles[ref], kind="hub" if src.kind == "hub" else "local",
+                uri=src.uri, digest=src.digest, revision=src.revision, commit=src.commit,
+                files=dict(src.files),
+            ))
+        elif p.kind == "adapted":  # the merge as built, and the LoRA read over it
+            node = mergefile.nodes[ref]
+            assert isinstance(node, AdaptedSpec) and p.adapter is not None
+            model, entry = states[node.model], adapter_entry(ref)
+            parents.append(ParentRef(
+                name=node.model, role=roles[ref], kind="node",
+                uri=f"mergebuild:node/{node.model}", digest=model.digest or "",
+                statement=read_statement(adapted_model_dir(mergefile, ref, states)),
+                method=model.method, adapter=entry,
+            ))
+            parents.append(ParentRef(
+                name=entry, role="adapter", kind="lora", uri=p.adapter.uri,
+                digest=p.adapter.digest, revision=p.adapter.revision,
+                commit=p.adapter.commit, files=dict(p.adapter.files),
+                applies_to=node.model, adapted_digest=p.digest,
+            ))
+        else:
+            assert p.path is not None
+            parents.append(ParentRef(
+                name=ref, role=roles[ref], kind="node", uri=f"mergebuild:node/{ref}",
+                digest=p.digest or "", statement=read_statement(p.path), method=p.method,
+            ))
+    return BuildRecord(
+        node=spec.name, key=key, digest=output.digest, method=method.name, recipe=recipe,
+        spec=user_spec(mergefile, spec, method), mergefile_digest=mergefile_digest(mergefile),
+        mergefile_excerpt=excerpt(mergefile, graph, spec.name), parents=tuple(parents),
+        outputs=output.files,
+        builder={"mergebuild": __version__, "torch": torch.__version__,
+                 "safetensors": safetensors.__version__,
+                 "python": platform.python_version()},
+        device=output.device, engine_version=ENGINE_VERSION, started=started,
+        finished=utc_now(), invocation_id=secrets.token_hex(8),
+        rebuild_command=f"mergebuild -f {mergefile.path.name} make {spec.name}",
+    )
+
+
+def user_spec(mergefile: Mergefile, spec: MergeSpec, method: Method) -> dict[str, Any]:
+    """The node as a mergekit-style config: method, parents and their parameters."""
+    out: dict[str, Any] = {"merge_method": method.name,
+                           "parameters": global_parameters(method, spec)}
+    if spec.base:
+        out["base_model"] = spec.base
+    if spec.slices is not None:
+        out["slices"] = [{"sources": [
+            {"model": s.ref, "layer_range": list(s.layer_range),
+             "parameters": parent_parameters(method, spec, s.parameters)}
+            for s in sl.sources]} for sl in spec.slices]
+    else:
+        out["models"] = [{"model": p.ref,
+                          "parameters": parent_parameters(method, spec, p.parameters)}
+                         for p in spec.models]
+    for key, value in (("dtype", spec.dtype or mergefile.defaults.dtype),
+                       ("tokenizer_source", spec.tokenizer_source),
+                       ("chat_template", spec.chat_template)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def mergefile_digest(mergefile: Mergefile) -> str:
+    return "sha256:" + hashlib.sha256(mergefile.text.encode()).hexdigest()
+
+
+def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
+    """The YAML of ``node`` and its ancestors: enough to rebuild it."""
+    names = build_order(graph, [node])
+    models: dict[str, Any] = {}
+    for name in names:
+        spec = mergefile.nodes[name]
+        if isinstance(spec, SourceSpec):
+            if not spec.implicit:
+                models[name] = {"source": _display_uri(spec, mergefile.directory)}
+        elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
+            models[name] = spec.plain()
+    return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
+
+
+def _display_uri(spec: SourceSpec, base: Path) -> str:
+    if spec.kind != "local":
+        return spec.uri
+    try:
+        return "./" + str(Path(spec.uri).relative_to(base))
+    except ValueError:
+        return spec.uri
+
+
+def utc_now() -> str:
+    """Now, as provenance and pins record it (ISO 8601, milliseconds, UTC)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,182 @@
+"""Planning: each node a target needs, parents first, fresh or stale with its reasons as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from mergebuild.errors import StoreError
+from mergebuild.io.hashing import recipe_key
+from mergebuild.methods.registry import METHODS
+from mergebuild.plan.lockfile import LockedResolver, adapter_entry
+from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
+from mergebuild.sources.resolve import ResolvedSource, adapted_digest
+from mergebuild.spec.graph import build_order, check_targets, default_targets
+from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, NodeKind, SourceSpec
+from mergebuild.store.objects import Store
+
+
+@dataclass
+class NodeState:
+    """One node of a plan: its identity, whether it must be built, and why."""
+
+    name: str
+    kind: NodeKind  # "adapted": a merge's output read through a LoRA
+    status: str  # "source" | "fresh" | "stale" | "pending" (adapted, its merge is stale)
+    reasons: list[str] = field(default_factory=list)
+    key: str | None = None
+    digest: str | None = None
+    path: Path | None = None
+    method: str | None = None
+    recipe: dict[str, Any] | None = None
+    source: ResolvedSource | None = None
+    adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
+
+
+class Planner:
+    """Decides what is stale, and why, from the Mergefile, the store's metadata and the lock.
+
+    Reads no weight bytes: local sources are identified through the stat cache, built nodes
+    through the store's metadata. Imports no torch.
+    """
+
+    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+                 sources: LockedResolver) -> None:
+        self.mergefile = mergefile
+        self.graph = graph
+        self.store = store
+        self.sources = sources
+
+    def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
+        targets = list(targets) or default_targets(self.graph)
+        check_targets(self.mergefile, targets)
+        return targets
+
+    def plan(self, targets: list[str] | tuple[str, ...] = (), force: bool = False
+             ) -> list[NodeState]:
+        """Each node the targets need, parents first, with its status and stale reasons."""
+        targets = self.targets_or_default(targets)
+        lock = self.sources.lock
+        states: dict[str, NodeState] = {}
+        for name in build_order(self.graph, targets):
+            spec = self.mergefile.nodes[name]
+            if isinstance(spec, SourceSpec):
+                src = self.sources.source(spec)
+                states[name] = NodeState(name=name, kind="source", status="source",
+                                         digest=src.digest, source=src, path=src.directory,
+                                         reasons=lock.changes(spec.name, spec.uri, src))
+                continue
+            if isinstance(spec, AdaptedSpec):
+                adapter = self.sources.adapter(spec)
+                states[name] = NodeState(
+                    name=name, kind="adapted", status="pending", method="lora",
+                    adapter=adapter,
+                    reasons=lock.changes(adapter_entry(name), spec.adapter, adapter))
+                adapt(states[name], spec, states[spec.model])
+                continue
+            states[name] = self._plan_merge(spec, states, force and name in targets)
+        return list(states.values())
+
+    def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
+                    ) -> NodeState:
+        method = METHODS[spec.method]
+        pending = [r for r in spec.parent_refs() if states[r].digest is None]
+        recipe = build_recipe(spec, method,
+                              lambda ref: states[ref].digest or f"pending:{ref}",
+                              self.mergefile.defaults)
+        state = NodeState(name=spec.name, kind="merge", status="stale", method=method.name,
+                          recipe=recipe)
+        previous = self.store.read_ref(spec.name)
+        if pending:
+            if previous and isinstance(previous.get("recipe"), dict):
+                reasons = recipe_changes(previous["recipe"], recipe, parent_names(spec, method))
+                reasons = [r + (" (stale)" if r.split(": ", 1)[-1] in pending else "")
+                           for r in reasons]
+            else:
+                reasons = ["new node"]
+            state.reasons = reasons
+            return state
+        key = recipe_key(recipe)
+        state.key = key
+        found = self.store.lookup(key)
+        if found and not force:
+            state.status, state.digest, state.path = "fresh", found.digest, found.path
+            return state
+        if force:
+            state.reasons = ["forced (--force)"]
+        elif self.store.object_dir(key).exists():
+            state.reasons = ["output corrupt or incomplete in the store"]
+        elif previous is None:
+            state.reasons = ["new node"]
+        elif previous.get("key") == key:
+            state.reasons = ["output missing from the store"]
+        else:
+            state.reasons = recipe_changes(previous.get("recipe") or {}, recipe,
+                                           parent_names(spec, method))
+        return state
+
+    def current(self, node: str) -> NodeState:
+        """``node``'s planned state, which has a directory (a source available here, or a
+        fresh build); StoreError otherwise."""
+        check_targets(self.mergefile, [node])
+        state = next(s for s in self.plan([node]) if s.name == node)
+        if state.status == "source":
+            if state.path is None or not state.path.exists():
+                raise StoreError("source is not available locally", node=node,
+                                 hint="run 'mergebuild make' on a node that uses it")
+            return state
+        if state.kind == "adapted":
+            model = self.mergefile.nodes[node].model  # type: ignore[union-attr]
+            raise StoreError("is a merge's output read through a LoRA while a child builds; "
+                             "it has no directory of its own", node=node,
+                             hint=f"'mergebuild path {model}' is the merge without the adapter")
+        if state.status != "fresh" or state.path is None:
+            why = "; ".join(state.reasons) or "stale"
+            raise StoreError(f"not built ({why})", node=node,
+                             hint=f"run 'mergebuild make {node}'")
+        return state
+
+    def build_dir(self, node: str) -> Path:
+        """The store directory of ``node``'s current key, even if it fails the cheap
+        integrity check (so that ``verify`` can say why); else its current directory."""
+        state = next(s for s in self.plan([node]) if s.name == node)
+        if state.kind == "merge" and state.key and self.store.object_dir(state.key).is_dir():
+            return self.store.object_dir(state.key)
+        path = self.current(node).path
+        assert path is not None
+        return path
+
+    def live_keys(self) -> set[str]:
+        """The keys this Mergefile still reaches: every merge node's current key (planned
+        over all nodes), and the key each merge node still here was last built as (its ref),
+        so editing a knob and running ``gc`` before ``make`` keeps the last build.
+
+        Raises:
+            MergebuildError: a node cannot be planned (a source is missing, the hub is
+                unreachable).
+        """
+        states = self.plan(list(self.mergefile.nodes))
+        keys = {s.key for s in states if s.kind == "merge" and s.key}
+        for name, spec in self.mergefile.nodes.items():
+            ref = self.store.read_ref(name)
+            if isinstance(spec, MergeSpec) and ref and ref.get("key"):
+                keys.add(str(ref["key"]))
+        return keys
+
+
+def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
+    """An adapted node's identity, the merge's digest combined with its LoRA's: known once
+    the merge is fresh or built; until then the node is pending (and so are its children)."""
+    assert state.adapter is not None
+    waiting = f"waits for {spec.model} (stale)"
+    if model.digest is None:
+        state.status, state.digest = "pending", None
+        if waiting not in state.reasons:
+            state.reasons.insert(0, waiting)
+        return
+    state.status = "fresh"
+    state.digest = adapted_digest(model.digest, state.adapter.digest)
+    state.reasons = [r for r in state.reasons if r != waiting]
