@@ -20,8 +20,10 @@ from mergebuild.spec.model import (
     SliceSourceSpec,
     SliceSpec,
     SourceSpec,
+    SweepSpec,
     TokenizerSpec,
 )
+from mergebuild.spec.sweep import apply_point, grid_points, parse_select
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -105,6 +107,7 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     builder.read_defaults(raw_defaults)
     for name in models:
         builder.add(name)
+    builder.check_sweep_children()
     return Mergefile(path=path, text=text, version=1, defaults=builder.defaults,
                      nodes=builder.nodes)
 
@@ -186,6 +189,8 @@ class _Builder:
             )
         if "source" in body:
             self.nodes[name] = self._source(name, body)
+        elif "merge_method" in body and "sweep" in body:
+            self._sweep(name, body)
         elif "merge_method" in body:
             self.nodes[name] = self._merge(name, body)
         else:
@@ -298,8 +303,45 @@ class _Builder:
         return ref
 
     # merges --------------------------------------------------------------------------
-    def _merge(self, name: str, body: LineDict) -> MergeSpec:
+    def _sweep(self, name: str, body: LineDict) -> None:
+        """A merge with ``sweep:``: one variant node per point of the grid, and ``name``
+        grouping them (identical points, after mergekit's precedence, are one variant)."""
+        line = body.line_of("sweep")
+        template = self._merge(name, body, validate=False)
+        variants: dict[str, dict[str, Any]] = {}
+        for point in grid_points(body["sweep"], self.file, line, name):
+            variant = apply_point(template, point, self.file, line)
+            validate_parameters(variant, METHODS[variant.method], self.file)
+            if variant.name not in variants:
+                variants[variant.name] = point
+                self.nodes[variant.name] = variant
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+        self.nodes[name] = SweepSpec(name=name, variants=tuple(variants),
+                                     points=tuple(variants.values()), select=select,
+                                     line=body.line)
+
+    def check_sweep_children(self) -> None:
+        """A child of a sweep needs the sweep to say which variant it stands for."""
+        for node in self.nodes.values():
+            if not isinstance(node, MergeSpec):
+                continue
+            for ref in node.parent_refs():
+                sweep = self.nodes.get(ref)
+                if isinstance(sweep, SweepSpec) and sweep.select is None:
+                    raise self.error(
+                        f"'{ref}' is a sweep of {len(sweep.variants)} variants and says "
+                        "not which one its children use", node.line, node.name,
+                        f"add select: {{maximize: METRIC}} to '{ref}', or use one variant, "
+                        f"e.g. '{sweep.variants[0]}' as a node of its own")
+
+    def _merge(self, name: str, body: LineDict, validate: bool = True) -> MergeSpec:
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
+        if "select" in body and "sweep" not in body:
+            raise self.error("'select' chooses among a sweep's variants; this node has no "
+                             "'sweep'", body.line_of("select"), name,
+                             "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")
         method = METHODS.get(method_name) if isinstance(method_name, str) else None
@@ -360,7 +402,8 @@ class _Builder:
             tokenizer=self._node_tokenizer(body, name), chat_template=chat_template,
             line=body.line, written=body,
         )
-        validate_parameters(spec, method, self.file)
+        if validate:
+            validate_parameters(spec, method, self.file)
         return spec
 
     def _node_tokenizer(self, body: LineDict, name: str) -> TokenizerSpec | None:

@@ -28,7 +28,10 @@ MERGE_KEYS = (
     "tokenizer",
     "chat_template",
     "description",
+    "sweep",
+    "select",
 )
+SELECT_KEYS = ("maximize", "minimize")
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources",)
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
