@@ -50,7 +50,18 @@ def main(ctx: click.Context, mergefile: str, cache_dir: str | None, quiet: bool)
 def _project(ctx: click.Context, frozen: bool = False):
     from mergebuild.api import Project
 
-    return Project(ctx.obj["mergefile"], ctx.obj["cache_dir"], frozen=frozen)
+    project = Project(ctx.obj["mergefile"], ctx.obj["cache_dir"], frozen=frozen)
+    _print_warnings(ctx, project.mergefile.warnings)
+    return project
+
+
+def _print_warnings(ctx: click.Context, warnings: tuple[str, ...]) -> None:
+    """What the Mergefile says that does nothing, one line each (once per command)."""
+    if ctx.obj.get("quiet") or ctx.obj.get("warned"):
+        return
+    ctx.obj["warned"] = True
+    for warning in warnings:
+        click.echo(f"mergebuild: warning: {warning}", err=True)
 
 
 def _node_or_directory(ctx: click.Context, target_or_dir: str):

@@ -75,7 +75,8 @@ def mergekit_merge(
     return method.merge_group(group, **kwargs)
 
 
-# mergekit parameters that only save memory and never change a result; not accepted.
+# mergekit parameters that only save memory and never change a result: not in the registry
+# (a Mergefile may write them; they are accepted with a warning and left out of the recipe).
 NOT_ACCEPTED = {"int8_mask"}
 
 

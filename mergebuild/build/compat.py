@@ -21,7 +21,8 @@ TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensor
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _VOCAB_HINTS = ("embed", "lm_head", "wte", "output.weight")
 _SAME_ARCH_HINT = "merge only fine-tunes of the same base architecture"
-_SAME_VOCAB_HINT = "merge models that share a tokenizer, or resize embeddings first"
+_SAME_VOCAB_HINT = ("set tokenizer_source: base (or union) to match embedding rows by token, "
+                    "or merge models that share a tokenizer")
 # Output heads that a tied model leaves out (it reuses the input embedding for them).
 _HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 _EMBED_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
@@ -181,7 +182,7 @@ def check_compatibility(job: MergeShape, metadata: Mapping[str, ModelMetadata]) 
         job: the merge to check (``engine.BuildJob`` or anything with the same fields).
         metadata: each parent's :class:`ModelMetadata`, by node name.
     """
-    if job.method.base == "required" and not job.base:
+    if job.method.base == "required" and not job.base and job.slices is None:
         raise MergefileError(f"{job.method.name} needs a base_model", node=job.node,
                              hint="add 'base_model: <node>'")
     if job.slices is not None:

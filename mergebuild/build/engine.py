@@ -27,6 +27,7 @@ from mergebuild.build.compat import (
 from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
 from mergebuild.io.hashing import manifest_digest, stat_signature
+from mergebuild.io.chat_templates import expand_template
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
 from mergebuild.spec.validate import arithmetic_base
@@ -51,7 +52,12 @@ class Participant:
 
 @dataclass(frozen=True)
 class SliceInput:
+    """One output slice: its sources, its base (one of them, or None) and its node-wide
+    parameters (the slice's over the node's; None: the job's)."""
+
     sources: tuple[tuple[str, tuple[int, int], Mapping[str, Any]], ...]  # (node, range, params)
+    base: str | None = None
+    global_parameters: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class BuildJob:
     adapters: Mapping[str, Path] = field(default_factory=dict)  # parent → LoRA directory
     tokenizer_source: str | None = None  # "base" | "union" | a parent: vocab rows by token
     pad_vocab_to: int | None = None  # tokenizer.pad_to_multiple_of
+    tokens: tuple[Any, ...] = ()  # tokenizer.tokens: TokenEmbeddingSpec entries
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class TensorTask:
     layer: int | None
     num_layers: int
     remap: Callable[[list, Any], tuple[list, Any]] | None = None  # vocabulary rows by token
+    globals: Mapping[str, Any] | None = None  # node-wide parameters (a slice's); None: the job's
 
 
 @dataclass
@@ -173,8 +181,9 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
     base = arithmetic_base(job.base, job.method)
     nodes = involved_parents(job)
     if job.slices is not None:
-        # Only the ends' rows are mapped; a union (like mergekit's) spans every stacked model.
-        ends = [job.slices[0].sources[0][0], job.slices[-1].sources[0][0]]
+        # Only the ends' rows are mapped (the embedding is merged over the first slice's
+        # sources, the head over the last's); a union (like mergekit's) spans every model.
+        ends = [node for s in (job.slices[0], job.slices[-1]) for node, _, _ in s.sources]
         every = [node for s in job.slices for node, _, _ in s.sources]
         base = None
         nodes = list(dict.fromkeys(every if job.tokenizer_source == "union" else ends))
@@ -185,94 +194,105 @@ def vocab_plan(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> VocabP
         if vocab_rows:
             rows[node] = vocab_rows[0]
     policy = job.tokenizer_source if job.tokenizer_source in ("base", "union") else "model"
-    plan = plan_vocab(policy, job.donor, base, nodes, job.parents, rows, job.pad_vocab_to)
+    plan = plan_vocab(policy, job.donor, base, nodes, job.parents, rows, job.pad_vocab_to,
+                      job.tokens)
     return None if plan.identity else plan
 
 
-def _vocab_remap(job: BuildJob, plan: VocabPlan, node: str | None = None):
-    """Rows by token for the merge's parents, or for ``node`` alone (a slice's end)."""
-    base = arithmetic_base(job.base, job.method) if node is None else None
-    nodes = [node] if node else [*([base] if base else []), *(p.node for p in job.participants)]
+def _vocab_remap(job: BuildJob, plan: VocabPlan, inputs: list[str] | None = None,
+                 base: str | None = None):
+    """Rows by token for the merge's parents, or for a slice end's ``inputs`` and ``base``."""
+    if inputs is None:
+        base = arithmetic_base(job.base, job.method)
+        inputs = [p.node for p in job.participants]
+    nodes = [*([base] if base else []), *inputs]
 
     def remap(parents: list, base_tensor: Any) -> tuple[list, Any]:
         tensors = ([base_tensor] if base else []) + list(parents)
-        out = remap_rows(tensors, nodes, plan)
+        out = remap_rows(tensors, nodes, plan, base)
         return (out[1:], out[0]) if base else (out, base_tensor)
 
     return remap
 
 
 def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list[TensorTask]:
+    """The tensors of a sliced merge, planned as mergekit plans them (plan.py): each output
+    layer is the method over its slice's sources (the slice's base apart, the slice's
+    parameters over the node's); the embeddings are merged over the first slice's sources,
+    the final norm and head over the last slice's (mergekit pairs those with as many sources
+    as the first slice has), both at gradient position 0."""
     assert job.slices is not None
-    first_node = job.slices[0].sources[0][0]
-    last_node = job.slices[-1].sources[0][0]
+    first, last = job.slices[0], job.slices[-1]
+    first_node = first.sources[0][0]
     vocab = vocab_plan(job, readers)
     tasks: list[TensorTask] = []
+    donor_meta = reader_metadata(readers[job.donor])
 
     def non_layer(reader: CheckpointReader, pre: bool) -> list[str]:
         return [n for n in reader.tensors if layer_index(n) is None
                 and any(h in n for h in _PRE_LAYER_HINTS) == pre]
 
-    def simple(node: str, name: str, out_name: str | None = None) -> TensorTask:
-        info = readers[node].tensors[name]
-        shape, remap = info.shape, None
-        if vocab is not None and is_vocab_tensor(out_name or name):
-            shape, remap = (vocab.rows, *info.shape[1:]), _vocab_remap(job, vocab, node)
-        return TensorTask(name=out_name or name, dtype=_out_dtype(job, info), shape=shape,
-                          base=None, inputs=(info,), parameters=({},), layer=None, num_layers=1,
-                          remap=remap)
-
-    widths = [s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices]
+    def merged(s: SliceInput, sources, out_name: str, names: list[str | None],
+               layer: int | None, num_layers: int, what: str) -> TensorTask:
+        """The method over ``sources`` (their tensors ``names``) for one output tensor."""
+        base_info, infos, params, nodes = None, [], [], []
+        for (node, _, p), src_name in zip(sources, names, strict=True):
+            info = readers[node].tensors.get(src_name) if src_name else None
+            if info is None:
+                raise IncompatibleModelsError(
+                    f"'{node}' lacks tensor {src_name or out_name} needed by {what}",
+                    node=job.node, hint="slice sources must share the layer structure",
+                )
+            if s.base is not None and node == s.base and base_info is None:
+                base_info = info
+            else:
+                infos.append(info)
+                params.append(p)
+                nodes.append(node)
+        ref = infos[0] if infos else base_info
+        assert ref is not None
+        for info in (*infos, *((base_info,) if base_info else ())):
+            if info.shape != ref.shape and not (vocab is not None and is_vocab_tensor(out_name)
+                                                and info.shape[1:] == ref.shape[1:]):
+                raise IncompatibleModelsError(
+                    f"shape mismatch at {out_name}: {list(ref.shape)} vs {list(info.shape)}",
+                    node=job.node,
+                )
+        shape, remap = ref.shape, None
+        if vocab is not None and is_vocab_tensor(out_name):
+            shape = (vocab.rows, *ref.shape[1:])
+            remap = _vocab_remap(job, vocab, nodes, s.base if base_info else None)
+        return TensorTask(
+            name=out_name, dtype=_out_dtype(job, ref), shape=shape, base=base_info,
+            inputs=tuple(infos), parameters=tuple(params), layer=layer, num_layers=num_layers,
+            remap=remap, globals=s.global_parameters,
+        )
 
     for name in non_layer(readers[first_node], pre=True):
-        tasks.append(simple(first_node, name))
+        tasks.append(merged(first, first.sources, name, [name] * len(first.sources), None, 1,
+                            "the first slice"))
     out_layer = 0
-    for s, width in zip(job.slices, widths, strict=True):
-        node0, (start0, _), _ = s.sources[0]
+    for s in job.slices:
+        node0, (start0, end0), _ = s.sources[0]
+        width = end0 - start0
         template = [n for n in readers[node0].tensors if layer_index(n) == start0]
         for offset in range(width):
             for name in template:
-                out_name = replace_layer_index(name, out_layer)
-                infos, params = [], []
-                base_info = None
-                for node, (start, _), p in s.sources:
-                    src_name = replace_layer_index(name, start + offset)
-                    info = readers[node].tensors.get(src_name)
-                    if info is None:
-                        raise IncompatibleModelsError(
-                            f"'{node}' lacks tensor {src_name} needed by a slice", node=job.node,
-                            hint="slice sources must share the layer structure",
-                        )
-                    if node == arithmetic_base(job.base, job.method):
-                        base_info = info
-                    else:
-                        infos.append(info)
-                        params.append(p)
-                ref = infos[0] if infos else base_info
-                assert ref is not None
-                for info in infos:
-                    if info.shape != ref.shape:
-                        raise IncompatibleModelsError(
-                            f"shape mismatch at {out_name}: {list(ref.shape)} vs "
-                            f"{list(info.shape)}", node=job.node,
-                        )
-                tasks.append(TensorTask(
-                    name=out_name, dtype=_out_dtype(job, ref), shape=ref.shape, base=base_info,
-                    inputs=tuple(infos), parameters=tuple(params), layer=offset, num_layers=width,
-                ))
+                # Each source reads its own layer (a model listed twice reads both ranges).
+                names = [replace_layer_index(name, start + offset)
+                         for _, (start, _), _ in s.sources]
+                tasks.append(merged(s, s.sources, replace_layer_index(name, out_layer), names,
+                                    offset, width, "a slice"))
             out_layer += 1
-    # Final norm and head from the last slice's model in the donor's layout (its config says
-    # whether lm_head is tied): a tied last model supplies its embedding for the donor's head.
-    last_sources = tensor_sources(reader_metadata(readers[job.donor]),
-                                  reader_metadata(readers[last_node]))
+    # Final norm and head in the donor's layout (its config says whether lm_head is tied): a
+    # tied source supplies its embedding for the donor's head.
+    last_sources = last.sources[: len(first.sources)]
+    layouts = {node: tensor_sources(donor_meta, reader_metadata(readers[node]))
+               for node, _, _ in last_sources}
     for name in non_layer(readers[job.donor], pre=False):
-        src = last_sources[name]
-        if src is None:
-            raise IncompatibleModelsError(
-                f"'{last_node}' lacks tensor {name} needed by the last slice", node=job.node,
-                hint="slice sources must share the layer structure",
-            )
-        tasks.append(simple(last_node, src, name))
+        tasks.append(merged(last, last_sources, name,
+                            [layouts[node].get(name) for node, _, _ in last_sources], None, 1,
+                            "the last slice"))
     return tasks
 
 
@@ -547,9 +567,10 @@ def _workers() -> int:
 
 
 def _resolve_params(job: BuildJob, task: TensorTask) -> TensorParams:
+    globals_ = job.global_parameters if task.globals is None else task.globals
     return TensorParams(
         tensor_name=task.name,
-        globals=_resolve(job.global_parameters, task),
+        globals=_resolve(globals_, task),
         parents=tuple(_resolve(p, task) for p in task.parameters),
     )
 
@@ -973,19 +994,45 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
             if "dtype" in config:
                 config["dtype"] = job.out_dtype
         put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    template = None
+    if job.chat_template is not None:
+        template = expand_template(job.chat_template,
+                                   (parent_chat_template(Path(d)) for d in job.parents.values()))
     for name in (*[c for c in CONFIG_FILES if c != "config.json"], *TOKENIZER_FILES):
         src = donor_dir / name
         # Never follow a link out of the donor directory (a Hugging Face cache snapshot
         # links into its repo's blobs/, which counts as inside).
         if not src.is_file() or src.is_symlink() and not _inside(src, _link_root(donor_dir)):
             continue
-        if name == "tokenizer_config.json" and job.chat_template is not None:
+        if name == "tokenizer_config.json" and template is not None:
             data = json.loads(src.read_text(encoding="utf-8"))
-            data["chat_template"] = job.chat_template
+            data["chat_template"] = template
             put(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+            continue
+        if name == "chat_template.jinja" and template is not None:
+            put(name, template.encode())  # transformers reads this file before the config
             continue
         put(name, src.read_bytes())
     return written
+
+
+def parent_chat_template(directory: Path) -> str | None:
+    """A model directory's chat template (chat_template.jinja, else tokenizer_config.json's;
+    a named set's "default"), or None."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(template, list):  # [{name, template}, ...]
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _link_root(directory: Path) -> Path:

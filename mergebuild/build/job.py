@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from mergebuild.errors import CheckpointError
 from mergebuild.methods.registry import Method
 from mergebuild.plan.recipe import donor, global_parameters, parent_parameters
-from mergebuild.spec.validate import participants
+from mergebuild.spec.validate import participants, slice_base
 from mergebuild.plan.staleness import NodeState
 from mergebuild.sources.resolve import adapter_directory, fetch_adapter, materialize
 from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile
@@ -31,9 +31,14 @@ def assemble_job(mergefile: Mergefile, spec: MergeSpec, method: Method, key: str
     slices = None
     if spec.slices is not None:
         slices = tuple(
-            SliceInput(sources=tuple(
-                (src.ref, src.layer_range, parent_parameters(method, spec, src.parameters))
-                for src in s.sources))
+            SliceInput(
+                sources=tuple(
+                    (src.ref, src.layer_range,
+                     parent_parameters(method, spec, src.parameters, s.parameters))
+                    for src in s.sources),
+                base=slice_base(spec, s, method),
+                global_parameters=global_parameters(method, spec, s.parameters),
+            )
             for s in spec.slices
         )
     return BuildJob(
@@ -46,6 +51,7 @@ def assemble_job(mergefile: Mergefile, spec: MergeSpec, method: Method, key: str
         slices=slices, chat_template=spec.chat_template,
         tokenizer_source=spec.tokenizer_source,
         pad_vocab_to=spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None,
+        tokens=spec.tokenizer.tokens if spec.tokenizer else (),
         max_shard_bytes=mergefile.defaults.max_shard_size or DEFAULT_SHARD_BYTES,
         device=device or mergefile.defaults.device,
     )

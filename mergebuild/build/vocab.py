@@ -105,13 +105,31 @@ class VocabPlan:
     tokens: int  # tokens in the output vocabulary
     permutations: Mapping[str, tuple[int, ...]]  # node → parent row per output token, -1 absent
     base: str | None
-    tokenizer: dict | None  # a new tokenizer.json to write (union), else None
+    tokenizer: dict | None  # a new tokenizer.json to write (union, added tokens), else None
     identity: bool  # every parent already has the output vocabulary, row for row
+    rules: tuple[TokenRule, ...] = ()  # per-token embedding sources (tokenizer.tokens)
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """One token's embedding source (mergekit's ``tokenizer.tokens``), resolved to rows.
+
+    ``kind``: "zero", "row" (``model``'s own row ``row``) or "default" (mergekit's rule for
+    a token a parent lacks). ``force``: every parent takes it, not only those lacking the
+    token.
+    """
+
+    token: str
+    out_id: int
+    kind: str
+    model: str | None = None
+    row: int | None = None
+    force: bool = False
 
 
 def plan_vocab(policy: str, donor: str, base: str | None, nodes: Sequence[str],
                directories: Mapping[str, Path], rows: Mapping[str, int],
-               pad_to_multiple_of: int | None = None) -> VocabPlan:
+               pad_to_multiple_of: int | None = None, tokens: Sequence[Any] = ()) -> VocabPlan:
     """The output vocabulary of a tokenizer policy and each parent's row permutation.
 
     Args:
@@ -122,6 +140,8 @@ def plan_vocab(policy: str, donor: str, base: str | None, nodes: Sequence[str],
         nodes: every parent whose vocabulary tensors are read, base included.
         directories: each node's model directory.
         rows: each node's embedding rows.
+        tokens: ``TokenEmbeddingSpec`` entries (``tokenizer.tokens``); a token the output
+            vocabulary lacks is added to it, as mergekit does.
     """
     vocabs = {n: read_vocab(directories[n], n) for n in nodes}
     vocabs.setdefault(donor, read_vocab(directories[donor], donor))
@@ -140,23 +160,81 @@ def plan_vocab(policy: str, donor: str, base: str | None, nodes: Sequence[str],
         out_vocab = vocab_of_tokenizer(tokenizer)
     else:
         out_vocab = vocabs[donor]
-    tokens = max(out_vocab.values(), default=-1) + 1
-    padded = tokens
+    missing_tokens = [t.token for t in tokens if t.token not in out_vocab]
+    if missing_tokens:
+        if tokenizer is None:
+            data = _tokenizer_json(directories[donor])
+            if data is None:
+                raise IncompatibleModelsError(
+                    f"adding token {missing_tokens[0]!r} needs the tokenizer.json that "
+                    f"'{donor}' lacks", hint="give the tokenizer's model its tokenizer files")
+            tokenizer = copy.deepcopy(data)
+        tokenizer = _add_tokens(tokenizer, missing_tokens)
+        out_vocab = vocab_of_tokenizer(tokenizer)
+    tokens_count = max(out_vocab.values(), default=-1) + 1
+    padded = tokens_count
     if pad_to_multiple_of and padded % pad_to_multiple_of:
         padded = (padded // pad_to_multiple_of + 1) * pad_to_multiple_of
     perms: dict[str, tuple[int, ...]] = {}
     for n in nodes:
-        p = [-1] * tokens
+        p = [-1] * tokens_count
         limit = rows[n]
         for token, idx in vocabs[n].items():
             new = out_vocab.get(token)
             if new is not None and idx < limit:
                 p[new] = idx
         perms[n] = tuple(p)
-    identity = all(rows[n] == padded and perms[n] == tuple(range(tokens)) for n in nodes) and (
-        padded == tokens)
-    return VocabPlan(rows=padded, tokens=tokens, permutations=perms, base=base,
-                     tokenizer=tokenizer, identity=identity)
+    rules = tuple(_token_rule(t, out_vocab, perms, vocabs, rows) for t in tokens)
+    identity = not rules and padded == tokens_count and all(
+        rows[n] == padded and perms[n] == tuple(range(tokens_count)) for n in nodes)
+    return VocabPlan(rows=padded, tokens=tokens_count, permutations=perms, base=base,
+                     tokenizer=tokenizer, identity=identity, rules=rules)
+
+
+def _add_tokens(tokenizer: Mapping[str, Any], new_tokens: Sequence[str]) -> dict:
+    """``tokenizer.json`` with ``new_tokens`` added after its last id (as ``add_tokens``)."""
+    out = copy.deepcopy(dict(tokenizer))
+    out["added_tokens"] = list(out.get("added_tokens") or [])
+    next_id = max(vocab_of_tokenizer(out).values(), default=-1) + 1
+    for token in new_tokens:
+        out["added_tokens"].append({"id": next_id, "content": token, "single_word": False,
+                                    "lstrip": False, "rstrip": False, "normalized": True,
+                                    "special": False})
+        next_id += 1
+    return out
+
+
+def _token_rule(spec: Any, out_vocab: Mapping[str, int], perms: Mapping[str, tuple[int, ...]],
+                vocabs: Mapping[str, Mapping[str, int]], rows: Mapping[str, int]) -> TokenRule:
+    """A ``tokens:`` entry resolved against the output vocabulary and the models' rows."""
+    out_id = out_vocab[spec.token]
+    if spec.kind is None:
+        return TokenRule(spec.token, out_id, "default", force=spec.force)
+    if spec.kind == "zero":
+        return TokenRule(spec.token, out_id, "zero", force=spec.force)
+    model = spec.model
+    if model not in perms:
+        raise IncompatibleModelsError(
+            f"token {spec.token!r} takes its embedding from '{model}', whose vocabulary "
+            "tensors this merge does not read here",
+            hint="name a model that is merged at the embeddings (with slices: a source of the "
+                 "first and of the last slice)")
+    if spec.kind == "model":
+        row = perms[model][out_id]
+        if row < 0:
+            raise IncompatibleModelsError(f"token {spec.token!r} is not in '{model}'s vocabulary",
+                                          hint="use {kind: model_token, model: M, token: T}")
+    elif spec.token_id is not None:
+        row = spec.token_id
+    else:
+        row = vocabs[model].get(spec.source_token, -1)
+        if row < 0:
+            raise IncompatibleModelsError(
+                f"token {spec.source_token!r} is not in '{model}'s vocabulary")
+    if row >= rows[model]:
+        raise IncompatibleModelsError(
+            f"token {spec.token!r}: row {row} is out of range for '{model}' ({rows[model]} rows)")
+    return TokenRule(spec.token, out_id, "row", model=model, row=row, force=spec.force)
 
 
 def _strip(data: Mapping[str, Any], rows: int) -> dict:
@@ -169,7 +247,8 @@ def _strip(data: Mapping[str, Any], rows: int) -> dict:
     return out
 
 
-def remap_rows(tensors: Sequence[Any], nodes: Sequence[str], plan: VocabPlan) -> list[Any]:
+def remap_rows(tensors: Sequence[Any], nodes: Sequence[str], plan: VocabPlan,
+               base: str | None = None) -> list[Any]:
     """Each parent's vocabulary tensor (rows first) re-indexed to the output vocabulary.
 
     mergekit's rule for a token a parent lacks: the row of the only parent that has it, else
@@ -186,14 +265,34 @@ def remap_rows(tensors: Sequence[Any], nodes: Sequence[str], plan: VocabPlan) ->
     mean = (gathered * mask).sum(0) / count.clamp(min=1).reshape(
         -1, *([1] * (gathered.dim() - 2))).to(gathered.dtype)
     default = mean
-    if plan.base is not None and plan.base in nodes:
-        b = list(nodes).index(plan.base)
+    base = base or plan.base
+    if base is not None and base in nodes:
+        b = list(nodes).index(base)
         has = present[b].reshape(-1, *([1] * (gathered.dim() - 2)))
         default = torch.where(has, gathered[b], mean)
+    # tokenizer.tokens: the configured embedding replaces a parent's missing row (or every
+    # parent's row, forced); computed from the parents' original rows, as mergekit does.
+    overrides = []
+    for rule in plan.rules:
+        if rule.kind == "zero":
+            embed = torch.zeros_like(gathered[0, rule.out_id])
+        elif rule.kind == "row":
+            if rule.model not in nodes:
+                raise IncompatibleModelsError(
+                    f"token {rule.token!r} takes its embedding from '{rule.model}', which is "
+                    "not merged at this tensor", hint="with slices, name a source of the first "
+                    "and of the last slice")
+            embed = tensors[list(nodes).index(rule.model)][rule.row]
+        else:
+            embed = default[rule.out_id]
+        overrides.append((rule, embed))
     out = []
     for i in range(len(nodes)):
         row_ok = present[i].reshape(-1, *([1] * (gathered.dim() - 2)))
         rows = torch.where(row_ok, gathered[i], default)
+        for rule, embed in overrides:
+            if rule.force or not present[i, rule.out_id]:
+                rows[rule.out_id] = embed
         if plan.rows > plan.tokens:
             pad = rows.mean(0, keepdim=True).expand(plan.rows - plan.tokens, *rows.shape[1:])
             rows = torch.cat([rows, pad])
@@ -256,6 +355,6 @@ def added_tokens_decoder(tokenizer: Mapping[str, Any]) -> dict[str, dict[str, An
             for e in sorted(tokenizer.get("added_tokens") or [], key=lambda e: e["id"])}
 
 
-__all__ = ["VocabPlan", "added_tokens_decoder", "harmonize_metadata", "is_vocab_tensor",
+__all__ = ["TokenRule", "VocabPlan", "added_tokens_decoder", "harmonize_metadata", "is_vocab_tensor",
            "plan_vocab", "read_vocab", "remap_rows", "union_tokenizer", "vocab_of_tokenizer",
            "write_vocab_files"]

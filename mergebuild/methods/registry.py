@@ -235,7 +235,8 @@ def register(method: Method) -> Method:
 # --- core methods (methods-A) ---
 # Names, defaults and scopes follow mergekit 0.1.5 (merge_methods/registry.py); mergekit
 # gives no ranges, so only the meaningful ones are enforced here. mergekit's `int8_mask`
-# is a memory knob with no effect on results and is not accepted.
+# is a memory knob with no effect on results: it is not a parameter here (a Mergefile may
+# still write it; spec/validate.py warns and leaves it out of the recipe).
 
 
 def _core_weight() -> Param:
@@ -386,7 +387,8 @@ register(Method(
 # --- more methods (methods-B) ---
 # Names, defaults and base policies follow mergekit 0.1.5; where mergekit gives no range,
 # only values that cannot mean anything (negative counts or tolerances) are refused.
-# As in methods-A, sce's `int8_mask` (a memory knob with no effect on results) is not accepted.
+# As in methods-A, sce's `int8_mask` (a memory knob with no effect on results) is not a
+# parameter (accepted with a warning).
 
 _WEIGHT = Param("weight", "float", scope="parent", help="relative weight of this model")
 

@@ -15,29 +15,55 @@ def _param_defaults(method: Method, scope: str) -> dict[str, Any]:
     return {p.name: p.default for p in method.params if p.scope == scope and not p.required}
 
 
+def _is_filter_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _layered(values: list[Any]) -> Any:
+    """One parameter's settings from the highest-precedence scope down, as one value.
+
+    mergekit resolves each scope in turn and falls through to the next when a scope's
+    ``{filter, value}`` list matches nothing; a filter list without a catch-all entry gets
+    the lower scopes' settings appended as entries, which resolves the same way.
+    """
+    out = values[0]
+    for lower in values[1:]:
+        if not _is_filter_list(out) or any(e.get("filter") in (None, "*") for e in out):
+            break
+        out = [*out, *(lower if _is_filter_list(lower) else [{"value": lower}])]
+    return out
+
+
 def parent_parameters(
-    method: Method, spec: MergeSpec, entry_params: Mapping[str, Any]
+    method: Method, spec: MergeSpec, entry_params: Mapping[str, Any],
+    slice_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Per-parent parameters after mergekit's precedence: the entry, the node, the default."""
+    """Per-parent parameters after mergekit's precedence: the entry, the slice, the node, the
+    default (parameters this method ignores are left out)."""
     out: dict[str, Any] = {}
+    scopes = [entry_params, slice_params or {}, spec.parameters]
     for p in method.params:
         if p.scope != "parent":
             continue
-        if p.name in entry_params:
-            out[p.name] = entry_params[p.name]
-        elif p.name in spec.parameters:
-            out[p.name] = spec.parameters[p.name]
+        found = [scope[p.name] for scope in scopes if p.name in scope]
+        if found:
+            out[p.name] = _layered(found)
         elif p.default is not REQUIRED:
             out[p.name] = p.default
     return out
 
 
-def global_parameters(method: Method, spec: MergeSpec) -> dict[str, Any]:
+def global_parameters(method: Method, spec: MergeSpec,
+                      slice_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Node-wide parameters: the slice's, else the node's, else the default."""
     out = _param_defaults(method, "global")
-    for name, value in spec.parameters.items():
-        p = method.param(name)
-        if p is not None and p.scope == "global":
-            out[name] = value
+    for p in method.params:
+        if p.scope != "global":
+            continue
+        found = [scope[p.name] for scope in (slice_params or {}, spec.parameters)
+                 if p.name in scope]
+        if found:
+            out[p.name] = _layered(found)
     return out
 
 
@@ -74,12 +100,20 @@ def build_recipe(
                 {
                     "model": digest_of(src.ref),
                     "layer_range": list(src.layer_range),
-                    "parameters": parent_parameters(method, spec, src.parameters),
+                    "parameters": parent_parameters(method, spec, src.parameters,
+                                                    s.parameters),
                 }
                 for src in s.sources
             ]
             for s in spec.slices
         ]
+        # Only when written, so that plain stacks keep the keys they always had.
+        if any(s.base for s in spec.slices):
+            recipe["slice_bases"] = [digest_of(s.base) if s.base else None
+                                     for s in spec.slices]
+        if any(s.parameters for s in spec.slices):
+            recipe["slice_parameters"] = [global_parameters(method, spec, s.parameters)
+                                          for s in spec.slices]
     else:
         recipe["models"] = [
             {"model": digest_of(ref), "parameters": parent_parameters(method, spec, params)}
@@ -93,6 +127,8 @@ def build_recipe(
             "source": spec.tokenizer.policy,
             "pad_to_multiple_of": spec.tokenizer.pad_to_multiple_of,
         }
+        if spec.tokenizer.tokens:
+            recipe["tokenizer"]["tokens"] = [t.recipe(digest_of) for t in spec.tokenizer.tokens]
     return recipe
 
 

@@ -12,16 +12,15 @@ from typing import Any
 import yaml
 
 from mergebuild.errors import MergefileError
+from mergebuild.io.chat_templates import template_problem
+from mergebuild.methods.registry import METHODS
 from mergebuild.spec.validate import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
+from mergebuild.spec.validate import known_parameter_names
+from mergebuild.spec.yaml_lines import ConfigLoader
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
 # merge keys but the mergebuild-only `description`).
 MERGE_KEYS = tuple(k for k in _MERGEFILE_MERGE_KEYS if k != "description")
-# mergekit keys that exist but that mergebuild does not implement: reported, then dropped.
-_UNSUPPORTED = {
-    "modules": "multi-module merges are not supported",
-}
-_SLICE_UNSUPPORTED = ("base_model", "parameters", "residual_weight")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NOT_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -129,20 +128,25 @@ class _Importer:
     # documents -------------------------------------------------------------------------
     def merge_node(self, doc: _Document, name: str) -> dict:
         where = f"{doc.file}" + (f" (document {doc.index + 1})" if doc.index else "")
+        if "modules" in doc.body:
+            raise MergefileError(
+                "multi-module merges ('modules:') cannot be imported: mergebuild merges a "
+                "model's modules together; write 'models:' (per-module values with filters "
+                "such as {filter: vision_tower, value: ...}) or keep this merge in mergekit",
+                file=str(doc.file))
         body: dict[str, Any] = {}
-        for key, value in doc.body.items():
+        for key, value in _unshared(doc.body).items():
             if key == "name":
-                continue
-            if key in _UNSUPPORTED:
-                self.warnings.append(f"{where}: '{key}' dropped: {_UNSUPPORTED[key]}")
                 continue
             if key not in MERGE_KEYS:
                 self.warnings.append(f"{where}: unknown mergekit key '{key}' dropped "
                                      "(mergekit ignores it too)")
                 continue
             body[key] = value
+        method = METHODS.get(body.get("merge_method"))  # an unknown method: plan says so
         if "base_model" in body and body["base_model"] is not None:
             body["base_model"] = self.model_ref(body["base_model"], where)
+        self._parameters(body, "parameters", method, where, "the node", shared=True)
         for entry in body.get("models") or []:
             if isinstance(entry, dict) and "model" in entry:
                 entry["model"] = self.model_ref(entry["model"], where)
@@ -151,20 +155,21 @@ class _Importer:
                         self.warnings.append(f"{where}: unknown key '{key}' in a models entry "
                                              "dropped")
                         del entry[key]
+                self._parameters(entry, "parameters", method, where, "a models entry")
         for piece in body.get("slices") or []:
             if not isinstance(piece, dict):
                 continue
             for key in list(piece):
-                if key in _SLICE_UNSUPPORTED:
-                    self.warnings.append(f"{where}: slice-level '{key}' is not supported; "
-                                         "dropped (set it per source or on the node)")
-                    del piece[key]
-                elif key != "sources":
+                if key not in ("sources", "base_model", "parameters", "residual_weight"):
                     self.warnings.append(f"{where}: unknown key '{key}' in a slice dropped")
                     del piece[key]
+            if piece.get("base_model") is not None:
+                piece["base_model"] = self.model_ref(piece["base_model"], where)
+            self._parameters(piece, "parameters", method, where, "a slice", shared=True)
             for src in piece.get("sources") or []:
                 if isinstance(src, dict) and "model" in src:
                     src["model"] = self.model_ref(src["model"], where)
+                    self._parameters(src, "parameters", method, where, "a slice source")
         tok = body.get("tokenizer_source")
         if isinstance(tok, (str, dict)) and tok not in ("base", "union"):
             body["tokenizer_source"] = self.model_ref(tok, where)
@@ -173,7 +178,52 @@ class _Importer:
             src = tokenizer.get("source", "union")
             if src not in ("base", "union"):
                 tokenizer["source"] = self.model_ref(src, where)
+            for cfg in (tokenizer.get("tokens") or {}).values():
+                source = cfg.get("source") if isinstance(cfg, dict) else None
+                if isinstance(source, (str, dict)) and not (
+                    isinstance(source, dict) and source.get("kind") in ("zero", "model_token")
+                ):
+                    cfg["source"] = self.model_ref(source, where)
+                elif isinstance(source, dict) and source.get("kind") == "model_token":
+                    source["model"] = self.model_ref(source.get("model"), where)
+        template = body.get("chat_template")
+        if template is not None and template_problem(template) is not None:
+            self.warnings.append(f"{where}: chat_template {template!r} dropped: it is neither a "
+                                 "template name, auto, nor a Jinja template (mergekit fails on "
+                                 "it)")
+            del body["chat_template"]
         return body
+
+    def _parameters(self, holder: dict, key: str, method: Any, where: str, what: str,
+                    shared: bool = False) -> None:
+        """Drop parameters mergekit would ignore that a Mergefile refuses: names no method
+        knows, and (outside the node and slices) node-wide ones on a model."""
+        params = holder.get(key)
+        if not isinstance(params, dict):
+            return
+        known = known_parameter_names()
+        for name in list(params):
+            if name not in known:
+                self.warnings.append(f"{where}: parameter '{name}' in {what} dropped (no merge "
+                                     "method takes it; mergekit ignores it)")
+                del params[name]
+            elif not shared and method is not None and (p := method.param(name)) is not None \
+                    and p.scope != "parent":
+                self.warnings.append(f"{where}: node-wide parameter '{name}' in {what} dropped "
+                                     "(mergekit reads it only from the node or a slice)")
+                del params[name]
+        if not params:
+            del holder[key]
+
+
+def _unshared(obj: Any) -> Any:
+    """A copy with no shared parts: a YAML alias (``*slice``) becomes its own copy, so each
+    use is converted once."""
+    if isinstance(obj, dict):
+        return {k: _unshared(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unshared(v) for v in obj]
+    return obj
 
 
 def _documents(files: list[Path]) -> list[_Document]:
@@ -184,7 +234,7 @@ def _documents(files: list[Path]) -> list[_Document]:
         except OSError as exc:
             raise MergefileError(f"cannot read {file}: {exc.strerror}", file=str(file)) from None
         try:
-            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+            loaded = [d for d in yaml.load_all(text, Loader=ConfigLoader) if d is not None]
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise MergefileError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",

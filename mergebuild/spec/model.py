@@ -65,12 +65,40 @@ class AdaptedSpec:
         return _uri_kind(self.adapter)
 
 
+TokenEmbeddingKind = Literal["zero", "model", "model_token"]
+
+
+@dataclass(frozen=True)
+class TokenEmbeddingSpec:
+    """Where one token's embedding rows come from (mergekit's ``tokenizer.tokens`` entry).
+
+    ``kind``: "zero" (zeros), "model" (that model's row of the same token) or "model_token"
+    (that model's row of ``source_token``/``token_id``); None: mergekit's default rule.
+    ``force``: use this source even where a parent has its own row for the token.
+    """
+
+    token: str
+    kind: TokenEmbeddingKind | None = None
+    model: str | None = None  # a node name
+    token_id: int | None = None
+    source_token: str | None = None
+    force: bool = False
+
+    def recipe(self, digest_of) -> dict[str, Any]:
+        """This entry as recipe data (models by digest)."""
+        return {"token": self.token, "kind": self.kind,
+                "model": digest_of(self.model) if self.model else None,
+                "token_id": self.token_id, "source_token": self.source_token,
+                "force": self.force}
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """Where a merge's tokenizer (and so its embedding rows) comes from."""
 
     source: str  # "base", "union" or a node name
     pad_to_multiple_of: int | None = None
+    tokens: tuple[TokenEmbeddingSpec, ...] = ()
 
     @property
     def policy(self) -> TokenizerPolicy:
@@ -108,6 +136,8 @@ class SliceSourceSpec:
 class SliceSpec:
     sources: tuple[SliceSourceSpec, ...]
     line: int
+    base: str | None = None  # the slice's own base_model (mergekit: overrides the node's)
+    parameters: Mapping[str, Any] = field(default_factory=dict)  # between sources' and node's
 
 
 @dataclass(frozen=True)
@@ -145,10 +175,14 @@ class MergeSpec:
             refs.append(self.base)
         refs.extend(p.ref for p in self.models)
         for s in self.slices or ():
+            if s.base:
+                refs.append(s.base)
             refs.extend(src.ref for src in s.sources)
         tokenizer = self.tokenizer
         if tokenizer and tokenizer.policy == "model" and not tokenizer.source.startswith("model:"):
             refs.append(tokenizer.source)
+        if tokenizer:
+            refs.extend(t.model for t in tokenizer.tokens if t.model)
         seen: dict[str, None] = {}
         for r in refs:
             seen.setdefault(r, None)
@@ -189,6 +223,9 @@ class Mergefile:
     version: int
     defaults: Defaults
     nodes: Mapping[str, Node]
+    # What was accepted but does nothing (a parameter mergekit knows that this method
+    # ignores, say): one line each, printed by the CLI, never part of a recipe.
+    warnings: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:

@@ -21,6 +21,7 @@ from mergebuild.spec.model import (
     SliceSpec,
     SourceSpec,
     SweepSpec,
+    TokenEmbeddingSpec,
     TokenizerSpec,
 )
 from mergebuild.spec.sweep import apply_point, grid_points, parse_select
@@ -31,12 +32,14 @@ from mergebuild.spec.validate import (
     SLICE_KEYS,
     SLICE_SOURCE_KEYS,
     SOURCE_KEYS,
+    TOKEN_KEYS,
     TOKENIZER_KEYS,
     TOP_LEVEL_KEYS,
     check_keys,
     did_you_mean,
     validate_parameters,
 )
+from mergebuild.io.chat_templates import NAMED_TEMPLATES, template_problem
 from mergebuild.spec.yaml_lines import LineDict, line_of, load_yaml
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -109,7 +112,7 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
         builder.add(name)
     builder.check_sweep_children()
     return Mergefile(path=path, text=text, version=1, defaults=builder.defaults,
-                     nodes=builder.nodes)
+                     nodes=builder.nodes, warnings=tuple(builder.warnings))
 
 
 def parse_dtype(value: Any, file: str, line: int, node: str | None) -> DType:
@@ -138,6 +141,17 @@ def parse_size(value: Any, file: str, line: int, key: str) -> int:
     return int(number)
 
 
+def check_chat_template(value: Any, file: str, line: int, node: str) -> None:
+    """A chat_template is a template name, ``auto`` or Jinja text; else a MergefileError."""
+    problem = template_problem(value)
+    if problem is not None:
+        raise MergefileError(
+            problem, file=file, line=line, node=node,
+            hint=(did_you_mean(str(value), list(NAMED_TEMPLATES)) or "use auto, one of "
+                  f"{', '.join(NAMED_TEMPLATES)}, or a Jinja template ({{% ... %}}, {{{{ ... }}}})"),
+        )
+
+
 def parse_device(value: Any, file: str, line: int) -> str:
     """A device as written; only the ones the engine can run on pass."""
     if not isinstance(value, str) or not _DEVICE.match(value):
@@ -155,6 +169,7 @@ class _Builder:
         self.models = models
         self.nodes: dict[str, Node] = {}
         self.defaults = Defaults()
+        self.warnings: list[str] = []
 
     def error(self, message: str, line: int, node: str | None, hint: str | None = None):
         return MergefileError(message, file=self.file, line=line, node=node, hint=hint)
@@ -311,8 +326,11 @@ class _Builder:
         variants: dict[str, dict[str, Any]] = {}
         for point in grid_points(body["sweep"], self.file, line, name):
             variant = apply_point(template, point, self.file, line)
-            validate_parameters(variant, METHODS[variant.method], self.file)
             if variant.name not in variants:
+                for warning in validate_parameters(variant, METHODS[variant.method],
+                                                   self.file):
+                    if warning not in self.warnings:  # said once for the sweep
+                        self.warnings.append(warning)
                 variants[variant.name] = point
                 self.nodes[variant.name] = variant
         select = None
@@ -337,6 +355,12 @@ class _Builder:
                         f"e.g. '{sweep.variants[0]}' as a node of its own")
 
     def _merge(self, name: str, body: LineDict, validate: bool = True) -> MergeSpec:
+        if "modules" in body:
+            raise self.error(
+                "multi-module merges ('modules:') are not supported", body.line_of("modules"),
+                name, "merge the whole model with 'models:' (every module gets the same "
+                "method and parameters; use filters such as {filter: vision_tower, value: ...} "
+                "for per-module values) or use mergekit for per-module slices")
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
         if "select" in body and "sweep" not in body:
             raise self.error("'select' chooses among a sweep's variants; this node has no "
@@ -393,9 +417,8 @@ class _Builder:
                 dtype = parse_dtype(body[key], self.file, body.line_of(key), name)
                 break
         chat_template = body.get("chat_template")
-        if chat_template is not None and not isinstance(chat_template, str):
-            raise self.error("'chat_template' must be a string", body.line_of("chat_template"),
-                             name)
+        if chat_template is not None:
+            check_chat_template(chat_template, self.file, body.line_of("chat_template"), name)
         spec = MergeSpec(
             name=name, method=method.name, base=base, models=tuple(models),
             parameters=global_params, slices=slices, dtype=dtype,
@@ -403,7 +426,8 @@ class _Builder:
             line=body.line, written=body,
         )
         if validate:
-            validate_parameters(spec, method, self.file)
+            self.warnings.extend(validate_parameters(spec, method, self.file))
+        self._check_tokens(spec)
         return spec
 
     def _node_tokenizer(self, body: LineDict, name: str) -> TokenizerSpec | None:
@@ -417,32 +441,83 @@ class _Builder:
         tokenizer = self._tokenizer(raw, body.line_of(key), name)
         block = body.get("tokenizer")
         if key == "tokenizer_source" and isinstance(block, dict):
-            # Both written: the source is tokenizer_source's, the padding the block's.
-            _, pad = self._tokenizer_block(block, body.line_of("tokenizer"), name)
-            tokenizer = TokenizerSpec(source=tokenizer.source, pad_to_multiple_of=pad)
+            # Both written: the source is tokenizer_source's, padding and tokens the block's.
+            _, pad, tokens = self._tokenizer_block(block, body.line_of("tokenizer"), name)
+            tokenizer = TokenizerSpec(source=tokenizer.source, pad_to_multiple_of=pad,
+                                      tokens=tokens)
         return tokenizer
 
     def _tokenizer(self, value: Any, line: int, node: str | None) -> TokenizerSpec:
-        pad = None
+        pad, tokens = None, ()
         if isinstance(value, dict):
-            value, pad = self._tokenizer_block(value, line, node)
+            value, pad, tokens = self._tokenizer_block(value, line, node)
         if not isinstance(value, str):
             raise self.error("'tokenizer_source' must be 'base', 'union' or a model name", line,
                              node)
         source = value if value in ("base", "union") else self._ref(value, line, node)
-        return TokenizerSpec(source=source, pad_to_multiple_of=pad)
+        return TokenizerSpec(source=source, pad_to_multiple_of=pad, tokens=tokens)
 
-    def _tokenizer_block(self, value: dict, line: int, node: str | None) -> tuple[Any, int | None]:
-        """A ``tokenizer: {source, pad_to_multiple_of}`` block → (source as written, padding)."""
+    def _tokenizer_block(self, value: dict, line: int, node: str | None
+                         ) -> tuple[Any, int | None, tuple[TokenEmbeddingSpec, ...]]:
+        """A ``tokenizer: {source, pad_to_multiple_of, tokens}`` block → (source as written,
+        padding, per-token embedding sources)."""
         extra = sorted(set(value) - set(TOKENIZER_KEYS))
         if extra:
-            hint = ("per-token embedding overrides are not supported" if "tokens" in extra
-                    else did_you_mean(extra[0], TOKENIZER_KEYS))
-            raise self.error(f"unknown key '{extra[0]}' in 'tokenizer'", line, node, hint)
+            raise self.error(f"unknown key '{extra[0]}' in 'tokenizer'", line, node,
+                             did_you_mean(extra[0], TOKENIZER_KEYS))
         pad = value.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise self.error("'pad_to_multiple_of' must be a positive whole number", line, node)
-        return value.get("source", "union"), pad  # "union": mergekit's default for a block
+        raw_tokens = value.get("tokens") or {}
+        if not isinstance(raw_tokens, dict):
+            raise self.error("'tokens' must map each token to {source: ..., force: ...}",
+                             line_of(raw_tokens, line), node)
+        tokens = tuple(self._token(str(token), cfg, line_of(raw_tokens, line), node)
+                       for token, cfg in raw_tokens.items())
+        # "union": mergekit's default for a block
+        return value.get("source", "union"), pad, tokens
+
+    def _token(self, token: str, cfg: Any, line: int, node: str | None) -> TokenEmbeddingSpec:
+        """One ``tokens:`` entry, as mergekit's TokenEmbeddingConfig reads it."""
+        line = cfg.line if isinstance(cfg, LineDict) else line
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, dict):
+            raise self.error(f"token {token!r}: write {{source: ..., force: true|false}}", line,
+                             node)
+        extra = sorted(set(cfg) - set(TOKEN_KEYS))
+        if extra:
+            raise self.error(f"unknown key '{extra[0]}' for token {token!r}", line, node,
+                             did_you_mean(extra[0], TOKEN_KEYS) or "allowed: source, force")
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise self.error(f"token {token!r}: 'force' must be true or false", line, node)
+        source = cfg.get("source")
+        if source is None:
+            return TokenEmbeddingSpec(token=token, force=force)
+        if isinstance(source, str):
+            return TokenEmbeddingSpec(token=token, kind="model",
+                                      model=self._ref(source, line, node), force=force)
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if kind == "zero" and set(source) == {"kind"}:
+            return TokenEmbeddingSpec(token=token, kind="zero", force=force)
+        if kind == "model_token" and isinstance(source, dict) and "model" in source:
+            extra = sorted(set(source) - {"kind", "model", "token", "token_id"})
+            token_id, source_token = source.get("token_id"), source.get("token")
+            if extra or (token_id is None) == (source_token is None) or (
+                token_id is not None
+                and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0)
+            ):
+                raise self.error(
+                    f"token {token!r}: a model_token source names its model and exactly one "
+                    "of token or token_id (a whole number ≥ 0)", line, node)
+            return TokenEmbeddingSpec(
+                token=token, kind="model_token", model=self._ref(source["model"], line, node),
+                token_id=token_id, source_token=None if source_token is None else str(source_token),
+                force=force)
+        raise self.error(
+            f"token {token!r}: unknown embedding source {source!r}", line, node,
+            "write a model name, {kind: zero}, or {kind: model_token, model: M, token: T}")
 
     def _slices(self, name: str, body: LineDict) -> tuple[SliceSpec, ...]:
         raw = body["slices"]
@@ -457,6 +532,18 @@ class _Builder:
             ]:
                 raise self.error("each slice needs a non-empty 'sources:' list", s_line, name)
             check_keys(s, SLICE_KEYS, "a slice", self.file, name)
+            if "residual_weight" in s:
+                self.warnings.append(
+                    f"{self.file}:{s.line_of('residual_weight')}: node '{name}': a slice's "
+                    "'residual_weight' does nothing (mergekit 0.1.5 reads it nowhere); "
+                    "accepted and left out of the recipe")
+            slice_base = None
+            if s.get("base_model") is not None:
+                slice_base = self._ref(s["base_model"], s.line_of("base_model"), name)
+            slice_params = s.get("parameters") or LineDict()
+            if not isinstance(slice_params, dict):
+                raise self.error("a slice's 'parameters' must be a mapping",
+                                 s.line_of("parameters"), name)
             sources: list[SliceSourceSpec] = []
             for src in s["sources"]:
                 src_line = line_of(src, s_line)
@@ -480,7 +567,21 @@ class _Builder:
             if len(widths) != 1:
                 raise self.error("all sources of a slice must cover the same number of layers",
                                  s_line, name)
-            out.append(SliceSpec(sources=tuple(sources), line=s_line))
+            out.append(SliceSpec(sources=tuple(sources), line=s_line, base=slice_base,
+                                 parameters=slice_params))
         return tuple(out)
+
+    def _check_tokens(self, spec: MergeSpec) -> None:
+        """A token's embedding must come from a model the merge reads (mergekit's rule)."""
+        if spec.tokenizer is None:
+            return
+        parents = {spec.base, *(p.ref for p in spec.models),
+                   *(src.ref for s in spec.slices or () for src in s.sources)}
+        for token in spec.tokenizer.tokens:
+            if token.model is not None and token.model not in parents:
+                raise self.error(
+                    f"token {token.token!r} takes its embedding from '{token.model}', which "
+                    "this merge does not read", spec.line_of("tokenizer"), spec.name,
+                    "name one of the merge's models (or its base_model)")
 
 

@@ -33,9 +33,10 @@ MERGE_KEYS = (
 )
 SELECT_KEYS = ("maximize", "minimize")
 PARENT_KEYS = ("model", "parameters")
-SLICE_KEYS = ("sources",)
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
-TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
+TOKENIZER_KEYS = ("source", "pad_to_multiple_of", "tokens")
+TOKEN_KEYS = ("source", "force")
 
 
 def did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str | None:
@@ -56,24 +57,67 @@ def check_keys(
             )
 
 
-def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
-    """Check parameter names, scopes, kinds and ranges against the method's schema."""
+# Every parameter name a mergekit 0.1.5 method takes (its merge_methods/registry.py): on a
+# method that does not use it, mergekit ignores it silently; mergebuild accepts it with one
+# warning and leaves it out of the recipe. A name no method knows stays an error.
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask",
+    "t", "nuslerp_flatten", "nuslerp_row_wise", "normalize_weights", "eps", "max_iter", "tol",
+    "filter_wise", "select_topk", "r", "alpha", "scale",
+})
+_WHY_IGNORED = {
+    "int8_mask": "a memory hint in mergekit (int8 sign masks); mergebuild computes in float32 "
+                 "and gets the same result either way",
+}
+
+
+def known_parameter_names() -> frozenset[str]:
+    """Names some method (mergekit's or mergebuild's) takes."""
+    from mergebuild.methods.registry import METHODS
+
+    return MERGEKIT_PARAMETERS | {p.name for m in METHODS.values() for p in m.params}
+
+
+def ignored_parameter(method: Method, name: str) -> bool:
+    """Whether ``name`` is a parameter another method takes but ``method`` ignores."""
+    return method.param(name) is None and name in known_parameter_names()
+
+
+def _ignored_warning(method: Method, key: str, file: str, line: int, node: str) -> str:
+    why = _WHY_IGNORED.get(key, "mergekit ignores it too")
+    return (f"{file}:{line}: node '{node}': parameter '{key}' does nothing for {method.name} "
+            f"({why}); accepted and left out of the recipe")
+
+
+def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]:
+    """Check parameter names, scopes, kinds and ranges against the method's schema, and the
+    models each slice gives the method; return one warning line per ignored parameter."""
     names = [p.name for p in method.params]
     g_line = spec.line_of("parameters")
+    warnings: list[str] = []
 
     def unknown(key: str, line: int, where: str) -> MergefileError:
-        hint = did_you_mean(key, names) or (
+        hint = did_you_mean(key, names) or did_you_mean(key, sorted(known_parameter_names())) or (
             f"{method.name} takes: {', '.join(names)}" if names else f"{method.name} takes none"
         )
         return MergefileError(f"unknown parameter '{key}' {where} for {method.name}", file=file,
                               line=line, node=spec.name, hint=hint)
 
-    for key, value in spec.parameters.items():
-        line = spec.parameters.line_of(key) if isinstance(spec.parameters, LineDict) else g_line
-        param = method.param(key)
-        if param is None:
-            raise unknown(key, line, "in 'parameters'")
-        _check_value(param, value, file, line, spec.name)
+    def node_wide(params: Mapping[str, Any], line: int, where: str) -> None:
+        """A node's or slice's parameters: node-wide ones and per-model defaults."""
+        for key, value in params.items():
+            kline = params.line_of(key) if isinstance(params, LineDict) else line
+            param = method.param(key)
+            if param is None:
+                if ignored_parameter(method, key):
+                    warnings.append(_ignored_warning(method, key, file, kline, spec.name))
+                    continue
+                raise unknown(key, kline, where)
+            _check_value(param, value, file, kline, spec.name)
+
+    node_wide(spec.parameters, g_line, "in 'parameters'")
+    for s in spec.slices or ():
+        node_wide(s.parameters, s.line, "in a slice's 'parameters'")
 
     entries: list[tuple[Mapping[str, Any], int]] = [(p.parameters, p.line) for p in spec.models]
     for s in spec.slices or ():
@@ -83,6 +127,9 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
             kline = params.line_of(key) if isinstance(params, LineDict) else line
             param = method.param(key)
             if param is None:
+                if ignored_parameter(method, key):
+                    warnings.append(_ignored_warning(method, key, file, kline, spec.name))
+                    continue
                 raise unknown(key, kline, "in a models entry")
             if param.scope != "parent":
                 raise MergefileError(
@@ -93,28 +140,24 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
 
     taking_part = participants(spec, method)
     base_line = spec.line_of("base_model")
-    if method.base == "required" and spec.base is None:
+    if method.base == "required" and spec.base is None and (
+        spec.slices is None or any(s.base is None for s in spec.slices)
+    ):
         raise MergefileError(f"{method.name} needs a base_model", file=file, line=spec.line,
                              node=spec.name, hint="add 'base_model: NODE'")
     if spec.slices is None:
         count = len(taking_part)
-        if count < method.min_parents or (method.max_parents and count > method.max_parents):
-            expected = (
-                f"exactly {method.min_parents}" if method.min_parents == method.max_parents
-                else f"at least {method.min_parents}" if not method.max_parents
-                else f"{method.min_parents} to {method.max_parents}"
-            )
-            extra = " besides the base_model" if method.base == "required" else ""
-            noun = "model" if method.max_parents == 1 else "models"
-            raise MergefileError(
-                f"{method.name} takes {expected} {noun}{extra}, got {count}", file=file,
-                line=base_line if count == 0 else spec.models[0].line, node=spec.name,
-                hint="check 'models:' and 'base_model:'",
-            )
+        _check_count(method, count, file, base_line if count == 0 else spec.models[0].line,
+                     spec.name, "")
+    else:
+        for i, s in enumerate(spec.slices):
+            _check_slice(spec, method, i, file)
     for param in method.params:
         if not param.required:
             continue
-        if param.scope == "global" and param.name not in spec.parameters:
+        if param.scope == "global" and param.name not in spec.parameters and (
+            spec.slices is None or any(param.name not in s.parameters for s in spec.slices)
+        ):
             raise MergefileError(f"{method.name} needs parameter '{param.name}'", file=file,
                                  line=g_line, node=spec.name,
                                  hint=f"add '{param.name}:' under 'parameters:'")
@@ -128,6 +171,61 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> None:
                         line=entry.line, node=spec.name,
                         hint=f"add 'parameters: {{{param.name}: ...}}' to that models entry",
                     )
+            for s in spec.slices or ():
+                base = slice_base(spec, s, method)
+                for src in s.sources:
+                    if src.ref == base or param.name in s.parameters:
+                        continue
+                    if param.name not in src.parameters:
+                        raise MergefileError(
+                            f"slice source '{src.ref}' needs parameter '{param.name}'",
+                            file=file, line=src.line, node=spec.name,
+                            hint=f"add 'parameters: {{{param.name}: ...}}' to that source, "
+                                 "the slice or the node",
+                        )
+    return warnings
+
+
+def slice_base(spec: MergeSpec, s: Any, method: Method) -> str | None:
+    """A slice's base as mergekit reads it: its own base_model, else the node's; a method
+    that takes no base ignores it (it then merges every source)."""
+    if method.base == "none":
+        return None
+    return s.base or spec.base
+
+
+def _check_slice(spec: MergeSpec, method: Method, index: int, file: str) -> None:
+    """One slice gives the method what it needs: its base among its sources, the right count."""
+    s = spec.slices[index]  # type: ignore[index]
+    base = slice_base(spec, s, method)
+    refs = [src.ref for src in s.sources]
+    if base is not None and base not in refs:
+        raise MergefileError(
+            f"slice {index + 1}: its base_model '{base}' is not one of its sources",
+            file=file, line=s.line, node=spec.name,
+            hint=f"add {{model: {base}, layer_range: [...]}} to the slice's sources "
+                 "(the base's layers come from the slice too, as in mergekit)",
+        )
+    count = len(refs) - (1 if base is not None else 0)
+    _check_count(method, count, file, s.line, spec.name, f"slice {index + 1}: ")
+
+
+def _check_count(method: Method, count: int, file: str, line: int, node: str,
+                 where: str) -> None:
+    if count < method.min_parents or (method.max_parents and count > method.max_parents):
+        expected = (
+            f"exactly {method.min_parents}" if method.min_parents == method.max_parents
+            else f"at least {method.min_parents}" if not method.max_parents
+            else f"{method.min_parents} to {method.max_parents}"
+        )
+        extra = " besides the base_model" if method.base == "required" else ""
+        noun = "model" if method.max_parents == 1 else "models"
+        raise MergefileError(
+            f"{where}{method.name} takes {expected} {noun}{extra}, got {count}", file=file,
+            line=line, node=node,
+            hint="check the slice's sources and base_model" if where
+            else "check 'models:' and 'base_model:'",
+        )
 
 
 def arithmetic_base(base: str | None, method: Method) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -46,6 +47,18 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-5` (no dot) as a string; mergekit's configs
+# write tolerances so and mergekit reads them as numbers.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats such as ``1e-5`` (mergekit configs)."""
+
+
+for _loader in (_LineLoader, ConfigLoader):
+    _loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT,
+                                  list("-+0123456789"))
 
 
 def load_yaml(text: str, file: str) -> Any:
