@@ -119,7 +119,9 @@ def test_tied_parent_supplies_its_embedding_for_an_untied_donors_head(tmp_path):
     assert config["tie_word_embeddings"] is False  # the donor's (first model's) config
 
 
-def test_tied_donor_leaves_the_other_parents_head_out(tmp_path):
+def test_tied_donor_with_an_untied_parent_merges_the_head_and_unties(tmp_path):
+    # mergekit merges lm_head (the tied parent's embedding as its head); keeping the donor's
+    # tie would drop the untied parent's head (it moved lm_head by up to 0.13 on a tiny llama).
     write_model(tmp_path / "tied", "qwen2", 1, tied=True)
     write_model(tmp_path / "untied", "qwen2", 2, tied=False)
     mix, config = _make(tmp_path, """
@@ -132,11 +134,44 @@ def test_tied_donor_leaves_the_other_parents_head_out(tmp_path):
           dtype: float32
         """)
     a, b = _load(tmp_path / "tied"), _load(tmp_path / "untied")
-    assert "lm_head.weight" not in mix
-    assert set(mix) == set(a)
+    assert set(mix) == set(a) | {"lm_head.weight"}
     embed = "model.embed_tokens.weight"
     torch.testing.assert_close(mix[embed], a[embed] + 0.5 * (b[embed] - a[embed]))
+    torch.testing.assert_close(mix["lm_head.weight"],
+                               a[embed] + 0.5 * (b["lm_head.weight"] - a[embed]))
+    assert config["tie_word_embeddings"] is False
+
+
+def test_tied_parents_only_stay_tied(tmp_path):
+    write_model(tmp_path / "a", "qwen2", 1, tied=True)
+    write_model(tmp_path / "b", "qwen2", 2, tied=True)
+    mix, config = _make(tmp_path, """
+        a: {source: ./a}
+        b: {source: ./b}
+        mix: {merge_method: linear, models: [{model: a, parameters: {weight: 1}},
+                                             {model: b, parameters: {weight: 1}}], dtype: float32}
+        """)
+    assert "lm_head.weight" not in mix and set(mix) == set(_load(tmp_path / "a"))
     assert config["tie_word_embeddings"] is True
+
+
+def test_slices_take_the_untied_last_models_head_over_a_tied_first(tmp_path):
+    write_model(tmp_path / "tied", "qwen2", 1, tied=True)
+    write_model(tmp_path / "untied", "qwen2", 2, tied=False)
+    stack, config = _make(tmp_path, """
+        tied: {source: ./tied}
+        untied: {source: ./untied}
+        stack:
+          merge_method: passthrough
+          slices:
+            - sources: [{model: tied, layer_range: [0, 2]}]
+            - sources: [{model: untied, layer_range: [2, 3]}]
+          dtype: float32
+        """, target="stack")
+    a, b = _load(tmp_path / "tied"), _load(tmp_path / "untied")
+    torch.testing.assert_close(stack["lm_head.weight"], b["lm_head.weight"])
+    torch.testing.assert_close(stack["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert config["tie_word_embeddings"] is False
 
 
 def test_slices_take_the_head_from_a_tied_last_model(tmp_path):

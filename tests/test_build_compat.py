@@ -12,6 +12,7 @@ from mergebuild.build.compat import (
     check_compatibility,
     ignored_extras,
     layer_count,
+    output_layout,
     tensor_sources,
     vocab_size,
 )
@@ -99,10 +100,23 @@ def test_untied_config_without_head_is_a_missing_tensor():
         check_compatibility(Job(), {"base": _meta(), "tuned": tuned})
 
 
-def test_tied_donor_ignores_a_parents_head():
+def test_tied_donor_with_an_untied_parent_gains_the_head_and_unties():
     base = _without(_meta(), "lm_head.weight", tie_word_embeddings=True)
     check_compatibility(Job(), {"base": base, "tuned": _meta()})
-    assert ignored_extras(base, _meta()) == (["lm_head.weight"], [])
+    layout = output_layout(base, [base, _meta()])
+    assert layout.tensors["lm_head.weight"] == base.tensors["model.embed_tokens.weight"]
+    assert layout.config["tie_word_embeddings"] is False
+    assert tensor_sources(layout, base)["lm_head.weight"] == "model.embed_tokens.weight"
+    assert ignored_extras(layout, _meta()) == ([], [])
+
+
+def test_tied_donor_keeps_its_layout_among_tied_parents():
+    base = _without(_meta(), "lm_head.weight", tie_word_embeddings=True)
+    # A head stored beside tie_word_embeddings: true is the embedding again, not a reason to untie.
+    tied_with_copy = ModelMetadata(config={**_meta().config, "tie_word_embeddings": True},
+                                   tensors=_meta().tensors)
+    assert output_layout(base, [base, tied_with_copy]) is base
+    assert ignored_extras(base, tied_with_copy) == (["lm_head.weight"], [])
 
 
 def test_optional_buffers_are_ignored_other_extras_are_named():
@@ -135,3 +149,16 @@ def test_layer_count_and_vocab_from_tensors_without_config():
     meta = _meta(layers=3, vocab=40, config=False)
     assert layer_count(meta) == 3
     assert vocab_size(meta) == 40
+
+
+def test_slices_of_a_model_with_several_layer_stacks_are_refused():
+    vlm = ModelMetadata(
+        config={"model_type": "llava"},
+        tensors={"language_model.model.layers.0.mlp.up_proj.weight": ("F32", (8, 4)),
+                 "vision_tower.encoder.layers.0.mlp.fc1.weight": ("F32", (8, 4))})
+    job = Job(base=None, slices=(SimpleNamespace(sources=(("tuned", (0, 1), {}),)),),
+              method=Method("passthrough", "none"))
+    with pytest.raises(IncompatibleModelsError,
+                       match="'tuned' has 2 layer stacks \\(language_model.model.layers, "
+                             "vision_tower.encoder.layers\\)"):
+        check_compatibility(job, {"tuned": vlm})

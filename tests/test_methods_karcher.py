@@ -66,3 +66,27 @@ def test_matches_mergekit_at_each_iteration_count(max_iter):
     ours = merge("karcher", parents, max_iter=max_iter)
     theirs = mergekit_merge("karcher", parents, max_iter=max_iter)
     assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spread", [1e-2, 1e-4, 1e-6])
+def test_near_identical_float32_norm_weights_match_mergekit_to_two_ulps(spread):
+    # LayerNorm weights ≈ 1: the unit vectors' dot products round to within an ulp of 1, so
+    # the angles are 0 or ≈ sqrt(2ε) and the summation order decides the result; a stacked
+    # matmul was off by up to 69% of the task vector here.
+    g = torch.Generator().manual_seed(5)
+    base = torch.ones(256)
+    parents = [base + spread * torch.randn(256, generator=g) for _ in range(3)]
+    ours = merge("karcher", parents)
+    theirs = mergekit_merge("karcher", parents)
+    ulps = 2 * torch.finfo(torch.float32).eps * theirs.abs()
+    assert bool(((ours - theirs).abs() <= ulps).all())
+    task_vector_error = (ours - theirs).norm() / (theirs - base).norm()
+    assert float(task_vector_error) <= 1e-6
+
+
+def test_scale_counts_a_vanishing_tensor_as_mergekit_does():
+    parents = [torch.full((4,), 1e-7), torch.tensor([1.0, 2.0, 2.0, 4.0])]
+    ours = merge("karcher", parents)
+    theirs = mergekit_merge("karcher", parents)
+    assert_close(ours, theirs, rtol=0, atol=0)
+    assert_close(ours, torch.tensor([1.0, 2.0, 2.0, 4.0]) * (5.0 + 2e-7) / 2 / 5.0)

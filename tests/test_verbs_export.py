@@ -41,7 +41,8 @@ def test_export_copies_a_self_contained_writable_model(workspace, chat_code, tmp
     dest = tmp_path / "release" / "chat-code"
     result = run(workspace, "export", "chat-code", str(dest))
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in chat_code.iterdir())
+    # The build's files, and card.json: the card goes out with the parents' licences applied.
+    names = sorted([p.name for p in chat_code.iterdir()] + ["card.json"])
     assert result.output == f"chat-code: exported {len(names)} files to {dest}\n"
     assert sorted(p.name for p in dest.iterdir()) == names
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
@@ -97,6 +98,7 @@ class FakeHub:
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
                 self.uploaded = sorted(p.name for p in folder.iterdir())
+                self.card = (folder / "README.md").read_text()
                 return huggingface_hub.CommitInfo(
                     commit_url="https://huggingface.co/me/merged/commit/abc123",
                     commit_message=kwargs["commit_message"], commit_description="",
@@ -117,9 +119,11 @@ def test_push_creates_the_repo_and_uploads_the_verified_build(workspace, chat_co
     assert create[1] == ("me/merged",) and create[2]["private"] is True
     upload = hub.calls[1][2]
     assert (upload["repo_id"], upload["revision"]) == ("me/merged", None)
-    assert Path(upload["folder_path"]) == chat_code
     assert upload["commit_message"].startswith("mergebuild: chat-code (sha256:")
-    assert hub.uploaded == sorted(p.name for p in chat_code.iterdir())
+    # The build's files (linked, not copied), with the presented card and its card.json.
+    assert hub.uploaded == sorted([p.name for p in chat_code.iterdir()] + ["card.json"])
+    assert hub.card == workspace.project().card("chat-code").text
+    assert "## Licence" in hub.card
     assert TOKEN not in result.output
 
 

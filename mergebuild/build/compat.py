@@ -7,13 +7,13 @@ opened checkpoints. Neither imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from mergebuild.errors import IncompatibleModelsError, MergefileError
-from mergebuild.build.parameters import layer_index
+from mergebuild.build.parameters import layer_index, layer_stack
 from mergebuild.spec.validate import arithmetic_base
 
 TensorShapes = Mapping[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)
@@ -24,7 +24,7 @@ _SAME_ARCH_HINT = "merge only fine-tunes of the same base architecture"
 _SAME_VOCAB_HINT = ("set tokenizer_source: base (or union) to match embedding rows by token, "
                     "or merge models that share a tokenizer")
 # Output heads that a tied model leaves out (it reuses the input embedding for them).
-_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
 _EMBED_HINTS = ("embed_tokens", "wte", "embed_in", "word_embeddings", "tok_embeddings")
 # Non-persistent buffers some exports include and others do not; never merged arithmetic.
 _OPTIONAL_SUFFIXES = ("rotary_emb.inv_freq", "position_ids", ".attn.bias", ".attn.masked_bias")
@@ -122,6 +122,33 @@ def embedding_name(meta: ModelMetadata) -> str | None:
     return None
 
 
+def head_name(meta: ModelMetadata) -> str | None:
+    """The output head tensor of a model that stores its own, else None (tied or headless)."""
+    return next((name for name in HEAD_NAMES if name in meta.tensors), None)
+
+
+def output_layout(donor: ModelMetadata, parents: Iterable[ModelMetadata]) -> ModelMetadata:
+    """The tensor layout and config the output takes: the donor's, except where the donor is
+    tied and a parent has an untied output head of its own.
+
+    Then, as mergekit does, the head is merged too (a tied parent's embedding stands in for
+    its head) and the output is untied: the layout gains the head, shaped like the donor's
+    embedding, and its config says ``tie_word_embeddings: false``. Keeping the donor's tie
+    would silently drop the untied parents' heads.
+    """
+    embed = embedding_name(donor)
+    if head_name(donor) is not None or embed is None:
+        return donor
+    for parent in parents:
+        head = head_name(parent)
+        if head is not None and parent.config.get("tie_word_embeddings") is not True:
+            return ModelMetadata(
+                config={**donor.config, "tie_word_embeddings": False},
+                tensors={**donor.tensors, head: (donor.tensors[embed][0], donor.tensors[embed][1])},
+            )
+    return donor
+
+
 def tensor_sources(ref: ModelMetadata, other: ModelMetadata) -> dict[str, str | None]:
     """For each tensor of ``ref`` (the donor, whose layout the output takes), the tensor of
     ``other`` that supplies it, or None when ``other`` lacks it.
@@ -138,7 +165,7 @@ def tensor_sources(ref: ModelMetadata, other: ModelMetadata) -> dict[str, str | 
     for name in ref.tensors:
         if name in other.tensors:
             out[name] = name
-        elif name in _HEAD_NAMES and embed is not None and tied:
+        elif name in HEAD_NAMES and embed is not None and tied:
             out[name] = embed
         else:
             out[name] = None
@@ -152,9 +179,9 @@ def ignored_extras(ref: ModelMetadata, other: ModelMetadata) -> tuple[list[str],
     tied (the output follows the donor's config, which reuses the embedding).
     """
     extras = sorted(set(other.tensors) - set(ref.tensors))
-    donor_tied = embedding_name(ref) is not None and not any(h in ref.tensors for h in _HEAD_NAMES)
+    donor_tied = embedding_name(ref) is not None and not any(h in ref.tensors for h in HEAD_NAMES)
     optional = [n for n in extras if n.endswith(_OPTIONAL_SUFFIXES)
-                or (donor_tied and n in _HEAD_NAMES)]
+                or (donor_tied and n in HEAD_NAMES)]
     return optional, [n for n in extras if n not in optional]
 
 
@@ -189,7 +216,7 @@ def check_compatibility(job: MergeShape, metadata: Mapping[str, ModelMetadata]) 
         _check_slices(job, metadata)
         return
     ref_name = job.donor
-    ref = metadata[ref_name]
+    ref = output_layout(metadata[ref_name], [metadata[n] for n in involved_parents(job)])
     same_vocab = getattr(job, "tokenizer_source", None) is None
     for other_name in involved_parents(job):
         if other_name != ref_name:
@@ -246,12 +273,27 @@ def _check_pair(node: str, ref_name: str, ref: ModelMetadata, other_name: str,
         )
 
 
+def layer_stacks(meta: ModelMetadata) -> list[str]:
+    """The prefixes of the model's numbered layer stacks: one for a decoder, more for a
+    multi-module model (a VLM's ``model.language_model.layers`` and its vision tower's)."""
+    return sorted({stack for stack in map(layer_stack, meta.tensors) if stack is not None})
+
+
 def _check_slices(job: MergeShape, metadata: Mapping[str, ModelMetadata]) -> None:
     assert job.slices is not None
     families = {}
     for s in job.slices:
         for node, (start, end), _ in s.sources:
             meta = metadata[node]
+            stacks = layer_stacks(meta)
+            if len(stacks) > 1:
+                # A layer_range would cut every stack at once (vision blocks included).
+                raise IncompatibleModelsError(
+                    f"'{node}' has {len(stacks)} layer stacks ({', '.join(stacks)}): a "
+                    f"layer_range cannot say which one it slices", node=job.node,
+                    hint="merge a multi-module model without slices, or slice each module "
+                         "separately (mergekit's modules: syntax)",
+                )
             n = layer_count(meta)
             if end > n:
                 raise IncompatibleModelsError(
@@ -269,6 +311,7 @@ def _check_slices(job: MergeShape, metadata: Mapping[str, ModelMetadata]) -> Non
         )
 
 
-__all__ = ["ModelMetadata", "architecture", "check_compatibility", "directory_metadata",
-           "embedding_name", "ignored_extras", "involved_parents", "layer_count",
-           "reader_metadata", "tensor_sources", "vocab_size"]
+__all__ = ["HEAD_NAMES", "ModelMetadata", "architecture", "check_compatibility",
+           "directory_metadata", "embedding_name", "head_name", "ignored_extras",
+           "involved_parents", "layer_count", "layer_stacks", "output_layout", "reader_metadata",
+           "tensor_sources", "vocab_size"]

@@ -7,7 +7,7 @@ import math
 import mmap
 import os
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,9 +18,12 @@ import xxhash
 from mergebuild import faults
 from mergebuild.io.checkpoint import CheckpointReader, TensorInfo
 from mergebuild.build.compat import (
+    HEAD_NAMES,
     check_compatibility,
+    head_name,
     involved_parents,
     layer_count,
+    output_layout,
     reader_metadata,
     tensor_sources,
 )
@@ -30,6 +33,7 @@ from mergebuild.io.hashing import manifest_digest, stat_signature
 from mergebuild.io.chat_templates import expand_template
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
+from mergebuild.build.output_config import StackedRange, output_config
 from mergebuild.spec.validate import arithmetic_base
 from mergebuild.build.parameters import layer_index, replace_layer_index, resolve_value
 from mergebuild.build.vocab import (
@@ -143,20 +147,21 @@ def plan_tensors(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     if job.slices is not None:
         return _plan_slices(job, readers)
     donor = readers[job.donor]
-    names = list(donor.tensors)
     num_layers = _num_layers(donor)
     vocab = vocab_plan(job, readers)
-    # The donor's layout; a tied parent's embedding stands in for the donor's lm_head.
-    donor_meta = reader_metadata(donor)
-    sources = {node: tensor_sources(donor_meta, reader_metadata(r)) for node, r in readers.items()}
+    # The donor's layout (plus the head when tied and untied parents meet); a tied parent's
+    # embedding stands in for the output's lm_head.
+    layout = output_layout(reader_metadata(donor),
+                           [reader_metadata(readers[n]) for n in involved_parents(job)])
+    sources = {node: tensor_sources(layout, reader_metadata(r)) for node, r in readers.items()}
 
     def source(node: str, name: str) -> TensorInfo:
         return readers[node].tensors[sources[node][name] or name]
 
     base_node = arithmetic_base(job.base, job.method)
     tasks: list[TensorTask] = []
-    for name in names:
-        info = donor.tensors[name]
+    for name in layout.tensors:
+        info = source(job.donor, name)
         base = source(base_node, name) if base_node else None
         inputs = tuple(source(p.node, name) for p in job.participants)
         shape, remap = info.shape, None
@@ -228,9 +233,10 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
     tasks: list[TensorTask] = []
     donor_meta = reader_metadata(readers[job.donor])
 
-    def non_layer(reader: CheckpointReader, pre: bool) -> list[str]:
-        return [n for n in reader.tensors if layer_index(n) is None
-                and any(h in n for h in _PRE_LAYER_HINTS) == pre]
+    def non_layer(names: Iterable[str], pre: bool) -> list[str]:
+        # An output head ("embed_out" included) comes after the layers, whatever its name.
+        return [n for n in names if layer_index(n) is None
+                and (n not in HEAD_NAMES and any(h in n for h in _PRE_LAYER_HINTS)) == pre]
 
     def merged(s: SliceInput, sources, out_name: str, names: list[str | None],
                layer: int | None, num_layers: int, what: str) -> TensorTask:
@@ -268,7 +274,7 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
             remap=remap, globals=s.global_parameters,
         )
 
-    for name in non_layer(readers[first_node], pre=True):
+    for name in non_layer(readers[first_node].tensors, pre=True):
         tasks.append(merged(first, first.sources, name, [name] * len(first.sources), None, 1,
                             "the first slice"))
     out_layer = 0
@@ -284,12 +290,14 @@ def _plan_slices(job: BuildJob, readers: Mapping[str, CheckpointReader]) -> list
                 tasks.append(merged(s, s.sources, replace_layer_index(name, out_layer), names,
                                     offset, width, "a slice"))
             out_layer += 1
-    # Final norm and head in the donor's layout (its config says whether lm_head is tied): a
-    # tied source supplies its embedding for the donor's head.
+    # Final norm and head in the output's layout: the donor's (its config says whether lm_head
+    # is tied; a tied source supplies its embedding for the head), untied when the donor is
+    # tied and a last-slice source has a head of its own (then the heads are merged too).
     last_sources = last.sources[: len(first.sources)]
-    layouts = {node: tensor_sources(donor_meta, reader_metadata(readers[node]))
-               for node, _, _ in last_sources}
-    for name in non_layer(readers[job.donor], pre=False):
+    metas = {node: reader_metadata(readers[node]) for node, _, _ in last_sources}
+    layout = output_layout(donor_meta, metas.values())
+    layouts = {node: tensor_sources(layout, meta) for node, meta in metas.items()}
+    for name in non_layer(layout.tensors, pre=False):
         tasks.append(merged(last, last_sources, name,
                             [layouts[node].get(name) for node, _, _ in last_sources], None, 1,
                             "the last slice"))
@@ -398,7 +406,10 @@ def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
         for job, table, out_dir, written in zip(jobs, tables, out_dirs, hashes, strict=True):
             files = {name: (sha, (out_dir / name).stat().st_size)
                      for name, sha in written.items()}
-            files.update(_copy_support_files(job, readers, out_dir))
+            # The output stores a head its tied donor lacks: its config must say so.
+            untie_head = (head_name(reader_metadata(readers[job.donor])) is None
+                          and any(t.name in HEAD_NAMES for t in table))
+            files.update(_copy_support_files(job, readers, out_dir, untie_head))
             vocab = vocab_plan(job, readers)
             if vocab is not None:
                 write_vocab_files(vocab, out_dir, files)
@@ -963,8 +974,10 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
     return result.clone() if stream.owns(result) else result
 
 
-def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tuple[str, int]]:
-    """Config and tokenizer from the donor; config adjusted for slices and dtype."""
+def _copy_support_files(job: BuildJob, readers, out_dir: Path,
+                        untie_head: bool = False) -> dict[str, tuple[str, int]]:
+    """Config and tokenizer from the donor; config adjusted for slices, an output head the
+    tied donor lacks (``untie_head``) and dtype."""
     import hashlib
 
     donor_dir = Path(job.parents[job.donor])
@@ -984,15 +997,12 @@ def _copy_support_files(job: BuildJob, readers, out_dir: Path) -> dict[str, tupl
     if config_file.is_symlink() and not _inside(config_file, _link_root(donor_dir)):
         config = {}  # a config.json linking out of the model directory is not copied
     if config:
+        stack = None
         if job.slices is not None:
-            total = sum(s.sources[0][1][1] - s.sources[0][1][0] for s in job.slices)
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if key in config:
-                    config[key] = total
-        if job.out_dtype:
-            config["torch_dtype"] = job.out_dtype
-            if "dtype" in config:
-                config["dtype"] = job.out_dtype
+            stack = [StackedRange(readers[node].config or {}, start, end)
+                     for node, (start, end), _ in (s.sources[0] for s in job.slices)]
+        config = output_config(config, stack=stack, untie_head=untie_head,
+                               out_dtype=job.out_dtype)
         put("config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     template = None
     if job.chat_template is not None:

@@ -14,6 +14,12 @@ def layer_index(tensor_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_stack(tensor_name: str) -> str | None:
+    """The layer stack a block's tensor belongs to (``model.layers``), or None outside one."""
+    m = _LAYER.search(tensor_name)
+    return tensor_name[: m.start(1) - 1].lstrip(".") if m else None
+
+
 def replace_layer_index(tensor_name: str, new_index: int) -> str:
     m = _LAYER.search(tensor_name)
     if m is None:

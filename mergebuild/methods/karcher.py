@@ -22,40 +22,50 @@ def karcher(
     averages the log maps of the unit vectors at the current mean and follows the
     exponential map, stopping once the step is shorter than ``tol``. All zero inputs
     give zeros. Every listed model participates; a base model only donates config.
+
+    The arithmetic is mergekit 0.1.5's, operation for operation: one ``torch.dot`` per unit
+    vector and sums accumulated unit by unit in input order. Near-identical parents (norm
+    weights ≈ 1) have a dot product that rounds to within one float32 ulp of 1, so the angle
+    is either 0 (skipped) or ≈ sqrt(2ε) ≈ 3e-4, which outweighs their tiny differences: any
+    other summation order (a stacked matmul) rounds differently and moves the result by a
+    large fraction of the task vector.
     """
     if len(parents) == 1:
         return parents[0]
     max_iter = int(params.globals["max_iter"])
     tol = float(params.globals["tol"])
     shape = parents[0].shape
+    alphas = [1.0 / len(parents)] * len(parents)
 
-    vectors = torch.stack([p.reshape(-1) for p in parents])
-    norms = vectors.norm(dim=1)
-    scale = norms.mean()
-    valid = norms > tol
-    if not bool(valid.any()):
-        return torch.zeros(shape, dtype=vectors.dtype)
-    units = vectors[valid] / norms[valid].unsqueeze(1)
-    del vectors
-    alpha = 1.0 / units.shape[0]
+    norms = [torch.linalg.vector_norm(p) for p in parents]
+    valid = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return torch.zeros(shape, dtype=parents[0].dtype, device=parents[0].device)
+    units = [(parents[i] / norms[i]).reshape(-1) for i in valid]
+    alpha_sum = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / alpha_sum for i in valid]
 
-    mean = units.sum(dim=0) * alpha
-    mean_norm = mean.norm()
-    mean = units[0].clone() if mean_norm < tol else mean / mean_norm
+    mean = torch.zeros_like(units[0])
+    for weight, unit in zip(weights, units, strict=True):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
 
     for _ in range(max_iter):
-        dots = (units @ mean).clamp(-1.0, 1.0)
-        theta = torch.acos(dots)
-        # Log map factor θ / sin θ; units already at the mean (θ < tol) contribute nothing.
-        factor = torch.where(theta < tol, torch.zeros_like(theta), theta / torch.sin(theta))
-        coef = alpha * factor
-        tangent = coef @ units - (coef * dots).sum() * mean
-        step = tangent.norm()
-        if step < tol:
+        tangent = torch.zeros_like(mean)
+        for weight, unit in zip(weights, units, strict=True):
+            dot = torch.clamp(torch.dot(mean, unit), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue  # already at the mean: its log map is zero
+            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+        step = torch.linalg.vector_norm(tangent)
+        if step.item() < tol:
             break
         mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
-        mean_norm = mean.norm()
-        if mean_norm > tol:
+        mean_norm = torch.linalg.vector_norm(mean)
+        if mean_norm.item() > tol:
             mean = mean / mean_norm
 
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
     return (scale * mean).reshape(shape)

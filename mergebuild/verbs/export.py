@@ -1,4 +1,4 @@
-"""Ship a built model: copy it out of the store as a plain directory, or push it to the Hub.
+"""Ship a built model: copy it out of the store as a directory or one GGUF file, or push it.
 
 Both verify the bytes against ``provenance.json`` first: a release never carries a build
 that is not exactly the one that was recorded.
@@ -9,13 +9,24 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mergebuild.errors import MergebuildError, StoreError
 from mergebuild.provenance.integrity import verify_directory
 from mergebuild.provenance.secrets import scrub_text
-from mergebuild.provenance.statement import read_statement, short_digest, statement_digest
+from mergebuild.provenance.statement import (
+    CARD_ATTESTATION_FILE,
+    CARD_FILE,
+    read_statement,
+    short_digest,
+    statement_digest,
+)
+
+if TYPE_CHECKING:
+    from mergebuild.verbs.card import PresentedCard
 
 
 @dataclass(frozen=True)
@@ -26,11 +37,13 @@ class ExportResult:
 
 
 def export_build(build: Path, dest: Path, *, force: bool = False,
-                 node: str | None = None) -> ExportResult:
+                 node: str | None = None, card: PresentedCard | None = None) -> ExportResult:
     """Copy a built model directory (weights, config, tokenizer, card, provenance) to ``dest``.
 
     The copy is made in a temporary sibling of ``dest``, verified against the provenance,
-    and renamed into place; its files are ordinary writable files.
+    and renamed into place; its files are ordinary writable files. A ``card`` presented with
+    the build (the Mergefile's ``card:`` applied) replaces its own ``README.md``, with the
+    ``card.json`` that binds it to the build.
 
     Raises:
         MergebuildError: ``dest`` is a file, or a non-empty directory without ``force``.
@@ -38,6 +51,71 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
     """
     build, dest = Path(build), Path(dest).absolute()
     read_statement(build)  # a mergebuild build, not any directory
+
+    def fill(staging: Path) -> tuple[int, int]:
+        files, size = _copy_tree(build, staging)
+        if card is not None and card.attestation is not None:
+            size -= (staging / CARD_FILE).stat().st_size
+            for name in (CARD_FILE, CARD_ATTESTATION_FILE):
+                shutil.copyfile(card.path.parent / name, staging / name)
+                os.chmod(staging / name, 0o644)
+                size += (staging / name).stat().st_size
+            files += 1
+        return files, size
+
+    return _export(dest, force, node, fill)
+
+
+def export_gguf_build(build: Path, dest: Path, *, quant: str = "f16", force: bool = False,
+                      node: str | None = None, card: str | None = None) -> ExportResult:
+    """Convert a verified build into one GGUF file for llama.cpp/Ollama, in ``dest``.
+
+    ``dest`` receives ``<node>-<quant>.gguf``, a model card, and a ``provenance.json`` whose
+    subject is the GGUF (its sha256) and whose one dependency is the source build (its
+    content digest, its own statement embedded): ``mergebuild verify DEST`` re-hashes the
+    GGUF and checks that chain, and ``mergebuild lineage DEST`` shows the whole tree.
+
+    Raises:
+        MergebuildError: ``dest`` is a file, or a non-empty directory without ``force``.
+        StoreError: the build does not match its provenance.
+        SourceError: the architecture or tokenizer cannot be converted (one line naming it).
+    """
+    build, dest = Path(build), Path(dest).absolute()
+    statement = read_statement(build)
+    problems = verify_directory(build)
+    if problems:
+        raise StoreError(f"the build does not match its provenance: {problems[0]}", node=node,
+                         hint="run 'mergebuild verify'; make rebuilds a corrupt store object")
+    name = node or str(statement["predicate"]["buildDefinition"]["externalParameters"]
+                       .get("node") or build.name)
+
+    def fill(staging: Path) -> tuple[int, int]:
+        from mergebuild.io.gguf import export_gguf
+        from mergebuild.provenance.export_statement import write_gguf_provenance
+
+        result = export_gguf(build, staging / f"{name}-{quant}.gguf", quant,  # type: ignore[arg-type]
+                             node=node, name=name)
+        write_gguf_provenance(staging, statement, result.record(), node=name,
+                              build_card=card if card is not None else _read_card(build))
+        files = [p for p in staging.iterdir() if p.is_file()]
+        for path in files:
+            os.chmod(path, 0o644)
+        return len(files), sum(p.stat().st_size for p in files)
+
+    return _export(dest, force, node, fill)
+
+
+def _read_card(build: Path) -> str | None:
+    try:
+        return (build / CARD_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _export(dest: Path, force: bool, node: str | None,
+            fill: Callable[[Path], tuple[int, int]]) -> ExportResult:
+    """The export guard and the atomic publish shared by every format: ``fill`` writes the
+    export into a staging sibling of ``dest``, which is verified and renamed into place."""
     if dest.exists() and not dest.is_dir():
         raise MergebuildError(f"{dest} exists and is not a directory", node=node,
                               hint="pick another destination")
@@ -50,7 +128,7 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
     except OSError as exc:
         raise StoreError(f"cannot write beside {dest}: {exc.strerror or exc}", node=node) from None
     try:
-        files, size = _copy_tree(build, staging)
+        files, size = fill(staging)
         problems = verify_directory(staging)
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -101,7 +179,8 @@ def _replace_dir(staging: Path, dest: Path) -> None:
 
 
 def push_build(build: Path, repo_id: str, *, private: bool = False,
-               revision: str | None = None, node: str | None = None) -> str:
+               revision: str | None = None, node: str | None = None,
+               card: PresentedCard | None = None) -> str:
     """Verify a built model and upload it to the Hugging Face Hub as ``repo_id``.
 
     Creates the repo (and the ``revision`` branch) when missing. The token comes from
@@ -121,14 +200,37 @@ def push_build(build: Path, repo_id: str, *, private: bool = False,
                          f"{problems[0]}", node=node, hint="run 'mergebuild verify'")
     api = HfApi()
     digest = short_digest(statement_digest(statement))
+    with tempfile.TemporaryDirectory(prefix=".push-") as folder:
+        upload = _with_card(build, card, Path(folder))
+        return _upload(api, upload, repo_id, private=private, revision=revision,
+                       message=f"mergebuild: {node or build.name} ({digest})", node=node)
+
+
+def _with_card(build: Path, card: PresentedCard | None, folder: Path) -> Path:
+    """``build`` itself, or, with a presented card, a folder of links to its files with the
+    card and its ``card.json`` in place of its own README (nothing is copied)."""
+    if card is None or card.attestation is None:
+        return build
+    for path in build.rglob("*"):
+        rel = path.relative_to(build)
+        if path.is_file() and not any(p.startswith(".") for p in rel.parts) \
+                and rel.as_posix() != CARD_FILE:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path.resolve(), folder / rel)
+    for name in (CARD_FILE, CARD_ATTESTATION_FILE):
+        os.symlink(card.path.parent.resolve() / name, folder / name)
+    return folder
+
+
+def _upload(api: Any, folder: Path, repo_id: str, *, private: bool, revision: str | None,
+            message: str, node: str | None) -> str:
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         commit = api.upload_folder(
-            repo_id=repo_id, repo_type="model", folder_path=str(build), revision=revision,
-            commit_message=f"mergebuild: {node or build.name} ({digest})",
-            ignore_patterns=[".*"],
+            repo_id=repo_id, repo_type="model", folder_path=str(folder), revision=revision,
+            commit_message=message, ignore_patterns=[".*"],
         )
     except (OSError, ValueError) as exc:
         lines = scrub_text(str(exc)).strip().splitlines()
