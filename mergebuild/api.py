@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mergebuild.store.gc import GcReport
     from mergebuild.verbs.audit_report import ReportTarget
     from mergebuild.verbs.card import PresentedCard
-    from mergebuild.verbs.export import ExportResult
+    from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
@@ -160,6 +160,11 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
+        if (state.kind == "merge" and state.status == "stale" and state.key
+                and self.store.object_dir(state.key).is_dir()):
+            # The current build fails the store's check (a damaged file): compare it anyway,
+            # file by file, so the report names what differs.
+            state.status, state.path = "fresh", self.store.object_dir(state.key)
 
         def rebuild(scratch: Store) -> Path:
             result = self._maker(scratch).make([node], force=True, device=device,
@@ -172,18 +177,28 @@ class Project:
 
     # auditing ----------------------------------------------------------------------------
     @_uses_store()
-    def verify(self, node: str) -> VerifyReport:
-        """Re-hash ``node``'s current build against its provenance and walk its chain."""
+    def verify(self, node: str, public_key: Any = None) -> VerifyReport:
+        """Re-hash ``node``'s current build against its provenance, walk its chain, and
+        check that it is what the store published (and, with ``public_key``, signed)."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(self.build_dir(node))
+        path = self.build_dir(node)
+        return verify_build(path, **self._published(path), public_key=public_key)
 
     @staticmethod
-    def verify_directory(directory: str | Path) -> VerifyReport:
-        """:meth:`verify` for a built model directory (no Mergefile, no store)."""
+    def verify_directory(directory: str | Path, public_key: Any = None) -> VerifyReport:
+        """:meth:`verify` for a built model directory (no Mergefile, no store): with
+        ``public_key`` (an exported, signed model) it needs to trust nothing but the key."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(Path(directory))
+        return verify_build(Path(directory), public_key=public_key)
+
+    def _published(self, path: Path) -> dict[str, Any]:
+        """For a store object, the digest the store recorded when it published it."""
+        if path.parent.parent != self.store.objects:
+            return {}  # a source's directory: nothing was published
+        record = self.store.read_published(path.name)
+        return {"in_store": True, "published_digest": record.digest if record else None}
 
     @_uses_store()
     def lineage(self, node: str) -> LineageNode:
@@ -340,26 +355,46 @@ class Project:
     # shipping ----------------------------------------------------------------------------
     @_uses_store()
     def export(self, node: str, directory: str | Path, force: bool = False,
-               fmt: str = "safetensors", quant: str = "f16") -> ExportResult:
+               fmt: str = "safetensors", quant: str = "f16", sign_key: Any = None
+               ) -> ExportResult:
         """Copy ``node``'s verified build to ``directory`` (``fmt="safetensors"``), or convert
-        it into one GGUF file there (``fmt="gguf"``, stored as ``quant``)."""
+        it into one GGUF file there (``fmt="gguf"``, stored as ``quant``). ``force`` replaces
+        only an earlier export or an empty directory, never the store, the project or a
+        source. With ``sign_key`` (Ed25519) the export carries a DSSE envelope over its
+        provenance."""
         from mergebuild.verbs.export import export_build, export_gguf_build
 
         if fmt not in ("safetensors", "gguf"):
             raise MergebuildError(f"unknown export format '{fmt}'", node=node,
                                   hint="use safetensors or gguf")
-        card = self.card(node)
+        path = self.build_dir(node)
+        card = self.card(node, path)
+        guard = {"protected": self._protected(), "sign_key": sign_key, **self._published(path)}
         if fmt == "gguf":
-            return export_gguf_build(self.path(node), Path(directory), quant=quant, force=force,
-                                     node=node, card=card.text)
-        return export_build(self.path(node), Path(directory), force=force, node=node,
-                            card=card)
+            return export_gguf_build(path, Path(directory), quant=quant, force=force,
+                                     node=node, card=card.text, **guard)
+        return export_build(path, Path(directory), force=force, node=node, card=card, **guard)
+
+    def _protected(self) -> Protected:
+        from mergebuild.spec.model import AdaptedSpec, SourceSpec
+        from mergebuild.verbs.export import Protected
+
+        roots = [(self.mergefile.path.resolve().parent, "the Mergefile's directory")]
+        for name, spec in self.mergefile.nodes.items():
+            local = (spec.uri if isinstance(spec, SourceSpec) and spec.kind == "local" else
+                     spec.adapter if isinstance(spec, AdaptedSpec) else None)
+            if local and not local.startswith(("hf://", "demo://")):
+                roots.append((Path(local), f"the source of '{name}'"))
+        return Protected(store=self.store.root, roots=tuple(roots))
 
     @_uses_store()
     def push(self, node: str, repo_id: str, private: bool = False,
-             revision: str | None = None) -> str:
-        """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
+             revision: str | None = None, sign_key: Any = None) -> str:
+        """Verify ``node``'s build and upload it to the Hub as ``repo_id`` (signed with
+        ``sign_key``: a DSSE envelope travels with it); the commit URL."""
         from mergebuild.verbs.export import push_build
 
-        return push_build(self.path(node), repo_id, private=private, revision=revision,
-                          node=node, card=self.card(node))
+        path = self.build_dir(node)
+        return push_build(path, repo_id, private=private, revision=revision, node=node,
+                          card=self.card(node, path), sign_key=sign_key,
+                          **self._published(path))

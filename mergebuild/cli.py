@@ -302,20 +302,28 @@ def lineage(ctx, target_or_dir, as_json):
 
 @main.command()
 @click.argument("target_or_dir")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="Also require a DSSE signature by this Ed25519 public key (PEM).")
 @click.pass_context
-def verify(ctx, target_or_dir):
+def verify(ctx, target_or_dir, key_file):
     """Re-hash every file of a built model against its provenance and walk its chain.
 
-    Prints every problem (missing, truncated, modified, unexpected file; broken chain) and
-    exits 1 if there is any. TARGET_OR_DIR is a node or a built model directory.
+    Prints every problem (missing, truncated, modified, unexpected file; broken chain; a
+    store object not as published; with --key, a missing or wrong signature) and exits 1 if
+    there is any. TARGET_OR_DIR is a node or a built model directory.
     """
     from mergebuild.api import Project
 
+    public_key = None
+    if key_file:
+        from mergebuild.provenance.signing import load_public_key
+
+        public_key = load_public_key(key_file)
     found = _node_or_directory(ctx, target_or_dir)
     if isinstance(found, Path):
-        report = Project.verify_directory(found)
+        report = Project.verify_directory(found, public_key=public_key)
     else:
-        report = found.verify(target_or_dir)
+        report = found.verify(target_or_dir, public_key=public_key)
     for problem in report.problems:
         click.echo(str(problem))
     if not report.ok:
@@ -323,8 +331,34 @@ def verify(ctx, target_or_dir):
         click.echo(f"mergebuild: error: {report.directory}: {n} problem{'s' * (n != 1)}",
                    err=True)
         sys.exit(1)
+    signed = f", signed by key {report.signed_by[:16]}" if report.signed_by else ""
     click.echo(f"verified {report.files} files, chain of {report.stages} "
-               f"stage{'s' * (report.stages != 1)}")
+               f"stage{'s' * (report.stages != 1)}{signed}")
+
+
+def _signing_key(sign: str | None):
+    """--sign KEYFILE, or --sign alone: the key in $MERGEBUILD_SIGNING_KEY."""
+    if sign is None:
+        return None
+    from mergebuild.provenance.signing import load_private_key
+
+    return load_private_key(sign or None)
+
+
+_SIGN_HELP = ("Sign the provenance (DSSE envelope, Ed25519) with the private key in KEYFILE; "
+              "--sign alone reads it from $MERGEBUILD_SIGNING_KEY.")
+
+
+@main.command()
+@click.argument("name")
+def keygen(name):
+    """Create an Ed25519 key pair for signing: NAME.key (private, mode 600) and NAME.pub."""
+    from mergebuild.provenance.signing import generate_keypair, key_id, load_public_key
+
+    private, public = generate_keypair(Path(name))
+    click.echo(f"{private}: private key (keep it secret; export --sign {private})")
+    click.echo(f"{public}: public key {key_id(load_public_key(public))[:16]} "
+               f"(verify DIR --key {public})")
 
 
 @main.command("report")
@@ -417,19 +451,23 @@ def gc(ctx, dry_run):
 @main.command()
 @click.argument("target")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace DIRECTORY if an earlier export wrote it.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]),
               default="safetensors", show_default=True,
               help="safetensors: the build as it is; gguf: one llama.cpp/Ollama file.")
 @click.option("--quant", type=click.Choice(["f16", "bf16", "q8_0", "q4_0", "f32"]),
               default="f16", show_default=True, help="The GGUF's storage type of 2-D weights.")
+@click.option("--sign", metavar="KEYFILE", is_flag=False, flag_value="", default=None,
+              help=_SIGN_HELP)
 @click.pass_context
-def export(ctx, target, directory, force, fmt, quant):
+def export(ctx, target, directory, force, fmt, quant, sign):
     """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY,
     or with --format gguf convert it into one GGUF file whose provenance names the build."""
     if fmt != "gguf" and ctx.get_parameter_source("quant") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--quant applies to --format gguf")
-    result = _project(ctx).export(target, directory, force=force, fmt=fmt, quant=quant)
+    result = _project(ctx).export(target, directory, force=force, fmt=fmt, quant=quant,
+                                  sign_key=_signing_key(sign))
     click.echo(f"{target}: exported {result.files} files to {result.directory}")
 
 
@@ -438,10 +476,13 @@ def export(ctx, target, directory, force, fmt, quant):
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", help="Branch to push to (created if missing; default main).")
+@click.option("--sign", metavar="KEYFILE", is_flag=False, flag_value="", default=None,
+              help=_SIGN_HELP)
 @click.pass_context
-def push(ctx, target, repo_id, private, revision):
+def push(ctx, target, repo_id, private, revision, sign):
     """Verify TARGET's build and upload it to the Hugging Face Hub as REPO_ID."""
-    url = _project(ctx).push(target, repo_id, private=private, revision=revision)
+    url = _project(ctx).push(target, repo_id, private=private, revision=revision,
+                             sign_key=_signing_key(sign))
     click.echo(f"{target}: pushed to {url}")
 
 

@@ -44,7 +44,7 @@ def test_export_copies_a_self_contained_writable_model(workspace, chat_code, tmp
     # The build's files, and card.json: the card goes out with the parents' licences applied.
     names = sorted([p.name for p in chat_code.iterdir()] + ["card.json"])
     assert result.output == f"chat-code: exported {len(names)} files to {dest}\n"
-    assert sorted(p.name for p in dest.iterdir()) == names
+    assert sorted(p.name for p in dest.iterdir()) == [".mergebuild-export", *names]
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
             "provenance.json"} <= set(names)
     assert all(os.access(p, os.W_OK) for p in [dest, *dest.iterdir()])
@@ -59,15 +59,16 @@ def test_exported_model_loads_with_transformers(workspace, chat_code, tmp_path):
     assert model.config.num_hidden_layers == 4
 
 
-def test_export_refuses_a_non_empty_directory_unless_forced(workspace, chat_code, tmp_path):
+def test_export_replaces_only_an_earlier_export_and_only_when_forced(workspace, chat_code,
+                                                                      tmp_path):
     dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "old.txt").write_text("keep me")
+    assert run(workspace, "export", "chat-code", str(dest)).exit_code == 0
+    (dest / "old.txt").write_text("left by the earlier export's user")
     result = run(workspace, "export", "chat-code", str(dest))
     assert result.exit_code == 1
     assert result.output == (f"mergebuild: error: node 'chat-code': {dest} is not empty "
-                             "(pass --force to replace it, or pick an empty directory)\n")
-    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+                             "(pass --force to replace an earlier export, or pick an empty "
+                             "directory)\n")
     forced = run(workspace, "export", "--force", "chat-code", str(dest))
     assert forced.exit_code == 0, forced.output
     assert not (dest / "old.txt").exists() and verify_directory(dest) == []
@@ -79,7 +80,11 @@ def test_export_refuses_a_build_that_fails_verification(workspace, chat_code, tm
     result = run(workspace, "export", "chat-code", str(tmp_path / "out"))
     assert result.exit_code == 4
     assert "the build does not match its provenance: model.safetensors: modified" in result.output
+    assert "make rebuilds a corrupt store object" in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    # ... and the hint is true: make notices the damage and rebuilds the object.
+    assert "built chat-code" in run(workspace, "make", "chat-code").output
+    assert run(workspace, "export", "chat-code", str(tmp_path / "out")).exit_code == 0
 
 
 class FakeHub:

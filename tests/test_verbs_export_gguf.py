@@ -62,8 +62,8 @@ def test_gguf_export_of_a_demo_merge_reads_back_and_verifies(chain, tmp_path, qu
     result = run(chain, "export", "chat-code", str(dest), "--format", "gguf", "--quant", quant)
     assert result.exit_code == 0, result.output
     assert result.output == f"chat-code: exported 3 files to {dest}\n"
-    assert sorted(p.name for p in dest.iterdir()) == [
-        "README.md", f"chat-code-{quant}.gguf", "provenance.json"]
+    assert sorted(p.name for p in dest.iterdir()) == [  # the marker: an export wrote it
+        ".mergebuild-export", "README.md", f"chat-code-{quant}.gguf", "provenance.json"]
     gguf_file = dest / f"chat-code-{quant}.gguf"
     build = chain.project().path("chat-code")
     source = build_tensors(build)

@@ -6,6 +6,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +28,14 @@ from mergebuild.build.compat import (
     reader_metadata,
     tensor_sources,
 )
-from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
+from mergebuild.errors import (
+    CheckpointError,
+    CorruptParentError,
+    IncompatibleModelsError,
+    SourceError,
+)
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
-from mergebuild.io.hashing import manifest_digest, stat_signature
+from mergebuild.io.hashing import file_xxh128, manifest_digest, stat_signature
 from mergebuild.io.chat_templates import expand_template
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
@@ -85,6 +91,9 @@ class BuildJob:
     tokenizer_source: str | None = None  # "base" | "union" | a parent: vocab rows by token
     pad_vocab_to: int | None = None  # tokenizer.pad_to_multiple_of
     tokens: tuple[Any, ...] = ()  # tokenizer.tokens: TokenEmbeddingSpec entries
+    # parent → {file: "xxh128:<hex>"} as the store published it: every such parent is
+    # hashed while it is read and must match (store objects; sources are stat-checked)
+    published: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class BuildOutput:
     tensors: int = 0
     bytes_written: int = 0
     peak_scratch_bytes: int = 0  # reused float32 buffers and chunk workspaces
+    xxh128: dict[str, str] = field(default_factory=dict)  # weight files hashed as written
 
 
 ProgressFn = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
@@ -322,11 +332,17 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
 
 
 def fusable(jobs: Sequence[BuildJob]) -> bool:
-    """Whether ``jobs`` can be built in one pass: the same parents (and adapters) on the
-    same device. Their tensor tables must also agree, which ``run_builds`` checks."""
+    """Whether ``jobs`` can be built in one pass: the same parents (and adapters, and what the
+    store published for them) on the same device. Their tensor tables must also agree,
+    which ``run_builds`` checks."""
     first = jobs[0]
     return all(dict(j.parents) == dict(first.parents) and dict(j.adapters) == dict(first.adapters)
-               and j.device == first.device for j in jobs)
+               and _published(j) == _published(first) and j.device == first.device
+               for j in jobs)
+
+
+def _published(job: BuildJob) -> dict[str, dict[str, str]]:
+    return {node: dict(files) for node, files in job.published.items()}
 
 
 def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
@@ -340,19 +356,24 @@ def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
     build's; scratch buffers and worker threads are shared, and the writers' queued bytes
     are bounded together, so memory stays near one build's. ``out_dirs`` are fresh temp
     dirs, one per job; the caller publishes them. Jobs whose tensor tables differ are
-    built one after another.
+    built one after another over the same open parents.
+
+    The store-object parents (``published``, the same for every job) are hashed once, on
+    a thread, while the pass reads them; the outputs are returned only once every hash
+    matches (CorruptParentError otherwise), so no output of a corrupt parent is published.
     """
     import torch
-
-    from mergebuild.io.checkpoint import CheckpointWriter
 
     if len(jobs) != len(out_dirs) or not jobs:
         raise ValueError("run_builds needs one output directory per job, and a job")
     if not fusable(jobs):
-        raise ValueError("jobs built in one pass must share their parents, adapters and device")
+        raise ValueError("jobs built in one pass must share their parents, adapters, "
+                         "published parents and device")
     lead = jobs[0]
+    nodes = ", ".join(job.node for job in jobs)
     device = select_device(lead.device)
     readers: dict[str, CheckpointReader] = {}
+    hasher: _ParentHasher | None = None
     faults.point("engine.start")
     try:
         for node, directory in lead.parents.items():
@@ -367,45 +388,37 @@ def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
                 exc.node = exc.node or node  # name the parent whose weights are unusable
                 raise
             faults.point("engine.open_parent")
-        before = {node: _stat_weights(r) for node, r in readers.items()}
+        # Store objects are checked by content (hashed as they stream, below); a parent
+        # republished meanwhile with the same bytes is no change. Sources by stat signature.
+        before = {node: _stat_weights(r) for node, r in readers.items()
+                  if node not in lead.published}
+        hasher = _ParentHasher(lead.published, lead.parents, readers, nodes)
         tables = [plan_tensors(job, readers) for job in jobs]
         names = [t.name for t in tables[0]]
         if len(jobs) > 1 and any([t.name for t in table] != names for table in tables[1:]):
-            outputs: list[BuildOutput] = []
-            for job, out_dir in zip(jobs, out_dirs, strict=True):
-                outputs.extend(run_builds([job], [out_dir], progress))
-            return outputs
+            passes = [[j] for j in range(len(jobs))]
+        else:
+            passes = [list(range(len(jobs)))]
         _set_threads(torch)
-        shared = _SharedScratch(torch, device)
-        streams = [_Streaming(job, table, readers, device, torch, shared)
-                   for job, table in zip(jobs, tables, strict=True)]
-        funcs = [job.method.load() for job in jobs]
-        writers: list[Any] = []
-        try:
-            for job, table, out_dir in zip(jobs, tables, out_dirs, strict=True):
-                writers.append(CheckpointWriter(
-                    out_dir, [(t.name, t.dtype, t.shape) for t in table],
-                    max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"}))
-            hashes = _stream_tensors(jobs, tables, readers, funcs, device, torch, streams,
-                                     writers, progress)
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
-        finally:
-            shared.close()
-        faults.point("engine.after_finish")
+        written: list[tuple[dict[str, str], dict[str, str], int]] = [({}, {}, 0)] * len(jobs)
+        for members in passes:
+            results = _run_pass([jobs[j] for j in members], [tables[j] for j in members],
+                                [out_dirs[j] for j in members], readers, device, torch,
+                                progress)
+            for j, result in zip(members, results, strict=True):
+                written[j] = result
+        hasher.finish()
         for node, r in readers.items():
-            if _stat_weights(r) != before[node]:
+            if node in before and _stat_weights(r) != before[node]:
                 raise SourceError(
-                    f"the weights of '{node}' changed on disk while being merged",
-                    node=", ".join(j.node for j in jobs),
+                    f"the weights of '{node}' changed on disk while being merged", node=nodes,
                     hint="run make again once nothing is writing the parent",
                 )
         outputs = []
-        for job, table, out_dir, written in zip(jobs, tables, out_dirs, hashes, strict=True):
+        for job, table, out_dir, (hashes, xxh128, peak) in zip(jobs, tables, out_dirs, written,
+                                                               strict=True):
             files = {name: (sha, (out_dir / name).stat().st_size)
-                     for name, sha in written.items()}
+                     for name, sha in hashes.items()}
             # The output stores a head its tied donor lacks: its config must say so.
             untie_head = (head_name(reader_metadata(readers[job.donor])) is None
                           and any(t.name in HEAD_NAMES for t in table))
@@ -416,12 +429,44 @@ def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
             digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
             outputs.append(BuildOutput(
                 files=files, digest=digest, device=device, tensors=len(table),
-                bytes_written=sum(_nbytes(t) for t in table),
-                peak_scratch_bytes=shared.peak_bytes()))
+                bytes_written=sum(_nbytes(t) for t in table), peak_scratch_bytes=peak,
+                xxh128=xxh128))
     finally:
+        if hasher is not None:
+            hasher.stop()
         for r in readers.values():
             r.close()
     return outputs
+
+
+def _run_pass(jobs, tables, out_dirs, readers, device: str, torch,
+              progress: ProgressFn | None) -> list[tuple[dict[str, str], dict[str, str], int]]:
+    """One pass over the parents for ``jobs`` (whose tensor tables agree); per job, its
+    weight files' sha256 and xxh128 (hashed as written) and the pass's peak scratch bytes."""
+    from mergebuild.io.checkpoint import CheckpointWriter
+
+    shared = _SharedScratch(torch, device)
+    streams = [_Streaming(job, table, readers, device, torch, shared)
+               for job, table in zip(jobs, tables, strict=True)]
+    funcs = [job.method.load() for job in jobs]
+    writers: list[Any] = []
+    try:
+        for job, table, out_dir in zip(jobs, tables, out_dirs, strict=True):
+            writers.append(CheckpointWriter(
+                out_dir, [(t.name, t.dtype, t.shape) for t in table],
+                max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"}))
+        hashes = _stream_tensors(jobs, tables, readers, funcs, device, torch, streams,
+                                 writers, progress)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        shared.close()
+    faults.point("engine.after_finish")
+    peak = shared.peak_bytes()
+    return [(sha, dict(writer.xxh128), peak)
+            for sha, writer in zip(hashes, writers, strict=True)]
 
 
 def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, writers,
@@ -528,6 +573,91 @@ def _wait_for_room(writers, current: int, nbytes: int, budget: int) -> None:
         if sum(w.pending_bytes for w in writers) + nbytes <= budget:
             return
         writers[(current + step) % n].settle()
+
+
+class _ParentHasher:
+    """Hashes every file of the store-object parents (``published``, shared by every job of a
+    pass) on a thread while the pass streams them, and compares with what the store published
+    when the pass ends.
+
+    Weight files are hashed through the very mappings the engine reads (opened first thing,
+    so a parent replaced meanwhile is not what gets hashed), whole and in file order:
+    headers, padding and tensors a slice skips included. The pages it touches become the
+    engine's read-ahead; it drops them from this process again as it goes. Other files
+    (config, tokenizer, index, card, provenance) are small and read by path.
+    """
+
+    _CHUNK = 8 * 2**20
+
+    def __init__(self, published: Mapping[str, Mapping[str, str]],
+                 parents: Mapping[str, Path], readers: Mapping[str, CheckpointReader],
+                 built: str):
+        self.published, self.parents, self.node = published, parents, built
+        self.actual: dict[tuple[str, str], str] = {}
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.maps: dict[tuple[str, str], mmap.mmap] = {}
+        for node in published:
+            reader = readers[node]
+            for path in CheckpointReader.weight_files(reader):
+                self.maps[(node, path.name)] = CheckpointReader._map(reader, path)
+        self.thread = threading.Thread(target=self._run, name="mergebuild-parent-hash",
+                                       daemon=True)
+        if published:
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for node, files in self.published.items():
+                for name in sorted(files):
+                    if self.stopped:
+                        return
+                    mapped = self.maps.get((node, name))
+                    path = Path(self.parents[node]) / name
+                    self.actual[(node, name)] = (self._hash_mapped(mapped) if mapped is not None
+                                                 else file_xxh128(path))
+        except FileNotFoundError:
+            pass  # a missing file is reported as not matching
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+            self.error = exc
+
+    def _hash_mapped(self, mapped: mmap.mmap) -> str:
+        h = xxhash.xxh3_128()
+        view = memoryview(mapped)
+        try:
+            for start in range(0, len(mapped), self._CHUNK):
+                if self.stopped:
+                    break
+                h.update(view[start:start + self._CHUNK])
+                try:
+                    length = min(self._CHUNK, len(mapped) - start)
+                    mapped.madvise(mmap.MADV_DONTNEED, start, length)
+                except (OSError, ValueError):
+                    pass  # only keeps resident memory down
+        finally:
+            view.release()
+        return "xxh128:" + h.hexdigest()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def finish(self) -> None:
+        """Wait for the hashes; CorruptParentError naming the parent and the first file whose
+        bytes differ from what the store published."""
+        if not self.published:
+            return
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        for node, files in self.published.items():
+            for name, expected in sorted(files.items()):
+                if self.actual.get((node, name)) != expected:
+                    raise CorruptParentError(
+                        f"parent '{node}' is corrupt in the store: {name} is not what was "
+                        "published", parent=node, file=name, node=self.node,
+                        hint="it was moved aside; run make again to rebuild it")
 
 
 def _nbytes(task: TensorTask) -> int:

@@ -20,10 +20,12 @@ import queue
 import struct
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Self
+
+import xxhash
 
 from mergebuild import faults
 from mergebuild.errors import CheckpointError
@@ -529,6 +531,7 @@ class _Shard:
     data_start: int
     fd: int = -1
     sha256: Any = None
+    xxh128: Any = None  # for the store's publish record: checked cheaply when read back
 
 
 @dataclass(frozen=True)
@@ -607,6 +610,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._pending = 0  # bytes handed to write() and not yet on their way to disk
         self._pending_lock = threading.Lock()
+        self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._slots:
@@ -698,6 +702,7 @@ class CheckpointWriter:
                 os.close(shard.fd)
                 shard.fd = -1
                 digests[shard.path.name] = shard.sha256.hexdigest()
+                self.xxh128[shard.path.name] = "xxh128:" + shard.xxh128.hexdigest()
             if len(self._shards) > 1:
                 index = {
                     "metadata": {"total_size": self.total_size},
@@ -713,6 +718,7 @@ class CheckpointWriter:
                 finally:
                     os.close(fd)
                 digests[INDEX_NAME] = hashlib.sha256(payload).hexdigest()
+                self.xxh128[INDEX_NAME] = "xxh128:" + xxhash.xxh3_128_hexdigest(payload)
             fsync_directory(self.directory)
         except BaseException:
             self.abort()
@@ -776,6 +782,7 @@ class CheckpointWriter:
         shard.fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._opened = index
         shard.sha256 = hashlib.sha256(shard.header)
+        shard.xxh128 = xxhash.xxh3_128(shard.header)
         _write_all(shard.fd, memoryview(shard.header), 0)
 
     def _write_slot(self, slot: _Slot, tensor: torch.Tensor) -> None:
@@ -793,6 +800,7 @@ class CheckpointWriter:
             chunk = view[begin : begin + _IO_CHUNK]
             _write_all(shard.fd, chunk, slot.offset + begin)
             shard.sha256.update(chunk)
+            shard.xxh128.update(chunk)
 
 
 class _Aborted(Exception):

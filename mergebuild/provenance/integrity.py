@@ -30,7 +30,9 @@ from mergebuild.provenance.statement import (
 
 __all__ = ["PROBLEM_KINDS", "Problem", "chain_problems", "quick_check", "verify_directory"]
 
-PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance",
+                 "not-as-published", "bad-signature")
+SIGNATURE_FILE = "provenance.dsse.json"  # a DSSE envelope over provenance.json (signing.py)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
             if filename.startswith("."):
                 continue
             rel = (Path(root) / filename).relative_to(directory).as_posix()
-            if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE):
+            if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE,
+                                                   SIGNATURE_FILE):
                 problems.append(Problem(rel, "unexpected", "not listed in provenance"))
     return problems
 

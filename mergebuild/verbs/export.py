@@ -6,10 +6,11 @@ that is not exactly the one that was recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from mergebuild.verbs.card import PresentedCard
 
 
+EXPORT_MARKER = ".mergebuild-export"  # written into every export: --force may replace it
+
+
 @dataclass(frozen=True)
 class ExportResult:
     directory: Path
@@ -36,8 +40,76 @@ class ExportResult:
     bytes: int
 
 
+@dataclass(frozen=True)
+class Protected:
+    """Directories an export must never replace or write into, each with why.
+
+    ``store``: the store (nothing inside it either); ``roots``: directories that must not
+    be replaced, nor any directory above them (the Mergefile's, each local source's, the
+    current directory).
+    """
+
+    store: Path | None = None
+    roots: Sequence[tuple[Path, str]] = ()
+
+
+def check_destination(dest: Path, *, force: bool, protected: Protected,
+                      node: str | None = None) -> None:
+    """Refuse a destination ``export`` must not write: inside or above the store, the
+    current directory or one above it, a directory holding a Mergefile or a source (or
+    above one), and a non-empty directory that no export wrote (even with ``force``).
+
+    Raises:
+        MergebuildError: one line naming the destination and why; nothing was touched.
+    """
+    real = Path(os.path.realpath(dest))
+
+    def refuse(why: str) -> MergebuildError:
+        return MergebuildError(f"refusing to export to {dest}: {why}", node=node,
+                               hint="pick a new or empty directory, or one a previous "
+                               "export wrote")
+
+    if protected.store is not None:
+        store = Path(os.path.realpath(protected.store))
+        if real == store or real.is_relative_to(store):
+            raise refuse(f"it is {'' if real == store else 'inside '}the store {store}")
+        if store.is_relative_to(real):
+            raise refuse(f"it holds the store {store}")
+    roots = [*protected.roots, (Path.cwd(), "the current directory")]
+    for root, what in roots:
+        root = Path(os.path.realpath(root))
+        if root.is_relative_to(real):
+            raise refuse(f"it {'is' if root == real else 'holds'} {what}")
+    if real.is_dir():
+        if (real / "Mergefile").exists():
+            raise refuse("it holds a Mergefile")
+        if any(real.iterdir()):
+            if not force:
+                raise MergebuildError(f"{dest} is not empty", node=node,
+                                      hint="pass --force to replace an earlier export, or "
+                                      "pick an empty directory")
+            if not (real / EXPORT_MARKER).is_file():
+                raise refuse(f"it is not empty and no export wrote it (no {EXPORT_MARKER})")
+
+
+def check_published(statement: dict, published_digest: str | None, node: str | None,
+                    doing: str) -> None:
+    """A store object ships only as the store published it: its statement must state the
+    digest recorded at publish (a consistent rewrite of weights and provenance is caught)."""
+    stated = statement_digest(statement)
+    if published_digest is None or stated != published_digest:
+        what = ("the store holds no record of publishing it" if published_digest is None else
+                f"its provenance states {short_digest(stated)}, the store published "
+                f"{short_digest(published_digest)}")
+        raise StoreError(f"refusing to {doing}: the build is not what the store published "
+                         f"({what})", node=node,
+                         hint="make rebuilds a corrupt store object")
+
+
 def export_build(build: Path, dest: Path, *, force: bool = False,
-                 node: str | None = None, card: PresentedCard | None = None) -> ExportResult:
+                 node: str | None = None, card: PresentedCard | None = None,
+                 protected: Protected = Protected(), published_digest: str | None = None,
+                 in_store: bool = False, sign_key: Any = None) -> ExportResult:
     """Copy a built model directory (weights, config, tokenizer, card, provenance) to ``dest``.
 
     The copy is made in a temporary sibling of ``dest``, verified against the provenance,
@@ -50,7 +122,9 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
         StoreError: the build does not match its provenance.
     """
     build, dest = Path(build), Path(dest).absolute()
-    read_statement(build)  # a mergebuild build, not any directory
+    statement = read_statement(build)  # a mergebuild build, not any directory
+    if in_store:
+        check_published(statement, published_digest, node, "export")
 
     def fill(staging: Path) -> tuple[int, int]:
         files, size = _copy_tree(build, staging)
@@ -63,11 +137,14 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
             files += 1
         return files, size
 
-    return _export(dest, force, node, fill)
+    return _export(dest, force, node, fill, protected=protected, statement=statement,
+                   source=build, sign_key=sign_key)
 
 
 def export_gguf_build(build: Path, dest: Path, *, quant: str = "f16", force: bool = False,
-                      node: str | None = None, card: str | None = None) -> ExportResult:
+                      node: str | None = None, card: str | None = None,
+                      protected: Protected = Protected(), published_digest: str | None = None,
+                      in_store: bool = False, sign_key: Any = None) -> ExportResult:
     """Convert a verified build into one GGUF file for llama.cpp/Ollama, in ``dest``.
 
     ``dest`` receives ``<node>-<quant>.gguf``, a model card, and a ``provenance.json`` whose
@@ -86,6 +163,8 @@ def export_gguf_build(build: Path, dest: Path, *, quant: str = "f16", force: boo
     if problems:
         raise StoreError(f"the build does not match its provenance: {problems[0]}", node=node,
                          hint="run 'mergebuild verify'; make rebuilds a corrupt store object")
+    if in_store:
+        check_published(statement, published_digest, node, "export")
     name = node or str(statement["predicate"]["buildDefinition"]["externalParameters"]
                        .get("node") or build.name)
 
@@ -102,7 +181,8 @@ def export_gguf_build(build: Path, dest: Path, *, quant: str = "f16", force: boo
             os.chmod(path, 0o644)
         return len(files), sum(p.stat().st_size for p in files)
 
-    return _export(dest, force, node, fill)
+    return _export(dest, force, node, fill, protected=protected, statement=statement,
+                   source=build, sign_key=sign_key)
 
 
 def _read_card(build: Path) -> str | None:
@@ -113,15 +193,16 @@ def _read_card(build: Path) -> str | None:
 
 
 def _export(dest: Path, force: bool, node: str | None,
-            fill: Callable[[Path], tuple[int, int]]) -> ExportResult:
+            fill: Callable[[Path], tuple[int, int]], *, protected: Protected,
+            statement: dict, source: Path, sign_key: Any = None) -> ExportResult:
     """The export guard and the atomic publish shared by every format: ``fill`` writes the
-    export into a staging sibling of ``dest``, which is verified and renamed into place."""
+    export into a staging sibling of ``dest``, which is verified, marked as an export
+    (``--force`` may replace only such a directory), optionally signed, and renamed into
+    place."""
     if dest.exists() and not dest.is_dir():
         raise MergebuildError(f"{dest} exists and is not a directory", node=node,
                               hint="pick another destination")
-    if dest.is_dir() and any(dest.iterdir()) and not force:
-        raise MergebuildError(f"{dest} is not empty", node=node,
-                              hint="pass --force to replace it, or pick an empty directory")
+    check_destination(dest, force=force, protected=protected, node=node)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
@@ -135,6 +216,14 @@ def _export(dest: Path, force: bool, node: str | None,
             raise StoreError(f"the build does not match its provenance: {problems[0]}{more}",
                              node=node, hint="run 'mergebuild verify'; make rebuilds a "
                              "corrupt store object")
+        marker = {"node": node, "digest": statement_digest(statement),
+                  "from": str(source), "files": files}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        if sign_key is not None:
+            from mergebuild.provenance.signing import sign_directory
+
+            sign_directory(staging, sign_key)
+            files += 1
         os.chmod(staging, 0o755)
         _replace_dir(staging, dest)
     except OSError as exc:
@@ -180,7 +269,8 @@ def _replace_dir(staging: Path, dest: Path) -> None:
 
 def push_build(build: Path, repo_id: str, *, private: bool = False,
                revision: str | None = None, node: str | None = None,
-               card: PresentedCard | None = None) -> str:
+               card: PresentedCard | None = None, published_digest: str | None = None,
+               in_store: bool = False, sign_key: Any = None) -> str:
     """Verify a built model and upload it to the Hugging Face Hub as ``repo_id``.
 
     Creates the repo (and the ``revision`` branch) when missing. The token comes from
@@ -198,10 +288,16 @@ def push_build(build: Path, repo_id: str, *, private: bool = False,
     if problems:
         raise StoreError(f"refusing to push: the build does not match its provenance: "
                          f"{problems[0]}", node=node, hint="run 'mergebuild verify'")
+    if in_store:
+        check_published(statement, published_digest, node, "push")
     api = HfApi()
     digest = short_digest(statement_digest(statement))
     with tempfile.TemporaryDirectory(prefix=".push-") as folder:
-        upload = _with_card(build, card, Path(folder))
+        if sign_key is not None:  # the envelope travels with the model: push a signed copy
+            upload = Path(folder) / "model"
+            export_build(build, upload, node=node, card=card, sign_key=sign_key)
+        else:
+            upload = _with_card(build, card, Path(folder))
         return _upload(api, upload, repo_id, private=private, revision=revision,
                        message=f"mergebuild: {node or build.name} ({digest})", node=node)
 
