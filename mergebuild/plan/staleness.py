@@ -15,7 +15,14 @@ from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, NodeKind, SourceSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    MergeSpec,
+    Mergefile,
+    NodeKind,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.store.objects import Store
 
 
@@ -82,7 +89,14 @@ class Planner:
                     reasons=lock.changes(adapter_entry(name), spec.adapter, adapter))
                 adapt(states[name], spec, states[spec.model])
                 continue
-            states[name] = self._plan_merge(spec, states, force and name in targets)
+            if isinstance(spec, SweepSpec):
+                states[name] = sweep_state(spec, states)
+                continue
+            # A variant of a swept target is forced with it (--force rebuilds the sweep).
+            forced = force and (name in targets or any(
+                isinstance(self.mergefile.nodes[t], SweepSpec)
+                and name in self.mergefile.nodes[t].variants for t in targets))  # type: ignore[union-attr]
+            states[name] = self._plan_merge(spec, states, forced)
         return list(states.values())
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
@@ -185,3 +199,18 @@ def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
     state.status = "fresh"
     state.digest = adapted_digest(model.digest, state.adapter.digest)
     state.reasons = [r for r in state.reasons if r != waiting]
+
+
+def sweep_state(spec: SweepSpec, states: dict[str, NodeState]) -> NodeState:
+    """A sweep is fresh when every variant is; it builds nothing of its own."""
+    variants = [states[v] for v in spec.variants]
+    stale = [v for v in variants if v.status != "fresh"]
+    keyed = [v.key for v in variants if v.key]
+    state = NodeState(name=spec.name, kind="sweep", status="stale" if stale else "fresh",
+                      method=f"sweep ({len(variants)} variants)")
+    if stale:
+        same = len(keyed) - len(set(keyed))
+        state.reasons = [f"{len(stale)} of {len(variants)} variants to build"
+                         + (f"; {same} give a recipe another variant gives (built once)"
+                            if same else "")]
+    return state

@@ -8,7 +8,7 @@ import heapq
 import networkx as nx
 
 from mergebuild.errors import GraphError
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:
@@ -26,6 +26,9 @@ def build_graph(mf: Mergefile) -> nx.DiGraph:
                 g.add_edge(ref, name)
         elif isinstance(node, AdaptedSpec):
             g.add_edge(node.model, name)
+        elif isinstance(node, SweepSpec):
+            for variant in node.variants:
+                g.add_edge(variant, name)
     if nx.is_directed_acyclic_graph(g):  # linear and cheap; find_cycle is ~10x slower
         return g
     cycle = nx.find_cycle(g)
@@ -75,9 +78,10 @@ def build_order(g: nx.DiGraph, targets: list[str]) -> list[str]:
 
 
 def default_targets(g: nx.DiGraph) -> list[str]:
-    """Merge nodes that no other node uses (the chain's final models)."""
+    """Merge nodes and sweeps that no other node uses (the chain's final models)."""
     return sorted(
-        n for n in g.nodes if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec)
+        n for n in g.nodes
+        if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec | SweepSpec)
     )
 
 
@@ -88,6 +92,8 @@ def _label(g: nx.DiGraph, name: str) -> str:
     if isinstance(spec, AdaptedSpec):
         adapter = spec.adapter if spec.adapter_kind != "local" else "local"
         return f"{name} (LoRA {adapter} on {spec.model})"
+    if isinstance(spec, SweepSpec):
+        return f"{name} (sweep of {len(spec.variants)} variants)"
     return f"{name} ({spec.method})"
 
 

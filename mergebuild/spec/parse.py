@@ -21,9 +21,11 @@ from mergebuild.spec.model import (
     SliceSourceSpec,
     SliceSpec,
     SourceSpec,
+    SweepSpec,
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
+from mergebuild.spec.sweep import apply_point, grid_points, parse_select
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -114,6 +116,7 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     builder.read_defaults(raw_defaults)
     for name in models:
         builder.add(name)
+    builder.check_sweep_children()
     card = None
     if data.get("card") is not None:
         card = parse_card(data["card"], file, data.line_of("card"), None)
@@ -225,6 +228,8 @@ class _Builder:
                 body.line_of("description"), name, "write a paragraph, not a pasted file")
         if "source" in body:
             self.nodes[name] = self._source(name, body)
+        elif "merge_method" in body and "sweep" in body:
+            self._sweep(name, body)
         elif "merge_method" in body:
             self.nodes[name] = self._merge(name, body)
         else:
@@ -341,7 +346,43 @@ class _Builder:
         return ref
 
     # merges --------------------------------------------------------------------------
-    def _merge(self, name: str, body: LineDict) -> MergeSpec:
+    def _sweep(self, name: str, body: LineDict) -> None:
+        """A merge with ``sweep:``: one variant node per point of the grid, and ``name``
+        grouping them (identical points, after mergekit's precedence, are one variant)."""
+        line = body.line_of("sweep")
+        template = self._merge(name, body, validate=False)
+        variants: dict[str, dict[str, Any]] = {}
+        for point in grid_points(body["sweep"], self.file, line, name):
+            variant = apply_point(template, point, self.file, line)
+            if variant.name not in variants:
+                for warning in validate_parameters(variant, METHODS[variant.method],
+                                                   self.file):
+                    if warning not in self.warnings:  # said once for the sweep
+                        self.warnings.append(warning)
+                variants[variant.name] = point
+                self.nodes[variant.name] = variant
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+        self.nodes[name] = SweepSpec(name=name, variants=tuple(variants),
+                                     points=tuple(variants.values()), select=select,
+                                     line=body.line)
+
+    def check_sweep_children(self) -> None:
+        """A child of a sweep needs the sweep to say which variant it stands for."""
+        for node in self.nodes.values():
+            if not isinstance(node, MergeSpec):
+                continue
+            for ref in node.parent_refs():
+                sweep = self.nodes.get(ref)
+                if isinstance(sweep, SweepSpec) and sweep.select is None:
+                    raise self.error(
+                        f"'{ref}' is a sweep of {len(sweep.variants)} variants and says "
+                        "not which one its children use", node.line, node.name,
+                        f"add select: {{maximize: METRIC}} to '{ref}', or use one variant, "
+                        f"e.g. '{sweep.variants[0]}' as a node of its own")
+
+    def _merge(self, name: str, body: LineDict, validate: bool = True) -> MergeSpec:
         if "modules" in body:
             raise self.error(
                 "multi-module merges ('modules:') are not supported", body.line_of("modules"),
@@ -349,6 +390,10 @@ class _Builder:
                 "method and parameters; use filters such as {filter: vision_tower, value: ...} "
                 "for per-module values) or use mergekit for per-module slices")
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
+        if "select" in body and "sweep" not in body:
+            raise self.error("'select' chooses among a sweep's variants; this node has no "
+                             "'sweep'", body.line_of("select"), name,
+                             "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")
         method = METHODS.get(method_name) if isinstance(method_name, str) else None
@@ -410,7 +455,8 @@ class _Builder:
             card=(parse_card(body["card"], self.file, body.line_of("card"), name)
                   if body.get("card") is not None else None),
         )
-        self.warnings.extend(validate_parameters(spec, method, self.file))
+        if validate:
+            self.warnings.extend(validate_parameters(spec, method, self.file))
         self._check_tokens(spec)
         return spec
 

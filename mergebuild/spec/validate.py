@@ -29,7 +29,10 @@ MERGE_KEYS = (
     "chat_template",
     "description",
     "card",
+    "sweep",
+    "select",
 )
+SELECT_KEYS = ("maximize", "minimize")
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
