@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergebuild.build.events import MakeResult, Reporter
 from mergebuild.build.record import excerpt, utc_now
-from mergebuild.errors import MergebuildError, MergefileError, StoreError
+from mergebuild.errors import MergebuildError, MergefileError, StoreError, shorten
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
@@ -113,7 +113,18 @@ class Project:
         return self.planner.plan(targets, force=force)
 
     def path(self, node: str) -> Path:
-        """The directory of ``node``'s current build; StoreError if it is not built."""
+        """The directory of ``node``'s current build (or of the build pin ``node`` keeps: a
+        name that is not a node, or ``pin:NAME``); StoreError if it is not built."""
+        pin = self._pin_named(node)
+        if pin is not None:
+            name, record = pin
+            found = self.store.lookup(str(record["key"]))
+            if found is None:
+                raise StoreError(f"the build pin '{name}' keeps ({str(record['key'])[:12]}) is "
+                                 "missing or fails its integrity check",
+                                 hint=f"'mergebuild verify pin:{name}' says why; "
+                                      f"'mergebuild pin --remove {name}' drops the pin")
+            return found.path
         path = self.planner.current(node).path
         assert path is not None
         return path
@@ -131,9 +142,34 @@ class Project:
         return self.path(node)
 
     def build_dir(self, node: str) -> Path:
-        """The store directory of ``node``'s current key, even if it fails the cheap
-        integrity check (so that ``verify`` can say why); else as :meth:`path`."""
+        """The store directory of ``node``'s current key (or of pin ``node``), even if it
+        fails the cheap integrity check (so that ``verify`` can say why); else as
+        :meth:`path`."""
+        pin = self._pin_named(node)
+        if pin is not None:
+            name, record = pin
+            directory = self.store.object_dir(str(record["key"]))
+            if not directory.is_dir():
+                raise StoreError(f"the build pin '{name}' keeps ({str(record['key'])[:12]}) is "
+                                 "missing from the store",
+                                 hint=f"'mergebuild pin --remove {name}' drops the pin")
+            return directory
         return self.planner.build_dir(node)
+
+    def _pin_named(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The pin a build name means: ``pin:NAME`` always, a bare name only when no node of
+        the Mergefile has it (a node name means the node's current build)."""
+        explicit = name.startswith("pin:")
+        if not explicit and name in self.mergefile.nodes:
+            return None
+        pin_name = name[4:] if explicit else name
+        record = self.store.read_pins().get(pin_name) if _PIN_NAME.match(pin_name) else None
+        if record is None:
+            if explicit:
+                pins = ", ".join(self.store.read_pins()) or "none"
+                raise StoreError(f"no pin named '{pin_name}'", hint=f"pins: {pins}")
+            return None
+        return pin_name, record
 
     def excerpt(self, node: str) -> str:
         """The YAML of ``node`` and its ancestors: enough to rebuild it."""
@@ -276,9 +312,14 @@ class Project:
         object (see ``verbs/card.py``); StoreError if it is not built."""
         from mergebuild.verbs.card import present_card
 
-        card = self.mergefile.card_of(node)
-        return present_card(self.store.root / "cards", build or self.path(node), node,
-                            card.to_json() if card else {}, self.licences(node))
+        build = build or self.path(node)
+        pinned = self._pin_named(node)
+        if pinned is not None:  # the card of the node that built it, if the Mergefile has it
+            node = str(pinned[1].get("node") or pinned[0])
+        here = node in self.mergefile.nodes
+        card = self.mergefile.card_of(node) if here else None
+        return present_card(self.store.root / "cards", build, node,
+                            card.to_json() if card else {}, self.licences(node) if here else {})
 
     # release review ----------------------------------------------------------------------
     @_uses_store()
@@ -328,20 +369,38 @@ class Project:
                                live_demo=live_demo_dirs(self.store), dry_run=dry_run)
 
     @_uses_store()
-    def pin(self, node: str, name: str | None = None) -> tuple[str, dict[str, Any]]:
-        """Keep ``node``'s current build out of ``gc``'s reach under ``name`` (default: the
-        node's name), whatever later happens to the Mergefile; returns (name, record)."""
-        name = name or node
+    def pin(self, node: str, name: str | None = None, *, force: bool = False
+            ) -> tuple[str, dict[str, Any]]:
+        """Keep ``node``'s current build (or another pin's build) out of ``gc``'s reach under
+        ``name`` (default: the node's name), whatever later happens to the Mergefile; returns
+        (name, record). An existing pin of another build moves only with ``force``."""
+        name = name or node.removeprefix("pin:")
         if not _PIN_NAME.match(name):
-            raise MergefileError(f"invalid pin name '{name}'", node=node,
+            raise MergefileError(f"invalid pin name {shorten(name)}", node=None,
                                  hint="use letters, digits, '.', '_' and '-' (e.g. v1.0)")
-        state = self.planner.current(node)
-        if state.kind != "merge" or state.key is None:
-            raise StoreError("is a source, not a build; only builds can be pinned",
-                             node=node, hint="pin a merge node")
-        record = {"key": state.key, "digest": state.digest, "node": node,
-                  "mergefile": str(self.mergefile.path), "path": str(state.path),
-                  "pinned": utc_now()}
+        pinned = self._pin_named(node)
+        if pinned is not None:
+            source = pinned[1]
+            record = {"key": source["key"], "digest": source.get("digest"),
+                      "node": source.get("node"), "mergefile": source.get("mergefile"),
+                      "path": source.get("path"), "pinned": utc_now()}
+        else:
+            state = self.planner.current(node)
+            if state.kind != "merge" or state.key is None:
+                raise StoreError("is a source, not a build; only builds can be pinned",
+                                 node=node, hint="pin a merge node")
+            record = {"key": state.key, "digest": state.digest, "node": node,
+                      "mergefile": str(self.mergefile.path), "path": str(state.path),
+                      "pinned": utc_now()}
+        existing = self.store.read_pins().get(name)
+        if existing is not None and existing.get("key") != record["key"] and not force:
+            raise StoreError(
+                f"pin '{name}' already exists: it keeps {existing.get('node')}'s build "
+                f"{str(existing.get('key'))[:12]} (pinned {existing.get('pinned')})",
+                hint="pass --force to move it (its old build then becomes collectable), "
+                     "or choose another name with --as")
+        if existing is not None and existing.get("key") == record["key"]:
+            return name, existing  # pinned already: nothing moves
         self.store.write_pin(name, record)
         return name, record
 

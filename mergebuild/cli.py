@@ -201,9 +201,13 @@ def path(ctx, node, card):
 @click.option("--as", "name", help="The pin's name (default: NODE), e.g. v1.0.")
 @click.option("--list", "list_pins", is_flag=True, help="List the store's pins.")
 @click.option("--remove", metavar="NAME", help="Remove pin NAME (gc may then collect it).")
+@click.option("--force", is_flag=True, help="Move pin NAME if it already keeps another build.")
 @click.pass_context
-def pin(ctx, node, name, list_pins, remove):
-    """Keep NODE's current build from gc under a name, whatever the Mergefile becomes."""
+def pin(ctx, node, name, list_pins, remove, force):
+    """Keep NODE's current build from gc under a name, whatever the Mergefile becomes.
+
+    A pin's name then names its build wherever a build is named (path, export, push,
+    lineage, verify): a bare name that is not a node, or pin:NAME."""
     if node is not None and (list_pins or remove is not None):
         raise click.UsageError("give NODE to pin it, or --remove NAME, or --list")
     project = _project(ctx)
@@ -216,7 +220,7 @@ def pin(ctx, node, name, list_pins, remove):
         project.unpin(remove)
         click.echo(f"unpinned {remove}")
         return
-    pin_name, record = project.pin(node, name)
+    pin_name, record = project.pin(node, name, force=force)
     click.echo(f"pinned {node} as {pin_name}: {record['path']}")
 
 
@@ -235,10 +239,10 @@ def import_configs(configs, output):
         try:
             Path(output).write_text(result.text, encoding="utf-8")
         except OSError as exc:
-            from mergebuild.errors import MergefileError
-
-            raise MergefileError(f"cannot write {output}: {exc.strerror or exc}",
-                                 hint="create its directory first, or pick another -o") from None
+            hint = ("create the directory first" if isinstance(exc, FileNotFoundError)
+                    else "choose a path you can write")
+            raise MergebuildError(f"cannot write {output}: {exc.strerror or exc}",
+                                  hint=hint) from None
     else:
         click.echo(result.text, nl=False)
 

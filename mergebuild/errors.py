@@ -14,6 +14,33 @@ The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+QUOTE_LIMIT = 200  # characters of a user's value quoted in an error (a long path still fits)
+MESSAGE_LIMIT = 2000  # an error line never grows past this, whatever it quotes
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = QUOTE_LIMIT
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def shorten(value: Any, limit: int = QUOTE_LIMIT, *, quote: bool = True) -> str:
+    """A user's value as an error quotes it (``repr``, or ``str`` if not ``quote``), cut to
+    ``limit`` characters with the full length noted: a pasted file or an expanded YAML
+    alias never becomes a megabyte-long line. Bounded work even for huge nested values."""
+    if quote:
+        text = _REPR.repr(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = _REPR.repr(value)
+    if len(text) <= limit:
+        return text
+    total = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return text[: limit - 1] + "…" + total
+
 
 class MergebuildError(Exception):
     """Base of all user-facing errors."""
@@ -29,7 +56,7 @@ class MergebuildError(Exception):
     def __str__(self) -> str:
         where = f"node '{self.node}': " if self.node else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{where}{self.message}{hint}"
+        return _capped(f"{where}{self.message}{hint}")
 
 
 class MergefileError(MergebuildError):
@@ -54,7 +81,7 @@ class MergefileError(MergebuildError):
         where = ""
         if self.file:
             where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
-        return where + super().__str__()
+        return _capped(where + super().__str__())
 
 
 class GraphError(MergefileError):
@@ -108,3 +135,9 @@ class BuildInterrupted(MergebuildError):
     """The build was interrupted; nothing was published."""
 
     exit_code = 130
+
+
+def _capped(line: str) -> str:
+    if len(line) <= MESSAGE_LIMIT:
+        return line
+    return line[: MESSAGE_LIMIT - 1] + "…"

@@ -10,6 +10,7 @@ status is the real one: ``-9`` when it was SIGKILLed, 130 after SIGINT, and so o
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -103,18 +104,17 @@ class Started:
         return run
 
 
-_counter = 0
+_counter = itertools.count(1)  # next() on it is atomic: runs may start from several threads
 
 
 def start_cli(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None,
               fsize_limit: int | None = None) -> Started:
     """Start ``mergebuild ARGV`` without waiting (for concurrent runs)."""
-    global _counter
-    _counter += 1
+    number = next(_counter)
     logs = Path(cwd) / ".cli-logs"
     logs.mkdir(exist_ok=True)
-    out = logs / f"{os.getpid()}.{_counter}.out"
-    err = logs / f"{os.getpid()}.{_counter}.err"
+    out = logs / f"{os.getpid()}.{number}.out"
+    err = logs / f"{os.getpid()}.{number}.err"
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_FAULT"}
     full_env.update(env or {})
     process = _context().Process(

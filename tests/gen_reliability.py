@@ -82,6 +82,16 @@ def render() -> str:
             ("| a signed export forged consistently, or checked with another key | `verify DIR "
             "--key PUB` fails: `bad-signature` (payload is not provenance.json / not signed by "
             "this key / not signed) |"),
+            ("| two Mergefiles with the same node names sharing one store (`MERGEBUILD_CACHE`), "
+            "four `make`s at once beside a `gc` loop from both | each build made once (five "
+            "keys, five builds); neither loses its current build nor shows a stale reason; "
+            "each `gc` either runs or removes nothing while a make uses the store; a deleted "
+            "Mergefile's own builds go at the next `gc`, pins and shared builds stay |"),
+            ("| a local source edited in place, same size, its mtime put back | the stat "
+            "signature holds `st_ctime_ns`: re-hashed, the plan says it changed |"),
+            ("| `state.db` held locked by another process | one stderr line saying it waits, "
+            "then `the stat cache ... is locked by another process (waited N s)`, exit 4 "
+            "(`MERGEBUILD_STATE_DB_WAIT`, default 30 s) |"),
             ("| HF_TOKEN and other secrets in the environment, a token in a node description | "
             "absent from provenance.json, README.md, refs and the make's output |"),
             ("| tokenizer/config files in a source that are symlinks out of its directory | "

@@ -58,3 +58,51 @@ def test_pin_errors_are_one_line_and_write_nothing(workspace):
         assert result.output.count("\n") == 1 and message in result.output, result.output
         assert not (workspace.cache / "pins").exists() or not any(
             (workspace.cache / "pins").iterdir()), args
+
+
+def test_a_pin_moves_only_with_force_and_names_its_build_everywhere(workspace):
+    """`pin NAME` never silently moves an existing pin (gc would then delete the release it
+    kept); a pin's name works wherever a build is named: path, export, lineage, verify."""
+    from cli_process import run_cli
+
+    def cli(*args):
+        return run_cli(["--cache-dir", str(workspace.cache), *args], cwd=workspace.root)
+
+    workspace.chain()
+    assert cli("make", "chat-code").returncode == 0
+    release = workspace.project().path("chat-code")
+    assert cli("pin", "chat-code", "--as", "v1.0").returncode == 0
+    assert cli("pin", "chat-code", "--as", "v1.0").returncode == 0  # same build: no change
+
+    workspace.mergefile.write_text(workspace.mergefile.read_text().replace("t: 0.4", "t: 0.7"))
+    assert cli("make", "chat-code").returncode == 0
+    rebuilt = workspace.project().path("chat-code")
+    moved = cli("pin", "chat-code", "--as", "v1.0")
+    assert moved.returncode == 4 and len(moved.error_lines) == 1, moved.stderr
+    assert moved.error_lines[0].startswith("mergebuild: error: pin 'v1.0' already exists: "
+                                           f"it keeps chat-code's build {release.name[:12]}")
+    assert "pass --force to move it" in moved.error_lines[0]
+    assert workspace.project().pins()["v1.0"]["key"] == release.name
+
+    # The pin names the release, the node its current build.
+    for name in ("v1.0", "pin:v1.0"):
+        shown = cli("path", name)
+        assert (shown.returncode, shown.stdout) == (0, f"{release}\n"), shown.stderr
+    assert cli("path", "chat-code").stdout == f"{rebuilt}\n"
+    verified = cli("verify", "v1.0")
+    assert verified.returncode == 0 and verified.stdout.startswith("verified "), verified.stderr
+    lineage = cli("lineage", "v1.0", "--json")
+    assert lineage.returncode == 0, lineage.stderr
+    assert '"t": 0.4' in lineage.stdout and '"t": 0.7' not in lineage.stdout
+    exported = cli("export", "v1.0", str(workspace.root / "release"))
+    assert exported.returncode == 0, exported.stderr
+    assert (workspace.root / "release" / "model.safetensors").read_bytes() == (
+        release / "model.safetensors").read_bytes()
+    missing = cli("path", "pin:v2")
+    assert missing.returncode == 4 and "no pin named 'v2'" in missing.stderr
+
+    forced = cli("pin", "chat-code", "--as", "v1.0", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert workspace.project().pins()["v1.0"]["key"] == rebuilt.name
+    gc = cli("gc")
+    assert f"removed object {release}" in gc.stdout and rebuilt.is_dir()

@@ -186,11 +186,6 @@ def _huge_tokenizer(models: Path, bad: Path) -> None:
         f.truncate(129 << 20)
 
 
-def _mergekit_config(models: Path, bad: Path) -> None:
-    (bad / "mk.yml").write_text("merge_method: linear\nmodels:\n"
-                                "  - {model: org/model, parameters: {weight: 1.0}}\n")
-
-
 def _fitting_lora(**config) -> Callable[[Path, Path], None]:
     """A PEFT LoRA adapter that fits the demo base, with ``config`` added to its config."""
     def setup(models: Path, bad: Path) -> None:
@@ -216,6 +211,13 @@ def _generated(**shape) -> Callable[[Path, Path], None]:
         generate_model(bad / "model", 0, **shape)
 
     return setup
+
+
+def _mergekit_config(models: Path, bad: Path) -> None:
+    (bad / "config.yml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {models}/base\n"
+        "    parameters: {weight: 1}\n"
+        f"  - model: {models}/instruct\n    parameters: {{weight: 1}}\n")
 
 
 def _lora(models: Path, bad: Path) -> None:
@@ -456,15 +458,45 @@ CASES = [
          argv=("push", "ok"), target="someone/model",
          env=(("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_OFFLINE", "0"),
               ("HF_TOKEN", "hf_notarealtokenbutlongenough0123456789")), exit_code=1),
-    Case("import-into-missing-dir", "import -o into a directory that does not exist",
-         _head(""), ("cannot write missing_dir/Mergefile", "create its directory first"),
-         argv=("import", "bad/mk.yml", "-o"), target="missing_dir/Mergefile",
-         setup=_mergekit_config, exit_code=2),
     Case("lora-stacked", "two LoRA adapters stacked on one reference",
          _merge("linear", "", _entries(("base+{bad}/lora+{bad}/lora", "weight: 0.5"),
                                        ("instruct", "weight: 0.5"))),
          ("Mergefile:13:", "node 'bad'", "stacks two adapters", "into a node of its own"),
          setup=_lora),
+    Case("yaml-alias-bomb", "YAML alias bomb (nested aliases, a few hundred bytes)",
+         _merge("linear", "    parameters:\n" + "".join(
+             f"      {chr(97 + i)}: &{chr(97 + i)} [" + ", ".join(
+                 [f"*{chr(96 + i)}"] * 9 if i else ['"lol"'] * 9) + "]\n" for i in range(9)),
+             TWO),
+         ("Mergefile:", "YAML aliases expand to more than 100,000 nodes",
+          "write the values out"), exit_code=2),
+    Case("yaml-nested-deep", "YAML nested 5,000 levels deep",
+         _merge("linear", "    parameters: {x: " + "[" * 5000 + "]" * 5000 + "}\n", TWO),
+         ("Mergefile:12:", "nested more than 100 levels deep"), exit_code=2),
+    Case("description-not-text", "a description that is a list (an alias bomb's usual home)",
+         _merge("linear", "    description: [a, b]\n", TWO),
+         ("Mergefile:12:", "node 'bad'", "'description' must be text"), exit_code=2),
+    Case("huge-value-quoted", "a 100,000-character value quoted in an error",
+         _merge("linear", "", _entries(("base", "weight: " + "x" * 100_000),
+                                       ("instruct", "weight: 1"))),
+         ("Mergefile:13:", "node 'bad'", "parameter 'weight' must be a number, got 'xxx",
+          "..."), exit_code=2),
+    Case("node-name-too-long", "a node name of 241 characters (its record could not be written)",
+         _head("  " + "n" * 241 + ":\n    merge_method: linear\n    models:\n" + TWO),
+         ("Mergefile:10:", "is 241 characters long", "use at most 128"), target="ok",
+         exit_code=2),
+    Case("node-name-number", "a node name YAML reads as a number (010 is octal 8)",
+         _head("  010:\n    merge_method: linear\n    models:\n" + TWO),
+         ("Mergefile:10:", "node name 010 is read by YAML as the number 8",
+          "quote it: '010':"), target="ok", exit_code=2),
+    Case("plan-no-merge-nodes", "plan of a Mergefile with sources only",
+         "version: 1\nmodels:\n  base: {source: {models}/base}\n",
+         ("Mergefile: the Mergefile has no merge nodes", "add a node with 'merge_method:'"),
+         target="", argv=("plan",), exit_code=2),
+    Case("import-missing-dir", "import -o into a directory that does not exist", _head(""),
+         ("cannot write missing_dir/Mergefile: No such file or directory",
+          "create the directory first"), target="bad/config.yml",
+         argv=("import", "-o", "missing_dir/Mergefile"), setup=_mergekit_config, exit_code=1),
 ]
 
 
@@ -568,7 +600,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
     assert before, "the template store holds a build"
     files_before = _project_files(tmp_path)
 
-    argv = ["--cache-dir", str(store), *case.argv, case.target]
+    argv = ["--cache-dir", str(store), *case.argv, *([case.target] if case.target else [])]
     run = run_cli(argv, cwd=tmp_path, env=dict(case.env) or None)
 
     assert run.returncode != 0 and run.returncode > 0, (run.returncode, run.stderr)
@@ -578,6 +610,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
     assert len(lines) == 1, run.stderr
     line = lines[0]
     assert line.startswith("mergebuild: error: "), line
+    assert len(line) < 600, len(line)  # a quoted value is shortened, never pasted whole
     assert "Traceback" not in run.stderr
     assert "hunter2secret" not in run.stderr + run.stdout, "credentials are never echoed"
     for fragment in case.expect:

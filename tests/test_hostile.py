@@ -361,7 +361,7 @@ def test_refs_of_the_wrong_shape_are_rewritten_not_crashed_on(project, ref):
     env = {"HOME": os.environ["HOME"]}
     made = run_cli(["make", "avg"], cwd=project, env=env)
     assert made.returncode == 0, made.stderr
-    ref_file = next((project / "cache" / "refs").rglob("*.json"))  # avg's, the only one
+    ref_file = next(p for p in (project / "cache" / "refs").rglob("avg.json"))
     ref_file.write_text(ref)
     for argv in (["plan"], ["path", "avg"], ["gc", "-n"], ["make", "avg"]):
         run = run_cli(argv, cwd=project, env=env)

@@ -86,3 +86,33 @@ def test_gradient_and_filter_values_validate_each_scalar():
               "    merge_method: ties\n    base_model: a\n"
               "    models: [{model: b, parameters: {weight: 1}}]\n"
               "    parameters:\n      density: [{filter: mlp, value: [0, 2]}, {value: 0.5}]\n")
+
+
+def test_ten_thousand_nodes_parse_and_order_in_a_fraction_of_the_old_time(tmp_path):
+    """A 10,000-node Mergefile: the YAML is built from libyaml's events (PyYAML's Python
+    loader alone took ~10 s CPU) and the order is one linear pass. Measured in CPU seconds of
+    this process, so other load on the machine does not make it flaky; the old code took
+    ~11 s CPU for this (benchmarks/plan_10k.py times the whole command)."""
+    import time
+
+    import yaml
+
+    from mergebuild.spec import yaml_lines
+    from mergebuild.spec.graph import build_graph, build_order, default_targets
+
+    assert yaml_lines._Parser is yaml.CSafeLoader
+    lines = ["version: 1", "models:", "  base: {source: ./base}", "  instruct: {source: ./i}"]
+    for i in range(9998):
+        parent = "instruct" if i == 0 else f"m{(i - 1) // 2}"
+        lines += [f"  m{i}:", "    merge_method: linear", "    models:",
+                  "      - {model: base, parameters: {weight: 0.5}}",
+                  f"      - model: {parent}", "        parameters:", f"          weight: 0.{i % 9 + 1}"]
+    started = time.process_time()
+    mf = parse_mergefile("\n".join(lines) + "\n", tmp_path / "Mergefile")
+    graph = build_graph(mf)
+    order = build_order(graph, default_targets(graph))
+    cpu = time.process_time() - started
+    assert len(mf.nodes) == 10_000 and len(order) == 10_000
+    assert order[:3] == ["base", "instruct", "m0"]
+    assert mf.nodes["m9997"].line == 4 + 9997 * 7 + 2  # its body, below "  m9997:"
+    assert cpu < 4.0, f"{cpu:.2f} s CPU"

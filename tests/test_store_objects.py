@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 
+from mergebuild.io.hashing import StatCache, file_xxh128
 from mergebuild.store.objects import Store
 
 
@@ -65,3 +69,61 @@ def test_full_disk_maps_to_one_line_store_error(tmp_path):
     err = store.os_error(OSError(errno.ENOSPC, "No space left on device"), "writing x", node="n")
     assert str(err).startswith("node 'n': writing x: no space left on the device holding")
     assert err.exit_code == 4
+
+
+def test_a_same_size_edit_with_its_mtime_put_back_is_still_seen(tmp_path, demo_models):
+    """The stat signature holds st_ctime_ns: a source rewritten in place, same size, with its
+    mtime restored (as `touch -d` or a careless copy tool does) is re-hashed, and the plan
+    says it changed, instead of reusing the old digest."""
+    source = tmp_path / "model"
+    shutil.copytree(demo_models["base"], source)
+    weights = source / "model.safetensors"
+    cache = StatCache(tmp_path / "state.db")
+    before = cache.digest(weights)
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = weights.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    assert StatCache(tmp_path / "state.db").digest(weights) == file_xxh128(weights) != before
+
+
+def test_a_locked_stat_cache_is_waited_for_with_a_message_then_fails_in_one_line(
+        tmp_path, demo_models):
+    """Another process holding state.db locked: plan says it waits, then fails with one
+    line (bounded by MERGEBUILD_STATE_DB_WAIT), instead of stalling silently for minutes."""
+    from cli_process import run_cli
+
+    (tmp_path / "Mergefile").write_text(
+        f"version: 1\nmodels:\n  base: {{source: {demo_models['base']}}}\n"
+        f"  inst: {{source: {demo_models['instruct']}}}\n  m:\n    merge_method: linear\n"
+        "    models: [{model: base, parameters: {weight: 1}}, "
+        "{model: inst, parameters: {weight: 1}}]\n")
+    store = tmp_path / "cache"
+    StatCache(store / "state.db").digest(tmp_path / "Mergefile")  # the database exists
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(store / 'state.db')!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); c.execute('DELETE FROM file_digests')\n"
+            "print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        run = run_cli(["plan"], cwd=tmp_path, env={"MERGEBUILD_STATE_DB_WAIT": "1"})
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.returncode == 4, run.stderr
+    waiting, error = run.error_lines
+    assert waiting == (f"mergebuild: waiting up to 1 s for the stat cache {store / 'state.db'} "
+                       "(another process holds it locked)")
+    assert error == (f"mergebuild: error: the stat cache {store / 'state.db'} is locked by "
+                     "another process (waited 1 s) (let that process finish, or delete "
+                     "state.db: it is only a cache)")
+    assert took < 30
+    assert run_cli(["plan"], cwd=tmp_path).returncode == 0  # free again: plans as before

@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -335,21 +335,60 @@ def _resolve(values: Mapping[str, Any], task: TensorTask) -> dict[str, Any]:
 
 def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) -> BuildOutput:
     """Build ``job`` into ``out_dir`` (a fresh temp dir); the caller publishes it."""
+    return run_builds([job], [out_dir], progress)[0]
+
+
+def fusable(jobs: Sequence[BuildJob]) -> bool:
+    """Whether ``jobs`` can be built in one pass: the same parents (and adapters, and what the
+    store published for them) on the same device. Their tensor tables must also agree,
+    which ``run_builds`` checks."""
+    first = jobs[0]
+    return all(dict(j.parents) == dict(first.parents) and dict(j.adapters) == dict(first.adapters)
+               and _published(j) == _published(first) and j.device == first.device
+               for j in jobs)
+
+
+def _published(job: BuildJob) -> dict[str, dict[str, str]]:
+    return {node: dict(files) for node, files in job.published.items()}
+
+
+def run_builds(jobs: Sequence[BuildJob], out_dirs: Sequence[Path],
+               progress: ProgressFn | None = None) -> list[BuildOutput]:
+    """Build every job of ``jobs`` (variants over the same parents) in one pass.
+
+    Each parent tensor is mapped and paged in once and every job's output tensor is made
+    from it before the pass moves on, instead of one full pass over the parents per job.
+    Every job's tensor goes through exactly the code a build of that job alone runs (same
+    kernels, same chunking, same seeds), so each output is byte for byte its separate
+    build's; scratch buffers and worker threads are shared, and the writers' queued bytes
+    are bounded together, so memory stays near one build's. ``out_dirs`` are fresh temp
+    dirs, one per job; the caller publishes them. Jobs whose tensor tables differ are
+    built one after another over the same open parents.
+
+    The store-object parents (``published``, the same for every job) are hashed once, on
+    a thread, while the pass reads them; the outputs are returned only once every hash
+    matches (CorruptParentError otherwise), so no output of a corrupt parent is published.
+    """
     import torch
 
-    from mergebuild.io.checkpoint import CheckpointWriter
-
-    device = select_device(job.device)
+    if len(jobs) != len(out_dirs) or not jobs:
+        raise ValueError("run_builds needs one output directory per job, and a job")
+    if not fusable(jobs):
+        raise ValueError("jobs built in one pass must share their parents, adapters, "
+                         "published parents and device")
+    lead = jobs[0]
+    nodes = ", ".join(job.node for job in jobs)
+    device = select_device(lead.device)
     readers: dict[str, CheckpointReader] = {}
     hasher: _ParentHasher | None = None
     faults.point("engine.start")
     try:
-        for node, directory in job.parents.items():
+        for node, directory in lead.parents.items():
             try:
-                if node in job.adapters:
+                if node in lead.adapters:
                     from mergebuild.io.lora import AdaptedReader
 
-                    readers[node] = AdaptedReader(directory, job.adapters[node], job.node)
+                    readers[node] = AdaptedReader(directory, lead.adapters[node], lead.node)
                 else:
                     readers[node] = CheckpointReader(directory)
             except CheckpointError as exc:
@@ -359,21 +398,120 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         # Store objects are checked by content (hashed as they stream, below); a parent
         # republished meanwhile with the same bytes is no change. Sources by stat signature.
         before = {node: _stat_weights(r) for node, r in readers.items()
-                  if node not in job.published}
-        hasher = _ParentHasher(job, readers)
-        tasks = plan_tensors(job, readers)
-        func = job.method.load()
-        layout = [(t.name, t.dtype, t.shape) for t in tasks]
-        writer = CheckpointWriter(out_dir, layout, max_shard_bytes=job.max_shard_bytes,
-                                  metadata={"format": "pt"})
-        total_bytes = sum(_nbytes(t) for t in tasks)
-        done_bytes = 0
+                  if node not in lead.published}
+        hasher = _ParentHasher(lead.published, lead.parents, readers, nodes)
+        tables = [plan_tensors(job, readers) for job in jobs]
+        names = [t.name for t in tables[0]]
+        if len(jobs) > 1 and any([t.name for t in table] != names for table in tables[1:]):
+            passes = [[j] for j in range(len(jobs))]
+        else:
+            passes = [list(range(len(jobs)))]
         _set_threads(torch)
-        stream = _Streaming(job, tasks, readers, device, torch)
-        try:
-            for i, task in enumerate(tasks):
-                stream.prefetch(i + 1)
-                out = _compute(job, task, readers, func, device, torch, stream)
+        written: list[tuple[dict[str, str], dict[str, str], int]] = [({}, {}, 0)] * len(jobs)
+        for members in passes:
+            results = _run_pass([jobs[j] for j in members], [tables[j] for j in members],
+                                [out_dirs[j] for j in members], readers, device, torch,
+                                progress)
+            for j, result in zip(members, results, strict=True):
+                written[j] = result
+        hasher.finish()
+        for node, r in readers.items():
+            if node in before and _stat_weights(r) != before[node]:
+                raise SourceError(
+                    f"the weights of '{node}' changed on disk while being merged", node=nodes,
+                    hint="run make again once nothing is writing the parent",
+                )
+        outputs = []
+        for job, table, out_dir, (hashes, xxh128, peak) in zip(jobs, tables, out_dirs, written,
+                                                               strict=True):
+            files = {name: (sha, (out_dir / name).stat().st_size)
+                     for name, sha in hashes.items()}
+            # The output stores a head its tied donor lacks: its config must say so.
+            untie_head = (head_name(reader_metadata(readers[job.donor])) is None
+                          and any(t.name in HEAD_NAMES for t in table))
+            files.update(_copy_support_files(job, readers, out_dir, untie_head))
+            vocab = vocab_plan(job, readers)
+            if vocab is not None:
+                write_vocab_files(vocab, out_dir, files)
+            digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
+            outputs.append(BuildOutput(
+                files=files, digest=digest, device=device, tensors=len(table),
+                bytes_written=sum(_nbytes(t) for t in table), peak_scratch_bytes=peak,
+                xxh128=xxh128))
+    finally:
+        if hasher is not None:
+            hasher.stop()
+        for r in readers.values():
+            r.close()
+    return outputs
+
+
+def _run_pass(jobs, tables, out_dirs, readers, device: str, torch,
+              progress: ProgressFn | None) -> list[tuple[dict[str, str], dict[str, str], int]]:
+    """One pass over the parents for ``jobs`` (whose tensor tables agree); per job, its
+    weight files' sha256 and xxh128 (hashed as written) and the pass's peak scratch bytes."""
+    from mergebuild.io.checkpoint import CheckpointWriter
+
+    shared = _SharedScratch(torch, device)
+    streams = [_Streaming(job, table, readers, device, torch, shared)
+               for job, table in zip(jobs, tables, strict=True)]
+    funcs = [job.method.load() for job in jobs]
+    writers: list[Any] = []
+    try:
+        for job, table, out_dir in zip(jobs, tables, out_dirs, strict=True):
+            writers.append(CheckpointWriter(
+                out_dir, [(t.name, t.dtype, t.shape) for t in table],
+                max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"}))
+        hashes = _stream_tensors(jobs, tables, readers, funcs, device, torch, streams,
+                                 writers, progress)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        shared.close()
+    faults.point("engine.after_finish")
+    peak = shared.peak_bytes()
+    return [(sha, dict(writer.xxh128), peak)
+            for sha, writer in zip(hashes, writers, strict=True)]
+
+
+def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, writers,
+                    progress: ProgressFn | None) -> list[dict[str, str]]:
+    """The pass: tensor by tensor, every job's output from the same mapped parent pages.
+
+    When the method allows it, a tensor's outputs are computed together from one read of
+    its inputs (``_compute_together``), in groups of jobs whose outputs fit the budget
+    below; otherwise job by job. Only the last reader of a tensor drops its parents' pages
+    (earlier ones would make the next fault them in again). The bytes queued in all
+    writers together, plus the outputs being computed, are kept under ``_queued_budget``
+    by waiting for the writers that hold the oldest tensors.
+    """
+    count = len(tables[0])
+    total_bytes = sum(_nbytes(t) for table in tables for t in table)
+    budget = _queued_budget(tables) if len(jobs) > 1 else None
+    done_bytes = 0
+    for i in range(count):
+        streams[0].prefetch(i + 1)
+        groups = _groups([_nbytes(t[i]) for t in tables], budget)
+        for g, members in enumerate(groups):
+            last_group = g == len(groups) - 1
+            together = None
+            if len(members) > 1:
+                _wait_for_room(writers, members[-1],
+                               sum(_nbytes(tables[j][i]) for j in members), budget)
+                streams[members[0]].drops = last_group
+                together = _compute_together(
+                    [jobs[j] for j in members], [tables[j][i] for j in members], readers,
+                    [funcs[j] for j in members], [streams[j] for j in members])
+            for k, j in enumerate(members):
+                job, task, stream, writer = jobs[j], tables[j][i], streams[j], writers[j]
+                stream.drops = last_group and k == len(members) - 1
+                if together is not None:
+                    out = together[k]
+                    together[k] = None
+                else:
+                    out = _compute(job, task, readers, funcs[j], device, torch, stream)
                 if not job.allow_nonfinite and not _all_finite(torch, out):
                     raise IncompatibleModelsError(
                         f"{job.method.name} produced NaN or Inf in {task.name} from finite "
@@ -381,46 +519,79 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
                         hint="check the node's parameters, or set allow_nonfinite: true")
                 faults.point("engine.computed")
                 stream.release(task)
+                if budget is not None and together is None:
+                    _wait_for_room(writers, j, _nbytes(task), budget)
                 writer.write(task.name, out)
+                del out
                 done_bytes += _nbytes(task)
-                if progress:
-                    progress(i + 1, len(tasks), done_bytes, total_bytes)
-            hashes = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            stream.close()
-        faults.point("engine.after_finish")
-        hasher.finish()
-        for node, r in readers.items():
-            if node in before and _stat_weights(r) != before[node]:
-                raise SourceError(
-                    f"the weights of '{node}' changed on disk while being merged", node=job.node,
-                    hint="run make again once nothing is writing the parent",
-                )
-        files = {name: (sha, (out_dir / name).stat().st_size) for name, sha in hashes.items()}
-        # The output stores a head its tied donor lacks: its config must say so.
-        untie_head = (head_name(reader_metadata(readers[job.donor])) is None
-                      and any(t.name in HEAD_NAMES for t in tasks))
-        files.update(_copy_support_files(job, readers, out_dir, untie_head))
-        vocab = vocab_plan(job, readers)
-        if vocab is not None:
-            write_vocab_files(vocab, out_dir, files)
-    finally:
-        if hasher is not None:
-            hasher.stop()
-        for r in readers.values():
-            r.close()
-    digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
-    return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
-                       bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes(),
-                       xxh128=dict(writer.xxh128))
+        if progress:
+            progress(i + 1, count, done_bytes, total_bytes)
+    return [writer.finish() for writer in writers]
+
+
+def _groups(sizes: list[int], budget: int | None) -> list[list[int]]:
+    """Consecutive jobs whose outputs of one tensor fit ``budget`` together (at least one
+    job per group); every job alone without a budget (a single build)."""
+    if budget is None:
+        return [[j] for j in range(len(sizes))]
+    groups: list[list[int]] = [[]]
+    used = 0
+    for j, size in enumerate(sizes):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(j)
+        used += size
+    return groups
+
+
+def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) -> list | None:
+    """Every job's output for one tensor from a single read of its inputs, when the jobs
+    share the method and the inputs and the method can do that: an elementwise method
+    (inputs converted once per chunk, the kernel run per job on copies) or one with a
+    ``streamed_many`` kernel. None: each job computes its tensor alone."""
+    if len(jobs) < 2:
+        return None
+    lead, task = streams[0], tasks[0]
+    method = jobs[0].method
+    if (lead.device != "cpu" or any(j.method is not method for j in jobs)
+            or task.dtype not in ARITHMETIC_CODES or method.passes_through
+            or any(t.remap is not None or t.base is not task.base or t.inputs != task.inputs
+                   or t.dtype != task.dtype for t in tasks)):
+        return None
+    params = [_resolve_params(job, t) for job, t in zip(jobs, tasks, strict=True)]
+    load = partial(_load, readers, lead,
+                   checked_for=None if all(j.allow_nonfinite for j in jobs) else jobs[0].node)
+    if lead.elementwise:
+        return lead.compute_chunked_many(tasks, load, funcs, params)
+    many = lead.merge_streamed_many
+    if many is not None and all(s.streams(t, p) for s, t, p in zip(streams, tasks, params,
+                                                                     strict=True)):
+        return lead.compute_streamed_many(jobs, tasks, load, many, params)
+    return None
+
+
+def _queued_budget(tables) -> int:
+    """Bytes of output tensors the writers of a fused pass may hold together: two of the
+    largest tensors (so one is written while the next is computed), at least 64 MB."""
+    largest = max((_nbytes(t) for table in tables for t in table), default=0)
+    return max(2 * largest, 64 * 2**20)
+
+
+def _wait_for_room(writers, current: int, nbytes: int, budget: int) -> None:
+    """Wait, oldest tensors first (the writers after ``current``, round the ring), until
+    handing ``nbytes`` more keeps the writers' queued bytes within ``budget``."""
+    n = len(writers)
+    for step in range(1, n + 1):
+        if sum(w.pending_bytes for w in writers) + nbytes <= budget:
+            return
+        writers[(current + step) % n].settle()
 
 
 class _ParentHasher:
-    """Hashes every file of the store-object parents (``job.published``) on a thread while
-    the build streams them, and compares with what the store published when the build ends.
+    """Hashes every file of the store-object parents (``published``, shared by every job of a
+    pass) on a thread while the pass streams them, and compares with what the store published
+    when the pass ends.
 
     Weight files are hashed through the very mappings the engine reads (opened first thing,
     so a parent replaced meanwhile is not what gets hashed), whole and in file order:
@@ -431,29 +602,31 @@ class _ParentHasher:
 
     _CHUNK = 8 * 2**20
 
-    def __init__(self, job: BuildJob, readers: Mapping[str, CheckpointReader]):
-        self.job = job
+    def __init__(self, published: Mapping[str, Mapping[str, str]],
+                 parents: Mapping[str, Path], readers: Mapping[str, CheckpointReader],
+                 built: str):
+        self.published, self.parents, self.node = published, parents, built
         self.actual: dict[tuple[str, str], str] = {}
         self.error: BaseException | None = None
         self.stopped = False
         self.maps: dict[tuple[str, str], mmap.mmap] = {}
-        for node in job.published:
+        for node in published:
             reader = readers[node]
             for path in CheckpointReader.weight_files(reader):
                 self.maps[(node, path.name)] = CheckpointReader._map(reader, path)
         self.thread = threading.Thread(target=self._run, name="mergebuild-parent-hash",
                                        daemon=True)
-        if job.published:
+        if published:
             self.thread.start()
 
     def _run(self) -> None:
         try:
-            for node, files in self.job.published.items():
+            for node, files in self.published.items():
                 for name in sorted(files):
                     if self.stopped:
                         return
                     mapped = self.maps.get((node, name))
-                    path = Path(self.job.parents[node]) / name
+                    path = Path(self.parents[node]) / name
                     self.actual[(node, name)] = (self._hash_mapped(mapped) if mapped is not None
                                                  else file_xxh128(path))
         except FileNotFoundError:
@@ -486,17 +659,17 @@ class _ParentHasher:
     def finish(self) -> None:
         """Wait for the hashes; CorruptParentError naming the parent and the first file whose
         bytes differ from what the store published."""
-        if not self.job.published:
+        if not self.published:
             return
         self.thread.join()
         if self.error is not None:
             raise self.error
-        for node, files in self.job.published.items():
+        for node, files in self.published.items():
             for name, expected in sorted(files.items()):
                 if self.actual.get((node, name)) != expected:
                     raise CorruptParentError(
                         f"parent '{node}' is corrupt in the store: {name} is not what was "
-                        "published", parent=node, file=name, node=self.job.node,
+                        "published", parent=node, file=name, node=self.node,
                         hint="it was moved aside; run make again to rebuild it")
 
 
@@ -518,7 +691,7 @@ def _nbytes(task: TensorTask) -> int:
     return math.prod(task.shape) * dtype_size(task.dtype)
 
 
-def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int]]]:
+def _stat_weights(reader: CheckpointReader) -> list[tuple[str, tuple[int, int, int, int]]]:
     return [(str(p), stat_signature(p)) for p in reader.weight_files()]
 
 
@@ -638,10 +811,40 @@ class _Scratch:
             p.numel() for p in self.pinned.values())
 
 
-class _Streaming:
-    """The state of one build's tensor stream: scratch buffers, page hints, chunked methods."""
+class _SharedScratch:
+    """The scratch of one pass: reused buffers and worker threads, shared by every job of a
+    fused pass (jobs run one after another per tensor, so no two use them at once)."""
 
-    def __init__(self, job: BuildJob, tasks: list[TensorTask], readers, device: str, torch):
+    def __init__(self, torch, device: str):
+        self.torch, self.device = torch, device
+        self.whole = _Scratch(torch, device, 1)
+        self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
+        self.workspaces: dict[int, Any] = {}  # chunk elements → ChunkWorkspace
+
+    def need_whole(self, elements: int) -> None:
+        self.whole.capacity = max(self.whole.capacity, elements)
+
+    def workspace(self, chunk: int) -> Any:
+        from mergebuild.methods.chunks import ChunkWorkspace
+
+        if chunk not in self.workspaces:
+            self.workspaces[chunk] = ChunkWorkspace(_workers(), chunk)
+        return self.workspaces[chunk]
+
+    def peak_bytes(self) -> int:
+        streamed = sum(w.nbytes() for w in self.workspaces.values())
+        return self.whole.nbytes() + self.chunks.nbytes() + streamed
+
+    def close(self) -> None:
+        for workspace in self.workspaces.values():
+            workspace.close()
+
+
+class _Streaming:
+    """One job's view of a pass's tensor stream: page hints and how its method computes."""
+
+    def __init__(self, job: BuildJob, tasks: list[TensorTask], readers, device: str, torch,
+                 shared: _SharedScratch):
         self.torch, self.device, self.job = torch, device, job
         self.tasks, self.readers = tasks, readers
         self.by_file = {str(d): n for n, r in readers.items() for d in r.weight_files()}
@@ -652,12 +855,13 @@ class _Streaming:
         # A streamed method sends only tiny tensors through whole-tensor scratch: size it by
         # need, not by the largest tensor.
         streamed = method.streamed is not None and device == "cpu"
-        whole = 1 if self.elementwise or streamed else largest
-        self.whole = _Scratch(torch, device, whole)
-        self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
+        shared.need_whole(1 if self.elementwise or streamed else largest)
+        self.shared = shared
+        self.whole, self.chunks = shared.whole, shared.chunks
         self.out_dtype = {code: torch_dtype(code) for code in ARITHMETIC_CODES}
         self.merge_streamed = method.load_streamed() if streamed else None
-        self.workspace: Any = None  # a ChunkWorkspace: threads + scratch of chunked merges
+        self.merge_streamed_many = method.load_streamed_many() if streamed else None
+        self.drops = True  # whether this job reads a tensor last (and may drop its pages)
 
     def _mapped(self, info: TensorInfo):
         for reader in self.readers.values():
@@ -675,7 +879,7 @@ class _Streaming:
 
     def drop_pages(self, info: TensorInfo | None, first: int, stop: int) -> None:
         """Unmap elements [first, stop) of a parent's tensor once they are converted."""
-        mapped = self._mapped(info) if info is not None else None
+        mapped = self._mapped(info) if info is not None and self.drops else None
         if mapped is None:
             return
         size = dtype_size(info.dtype)
@@ -708,6 +912,8 @@ class _Streaming:
         so resident memory follows the tensor being merged, not the bytes read so far."""
         self.whole.done()
         self.chunks.done()
+        if not self.drops:
+            return
         self._advise(task, mmap.MADV_DONTNEED)
         # A zero-copy output (passthrough) is read by the writer thread after this point and
         # maps its pages back in; the writer queue is bounded, so once _WRITER_LAG more
@@ -732,19 +938,10 @@ class _Streaming:
             self.drop_pages(info, s, e)
         return out.view(src.shape)
 
-    def peak_bytes(self) -> int:
-        streamed = self.workspace.nbytes() if self.workspace is not None else 0
-        return self.whole.nbytes() + self.chunks.nbytes() + streamed
-
     def chunk_workspace(self) -> Any:
-        """The build's worker threads and their scratch, made on first use, in the chunks the
-        method's streamed kernel is defined over (or the engine's choice)."""
-        from mergebuild.methods.chunks import ChunkWorkspace
-
-        if self.workspace is None:
-            self.workspace = ChunkWorkspace(_workers(),
-                                            self.job.method.stream_chunk or _STREAM_CHUNK)
-        return self.workspace
+        """The pass's worker threads and their scratch, in the chunks the method's streamed
+        kernel is defined over (or the engine's choice)."""
+        return self.shared.workspace(self.job.method.stream_chunk or _STREAM_CHUNK)
 
     def streams(self, task: TensorTask, params: TensorParams) -> bool:
         """Whether a tensor goes through the method's streamed kernel (CPU, mmapped parents;
@@ -770,9 +967,65 @@ class _Streaming:
             ) from None
         return out
 
-    def close(self) -> None:
-        if self.workspace is not None:
-            self.workspace.close()
+    def compute_streamed_many(self, jobs, tasks: list[TensorTask], load, many,
+                              params: list[TensorParams]) -> list:
+        """Every job's tensor through the method's ``streamed_many`` kernel, in one pass."""
+        task = tasks[0]
+        srcs = [load(info).reshape(-1) for info in task.inputs]
+        base = load(task.base).reshape(-1)
+        outs = [self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in jobs]
+        seeds = [tensor_seed(job.key, t.name) if job.method.randomized else None
+                 for job, t in zip(jobs, tasks, strict=True)]
+        try:
+            many(srcs, base, params, seeds, [o.view(-1) for o in outs], self.chunk_workspace(),
+                 partial(self.drop_spans, task))
+        except ValueError as exc:
+            raise IncompatibleModelsError(
+                f"{self.job.method.name} failed on {task.name}: {exc}",
+                node=", ".join(job.node for job in jobs)) from None
+        return outs
+
+    def compute_chunked_many(self, tasks: list[TensorTask], load, funcs,
+                             params: list[TensorParams]) -> list:
+        """An elementwise method for several jobs: each chunk of the inputs converted to
+        float32 once, then every job's kernel run on its own copy (kernels may work in
+        place), its result written into that job's output."""
+        torch = self.torch
+        task = tasks[0]
+        srcs = [load(info).reshape(-1) for info in task.inputs]
+        base = load(task.base).reshape(-1) if task.base else None
+        outs = [torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in tasks]
+        flats = [o.view(-1) for o in outs]
+        n = flats[0].numel()
+        ws = self.chunk_workspace()
+        last = len(tasks) - 1
+
+        def one(span: tuple[int, int]) -> None:
+            s, e = span
+            shared = [ws.buffer(("in", k), torch.float32)[: e - s].copy_(x[s:e])
+                      for k, x in enumerate(srcs)]
+            b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
+                 if base is not None else None)
+            self.drop_spans(task, s, e)
+            for j, (t, func, p, flat) in enumerate(zip(tasks, funcs, params, flats,
+                                                        strict=True)):
+                if j == last:
+                    parents, job_base = shared, b
+                else:
+                    parents = [ws.buffer(("job", k), torch.float32)[: e - s].copy_(x)
+                               for k, x in enumerate(shared)]
+                    job_base = (ws.buffer(("job", len(shared)), torch.float32)[: e - s]
+                                .copy_(b) if b is not None else None)
+                try:
+                    r = func(parents, job_base, p, None)
+                except ValueError as exc:
+                    raise IncompatibleModelsError(
+                        f"{self.job.method.name} failed on {t.name}: {exc}",
+                        node=self.job.node) from None
+                flat[s:e].copy_(r)
+
+        ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
+        return outs
 
     def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
         """An elementwise method over cache-sized chunks, written into one output tensor."""
@@ -826,21 +1079,27 @@ class _Streaming:
         ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
 
 
+def _load(readers, stream: _Streaming, info: TensorInfo, checked_for: str | None = None):
+    """A parent tensor as a view of its mapped file; with ``checked_for`` (the node being
+    built) one holding NaN or Inf stops the build, naming node, parent and tensor."""
+    # By identity first: "base" and "base+lora" share files but not readers.
+    reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
+                  None) or readers[stream.by_file[str(info.file)]]
+    tensor = reader.load(info.name)
+    faults.point("engine.read_tensor")
+    if checked_for is not None and not _all_finite(stream.torch, tensor):
+        parent = next((n for n, r in readers.items() if r is reader), "?")
+        raise CheckpointError(
+            f"parent '{parent}' holds NaN or Inf in {info.name}; merging would spread it",
+            node=checked_for, hint="fix the parent, or set allow_nonfinite: true on the node "
+                                   "(or make --allow-nonfinite) to merge it anyway")
+    return tensor
+
+
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
              stream: _Streaming) -> Any:
-    def load(info: TensorInfo):
-        # By identity first: "base" and "base+lora" share files but not readers.
-        reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
-                      None) or readers[stream.by_file[str(info.file)]]
-        tensor = reader.load(info.name)
-        faults.point("engine.read_tensor")
-        if not job.allow_nonfinite and not _all_finite(torch, tensor):
-            parent = next((n for n, r in readers.items() if r is reader), "?")
-            raise CheckpointError(
-                f"parent '{parent}' holds NaN or Inf in {info.name}; merging would spread it",
-                node=job.node, hint="fix the parent, or set allow_nonfinite: true on the node "
-                                    "(or make --allow-nonfinite) to merge it anyway")
-        return tensor
+    load = partial(_load, readers, stream,
+                   checked_for=None if job.allow_nonfinite else job.node)
 
     if (len(task.inputs) == 1 and task.base is None and task.remap is None
             and job.method.passes_through):

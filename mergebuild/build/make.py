@@ -30,7 +30,7 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.store.objects import Store
 
 
@@ -48,6 +48,7 @@ class Maker:
         self.lock = lock
         self.store = store
         self.allow_nonfinite = False
+        self.refs = store.refs_of(mergefile.path)  # this Mergefile's records, nobody else's
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter,
@@ -67,10 +68,23 @@ class Maker:
         by_name = {s.name: s for s in states}
         results: list[NodeResult] = []
         failed: set[str] = set()
+        sweep_of = {v: n for n, node in self.mergefile.nodes.items()
+                    if isinstance(node, SweepSpec) for v in node.variants}
+        settled: set[str] = set()  # variants built with the rest of their sweep
         for state in states:
-            if state.kind == "source":
+            if state.kind == "source" or state.name in settled:
                 continue
             spec = self.mergefile.nodes[state.name]
+            if isinstance(spec, SweepSpec):
+                lost = [v for v in spec.variants if v in failed]
+                if lost:
+                    failed.add(state.name)
+                    results.append(NodeResult(state.name, "skipped",
+                                              f"variant '{lost[0]}' failed"))
+                    reporter.node_done(results[-1])
+                else:
+                    state.status = "fresh"
+                continue
             if isinstance(spec, AdaptedSpec):
                 if spec.model in failed:
                     failed.add(state.name)
@@ -88,9 +102,27 @@ class Maker:
                                           f"parent '{blocked[0]}' failed"))
                 reporter.node_done(results[-1])
                 continue
+            sweep = sweep_of.get(state.name)
+            forced = force and (state.name in targets or sweep in targets)
+            if sweep is not None and state.status != "fresh":
+                # Every stale variant of the sweep at once: they share their parents.
+                group = [by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
+                         if v in by_name and by_name[v].status != "fresh"]
+                settled.update(s.name for s in group)
+                try:
+                    group_results = self._make_variants(group, by_name, forced, device,
+                                                        reporter)
+                except MergebuildError as exc:
+                    if not keep_going:
+                        raise
+                    failed.update(s.name for s in group)
+                    group_results = [NodeResult(s.name, "failed", str(exc)) for s in group]
+                for result in group_results:
+                    results.append(result)
+                    reporter.node_done(result)
+                continue
             try:
-                result = self._make_node(spec, state, by_name, force and state.name in targets,
-                                         device, reporter)
+                result = self._make_node(spec, state, by_name, forced, device, reporter)
             except MergebuildError as exc:
                 if not keep_going:
                     raise
@@ -108,7 +140,7 @@ class Maker:
         been built here (so something will be): the import (~2 s) then overlaps the hashing
         (~1 s for a 2.4 GB fresh store). A no-op make never imports torch."""
         merges = [n for n, s in self.mergefile.nodes.items() if isinstance(s, MergeSpec)]
-        if not (force or any(self.store.read_ref(n) is None for n in merges)):
+        if not (force or any(self.refs.read(n) is None for n in merges)):
             return
 
         def load() -> None:
@@ -151,13 +183,125 @@ class Maker:
         return NodeResult(spec.name, "built", "; ".join(state.reasons),
                           seconds=time.monotonic() - t0, bytes_written=written, path=path)
 
+    def _make_variants(self, group: list[NodeState], states: dict[str, NodeState],
+                       force: bool, device: str | None, reporter: Reporter
+                       ) -> list[NodeResult]:
+        """A sweep's stale variants, built in one pass over their shared parents.
+
+        Variants already in the store (built before, or by another mergebuild) are reused;
+        variants whose recipes are identical (two points meaning the same merge) are built
+        once. Every key is built under its own lock, taken in key order.
+        """
+        results: dict[str, NodeResult] = {}
+        todo: dict[str, list[tuple[MergeSpec, NodeState, dict[str, Any]]]] = {}
+        for state in group:
+            spec = self.mergefile.nodes[state.name]
+            assert isinstance(spec, MergeSpec)
+            recipe = build_recipe(spec, METHODS[spec.method],
+                                  lambda ref: states[ref].digest,  # type: ignore[arg-type,return-value]
+                                  self.mergefile.defaults)
+            key = recipe_key(recipe)
+            state.key, state.recipe = key, recipe
+            todo.setdefault(key, []).append((spec, state, recipe))
+        with contextlib.ExitStack() as locks:
+            for key in sorted(todo):
+                found = None if force else self.store.lookup(key)
+                if found is None:
+                    name = todo[key][0][0].name
+                    locks.enter_context(self.store.lock(
+                        key, on_wait=lambda name=name: reporter.waiting(name)))
+                    found = None if force else self.store.lookup(key)
+                if found is not None:
+                    for spec, state, _ in todo.pop(key):
+                        state.status, state.digest, state.path = "fresh", found.digest, found.path
+                        self._record(spec, METHODS[spec.method], state)
+                        results[spec.name] = NodeResult(spec.name, "reused",
+                                                        "already built (same recipe)",
+                                                        path=found.path)
+            if todo:
+                t0 = time.monotonic()
+                built = self._build_variants([same[0] for same in todo.values()], states,
+                                             device, reporter)
+                seconds = time.monotonic() - t0
+                for (key, same), (path, written) in zip(todo.items(), built, strict=True):
+                    first = same[0][0].name
+                    for k, (spec, state, _) in enumerate(same):
+                        state.status, state.path = "fresh", path
+                        state.digest = same[0][1].digest
+                        self._record(spec, METHODS[spec.method], state)
+                        results[spec.name] = (
+                            NodeResult(spec.name, "built",
+                                       f"{'; '.join(state.reasons)}; one pass with "
+                                       f"{len(built)} variant(s)", seconds=seconds,
+                                       bytes_written=written, path=path) if k == 0 else
+                            NodeResult(spec.name, "reused", f"the same recipe as {first}",
+                                       path=path))
+        return [results[s.name] for s in group]
+
+    def _build_variants(self, todo: list[tuple[MergeSpec, NodeState, dict[str, Any]]],
+                        states: dict[str, NodeState], device: str | None,
+                        reporter: Reporter) -> list[tuple[Path, int]]:
+        """Build variants over the same parents in one pass; publish each."""
+        from mergebuild.build.engine import run_builds
+        from mergebuild.provenance.write import write_provenance
+
+        jobs = []
+        for spec, state, _ in todo:
+            job = assemble_job(self.mergefile, spec, METHODS[spec.method], state.key, device)  # type: ignore[arg-type]
+            check_before_fetch(job, self.mergefile, spec, states, self.store)
+            jobs.append(with_parents(job, self.mergefile, spec, states, self.store,
+                                     reporter.download))
+        # The variants share their parents: each store-object parent is hashed once in the
+        # pass, against what the store published for it.
+        parent_keys = self._store_parents(todo[0][0], states)
+        published_parents = self._published(todo[0][0], parent_keys, states)
+        jobs = [replace(job, published=published_parents) for job in jobs]
+        lead = todo[0][1]
+        label = f"{len(todo)} variant(s) of {lead.name.split('[', 1)[0]} in one pass"
+        reporter.node_start(NodeState(name=label, kind="merge", status="stale",
+                                      method=lead.method))
+        tmps = [self.store.new_tmp(state.key) for _, state, _ in todo]  # type: ignore[arg-type]
+        published: list[tuple[Path, int]] = []
+        started = utc_now()
+        try:
+            outputs = run_builds(jobs, tmps,
+                                 progress=lambda *a: reporter.node_progress(label, *a))
+            self._check_sources_unchanged(todo[0][0], states)
+            for (spec, state, recipe), output, tmp in zip(todo, outputs, tmps, strict=True):
+                state.digest = output.digest
+                record = build_record(self.mergefile, self.graph, spec, METHODS[spec.method],
+                                      states, state.key, recipe, output, started)  # type: ignore[arg-type]
+                write_provenance(tmp, record)
+                published.append((self.store.publish(tmp, state.key, output.digest,  # type: ignore[arg-type]
+                                                     output.xxh128), output.bytes_written))
+        except CorruptParentError as exc:
+            for tmp in tmps[len(published):]:
+                self.store.abandon(tmp)
+            self.store.quarantine(parent_keys[exc.parent])
+            raise
+        except KeyboardInterrupt:
+            for tmp in tmps[len(published):]:
+                self.store.abandon(tmp)
+            raise BuildInterrupted(f"interrupted; {len(published)} of {len(todo)} variants "
+                                   "published", node=lead.name,
+                                   hint="run make again to finish") from None
+        except OSError as exc:
+            for tmp in tmps[len(published):]:
+                self.store.abandon(tmp)
+            raise self.store.os_error(exc, "build failed", node=lead.name) from None
+        except BaseException:
+            for tmp in tmps[len(published):]:
+                self.store.abandon(tmp)
+            raise
+        return published
+
     def _record(self, spec: MergeSpec, method: Method, state: NodeState) -> None:
-        previous = self.store.read_ref(spec.name)
-        if previous and previous.get("key") == state.key:
+        previous = self.refs.read(spec.name)
+        if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
             return
-        self.store.write_ref(spec.name, {
+        self.refs.write(spec.name, {
             "key": state.key, "digest": state.digest, "recipe": state.recipe,
-            "parents": parent_names(spec, method), "mergefile": str(self.mergefile.path),
+            "parents": parent_names(spec, method),
         })
 
     def _build(self, spec: MergeSpec, method: Method, state: NodeState,

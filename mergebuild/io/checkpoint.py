@@ -614,6 +614,8 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._pending = 0  # bytes handed to write() and not yet on their way to disk
+        self._pending_lock = threading.Lock()
         self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -662,12 +664,24 @@ class CheckpointWriter:
         if self._queue is None:
             self._write_slot(slot, data)
         else:
+            with self._pending_lock:
+                self._pending += slot.nbytes
             while True:
                 try:
                     self._queue.put((slot, data), timeout=0.5)
                     break
                 except queue.Full:
                     self._raise_pending_error()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of tensors handed to `write` that the I/O thread has not written yet."""
+        return self._pending
+
+    def settle(self) -> None:
+        """Wait until every tensor handed to `write` so far is written (or failed)."""
+        if self._queue is not None and self._thread is not None:
+            self._queue.join()
 
     def finish(self) -> dict[str, str]:
         """Flush, fsync and close every file, write the index; return {file name: sha256 hex}.
@@ -763,6 +777,8 @@ class CheckpointWriter:
                         self._write_slot(*item)
                     except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                         self._error = exc
+                with self._pending_lock:
+                    self._pending -= item[0].nbytes
             finally:
                 del item
                 self._queue.task_done()

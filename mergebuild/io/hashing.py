@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import xxhash
+
+from mergebuild.errors import StoreError
 
 _CHUNK = 8 * 2**20
 
@@ -45,70 +49,134 @@ def file_xxh128(path: Path) -> str:
     return "xxh128:" + h.hexdigest()
 
 
-def stat_signature(path: Path) -> tuple[int, int, int]:
+def stat_signature(path: Path) -> tuple[int, int, int, int]:
+    """What identifies a file's bytes without reading them: inode, size, mtime and ctime.
+    ctime matters: anyone can restore an mtime (``touch -d``), nobody can set ctime, so a
+    same-size edit with the mtime put back is still seen."""
     st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+STATE_DB_WAIT_SECONDS = 30.0  # how long a locked stat cache is waited for before failing
 
 
 class StatCache:
-    """(path, inode, size, mtime_ns) → digest, so unchanged files are never re-read.
+    """(path, inode, size, mtime_ns, ctime_ns) → digest, so unchanged files are never re-read.
 
-    Kept in SQLite inside the store; several processes may share it.
+    Kept in SQLite inside the store; several processes may share it. If another process
+    holds the database locked, the cache says so once (``on_wait``) and waits up to
+    ``wait_seconds`` in all (``$MERGEBUILD_STATE_DB_WAIT`` overrides it), then fails with a
+    StoreError instead of stalling silently.
     """
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, on_wait: Callable[[Path, float], None] | None = None,
+                 wait_seconds: float | None = None):
         self.db_path = db_path
         self._local = threading.local()
+        self.on_wait = on_wait or _say_waiting
+        if wait_seconds is None:
+            env = os.environ.get("MERGEBUILD_STATE_DB_WAIT")
+            try:
+                wait_seconds = float(env) if env else STATE_DB_WAIT_SECONDS
+            except ValueError:
+                wait_seconds = STATE_DB_WAIT_SECONDS
+        self.wait_seconds = max(0.0, wait_seconds)
+        self._waited = False
 
     def _conn(self) -> sqlite3.Connection | None:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
                 self.db_path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, inode INTEGER,"
-                    " size INTEGER, mtime_ns INTEGER, digest TEXT)"
-                )
-            except sqlite3.Error:
+                conn = sqlite3.connect(self.db_path, timeout=_FIRST_TRY_SECONDS,
+                                       isolation_level=None)
+            except (OSError, sqlite3.Error):
                 return None  # a read-only or broken store still works, just slower
+            try:
+                self._run(conn, "PRAGMA journal_mode=WAL")
+                # files: the old table without ctime, left for older mergebuilds to read.
+                self._run(conn, "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY "
+                          "KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,"
+                          " digest TEXT)")
+            except sqlite3.Error:
+                conn.close()
+                return None
             self._local.conn = conn
         return conn
+
+    def _run(self, conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
+        """Execute ``sql``; while the database is locked, wait (saying so once), bounded."""
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise
+        if not self._waited:
+            self._waited = True
+            self.on_wait(self.db_path, self.wait_seconds)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.wait_seconds * 1000)}")
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc):
+                raise
+            raise StoreError(
+                f"the stat cache {self.db_path} is locked by another process "
+                f"(waited {self.wait_seconds:g} s)",
+                hint="let that process finish, or delete state.db: it is only a cache") from None
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(_FIRST_TRY_SECONDS * 1000)}")
 
     def digest(self, path: Path) -> str:
         """The xxh128 digest of ``path``, from the cache when its stat is unchanged."""
         path = Path(path).resolve()
-        inode, size, mtime_ns = stat_signature(path)
+        signature = stat_signature(path)
         conn = self._conn()
         if conn is not None:
             try:
-                row = conn.execute(
-                    "SELECT inode, size, mtime_ns, digest FROM files WHERE path = ?", (str(path),)
-                ).fetchone()
+                rows = self._run(conn, "SELECT inode, size, mtime_ns, ctime_ns, digest FROM "
+                                 "file_digests WHERE path = ?", (str(path),))
             except sqlite3.Error:
-                row = None
-            if row and tuple(row[:3]) == (inode, size, mtime_ns):
-                return row[3]
+                rows = []
+            if rows and tuple(rows[0][:4]) == signature:
+                return rows[0][4]
         digest = file_xxh128(path)
-        if stat_signature(path) != (inode, size, mtime_ns):
+        if stat_signature(path) != signature:
             # Changed while we read it: do not cache a digest of a moving target.
             return digest
-        self._store(path, (inode, size, mtime_ns), digest)
+        self._store(path, signature, digest)
         return digest
 
     def remember(self, path: Path, digest: str) -> None:
         """Record ``digest`` as the content of ``path`` as it is now (hashed while it was
-        written), so the next :meth:`digest` reads nothing unless the file changes."""
+        written), so the next :meth:`digest` reads nothing unless the file changes. Best
+        effort: a locked database is not waited for (nothing depends on this entry)."""
         path = Path(path).resolve()
-        self._store(path, stat_signature(path), digest)
+        self._store(path, stat_signature(path), digest, wait=False)
 
-    def _store(self, path: Path, signature: tuple[int, ...], digest: str) -> None:
+    def _store(self, path: Path, signature: tuple[int, ...], digest: str,
+               wait: bool = True) -> None:
         conn = self._conn()
         if conn is None:
             return
+        sql = "INSERT OR REPLACE INTO file_digests VALUES (?, ?, ?, ?, ?, ?)"
         try:
-            conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                         (str(path), *signature, digest))
+            if wait:
+                self._run(conn, sql, (str(path), *signature, digest))
+            else:
+                conn.execute(sql, (str(path), *signature, digest))
         except sqlite3.Error:
             pass
+
+
+_FIRST_TRY_SECONDS = 0.5  # a lock held this briefly (another mergebuild writing) is no news
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _say_waiting(db_path: Path, seconds: float) -> None:
+    print(f"mergebuild: waiting up to {seconds:g} s for the stat cache {db_path} "
+          "(another process holds it locked)", file=sys.stderr, flush=True)

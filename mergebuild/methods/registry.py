@@ -24,6 +24,16 @@ reads flat parents of any float dtype (mmap views, say) a chunk at a time and wr
 flat ``out``, bit for bit the whole-tensor kernel's result cast to ``out``'s dtype;
 ``consumed(start, stop)`` is called once a span of the inputs is read for the last time.
 
+The streamed kernel for several variants (``streamed_many``), for sweeps built in one pass::
+
+    def merge(parents: list[Tensor], base: Tensor, params: list[TensorParams],
+              seeds: list[int | None], outs: list[Tensor], workspace: ChunkWorkspace,
+              consumed=None) -> None
+
+writes ``outs[i]`` bit for bit as the streamed kernel would with ``params[i]`` and
+``seeds[i]``, sharing what does not depend on the parameters (reading and converting the
+inputs, statistics such as norms or magnitude histograms).
+
 A family member (a method with ``settings``) gets its declaration as the keyword argument
 ``method`` of both kernels, and reads its knobs from ``method.settings``.
 """
@@ -140,6 +150,8 @@ class Method:
     or "optional" (as "required" when a base is given, else as "none").
     ``kernel``: the whole-tensor kernel; ``streamed``: the chunked one (None: none), whose
     results are defined over chunks of ``stream_chunk`` elements (None: any chunking).
+    ``streamed_many``: the streamed kernel for several parameter sets over the same inputs
+    (a sweep's variants in one pass; None: the engine runs ``streamed`` once per variant).
     ``elementwise``: each output element depends only on the same element of the inputs,
     so the engine may merge any slices of the tensors separately.
     ``passes_through``: the result is the one parent's tensor times its ``scale``, so the
@@ -158,6 +170,7 @@ class Method:
     randomized: bool = False
     aliases: tuple[str, ...] = field(default=())
     streamed: str | None = None  # "module:function"
+    streamed_many: str | None = None  # "module:function": several variants in one pass
     stream_chunk: int | None = None
     elementwise: bool = False
     passes_through: bool = False
@@ -187,6 +200,10 @@ class Method:
         if self.streamed is None:
             raise ValueError(f"{self.name} has no streamed kernel")
         return self._import(self.streamed)
+
+    def load_streamed_many(self) -> Callable[..., Any] | None:
+        """The streamed kernel for several variants in one pass, if the method has one."""
+        return self._import(self.streamed_many) if self.streamed_many else None
 
     def _import(self, path: str) -> Callable[..., Any]:
         module, _, attr = path.partition(":")
@@ -233,6 +250,7 @@ def _core_density() -> Param:
 
 _FAMILY_WHOLE = "mergebuild.methods.task_arithmetic.whole:merge"
 _FAMILY_STREAMED = "mergebuild.methods.task_arithmetic.streamed:merge"
+_FAMILY_STREAMED_MANY = "mergebuild.methods.task_arithmetic.streamed:merge_many"
 
 
 def _task_vector_member(
@@ -277,6 +295,7 @@ def _task_vector_member(
         kernel=_FAMILY_WHOLE,
         # DELLA ranks each row and draws torch's generator row block by row block: whole only.
         streamed=None if sparsifier == "della" else _FAMILY_STREAMED,
+        streamed_many=None if sparsifier == "della" else _FAMILY_STREAMED_MANY,
         # Without a sparsifier each output element depends only on the same inputs' elements.
     elementwise=sparsifier is None,
         base="required",
@@ -303,6 +322,7 @@ register(Method(
     when_to_use="blend exactly two models smoothly; `t` may follow a per-layer gradient",
     kernel="mergebuild.methods.slerp:merge_slerp",
     streamed="mergebuild.methods.slerp:merge_slerp_streamed",
+    streamed_many="mergebuild.methods.slerp:merge_slerp_streamed_many",
     stream_chunk=1 << 20,  # slerp.CHUNK_ELEMENTS: the chunks its dot products are taken over
     base="required",
     params=(Param("t", "float", help="interpolation factor; 0 is the base_model"),),

@@ -133,3 +133,45 @@ def merge_slerp_streamed(
             consumed(*span)
 
     workspace.run(mix, spans)
+
+
+def merge_slerp_streamed_many(
+    parents: list[torch.Tensor],
+    base: torch.Tensor,
+    params: list[TensorParams],
+    seeds: list[int | None],
+    outs: list[torch.Tensor],
+    workspace: ChunkWorkspace,
+    consumed=None,
+) -> None:
+    """``merge_slerp_streamed`` for several ``t`` over the same inputs, in one pass.
+
+    The dot products do not depend on ``t``: they are taken once. Each chunk of the inputs
+    is then converted once and every variant's ``c0·x + c1·y`` is written from it, with the
+    same operations as the single kernel (so each ``outs[i]`` is bit for bit its result).
+    """
+    ts = [_t(base, parents, p) for p in params]
+    other = parents[0]
+    if workspace.chunk != _CHUNK_ELEMENTS:
+        raise ValueError(f"the workspace's chunk must be {_CHUNK_ELEMENTS} elements")
+    n = outs[0].numel()
+    spans = [(s, min(n, s + _CHUNK_ELEMENTS)) for s in range(0, n, _CHUNK_ELEMENTS)]
+
+    def load(span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = span
+        x = workspace.buffer("slerp.base", torch.float32)[: e - s].copy_(base[s:e])
+        y = workspace.buffer("slerp.other", torch.float32)[: e - s].copy_(other[s:e])
+        return x, y
+
+    dots = workspace.run(lambda span: _chunk_dots(*load(span)), spans)
+    coefficients = [_coefficients(dots, t) for t in ts]
+
+    def mix(span: tuple[int, int]) -> None:
+        x, y = load(span)
+        mixed = workspace.buffer("slerp.mixed", torch.float32)[: span[1] - span[0]]
+        for out, (c0, c1) in zip(outs, coefficients, strict=True):
+            out[span[0] : span[1]].copy_(torch.mul(x, c0, out=mixed).add_(y, alpha=c1))
+        if consumed is not None:
+            consumed(*span)
+
+    workspace.run(mix, spans)

@@ -8,14 +8,21 @@ from typing import Any
 
 import networkx as nx
 
-from mergebuild.errors import StoreError
+from mergebuild.errors import MergefileError, StoreError
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, NodeKind, SourceSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    MergeSpec,
+    Mergefile,
+    NodeKind,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.store.objects import Store
 
 
@@ -49,9 +56,14 @@ class Planner:
         self.graph = graph
         self.store = store
         self.sources = sources
+        self.refs = store.refs_of(mergefile.path)
 
     def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
         targets = list(targets) or default_targets(self.graph)
+        if not targets:
+            raise MergefileError("the Mergefile has no merge nodes: nothing to plan or build",
+                                 file=str(self.mergefile.path),
+                                 hint="add a node with 'merge_method:', as in Mergefile.example")
         check_targets(self.mergefile, targets)
         return targets
 
@@ -77,7 +89,14 @@ class Planner:
                     reasons=lock.changes(adapter_entry(name), spec.adapter, adapter))
                 adapt(states[name], spec, states[spec.model])
                 continue
-            states[name] = self._plan_merge(spec, states, force and name in targets)
+            if isinstance(spec, SweepSpec):
+                states[name] = sweep_state(spec, states)
+                continue
+            # A variant of a swept target is forced with it (--force rebuilds the sweep).
+            forced = force and (name in targets or any(
+                isinstance(self.mergefile.nodes[t], SweepSpec)
+                and name in self.mergefile.nodes[t].variants for t in targets))  # type: ignore[union-attr]
+            states[name] = self._plan_merge(spec, states, forced)
         return list(states.values())
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
@@ -89,7 +108,7 @@ class Planner:
                               self.mergefile.defaults)
         state = NodeState(name=spec.name, kind="merge", status="stale", method=method.name,
                           recipe=recipe)
-        previous = self.store.read_ref(spec.name)
+        previous = self.refs.read(spec.name)
         if pending:
             if previous and isinstance(previous.get("recipe"), dict):
                 reasons = recipe_changes(previous["recipe"], recipe, parent_names(spec, method))
@@ -161,7 +180,7 @@ class Planner:
         states = self.plan(list(self.mergefile.nodes))
         keys = {s.key for s in states if s.kind == "merge" and s.key}
         for name, spec in self.mergefile.nodes.items():
-            ref = self.store.read_ref(name)
+            ref = self.refs.read(name)
             if isinstance(spec, MergeSpec) and ref and ref.get("key"):
                 keys.add(str(ref["key"]))
         return keys
@@ -180,3 +199,18 @@ def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
     state.status = "fresh"
     state.digest = adapted_digest(model.digest, state.adapter.digest)
     state.reasons = [r for r in state.reasons if r != waiting]
+
+
+def sweep_state(spec: SweepSpec, states: dict[str, NodeState]) -> NodeState:
+    """A sweep is fresh when every variant is; it builds nothing of its own."""
+    variants = [states[v] for v in spec.variants]
+    stale = [v for v in variants if v.status != "fresh"]
+    keyed = [v.key for v in variants if v.key]
+    state = NodeState(name=spec.name, kind="sweep", status="stale" if stale else "fresh",
+                      method=f"sweep ({len(variants)} variants)")
+    if stale:
+        same = len(keyed) - len(set(keyed))
+        state.reasons = [f"{len(stale)} of {len(variants)} variants to build"
+                         + (f"; {same} give a recipe another variant gives (built once)"
+                            if same else "")]
+    return state

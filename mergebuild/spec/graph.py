@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import heapq
 
 import networkx as nx
 
 from mergebuild.errors import GraphError
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:
@@ -25,10 +26,12 @@ def build_graph(mf: Mergefile) -> nx.DiGraph:
                 g.add_edge(ref, name)
         elif isinstance(node, AdaptedSpec):
             g.add_edge(node.model, name)
-    try:
-        cycle = nx.find_cycle(g)
-    except nx.NetworkXNoCycle:
+        elif isinstance(node, SweepSpec):
+            for variant in node.variants:
+                g.add_edge(variant, name)
+    if nx.is_directed_acyclic_graph(g):  # linear and cheap; find_cycle is ~10x slower
         return g
+    cycle = nx.find_cycle(g)
     names = [edge[0] for edge in cycle] + [cycle[0][0]]
     first = names[0]
     spec = mf.nodes[first]
@@ -47,18 +50,38 @@ def check_targets(mf: Mergefile, targets: list[str]) -> None:
 
 
 def build_order(g: nx.DiGraph, targets: list[str]) -> list[str]:
-    """The targets and their ancestors, parents before children, ties broken by name."""
+    """The targets and their ancestors, parents before children, ties broken by name.
+
+    One walk up from all targets and one heap-ordered pass (Kahn's algorithm): linear in the
+    nodes needed, where an ancestor walk per target and networkx's subgraph views took
+    seconds for 10,000 nodes."""
     wanted: set[str] = set()
-    for t in targets:
-        wanted.add(t)
-        wanted |= nx.ancestors(g, t)
-    return list(nx.lexicographical_topological_sort(g.subgraph(wanted)))
+    todo = [t for t in targets if t in g]
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(g.pred[name])
+    waiting = {n: sum(1 for p in g.pred[n] if p in wanted) for n in wanted}
+    ready = [n for n, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        name = heapq.heappop(ready)
+        order.append(name)
+        for child in g.succ[name]:
+            if child in waiting:
+                waiting[child] -= 1
+                if waiting[child] == 0:
+                    heapq.heappush(ready, child)
+    return order
 
 
 def default_targets(g: nx.DiGraph) -> list[str]:
-    """Merge nodes that no other node uses (the chain's final models)."""
+    """Merge nodes and sweeps that no other node uses (the chain's final models)."""
     return sorted(
-        n for n in g.nodes if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec)
+        n for n in g.nodes
+        if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec | SweepSpec)
     )
 
 
@@ -69,6 +92,8 @@ def _label(g: nx.DiGraph, name: str) -> str:
     if isinstance(spec, AdaptedSpec):
         adapter = spec.adapter if spec.adapter_kind != "local" else "local"
         return f"{name} (LoRA {adapter} on {spec.model})"
+    if isinstance(spec, SweepSpec):
+        return f"{name} (sweep of {len(spec.variants)} variants)"
     return f"{name} ({spec.method})"
 
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import yaml
 
-from mergebuild.errors import MergefileError
+from mergebuild.errors import MergefileError, shorten
 from mergebuild.io.chat_templates import template_problem
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.validate import MERGE_KEYS as _MERGEFILE_MERGE_KEYS
 from mergebuild.spec.validate import known_parameter_names
-from mergebuild.spec.yaml_lines import ConfigLoader
+from mergebuild.spec.yaml_lines import load_yaml_documents, plain
 
 # mergekit's MergeConfiguration keys a merge node accepts verbatim (all of a Mergefile's
 # merge keys but the mergebuild-only `description` and `allow_nonfinite`).
@@ -94,7 +94,7 @@ class _Importer:
         else:
             path, revision = value, None
         if not isinstance(path, str) or not path.strip():
-            raise MergefileError(f"{where}: model reference must be a string, got {value!r}")
+            raise MergefileError(f"{where}: model reference must be a string, got {shorten(value)}")
         path = path.strip()
         if revision is None and "@" in path and not os.path.exists(path):
             path, revision = path.rsplit("@", 1)
@@ -112,7 +112,7 @@ class _Importer:
             if value.get("override_architecture"):
                 self.warnings.append(f"{where}: override_architecture is not supported; dropped")
         else:
-            raise MergefileError(f"{where}: cannot parse model reference {value!r}")
+            raise MergefileError(f"{where}: cannot parse model reference {shorten(value)}")
         path, revision = self._path_and_revision(model, where)
         if path in self.merge_names and revision is None:
             node = path
@@ -233,12 +233,8 @@ def _documents(files: list[Path]) -> list[_Document]:
             text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise MergefileError(f"cannot read {file}: {exc.strerror}", file=str(file)) from None
-        try:
-            loaded = [d for d in yaml.load_all(text, Loader=ConfigLoader) if d is not None]
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise MergefileError(f"YAML syntax error: {getattr(exc, 'problem', exc)}",
-                                 file=str(file), line=mark.line + 1 if mark else None) from None
+        # The Mergefile's loader: line numbers in errors, alias bombs refused.
+        loaded = [plain(d) for d in load_yaml_documents(text, str(file)) if d is not None]
         for i, data in enumerate(loaded):
             if not isinstance(data, dict) or "merge_method" not in data:
                 raise MergefileError("not a mergekit config (no 'merge_method')", file=str(file),

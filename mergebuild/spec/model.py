@@ -20,7 +20,7 @@ SourceKind = Literal["local", "hub", "demo"]
 # What a tokenizer source does to the vocabulary: keep the base's, take the union, or take
 # one named model's ("model"; which model is the recipe's donor).
 TokenizerPolicy = Literal["base", "union", "model"]
-NodeKind = Literal["source", "merge", "adapted"]
+NodeKind = Literal["source", "merge", "adapted", "sweep"]
 
 
 def _uri_kind(uri: str) -> SourceKind:
@@ -201,7 +201,31 @@ class MergeSpec:
         return list(seen)
 
 
-Node = SourceSpec | MergeSpec | AdaptedSpec
+@dataclass(frozen=True)
+class SelectSpec:
+    """Which variant of a sweep its name stands for: the best by one metric."""
+
+    goal: Literal["maximize", "minimize"]
+    metric: str  # an evaluation's metric, or "retention"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A merge written once with a grid of values: one variant node per point.
+
+    The variants are ordinary merge nodes (named ``blend[t=0.35,code.weight=1.0]``); this
+    node groups them. ``make blend`` builds every variant (those sharing their parents in
+    one pass); ``select`` says which variant ``blend`` stands for downstream.
+    """
+
+    name: str
+    variants: tuple[str, ...]  # variant node names, in grid order (identical points once)
+    points: tuple[Mapping[str, Any], ...]  # each variant's swept values, by path as written
+    select: SelectSpec | None
+    line: int
+
+
+Node = SourceSpec | MergeSpec | AdaptedSpec | SweepSpec
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mergebuild.errors import GraphError, MergefileError
+from mergebuild.errors import GraphError, MergefileError, shorten
 from mergebuild.io.chat_templates import NAMED_TEMPLATES, template_problem
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.card import SOURCE_CARD_KEYS, parse_card
@@ -22,9 +22,11 @@ from mergebuild.spec.model import (
     SliceSourceSpec,
     SliceSpec,
     SourceSpec,
+    SweepSpec,
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
+from mergebuild.spec.sweep import apply_point, grid_points, parse_select
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -42,6 +44,10 @@ from mergebuild.spec.validate import (
 from mergebuild.spec.yaml_lines import LineDict, line_of, load_yaml
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A node's record is refs/<id>/<name>.json, written through a temp file beside it: a name
+# this long always fits a file name (255 bytes) and still reads in a terminal.
+MAX_NODE_NAME = 128
+MAX_DESCRIPTION = 10_000  # characters: a paragraph or a page, not a pasted file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # A size is bytes, or a number and a unit: KB/MB/GB/TB count in powers of 1000 and
@@ -91,7 +97,8 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     version = data.get("version", 1)
     if version != 1:
         raise MergefileError(
-            f"unsupported Mergefile version {version!r}", file=file, line=data.line_of("version"),
+            f"unsupported Mergefile version {shorten(version)}", file=file,
+            line=data.line_of("version"),
             hint="this mergebuild reads version 1",
         )
     raw_defaults = data.get("defaults") or LineDict()
@@ -109,6 +116,7 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     builder.read_defaults(raw_defaults)
     for name in models:
         builder.add(name)
+    builder.check_sweep_children()
     card = None
     if data.get("card") is not None:
         card = parse_card(data["card"], file, data.line_of("card"), None)
@@ -120,7 +128,7 @@ def parse_dtype(value: Any, file: str, line: int, node: str | None) -> DType:
     """A dtype as written (any alias, any case) → its one name; else a MergefileError."""
     if not isinstance(value, str) or value.lower() not in DTYPE_ALIASES:
         raise MergefileError(
-            f"unsupported dtype {value!r}", file=file, line=line, node=node,
+            f"unsupported dtype {shorten(value)}", file=file, line=line, node=node,
             hint="use float32, float16 or bfloat16",
         )
     return DTYPE_ALIASES[value.lower()]
@@ -135,7 +143,7 @@ def parse_size(value: Any, file: str, line: int, key: str) -> int:
         number = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
     if number is None or number < 1 or not float(number).is_integer():
         raise MergefileError(
-            f"'{key}' must be a positive size, got {value!r}", file=file, line=line,
+            f"'{key}' must be a positive size, got {shorten(value)}", file=file, line=line,
             hint="write bytes (5000000000) or a size: 500MB or 5GB (powers of 1000), "
                  "2GiB (powers of 1024)",
         )
@@ -157,7 +165,7 @@ def parse_device(value: Any, file: str, line: int) -> str:
     """A device as written; only the ones the engine can run on pass."""
     if not isinstance(value, str) or not _DEVICE.match(value):
         raise MergefileError(
-            f"unsupported device {value!r}", file=file, line=line,
+            f"unsupported device {shorten(value)}", file=file, line=line,
             hint="use auto, cpu, cuda, cuda:N or mps",
         )
     return value
@@ -193,18 +201,35 @@ class _Builder:
 
     def add(self, name: str) -> None:
         line = self.models.line_of(name)
+        number = self.models.written_as_number(name)
+        if number is not None:
+            raise self.error(
+                f"node name {number} is read by YAML as the number {name}", line, None,
+                f"quote it: '{number}': (or start it with a letter)")
         if not NODE_NAME.match(name) or ".." in name:
             raise self.error(
-                f"invalid node name '{name}'", line, None,
+                f"invalid node name {shorten(name)}", line, None,
                 "node names use letters, digits, '.', '_' and '-', no slashes or '..'",
             )
+        if len(name) > MAX_NODE_NAME:
+            raise self.error(
+                f"node name {shorten(name, 40)} is {len(name)} characters long", line, None,
+                f"use at most {MAX_NODE_NAME}")
         body = self.models[name]
         if not isinstance(body, LineDict):
             raise self.error(
                 "a node must be a mapping with 'source:' or 'merge_method:'", line, name
             )
+        description = body.get("description")
+        if description is not None and (not isinstance(description, str)
+                                        or len(description) > MAX_DESCRIPTION):
+            raise self.error(
+                f"'description' must be text of at most {MAX_DESCRIPTION:,} characters",
+                body.line_of("description"), name, "write a paragraph, not a pasted file")
         if "source" in body:
             self.nodes[name] = self._source(name, body)
+        elif "merge_method" in body and "sweep" in body:
+            self._sweep(name, body)
         elif "merge_method" in body:
             self.nodes[name] = self._merge(name, body)
         else:
@@ -238,13 +263,13 @@ class _Builder:
         if uri.startswith("hf://"):
             repo = uri[5:].split("@", 1)[0]
             if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", repo):
-                raise self.error(f"invalid hub reference '{uri}'", line, node,
+                raise self.error(f"invalid hub reference {shorten(uri)}", line, node,
                                  "write hf://org/name or hf://org/name@revision")
             return uri
         if uri.startswith("demo://"):
             return uri
         if "://" in uri:
-            raise self.error(f"unsupported source '{uri}'", line, node,
+            raise self.error(f"unsupported source {shorten(uri)}", line, node,
                              "use a local path, hf://org/name[@rev] or demo://name")
         return str((self.base_dir / Path(uri).expanduser()).resolve())
 
@@ -257,8 +282,8 @@ class _Builder:
 
     def _ref(self, ref: Any, line: int, node: str | None) -> str:
         if not isinstance(ref, str) or not ref.strip():
-            raise self.error(f"model reference must be a node name or a path, not {ref!r}", line,
-                             node)
+            raise self.error(f"model reference must be a node name or a path, not {shorten(ref)}",
+                             line, node)
         ref = ref.strip()
         if ref in self.models:
             return ref
@@ -276,7 +301,7 @@ class _Builder:
         hint = did_you_mean(ref, list(self.models)) or (
             "name a node of this Mergefile, a path (./dir) or a hub id (hf://org/name)"
         )
-        raise GraphError(f"unknown model '{ref}'", file=self.file, line=line, node=node,
+        raise GraphError(f"unknown model {shorten(ref)}", file=self.file, line=line, node=node,
                          hint=hint)
 
     def _adapted(self, ref: str, line: int, node: str | None) -> str:
@@ -287,10 +312,10 @@ class _Builder:
         """
         parts = [part.strip() for part in ref.split("+")]
         if not all(parts):
-            raise self.error(f"cannot parse LoRA reference '{ref}'", line, node,
+            raise self.error(f"cannot parse LoRA reference {shorten(ref)}", line, node,
                              "write MODEL+ADAPTER, e.g. base+./my-lora or base+hf://org/lora")
         if len(parts) > 2:
-            raise self.error(f"'{ref}' stacks two adapters", line, node,
+            raise self.error(f"{shorten(ref)} stacks two adapters", line, node,
                              f"apply one adapter per reference; to stack them, merge "
                              f"'{parts[0]}+{parts[1]}' into a node of its own and adapt that")
         model, adapter = parts
@@ -321,7 +346,43 @@ class _Builder:
         return ref
 
     # merges --------------------------------------------------------------------------
-    def _merge(self, name: str, body: LineDict) -> MergeSpec:
+    def _sweep(self, name: str, body: LineDict) -> None:
+        """A merge with ``sweep:``: one variant node per point of the grid, and ``name``
+        grouping them (identical points, after mergekit's precedence, are one variant)."""
+        line = body.line_of("sweep")
+        template = self._merge(name, body, validate=False)
+        variants: dict[str, dict[str, Any]] = {}
+        for point in grid_points(body["sweep"], self.file, line, name):
+            variant = apply_point(template, point, self.file, line)
+            if variant.name not in variants:
+                for warning in validate_parameters(variant, METHODS[variant.method],
+                                                   self.file):
+                    if warning not in self.warnings:  # said once for the sweep
+                        self.warnings.append(warning)
+                variants[variant.name] = point
+                self.nodes[variant.name] = variant
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+        self.nodes[name] = SweepSpec(name=name, variants=tuple(variants),
+                                     points=tuple(variants.values()), select=select,
+                                     line=body.line)
+
+    def check_sweep_children(self) -> None:
+        """A child of a sweep needs the sweep to say which variant it stands for."""
+        for node in self.nodes.values():
+            if not isinstance(node, MergeSpec):
+                continue
+            for ref in node.parent_refs():
+                sweep = self.nodes.get(ref)
+                if isinstance(sweep, SweepSpec) and sweep.select is None:
+                    raise self.error(
+                        f"'{ref}' is a sweep of {len(sweep.variants)} variants and says "
+                        "not which one its children use", node.line, node.name,
+                        f"add select: {{maximize: METRIC}} to '{ref}', or use one variant, "
+                        f"e.g. '{sweep.variants[0]}' as a node of its own")
+
+    def _merge(self, name: str, body: LineDict, validate: bool = True) -> MergeSpec:
         if "modules" in body:
             raise self.error(
                 "multi-module merges ('modules:') are not supported", body.line_of("modules"),
@@ -329,6 +390,10 @@ class _Builder:
                 "method and parameters; use filters such as {filter: vision_tower, value: ...} "
                 "for per-module values) or use mergekit for per-module slices")
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
+        if "select" in body and "sweep" not in body:
+            raise self.error("'select' chooses among a sweep's variants; this node has no "
+                             "'sweep'", body.line_of("select"), name,
+                             "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")
         method = METHODS.get(method_name) if isinstance(method_name, str) else None
@@ -336,7 +401,7 @@ class _Builder:
             hint = did_you_mean(str(method_name), sorted(METHODS)) or (
                 "run 'mergebuild methods' for the list"
             )
-            raise self.error(f"unknown merge method '{method_name}'", line, name, hint)
+            raise self.error(f"unknown merge method {shorten(method_name)}", line, name, hint)
 
         base = None
         if body.get("base_model") is not None:
@@ -394,7 +459,8 @@ class _Builder:
             card=(parse_card(body["card"], self.file, body.line_of("card"), name)
                   if body.get("card") is not None else None),
         )
-        self.warnings.extend(validate_parameters(spec, method, self.file))
+        if validate:
+            self.warnings.extend(validate_parameters(spec, method, self.file))
         self._check_tokens(spec)
         return spec
 
@@ -526,7 +592,7 @@ class _Builder:
                     or lr[0] < 0 or lr[1] <= lr[0]
                 ):
                     raise self.error(f"layer_range must be [start, end) with 0 <= start < end, "
-                                     f"got {lr!r}", src_line, name)
+                                     f"got {shorten(lr)}", src_line, name)
                 params = src.get("parameters") or {}
                 ref = self._ref(src["model"], src.line_of("model"), name)
                 sources.append(SliceSourceSpec(ref=ref, layer_range=(lr[0], lr[1]),

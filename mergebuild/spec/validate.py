@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mergebuild.errors import MergefileError
+from mergebuild.errors import MergefileError, shorten
 from mergebuild.methods.registry import Method, Param
 from mergebuild.spec.model import MergeSpec
 from mergebuild.spec.yaml_lines import LineDict
@@ -29,8 +29,11 @@ MERGE_KEYS = (
     "chat_template",
     "description",
     "card",
+    "sweep",
+    "select",
     "allow_nonfinite",
 )
+SELECT_KEYS = ("maximize", "minimize")
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -280,16 +283,16 @@ def _check_value(param: Param, value: Any, file: str, line: int, node: str) -> N
 def _check_scalar(param: Param, value: Any, fail) -> None:
     if param.kind == "bool":
         if not isinstance(value, bool):
-            raise fail(f"must be true or false, got {value!r}")
+            raise fail(f"must be true or false, got {shorten(value)}")
         return
     if param.kind == "choice":
         if value not in param.choices:
-            raise fail(f"must be one of {', '.join(map(str, param.choices))}, got {value!r}")
+            raise fail(f"must be one of {', '.join(map(str, param.choices))}, got {shorten(value)}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(f"must be a number, got {value!r}")
+        raise fail(f"must be a number, got {shorten(value)}")
     if param.kind == "int" and not float(value).is_integer():
-        raise fail(f"must be a whole number, got {value!r}")
+        raise fail(f"must be a whole number, got {shorten(value)}")
     if math.isnan(value):
         raise fail("must not be NaN")
     if math.isinf(value):
@@ -301,6 +304,6 @@ def _check_scalar(param: Param, value: Any, fail) -> None:
                    "overflows it once multiplied with the weights it scales")
     lo, hi = param.minimum, param.maximum
     if lo is not None and (value < lo or (param.min_exclusive and value == lo)):
-        raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {value!r}")
+        raise fail(f"must be {'>' if param.min_exclusive else '>='} {lo}, got {shorten(value)}")
     if hi is not None and (value > hi or (param.max_exclusive and value == hi)):
-        raise fail(f"must be {'<' if param.max_exclusive else '<='} {hi}, got {value!r}")
+        raise fail(f"must be {'<' if param.max_exclusive else '<='} {hi}, got {shorten(value)}")

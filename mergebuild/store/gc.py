@@ -3,9 +3,12 @@
 What ``gc`` keeps (the roots), so that it never removes anything the Mergefile can reach:
 
 - the keys it is given: every merge node's *current* key and the key each node still in
-  the Mergefile was last built as (``refs/<node>.json``), worked out by the planner;
-- the objects recorded in refs by *another* Mergefile that still exists (a shared store
-  via ``$MERGEBUILD_CACHE`` or ``--cache-dir``);
+  the Mergefile was last built as (its record in ``refs/<mergefile-id>/``), worked out by
+  the planner;
+- every build recorded by *another* Mergefile that still exists (a shared store via
+  ``$MERGEBUILD_CACHE`` or ``--cache-dir``): each Mergefile's records live apart, keyed by
+  its resolved path, so none overwrites another's; a Mergefile that no longer exists (or
+  moved) is not live, and its records keep nothing;
 - pinned builds (``mergebuild pin``), whatever became of their node or Mergefile.
 
 What it removes: every other object (and its publish record), temp dirs of interrupted
@@ -26,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergebuild.store.objects import Store, lock_held, read_record, remove_tree
+from mergebuild.store.objects import Store, lock_held, remove_tree
 
 LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _old_free_locks)
 
@@ -54,19 +57,24 @@ class GcReport:
 
 
 def reachable_keys(store: Store, keep: set[str], mergefile: Path) -> set[str]:
-    """``keep`` (the keys ``mergefile`` reaches), the pinned keys, and the keys recorded in
-    refs by another Mergefile that still exists."""
+    """``keep`` (the keys ``mergefile`` reaches), the pinned keys, and every key recorded by
+    a Mergefile that still exists (``mergefile``'s own records are in ``keep`` when they
+    matter: for nodes it still has). A record whose Mergefile is unknown is kept too: gc
+    cannot tell that it is dead."""
     keys = set(keep) | {str(pin["key"]) for pin in store.read_pins().values()}
     ours = mergefile.resolve()
-    refs = store.refs
-    for path in sorted(refs.glob("*.json")) if refs.is_dir() else ():
-        record = read_record(path)
-        if not isinstance(record, dict) or not record.get("key"):
+    for owner, records in store.ref_sets():
+        if owner is not None and (_same_file(owner, ours) or not owner.is_file()):
             continue
-        other = record.get("mergefile")
-        if other and Path(other).resolve() != ours and Path(other).is_file():
-            keys.add(str(record["key"]))
+        keys.update(str(record["key"]) for record in records)
     return keys
+
+
+def _same_file(path: Path, resolved: Path) -> bool:
+    try:
+        return path.resolve() == resolved
+    except (OSError, RuntimeError):
+        return False
 
 
 def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: set[str],

@@ -5,8 +5,15 @@ Layout of a store directory::
     objects/<key[:2]>/<key>/   published builds (read-only Hugging Face model directories)
     tmp/<key>.<random>/        builds in progress; anything here older than its lock is garbage
     locks/<key>.lock           flock'd while a key is built, so two makes never build it twice
-    refs/<node>.json           the last build of each node name: key, digest, recipe (for
-                               "what changed" reasons and human-facing names)
+    refs/<mergefile-id>/<node>.json  the last build of each node of one Mergefile: key,
+                               digest, recipe (for "what changed" reasons and human-facing
+                               names); the id hashes the Mergefile's resolved path, so two
+                               Mergefiles sharing a store never overwrite each other's records
+    refs/<mergefile-id>/_mergefile.json  which Mergefile that is (gc keeps the builds of
+                               every Mergefile that still exists)
+    refs/<node>.json           the old layout, keyed by node name alone: still read (when its
+                               ``mergefile`` is the reader's) and moved into the new one on
+                               the next write
     published/<key>.json       what each object was published as: its digest and every file's
                                size and xxh128, written before the object appears; reuse,
                                parent reads, verify, export and push compare against it, so
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -353,24 +361,30 @@ class Store:
         remove_tree(tmp_dir)
 
     # refs --------------------------------------------------------------------------------
-    def _ref_path(self, node: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
-        return self.refs / f"{safe}.json"
+    def refs_of(self, mergefile: Path) -> Refs:
+        """The records of ``mergefile``'s builds (its identity: its resolved path)."""
+        return Refs(self, Path(mergefile).resolve())
 
-    def read_ref(self, node: str) -> dict[str, Any] | None:
-        """The record of ``node``'s current build; ``None`` when there is none, or when the
-        file is not a record (not JSON, nested too deeply, the wrong shape): it is then
-        bookkeeping to rewrite, not something to crash on."""
-        record = _read_json(self._ref_path(node))
-        if not isinstance(record, dict) or not isinstance(record.get("key"), str) or not (
-                record.get("digest") is None or isinstance(record.get("digest"), str)):
-            return None
-        return record
-
-    def write_ref(self, node: str, record: dict[str, Any]) -> None:
-        self._mkdir(self.refs)
-        self._write_record(self._ref_path(node), record, f"cannot record the build of '{node}'",
-                           node=node, fault="store.ref_tmp_written")
+    def ref_sets(self) -> Iterator[tuple[Path | None, list[dict[str, Any]]]]:
+        """Every Mergefile's records: (its path, or None if unknown; its records), the old
+        flat layout as one set per Mergefile it names."""
+        if not self.refs.is_dir():
+            return
+        flat: dict[Path | None, list[dict[str, Any]]] = {}
+        for path in sorted(self.refs.iterdir()):
+            if path.is_dir():
+                owner = _read_json(path / MERGEFILE_RECORD)
+                mergefile = owner.get("mergefile") if isinstance(owner, dict) else None
+                records = [r for r in map(_read_json, sorted(path.glob("*.json")))
+                           if isinstance(r, dict) and r.get("key")]
+                yield (Path(mergefile) if isinstance(mergefile, str) else None), records
+            elif path.suffix == ".json":
+                record = _read_json(path)
+                if isinstance(record, dict) and record.get("key"):
+                    named = record.get("mergefile")
+                    flat.setdefault(Path(named) if isinstance(named, str) else None,
+                                    []).append(record)
+        yield from flat.items()
 
     def _write_record(self, path: Path, record: dict[str, Any], what: str,
                       node: str | None = None, fault: str | None = None) -> None:
@@ -482,6 +496,100 @@ class Store:
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
 
 
+MERGEFILE_RECORD = "_mergefile.json"  # node names start with a letter or digit, never "_"
+
+
+def mergefile_id(mergefile: Path) -> str:
+    """A Mergefile's identity in the store: a hash of its resolved path."""
+    return hashlib.sha256(str(Path(mergefile).resolve()).encode()).hexdigest()[:24]
+
+
+def _safe_name(node: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
+
+
+class Refs:
+    """One Mergefile's records in a store: the last build of each of its merge nodes.
+
+    Reads fall back to the old flat ``refs/<node>.json`` when it names this Mergefile (or no
+    Mergefile, as the oldest records do); writes go to ``refs/<id>/`` and remove that old
+    record, so a store migrates node by node as it is used.
+    """
+
+    def __init__(self, store: Store, mergefile: Path):
+        self.store = store
+        self.mergefile = mergefile
+        self.dir = store.refs / mergefile_id(mergefile)
+        self._names: set[str] | None = None
+
+    def _path(self, node: str) -> Path:
+        return self.dir / f"{_safe_name(node)}.json"
+
+    def _legacy(self, node: str) -> Path:
+        return self.store.refs / f"{_safe_name(node)}.json"
+
+    def _known(self) -> set[str]:
+        """The file names in this Mergefile's refs dir, listed once: a plan of 10,000 nodes
+        then opens only the records that exist."""
+        if self._names is None:
+            try:
+                self._names = set(os.listdir(self.dir))
+            except OSError:
+                self._names = set()
+        return self._names
+
+    def read(self, node: str) -> dict[str, Any] | None:
+        """``node``'s record; None when there is none, or when the file is not a record (not
+        JSON, nested too deeply, the wrong shape): bookkeeping to rewrite, not to crash on."""
+        path = self._path(node)
+        if path.name in self._known():
+            record = _read_json(path)
+            if _is_record(record):
+                return record
+        if not self.store.refs.is_dir():
+            return None
+        record = _read_json(self._legacy(node))
+        if _is_record(record) and self._ours(record):
+            return record
+        return None
+
+    def migrated(self, node: str) -> bool:
+        """Whether ``node``'s record is in this Mergefile's own directory (not the old layout)."""
+        return self._path(node).name in self._known()
+
+    def _ours(self, record: dict[str, Any]) -> bool:
+        named = record.get("mergefile")
+        if not isinstance(named, str):
+            return True  # the oldest records named no Mergefile: they were ours to read
+        try:
+            return Path(named).resolve() == self.mergefile
+        except (OSError, RuntimeError):
+            return False
+
+    def write(self, node: str, record: dict[str, Any]) -> None:
+        self.store._mkdir(self.dir)
+        if MERGEFILE_RECORD not in self._known():
+            self.store._write_record(self.dir / MERGEFILE_RECORD,
+                                     {"mergefile": str(self.mergefile)},
+                                     f"cannot record the build of '{node}'", node=node)
+            self._known().add(MERGEFILE_RECORD)
+        path = self._path(node)
+        self.store._write_record(path, {**record, "mergefile": str(self.mergefile)},
+                                 f"cannot record the build of '{node}'", node=node,
+                                 fault="store.ref_tmp_written")
+        self._known().add(path.name)
+        legacy = self._legacy(node)
+        old = _read_json(legacy)
+        if isinstance(old, dict) and self._ours(old):
+            with contextlib.suppress(OSError):
+                legacy.unlink()
+
+
+class _ScratchRefs(Refs):
+    def write(self, node: str, record: dict[str, Any]) -> None:
+        return None
+
+
 class _ScratchStore(Store):
     """A store whose builds stay where they were built (see ``Store.scratch_store``)."""
 
@@ -493,8 +601,8 @@ class _ScratchStore(Store):
                 hashes: dict[str, str] | None = None) -> Path:
         return tmp_dir
 
-    def write_ref(self, node: str, record: dict[str, Any]) -> None:
-        return None
+    def refs_of(self, mergefile: Path) -> Refs:
+        return _ScratchRefs(self, Path(mergefile).resolve())
 
 
 def _alive(pid: int) -> bool:
@@ -532,14 +640,19 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
+def _is_record(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("key"), str)
+            and (record.get("digest") is None or isinstance(record.get("digest"), str)))
+
+
 def read_record(path: Path) -> Any:
     """A small JSON record of the store (a ref, a pin, a lock note); ``None`` when it is
     missing or is not bounded, valid JSON."""
     return _read_json(path)
 
 
-def _read_json(path: Path, max_bytes: int = RECORD_MAX_BYTES) -> Any:
+def _read_json(path: Path) -> Any:
     try:
-        return read_json_bounded(path, max_bytes)
+        return read_json_bounded(path, RECORD_MAX_BYTES)
     except (OSError, ValueError):
         return None

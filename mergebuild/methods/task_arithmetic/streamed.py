@@ -27,6 +27,7 @@ Chunks are spread over the workspace's threads; each worker has its own scratch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,93 +177,140 @@ def merge(
             the inputs is read for the last time.
         method: the family member, for which ``method.streamable(params)`` holds.
     """
+    merge_many(parents, base, [params], [seed], [out], workspace, consumed, method=method)
+
+
+def merge_many(
+    parents: list[torch.Tensor],
+    base: torch.Tensor,
+    params: list[TensorParams],
+    seeds: list[int | None],
+    outs: list[torch.Tensor],
+    workspace: ChunkWorkspace,
+    consumed=None,
+    *,
+    method: Method,
+) -> None:
+    """``merge`` for several variants (parameters and seeds) over the same inputs, in one
+    set of passes; ``outs[v]`` is bit for bit ``merge`` with ``params[v]``, ``seeds[v]``.
+
+    What depends only on the inputs is done once: each chunk's task vectors, the high
+    histograms of their magnitudes (pass 1), the low histograms of every bucket a variant's
+    cut lands in (pass 2), the l1 block sums before DARE's mask, and the magnitude bit
+    patterns of pass 3. Each variant then masks, weights and mixes its own copy.
+    """
     if workspace.chunk % REDUCE_BLOCK:
         raise ValueError(f"chunk must be a multiple of {REDUCE_BLOCK}")
-    n = out.numel()
-    keeps, mix = plan(method, params, n)
-    plans = _parents(keeps, n)
-    if any(p.keep.mode == "random" for p in plans) and seed is None:
-        raise RuntimeError("random sparsification needs a seeded generator")
+    n = outs[0].numel()
+    variants = []
+    for p, seed in zip(params, seeds, strict=True):
+        keeps, mix = plan(method, p, n)
+        plans = _parents(keeps, n)
+        if any(q.keep.mode == "random" for q in plans) and seed is None:
+            raise RuntimeError("random sparsification needs a seeded generator")
+        variants.append((plans, mix, seed))
     chunk = workspace.chunk
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
     ws = workspace
+    last = len(variants) - 1
 
-    def deltas(s: int, e: int, which: list[_Parent]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def deltas(s: int, e: int, which: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         b = ws.buffer("base", torch.float32)[: e - s]
         b.copy_(base[s:e])
-        ds = []
-        for p in which:
-            d = ws.buffer(("delta", p.index), torch.float32)[: e - s]
-            d.copy_(parents[p.index][s:e])
-            ds.append(d.sub_(b))
+        ds = {}
+        for i in which:
+            d = ws.buffer(("delta", i), torch.float32)[: e - s]
+            d.copy_(parents[i][s:e])
+            ds[i] = d.sub_(b)
         return b, ds
 
-    cut_parents = [p for p in plans if p.cuts()]
-    l1_parents = [p for p in plans if p.keep.mode == "random" and p.keep.rescale == "l1"]
+    def own(name: Any, x: torch.Tensor, v: int) -> torch.Tensor:
+        """Variant v's copy of a shared chunk (the last variant may work on the original)."""
+        return x if v == last else ws.buffer(name, torch.float32)[: x.numel()].copy_(x)
+
+    cut_parents = [[p for p in plans if p.cuts()] for plans, _, _ in variants]
+    l1_parents = [[p for p in plans if p.keep.mode == "random" and p.keep.rescale == "l1"]
+                  for plans, _, _ in variants]
+    histogram_of = sorted({p.index for ps in cut_parents for p in ps})
+    l1_of = sorted({p.index for ps in l1_parents for p in ps})
     # DARE's keep masks drawn in pass 1 (for the l1 sums), bit-packed for pass 3: n/8 bytes
     # per parent instead of drawing every uniform twice (~1.4 ns each; packing ~0.2 ns).
-    drawn: dict[tuple[int, int], np.ndarray] = {}
+    drawn: dict[tuple[int, int, int], np.ndarray] = {}
     n_blocks = -(-n // REDUCE_BLOCK)
-    for p in l1_parents:
-        p.before, p.after = [0.0] * n_blocks, [0.0] * n_blocks
+    before = {i: [0.0] * n_blocks for i in l1_of}  # l1 block sums before any mask
+    for ps in l1_parents:
+        for p in ps:
+            p.after = [0.0] * n_blocks
 
     # Pass 1: high histograms, l1 block sums.
-    if cut_parents or l1_parents:
+    if histogram_of or l1_of:
         def pass1(span):
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
             hists = {}
-            _, ds = deltas(s, e, cut_parents + l1_parents)
-            for p, d in zip(cut_parents + l1_parents, ds):
-                if p.keep.mode == "ranks":
-                    hists[p.index] = high_histogram(abs_bits(d, bits), keys)
-                else:
-                    block0 = s // REDUCE_BLOCK
-                    sums = l1_blocks(d)
-                    p.before[block0 : block0 + len(sums)] = sums
+            _, ds = deltas(s, e, sorted({*histogram_of, *l1_of}))
+            for i in histogram_of:
+                hists[i] = high_histogram(abs_bits(ds[i], bits), keys)
+            block0 = s // REDUCE_BLOCK
+            for i in l1_of:
+                sums = l1_blocks(ds[i])
+                before[i][block0 : block0 + len(sums)] = sums
+            for v, ps in enumerate(l1_parents):
+                seed = variants[v][2]
+                for p in ps:
+                    d = own(("vdelta", p.index), ds[p.index], v)
                     mask = keep_draws(seed, p.index, s, e, p.keep.density)
-                    drawn[(p.index, s)] = np.packbits(mask.numpy())
+                    drawn[(v, p.index, s)] = np.packbits(mask.numpy())
                     keep_only_(d, mask)
                     sums = l1_blocks(d)
                     p.after[block0 : block0 + len(sums)] = sums
             return hists
 
-        highs = {p.index: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for p in cut_parents}
+        highs = {i: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for i in histogram_of}
         for hists in ws.run(pass1, spans):
             for i, h in hists.items():
                 highs[i] += h
-        for p in l1_parents:
-            p.factor = l1_factor(sum(p.before), sum(p.after))
-        for p in cut_parents:
-            for cut in p.cuts():
-                cut.bucket, above = select_from_top(highs[p.index], cut.k)
-                cut.need = cut.k - above
+        for ps in l1_parents:
+            for p in ps:
+                p.before = before[p.index]
+                p.factor = l1_factor(sum(p.before), sum(p.after))
+        for ps in cut_parents:
+            for p in ps:
+                for cut in p.cuts():
+                    cut.bucket, above = select_from_top(highs[p.index], cut.k)
+                    cut.need = cut.k - above
 
-    # Pass 2: low histograms inside each cut's bucket → exact thresholds; each chunk's
-    # histogram is kept sparse so the ties before every chunk can be counted afterwards.
-    all_cuts = [c for p in cut_parents for c in p.cuts()]
-    if all_cuts:
+    # Pass 2: low histograms inside each bucket a cut lands in → exact thresholds; each
+    # chunk's histogram is kept sparse so the ties before every chunk can be counted.
+    all_cuts = [(p.index, c) for ps in cut_parents for p in ps for c in p.cuts()]
+    buckets = sorted({(i, c.bucket) for i, c in all_cuts})  # (parent, bucket), each once
+    if buckets:
         def pass2(span):
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
             lows = []
-            _, ds = deltas(s, e, cut_parents)
-            for p, d in zip(cut_parents, ds):
-                b = abs_bits(d, bits)
-                for cut in p.cuts():
-                    lows.append(low_histogram(b, cut.bucket, keys))
+            _, ds = deltas(s, e, sorted({i for i, _ in buckets}))
+            done = -1
+            for i, bucket in buckets:
+                if i != done:
+                    b = abs_bits(ds[i], bits)
+                    done = i
+                lows.append(low_histogram(b, bucket, keys))
             return lows
 
-        totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in all_cuts]
-        sparse: list[list[dict[int, int]]] = [[] for _ in all_cuts]
+        totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in buckets]
+        sparse: list[list[dict[int, int]]] = [[] for _ in buckets]
         for lows in ws.run(pass2, spans):
             for t, h, per_chunk in zip(totals, lows, sparse):
                 t += h
                 inside = h[1:-1].nonzero().reshape(-1)
                 per_chunk.append(dict(zip(inside.tolist(), h[1:-1][inside].tolist())))
-        for cut, low, per_chunk in zip(all_cuts, totals, sparse):
+        where = {key: k for k, key in enumerate(buckets)}
+        for i, cut in all_cuts:
+            k = where[(i, cut.bucket)]
+            low, per_chunk = totals[k], sparse[k]
             found = cut_in_bucket(low, cut.bucket, cut.need)
             cut.threshold, cut.ties_kept = found.threshold_bits, found.ties_kept
             low_bits = found.threshold_bits & 0xFFFF
@@ -271,45 +319,54 @@ def merge(
                 for counts in per_chunk:
                     cut.ties_before.append(cut.ties_before[-1] + counts.get(low_bits, 0))
 
-    # Pass 3: the merge.
-    weights = [p.keep.weight for p in plans]
+    # Pass 3: the merges.
+    n_parents = len(parents)
+    ranked = sorted({p.index for plans, _, _ in variants for p in plans
+                     if p.keep.mode == "ranks"})
 
     def pass3(index: int) -> None:
         s, e = spans[index]
-        b, ds = deltas(s, e, plans)
-        bits = ws.buffer("bits", torch.int32)[: e - s]
-        for p, d in zip(plans, ds):
-            keep = p.keep
-            if keep.mode == "zero":
-                d.zero_()
-            elif keep.mode == "ranks":
-                abs_bits(d, bits)
-                low, high = p.top.bound(index), p.outliers.bound(index)
-                if low is not None and high is not None:
-                    _keep_between_(d, bits, low, high, ws.buffer("keys", torch.int32)[: e - s])
-                else:
-                    inside = (bits >= low if low is not None
-                              else p.top.member(bits, index))
-                    if high is None:
-                        inside &= ~p.outliers.member(bits, index)
-                    elif high < 1 << 31:
-                        inside &= bits < high
-                    keep_only_(d, inside)
-                if keep.rescale == "inverse_density":
-                    d.div_(keep.density)
-            elif keep.mode == "random":
-                packed = drawn.pop((p.index, s), None)
-                keep_only_(d, keep_draws(seed, p.index, s, e, keep.density) if packed is None
-                           else torch.from_numpy(np.unpackbits(packed, count=e - s)
-                                                 .view(np.bool_)))
-                if keep.rescale == "l1":
-                    if p.factor is not None:
-                        d.mul_(p.factor)
-                elif keep.rescale == "inverse_density":
-                    d.div_(keep.density)
-            d.mul_(keep.weight)
-        mix_into_(b, ds, weights, mix.consensus, mix.normalize, mix.lam, ws.buffer)
-        out[s:e].copy_(b)
+        shared_b, shared = deltas(s, e, list(range(n_parents)))
+        bits = {i: abs_bits(shared[i], ws.buffer(("pbits", i), torch.int32)[: e - s])
+                for i in ranked}
+        for v, (plans, mix, seed) in enumerate(variants):
+            b = own("vbase", shared_b, v)
+            ds = [own(("vdelta", p.index), shared[p.index], v) for p in plans]
+            for p, d in zip(plans, ds):
+                keep = p.keep
+                if keep.mode == "zero":
+                    d.zero_()
+                elif keep.mode == "ranks":
+                    pbits = bits[p.index]
+                    low, high = p.top.bound(index), p.outliers.bound(index)
+                    if low is not None and high is not None:
+                        _keep_between_(d, pbits, low, high,
+                                       ws.buffer("keys", torch.int32)[: e - s])
+                    else:
+                        inside = (pbits >= low if low is not None
+                                  else p.top.member(pbits, index))
+                        if high is None:
+                            inside &= ~p.outliers.member(pbits, index)
+                        elif high < 1 << 31:
+                            inside &= pbits < high
+                        keep_only_(d, inside)
+                    if keep.rescale == "inverse_density":
+                        d.div_(keep.density)
+                elif keep.mode == "random":
+                    packed = drawn.pop((v, p.index, s), None)
+                    keep_only_(d, keep_draws(seed, p.index, s, e, keep.density)
+                               if packed is None
+                               else torch.from_numpy(np.unpackbits(packed, count=e - s)
+                                                     .view(np.bool_)))
+                    if keep.rescale == "l1":
+                        if p.factor is not None:
+                            d.mul_(p.factor)
+                    elif keep.rescale == "inverse_density":
+                        d.div_(keep.density)
+                d.mul_(keep.weight)
+            mix_into_(b, ds, [p.keep.weight for p in plans], mix.consensus, mix.normalize,
+                      mix.lam, ws.buffer)
+            outs[v][s:e].copy_(b)
         if consumed is not None:
             consumed(s, e)
 

@@ -1,0 +1,101 @@
+"""Sweeps: a merge node's grid of values expanded into variant nodes with readable names."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from mergebuild.errors import MergefileError
+from mergebuild.spec.model import MergeSpec, ParentSpec, SelectSpec
+from mergebuild.spec.validate import SELECT_KEYS, did_you_mean
+
+_PREFIX_PARAMETERS = "parameters."
+_PREFIX_MODELS = "models."
+
+
+def grid_points(grid: Mapping[str, Any], file: str, line: int, node: str
+                ) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the first path varying slowest.
+
+    Example:
+        >>> grid_points({"t": [0.2, 0.5], "models.code.weight": [1.0]}, "Mergefile", 1, "b")
+        [{'t': 0.2, 'models.code.weight': 1.0}, {'t': 0.5, 'models.code.weight': 1.0}]
+    """
+    if not isinstance(grid, Mapping) or not grid:
+        raise MergefileError("'sweep' must map parameter paths to lists of values",
+                             file=file, line=line, node=node,
+                             hint="sweep: {t: [0.2, 0.5, 0.8], models.code.weight: [0.5, 1.0]}")
+    axes = []
+    for path, values in grid.items():
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float, str, bool)) for v in values):
+            raise MergefileError(f"sweep '{path}' must be a non-empty list of values",
+                                 file=file, line=line, node=node,
+                                 hint=f"{path}: [0.2, 0.5, 0.8]")
+        axes.append([(path, v) for v in values])
+    return [dict(combination) for combination in itertools.product(*axes)]
+
+
+def _label(path: str) -> str:
+    """A path as it appears in a variant's name: ``models.code.weight`` → ``code.weight``."""
+    for prefix in (_PREFIX_PARAMETERS, _PREFIX_MODELS):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def variant_name(node: str, point: Mapping[str, Any]) -> str:
+    """``blend[t=0.35,code.weight=1.0]``: the node and its swept values, in grid order."""
+    return f"{node}[{','.join(f'{_label(p)}={format_value(v)}' for p, v in point.items())}]"
+
+
+def apply_point(spec: MergeSpec, point: Mapping[str, Any], file: str, line: int) -> MergeSpec:
+    """``spec`` with the point's values set: ``t`` (or ``parameters.t``) in the node's
+    parameters, ``models.REF.PARAM`` in the parameters of the models entry of ``REF``."""
+    parameters = dict(spec.parameters)
+    models = list(spec.models)
+    refs = [m.ref for m in models]
+    for path, value in point.items():
+        if path.startswith(_PREFIX_MODELS):
+            ref, _, param = path[len(_PREFIX_MODELS):].rpartition(".")
+            if ref not in refs or not param:
+                hint = did_you_mean(ref, refs) or (
+                    f"write models.MODEL.PARAMETER with MODEL one of {', '.join(refs)}"
+                    if refs else "this merge has no models list to sweep over")
+                raise MergefileError(f"sweep path '{path}' names no model of this merge",
+                                     file=file, line=line, node=spec.name, hint=hint)
+            index = refs.index(ref)
+            entry = models[index]
+            models[index] = ParentSpec(ref=entry.ref, parameters={**entry.parameters,
+                                                                  param: value},
+                                       line=entry.line)
+        else:
+            name = path[len(_PREFIX_PARAMETERS):] if path.startswith(_PREFIX_PARAMETERS) else path
+            if not name or "." in name:
+                raise MergefileError(
+                    f"sweep path '{path}' is neither a parameter nor models.MODEL.PARAMETER",
+                    file=file, line=line, node=spec.name,
+                    hint="sweep a node parameter (t) or a model's (models.code.weight)")
+            parameters[name] = value
+    return replace(spec, name=variant_name(spec.name, point), parameters=parameters,
+                   models=tuple(models))
+
+
+def parse_select(value: Any, file: str, line: int, node: str) -> SelectSpec:
+    """``{maximize: METRIC}`` or ``{minimize: METRIC}`` (``retention`` is a metric too)."""
+    if (not isinstance(value, Mapping) or len(value) != 1
+            or next(iter(value)) not in SELECT_KEYS
+            or not isinstance(next(iter(value.values())), str)):
+        raise MergefileError("'select' must be {maximize: METRIC} or {minimize: METRIC}",
+                             file=file, line=line, node=node,
+                             hint="select: {maximize: code-skill} or {maximize: retention}")
+    goal, metric = next(iter(value.items()))
+    return SelectSpec(goal=goal, metric=metric)
