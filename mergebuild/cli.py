@@ -149,9 +149,6 @@ def plan(ctx, targets, as_json, frozen=False):
             for s in states]), indent=2))
         return
     rows = plan_rows(states)
-    if not rows:
-        click.echo("nothing to do: the Mergefile has no merge nodes")
-        return
     width = max(len(r[0]) for r in rows)
     for name, what, status, why in rows:
         line = f"{name:<{width}}  {what:<18} {status}"

@@ -187,9 +187,9 @@ def test_fused_pass_reads_each_parent_tensor_once(parents, tmp_path, monkeypatch
     loads: list[str] = []
     real_load = engine._load
 
-    def counting_load(readers, stream, info):
+    def counting_load(readers, stream, info, checked_for=None):
         loads.append((info.name, info.numel))
-        return real_load(readers, stream, info)
+        return real_load(readers, stream, info, checked_for)
 
     dropped_by: list[bool] = []
     real_drop = engine._Streaming.drop_pages

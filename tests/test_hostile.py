@@ -368,9 +368,3 @@ def test_refs_of_the_wrong_shape_are_rewritten_not_crashed_on(project, ref):
         assert run.returncode == 0 and "Traceback" not in run.stderr, (argv, run.stderr)
     assert json.loads(ref_file.read_text())["key"]  # make recorded the build again
 
-
-def test_plan_of_a_mergefile_without_merge_nodes_says_so(tmp_path):
-    (tmp_path / "Mergefile").write_text("version: 1\nmodels:\n  base: {source: 'demo://base'}\n")
-    planned = run_cli(["plan"], cwd=tmp_path)
-    assert planned.returncode == 0, planned.stderr
-    assert planned.stdout == "nothing to do: the Mergefile has no merge nodes\n"
