@@ -7,6 +7,7 @@
     ├── CheckpointError             unreadable, truncated or unsafe weights file
     ├── IncompatibleModelsError     parents that cannot be merged (names, shapes, vocab)
     ├── StoreError                  store locked, full disk, corrupt object
+    ├── EvaluationError             an evaluation cannot run or its output is unusable
     └── BuildInterrupted            Ctrl-C / SIGTERM during a build
 
 The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
@@ -89,3 +90,9 @@ class BuildInterrupted(MergebuildError):
     """The build was interrupted; nothing was published."""
 
     exit_code = 130
+
+
+class EvaluationError(MergebuildError):
+    """An evaluation cannot run (missing package, bad data) or its command misbehaved."""
+
+    exit_code = 5
