@@ -123,7 +123,7 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
 @click.pass_context
 def plan(ctx, targets, as_json, frozen=False):
     """Show what make would build, and why, without building."""
-    from mergebuild.report import plan_rows
+    from mergebuild.report import pending_evaluations, plan_rows
 
     states = _project(ctx, frozen=frozen).plan(list(targets))
     if as_json:
@@ -131,7 +131,9 @@ def plan(ctx, targets, as_json, frozen=False):
             {"node": s.name, "kind": s.kind, "status": s.status, "reasons": s.reasons,
              "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None,
              **({"uri": s.source.uri, "revision": s.source.revision,
-                 "commit": s.source.commit} if s.source is not None else {})}
+                 "commit": s.source.commit} if s.source is not None else {}),
+             **({"evaluations": [{"eval": t.eval, "status": t.status, "reasons": list(t.reasons)}
+                                 for t in s.evaluations]} if s.evaluations else {})}
             for s in states], indent=2))
         return
     rows = plan_rows(states)
@@ -140,7 +142,10 @@ def plan(ctx, targets, as_json, frozen=False):
         line = f"{name:<{width}}  {what:<18} {status}"
         click.echo(f"{line}  {why}".rstrip())
     stale = sum(1 for s in states if s.status == "stale")
-    click.echo(f"{stale} to build" if stale else "nothing to do: every node is up to date")
+    evals = pending_evaluations(states)
+    todo = [f"{stale} to build"] if stale else []
+    todo += [f"{evals} evaluation{'s' * (evals != 1)} to run"] if evals else []
+    click.echo(", ".join(todo) if todo else "nothing to do: every node is up to date")
 
 
 main.add_command(plan, name="status")

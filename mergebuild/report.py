@@ -48,7 +48,15 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
             rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
+        for task in s.evaluations:
+            if task.status == "pending":
+                rows.append((f"  {s.name}", f"eval {task.eval}", "pending",
+                             "; ".join(task.reasons)))
     return rows
+
+
+def pending_evaluations(states: list[NodeState]) -> int:
+    return sum(1 for s in states for t in s.evaluations if t.status == "pending")
 
 
 class PlainReporter(Reporter):
@@ -68,11 +76,15 @@ class PlainReporter(Reporter):
         if not self.show_plan:
             return
         stale = [s for s in states if s.status == "stale"]
-        if not stale:
+        if not stale and not pending_evaluations(states):
             self._print("nothing to do: every node is up to date")
             return
         for s in stale:
             self._print(f"stale {s.name}: {'; '.join(s.reasons)}")
+        for s in states:
+            for t in s.evaluations:
+                if t.status == "pending" and s.status != "stale":
+                    self._print(f"evaluate {s.name} on {t.eval}: {'; '.join(t.reasons)}")
 
     def node_start(self, state: NodeState, tensors: int | None = None) -> None:
         self._last_progress[state.name] = time.monotonic()  # first progress line after 5 s
@@ -95,6 +107,23 @@ class PlainReporter(Reporter):
             self._print(f"reused {result.name}: {result.detail}")
         else:
             print(f"{result.outcome} {result.name}: {result.detail}", file=sys.stderr, flush=True)
+            for check in result.failed_checks:
+                print(f"check failed: {check.describe()}", file=sys.stderr, flush=True)
+
+    def eval_start(self, node: str, eval_name: str) -> None:
+        self._last_progress[f"eval:{node}:{eval_name}"] = time.monotonic()
+        self._print(f"evaluating {node} on {eval_name}")
+
+    def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None:
+        key = f"eval:{node}:{eval_name}"
+        now = time.monotonic()
+        if done != total and now - self._last_progress.get(key, 0) > 5:
+            self._last_progress[key] = now
+            self._print(f"  {node} on {eval_name}: {done}/{total}")
+
+    def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._print(f"evaluated {node} on {eval_name} in {seconds:.1f}s: {shown}")
 
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
@@ -141,7 +170,7 @@ class RichReporter(PlainReporter):
     def plan(self, states: list[NodeState]) -> None:
         if self.quiet or not self.show_plan:
             return
-        if not any(s.status == "stale" for s in states):
+        if not any(s.status == "stale" for s in states) and not pending_evaluations(states):
             self._print("nothing to do: every node is up to date")
             return
         from rich.table import Table
@@ -150,7 +179,7 @@ class RichReporter(PlainReporter):
         for col in ("node", "method", "status", "why"):
             table.add_column(col)
         for row in plan_rows(states):
-            style = "yellow" if row[2] == "stale" else None
+            style = "yellow" if row[2] in ("stale", "pending") else None
             table.add_row(*row, style=style)
         self.console.print(table)
 
@@ -218,6 +247,27 @@ class RichReporter(PlainReporter):
     def node_done(self, result: NodeResult) -> None:
         self._stop()
         super().node_done(result)
+
+    def eval_start(self, node: str, eval_name: str) -> None:
+        self._stop()
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(f"{node} on {eval_name}", total=None)
+
+    def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+    def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
+        self._stop()
+        super().eval_done(node, eval_name, metrics, seconds)
 
     def summary(self, result: MakeResult) -> None:
         self._stop()

@@ -41,6 +41,8 @@ def load_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, Any]:
     except ImportError:
         raise EvaluationError("evaluating a model needs transformers",
                               hint=_INSTALL_HINT) from None
+    # One model directory loads in milliseconds here; its per-tensor bar would only be noise.
+    transformers.utils.logging.disable_progress_bar()
     # transformers 4.56 renamed torch_dtype to dtype; both spellings reach the same option.
     version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if version >= (4, 56) else "torch_dtype"

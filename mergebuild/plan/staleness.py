@@ -11,12 +11,14 @@ import networkx as nx
 from mergebuild.errors import StoreError
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
+from mergebuild.plan.evaluations import EvalTask, eval_digests, plan_evaluations
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
 from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, NodeKind, SourceSpec
 from mergebuild.store.objects import Store
+from mergebuild.store.results import ResultStore
 
 
 @dataclass
@@ -34,6 +36,7 @@ class NodeState:
     recipe: dict[str, Any] | None = None
     source: ResolvedSource | None = None
     adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
+    evaluations: list[EvalTask] = field(default_factory=list)  # cached or pending, with why
 
 
 class Planner:
@@ -78,7 +81,20 @@ class Planner:
                 adapt(states[name], spec, states[spec.model])
                 continue
             states[name] = self._plan_merge(spec, states, force and name in targets)
+        if self.mergefile.evals:
+            self.plan_evaluations(list(states.values()))
         return list(states.values())
+
+    def plan_evaluations(self, states: list[NodeState]) -> None:
+        """Fill each state's evaluations (cached or pending, with reasons) from its digest."""
+        digests = eval_digests(self.mergefile)
+        results = ResultStore(self.store)
+        for state in states:
+            if state.kind != "adapted":
+                state.evaluations = plan_evaluations(
+                    self.mergefile, self.graph, state.name,
+                    state.digest if state.status in ("source", "fresh") else None,
+                    results, digests)
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
                     ) -> NodeState:

@@ -10,7 +10,7 @@ from typing import Any
 
 from mergebuild.errors import StoreError
 from mergebuild.provenance.statement import (
-    CARD_FILE,
+    DESCRIPTIVE_FILES,
     PROVENANCE_FILE,
     digest_set,
     digest_string,
@@ -154,7 +154,8 @@ def chain_problems(statement: Mapping[str, Any], where: str = "") -> list[Proble
                 )
         except ValueError as exc:
             problems.append(Problem(path, "invalid-provenance", str(exc)))
-        outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
+        outputs = {n: sha for n, (sha, _) in subject_files(statement).items()
+                   if n not in DESCRIPTIVE_FILES}
         if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
             problems.append(
                 Problem(path, "invalid-provenance", "dirHash does not match the file subjects")

@@ -526,11 +526,15 @@ def _shipped_weights(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
 
 
-def generate_skill_models(root: Path) -> dict[str, Path]:
+def generate_skill_models(root: Path, names: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write (or keep) the trained family ``base``, ``math``, ``code``, ``chat``, ``instruct``.
 
     The weights are the shipped ones (`skill_weights/`, produced by `train_family`), so every
     machine gets the same bytes in milliseconds.
+
+    Args:
+        root: directory that receives one sub-directory per model.
+        names: the models to write (default: the whole family).
 
     Returns:
         {model name: its directory}.
@@ -544,7 +548,7 @@ def generate_skill_models(root: Path) -> dict[str, Path]:
     import shutil
 
     out = {}
-    for name in FAMILY:
+    for name in FAMILY if names is None else names:
         source = _shipped_weights(name)
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         marker = {"format": _FORMAT_VERSION, "family": "skills", "model": name,

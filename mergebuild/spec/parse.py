@@ -13,6 +13,7 @@ from mergebuild.spec.model import (
     AdaptedSpec,
     Defaults,
     DType,
+    EvalSpec,
     Mergefile,
     MergeSpec,
     Node,
@@ -23,6 +24,7 @@ from mergebuild.spec.model import (
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
+from mergebuild.spec.evals import parse_checks, parse_eval_definitions, parse_node_evals
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -106,10 +108,13 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
         )
     builder = _Builder(file, path.parent, models)
     builder.read_defaults(raw_defaults)
+    builder.evals = parse_eval_definitions(data.get("evals"), file, data.line_of("evals"),
+                                           path.parent)
     for name in models:
         builder.add(name)
     return Mergefile(path=path, text=text, version=1, defaults=builder.defaults,
-                     nodes=builder.nodes, warnings=tuple(builder.warnings))
+                     nodes=builder.nodes, warnings=tuple(builder.warnings),
+                     evals=builder.evals)
 
 
 def parse_dtype(value: Any, file: str, line: int, node: str | None) -> DType:
@@ -167,6 +172,7 @@ class _Builder:
         self.nodes: dict[str, Node] = {}
         self.defaults = Defaults()
         self.warnings: list[str] = []
+        self.evals: dict[str, EvalSpec] = {}
 
     def error(self, message: str, line: int, node: str | None, hint: str | None = None):
         return MergefileError(message, file=self.file, line=line, node=node, hint=hint)
@@ -223,7 +229,8 @@ class _Builder:
             raise self.error("'allow_pickle' must be true or false", body.line_of("allow_pickle"),
                              name)
         return SourceSpec(name=name, uri=self._source_uri(uri, body.line_of("source"), name),
-                          line=body.line, allow_pickle=allow_pickle)
+                          line=body.line, allow_pickle=allow_pickle,
+                          evals=parse_node_evals(body, self.evals, self.file, name))
 
     def _source_uri(self, uri: str, line: int, node: str | None) -> str:
         uri = uri.strip()
@@ -379,6 +386,8 @@ class _Builder:
             parameters=global_params, slices=slices, dtype=dtype,
             tokenizer=self._node_tokenizer(body, name), chat_template=chat_template,
             line=body.line, written=body,
+            evals=parse_node_evals(body, self.evals, self.file, name),
+            checks=parse_checks(body, self.evals, self.file, name),
         )
         self.warnings.extend(validate_parameters(spec, method, self.file))
         self._check_tokens(spec)
