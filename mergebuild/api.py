@@ -17,7 +17,7 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import Mergefile
+from mergebuild.spec.model import Mergefile, MergeSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
     from mergebuild.verbs.export import ExportResult
+    from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -153,6 +154,41 @@ class Project:
             return path
 
         return check_reproducible(state, self.store, rebuild)
+
+    # evaluating --------------------------------------------------------------------------
+    def metrics(self, nodes: list[str] | tuple[str, ...] = ()) -> list[NodeMetrics]:
+        """What the store knows of each node's current model (default: every node scored on
+        something): scores per eval, retention of each scored ancestor's own evals, checks,
+        and the previous build's scores. Runs no evaluation."""
+        from mergebuild.verbs.metrics import collect_metrics, scored_nodes
+
+        nodes = list(nodes) or scored_nodes(self.mergefile, self.graph)
+        states = self.planner.plan(nodes) if nodes else []
+        return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
+
+    def retain_thresholds(self) -> dict[str, float]:
+        """{node: its ``checks.retain``} for every node that has one."""
+        return {name: spec.checks.retain for name, spec in self.mergefile.nodes.items()
+                if isinstance(spec, MergeSpec) and spec.checks.retain is not None}
+
+    def scores(self, node: str) -> dict[str, dict[str, float]]:
+        """``{eval name: {metric: value}}`` of ``node``'s current model, from the store (what
+        ``make`` or ``eval`` measured; an eval not yet run is absent). The API sweeps'
+        ``select:`` reads."""
+        return self.metrics([node])[0].scores
+
+    @_uses_store(create=True)
+    def evaluate(self, nodes: list[str] | tuple[str, ...], *, device: str | None = None,
+                 reporter: Reporter | None = None) -> list[NodeMetrics]:
+        """Run the evals ``nodes`` need on their current models (and, for a retain check,
+        their scored ancestors'), building nothing; returns their metrics."""
+        from mergebuild.verbs.metrics import evaluate_nodes
+
+        nodes = list(nodes)
+        self.planner.targets_or_default(nodes)
+        evaluate_nodes(self.mergefile, self.graph, self.store, self.planner.plan(nodes),
+                       nodes, reporter or Reporter(), device)
+        return self.metrics(nodes)
 
     # auditing ----------------------------------------------------------------------------
     @_uses_store()

@@ -111,8 +111,21 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
             for r in result.results:
                 if r.name == name and r.path:
                     click.echo(f"{name}: {r.path}")
+        _print_retention(project, [r.name for r in result.results if r.path is not None
+                                   and r.name in project.targets_or_default(list(targets))])
     if not result.ok:
         sys.exit(1)
+
+
+def _print_retention(project, nodes: list[str]) -> None:
+    """After a make: what each built target keeps of its scored ancestors' skills."""
+    if not project.mergefile.evals or not nodes:
+        return
+    from mergebuild.report import retention_lines
+
+    for metrics in project.metrics(nodes):
+        for line in retention_lines(metrics):
+            click.echo(line)
 
 
 @main.command()
@@ -269,6 +282,62 @@ def _make_check(ctx, targets, device) -> None:
             click.echo(line)
     if failed:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--device", default=None,
+              help="auto (CUDA when present), cpu, cuda or cuda:N "
+                   "[default: the Mergefile's defaults.device, else auto].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def eval_command(ctx, nodes, device, as_json):
+    """Run NODES' evals on their current models (cached results are reused); builds nothing.
+
+    With a retain check, the scored ancestors' own evals run too. Exits 1 if a check fails.
+    """
+    from mergebuild.report import make_reporter, metrics_lines
+    from mergebuild.verbs.metrics import metrics_json
+
+    project = _project(ctx)
+    table = project.evaluate(list(nodes), device=device,
+                             reporter=make_reporter(ctx.obj["quiet"] or as_json))
+    if as_json:
+        click.echo(json.dumps(metrics_json(table), indent=2))
+    else:
+        for line in metrics_lines(table):
+            click.echo(line)
+    if any(not c.passed for m in table for c in m.checks):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("nodes", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--diff", is_flag=True, help="Show each score's change since the node's "
+              "previous build.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the retention chart into FILE.png or FILE.svg.")
+@click.pass_context
+def metrics(ctx, nodes, as_json, diff, plot):
+    """Show the stored scores of NODES (default: every scored node): nodes × evals, and what
+    each keeps of its ancestors' own evals (retention %). Runs no evaluation."""
+    from mergebuild.report import metrics_lines
+    from mergebuild.verbs.metrics import metrics_json, plot_retention
+
+    if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg"):
+        raise click.UsageError("--plot FILE must end in .png or .svg")
+    project = _project(ctx)
+    table = project.metrics(list(nodes))
+    if as_json:
+        click.echo(json.dumps(metrics_json(table, diff=diff), indent=2))
+    else:
+        for line in metrics_lines(table, diff=diff):
+            click.echo(line)
+    if plot is not None:
+        plot_retention(table, Path(plot), project.retain_thresholds())
+        if not as_json:
+            click.echo(f"wrote {plot}")
 
 
 @main.command()

@@ -12,6 +12,7 @@ from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
+    from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
 
 
@@ -291,4 +292,66 @@ def describe_repro(report: ReproReport) -> list[str]:
                      f"{short_digest(report.stored_digest)} stored")
     lines.append(f"{report.node}: NOT reproduced ({len(report.differences)} of "
                  f"{report.files} files differ)")
+    return lines
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return "inf" if ratio == float("inf") else f"{100 * ratio:.1f}%"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def retention_lines(metrics: NodeMetrics) -> list[str]:
+    """What ``metrics.node`` keeps of each scored ancestor's own evals, one row each, with
+    the verdict of its retain check when it has one."""
+    if not metrics.retention:
+        return []
+    verdicts = {(c.ancestor, c.eval, c.metric): c.passed for c in metrics.checks
+                if c.rule == "retain"}
+    rows = [["ancestor", "eval", "metric", "ancestor", metrics.node, "retained", "check"]]
+    for r in metrics.retention:
+        verdict = verdicts.get((r.ancestor, r.eval, r.metric))
+        rows.append([r.ancestor, r.eval, r.metric, _value(r.ancestor_value), _value(r.value),
+                     _percent(r.ratio), "" if verdict is None else ("ok" if verdict else "FAIL")])
+    return [f"retention of {metrics.node}:", *("  " + line for line in _table(rows))]
+
+
+def metrics_lines(table: list[NodeMetrics], diff: bool = False) -> list[str]:
+    """``mergebuild metrics``: nodes × evals (each eval's score metrics), then each node's
+    retention; with ``diff``, each score's change since the node's previous build."""
+    columns: dict[tuple[str, str], None] = {}
+    for m in table:
+        for name, metrics in m.scores.items():
+            for metric in metrics:
+                if metric not in ("n", "tokens"):
+                    columns.setdefault((name, metric))
+    if not columns:
+        return ["no scores yet: run 'mergebuild make' or 'mergebuild eval NODE'"]
+    rows = [["node", *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e
+                       for e, m in columns)]]
+    for m in table:
+        row = [m.node]
+        for name, metric in columns:
+            value = m.scores.get(name, {}).get(metric)
+            cell = _value(value)
+            if diff and value is not None:
+                before = m.previous.get(name, {}).get(metric)
+                cell += f" ({value - before:+.4g})" if before is not None else " (new)"
+            row.append(cell)
+        rows.append(row)
+    lines = _table(rows)
+    for m in table:
+        if m.retention:
+            lines += ["", *retention_lines(m)]
+        failed = [c for c in m.checks if not c.passed]
+        lines += [f"check failed: {c.describe()}" for c in failed]
     return lines
