@@ -26,10 +26,15 @@ from mergebuild.spec.model import Mergefile
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
 
-__all__ = ["Evaluations", "evaluation_summary"]
+__all__ = ["Evaluations", "evaluation_summary", "installed"]
 
 # Kinds that load the model with transformers (a command brings its own tooling).
 _NEEDS_TRANSFORMERS = ("accuracy", "perplexity", "lm_eval")
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported here (without importing it)."""
+    return importlib.util.find_spec(package) is not None
 
 
 class Evaluations:
@@ -53,7 +58,7 @@ class Evaluations:
         """Fail before building anything when a pending evaluation needs a missing package."""
         kinds = {self.mergefile.evals[t.eval].definition.kind
                  for s in states for t in s.evaluations if t.status == "pending"}
-        if kinds & set(_NEEDS_TRANSFORMERS) and importlib.util.find_spec("transformers") is None:
+        if kinds & set(_NEEDS_TRANSFORMERS) and not installed("transformers"):
             raise EvaluationError("this Mergefile's evals need transformers, which is not "
                                   "installed", hint="pip install 'mergebuild[eval]'")
 
