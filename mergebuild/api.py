@@ -3,6 +3,7 @@ check, verify, gc, pin, export, push); each verb that uses the store holds its l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -17,7 +18,7 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import Mergefile, MergeSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -25,7 +26,10 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.export import ExportResult
+    from mergebuild.verbs.audit_report import ReportTarget
+    from mergebuild.verbs.card import PresentedCard
+    from mergebuild.verbs.export import ExportResult, Protected
+    from mergebuild.verbs.inspect import InspectReport
     from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
@@ -115,6 +119,18 @@ class Project:
         assert path is not None
         return path
 
+    def model_dir(self, node: str) -> Path:
+        """A directory holding ``node``'s weights: a source's files (a demo model generated, a
+        hub snapshot fetched, when not here yet), else the node's current build."""
+        spec = self.mergefile.nodes.get(node)
+        if isinstance(spec, SourceSpec):
+            from mergebuild.sources.resolve import materialize
+
+            state = next(s for s in self.planner.plan([node]) if s.name == node)
+            assert state.source is not None
+            return materialize(state.source, self.store)
+        return self.path(node)
+
     def build_dir(self, node: str) -> Path:
         """The store directory of ``node``'s current key, even if it fails the cheap
         integrity check (so that ``verify`` can say why); else as :meth:`path`."""
@@ -145,6 +161,11 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
+        if (state.kind == "merge" and state.status == "stale" and state.key
+                and self.store.object_dir(state.key).is_dir()):
+            # The current build fails the store's check (a damaged file): compare it anyway,
+            # file by file, so the report names what differs.
+            state.status, state.path = "fresh", self.store.object_dir(state.key)
 
         def rebuild(scratch: Store) -> Path:
             result = self._maker(scratch).make([node], force=True, device=device,
@@ -192,18 +213,28 @@ class Project:
 
     # auditing ----------------------------------------------------------------------------
     @_uses_store()
-    def verify(self, node: str) -> VerifyReport:
-        """Re-hash ``node``'s current build against its provenance and walk its chain."""
+    def verify(self, node: str, public_key: Any = None) -> VerifyReport:
+        """Re-hash ``node``'s current build against its provenance, walk its chain, and
+        check that it is what the store published (and, with ``public_key``, signed)."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(self.build_dir(node))
+        path = self.build_dir(node)
+        return verify_build(path, **self._published(path), public_key=public_key)
 
     @staticmethod
-    def verify_directory(directory: str | Path) -> VerifyReport:
-        """:meth:`verify` for a built model directory (no Mergefile, no store)."""
+    def verify_directory(directory: str | Path, public_key: Any = None) -> VerifyReport:
+        """:meth:`verify` for a built model directory (no Mergefile, no store): with
+        ``public_key`` (an exported, signed model) it needs to trust nothing but the key."""
         from mergebuild.verbs.verify import verify_build
 
-        return verify_build(Path(directory))
+        return verify_build(Path(directory), public_key=public_key)
+
+    def _published(self, path: Path) -> dict[str, Any]:
+        """For a store object, the digest the store recorded when it published it."""
+        if path.parent.parent != self.store.objects:
+            return {}  # a source's directory: nothing was published
+        record = self.store.read_published(path.name)
+        return {"in_store": True, "published_digest": record.digest if record else None}
 
     @_uses_store()
     def lineage(self, node: str) -> LineageNode:
@@ -218,6 +249,100 @@ class Project:
         from mergebuild.provenance.lineage import load_lineage
 
         return load_lineage(Path(directory))
+
+    @_uses_store()
+    def inspect(self, nodes: list[str] | tuple[str, ...], base: str | None = None,
+                merged: list[str] | tuple[str, ...] = (), density: float = 0.5,
+                device: str = "cpu") -> InspectReport:
+        """Weight-space diagnostics of ``nodes``' task vectors relative to ``base`` (see
+        ``verbs/inspect.py``); each node is read from its directory (a source available here,
+        or a fresh build). One merge node without ``base`` means: its parents relative to
+        its ``base_model``, with the merge itself measured against them."""
+        from mergebuild.verbs.inspect import inspect_models
+
+        nodes, merged = list(nodes), list(merged)
+        if base is None and len(nodes) == 1 and not merged:
+            spec = self.mergefile.nodes.get(nodes[0])
+            if isinstance(spec, MergeSpec):
+                if spec.base is None:
+                    raise MergefileError("has no base_model to take task vectors against",
+                                         node=spec.name, hint="pass --base NODE")
+                merged, base = nodes, spec.base
+                nodes = [r for r in spec.parent_refs() if r != spec.base]
+        if base is None:
+            raise MergebuildError("inspect needs a base to take task vectors against",
+                                  hint="pass --base NODE, or one merge node with a base_model")
+        report = inspect_models({n: self.model_dir(n) for n in nodes}, self.model_dir(base),
+                                merged={n: self.path(n) for n in merged}, density=density,
+                                device=device)
+        return dataclasses.replace(report, base=base)
+
+    # the card ----------------------------------------------------------------------------
+    def licences(self, node: str) -> dict[str, str | None]:
+        """{parent: licence or None} of a merge node: a source's from its Mergefile card,
+        else its card or config; a merge parent's from its card block, else its parents'
+        when they agree."""
+        spec = self.mergefile.nodes[node]
+        if not isinstance(spec, MergeSpec):
+            return {}
+        return {ref: self._licence(ref) for ref in spec.parent_refs()}
+
+    def _licence(self, node: str) -> str | None:
+        from mergebuild.provenance.card import licence_of, merged_licence
+
+        spec = self.mergefile.nodes[node]
+        if isinstance(spec, AdaptedSpec):
+            return self._licence(spec.model)
+        if isinstance(spec, SourceSpec):
+            if spec.license:
+                return spec.license
+            try:
+                return licence_of(self.model_dir(node))
+            except MergebuildError:
+                return None
+        card = self.mergefile.card_of(node)
+        return merged_licence(card.license if card else None, self.licences(node))
+
+    def card(self, node: str, build: Path | None = None) -> PresentedCard:
+        """The card ``node``'s current build goes out with: its own card with the Mergefile's
+        ``card:`` block and the parents' licences applied, kept in the store beside the
+        object (see ``verbs/card.py``); StoreError if it is not built."""
+        from mergebuild.verbs.card import present_card
+
+        card = self.mergefile.card_of(node)
+        return present_card(self.store.root / "cards", build or self.path(node), node,
+                            card.to_json() if card else {}, self.licences(node))
+
+    # release review ----------------------------------------------------------------------
+    @_uses_store()
+    def report(self, targets: list[str] | tuple[str, ...] = (), *, scan: bool = True
+               ) -> list[ReportTarget]:
+        """What the release-review page shows of each built target (default: every final
+        node): lineage, verification, signature, card and licences, warnings (with
+        ``scan``, non-finite values found by reading the weights once)."""
+        from mergebuild.provenance.card import split_front_matter
+        from mergebuild.provenance.lineage import load_lineage
+        from mergebuild.verbs.audit_report import ReportTarget, nonfinite_tensors
+        from mergebuild.verbs.verify import verify_build
+
+        out = []
+        for name in self.targets_or_default(list(targets)):
+            build = self.build_dir(name)  # even a corrupt one: the page says what is wrong
+            verified = verify_build(build)
+            card = self.card(name, build)
+            warnings = list(card.warnings)
+            if scan:
+                warnings += [f"non-finite values in {found}" for found in nonfinite_tensors(build)]
+            signatures = sorted(p.name for p in build.iterdir()
+                                if p.name.endswith((".dsse.json", ".sig", ".intoto.jsonl")))
+            out.append(ReportTarget(
+                name=name, directory=build, lineage=load_lineage(build),
+                problems=tuple(str(p) for p in verified.problems), files=verified.files,
+                signature=(f"signed ({', '.join(signatures)}); check the key with verify"
+                           if signatures else "unsigned"),
+                card=split_front_matter(card.text)[0], licences=self.licences(name),
+                warnings=tuple(warnings)))
+        return out
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)
@@ -265,17 +390,47 @@ class Project:
 
     # shipping ----------------------------------------------------------------------------
     @_uses_store()
-    def export(self, node: str, directory: str | Path, force: bool = False) -> ExportResult:
-        """Copy ``node``'s verified build to ``directory``."""
-        from mergebuild.verbs.export import export_build
+    def export(self, node: str, directory: str | Path, force: bool = False,
+               fmt: str = "safetensors", quant: str = "f16", sign_key: Any = None
+               ) -> ExportResult:
+        """Copy ``node``'s verified build to ``directory`` (``fmt="safetensors"``), or convert
+        it into one GGUF file there (``fmt="gguf"``, stored as ``quant``). ``force`` replaces
+        only an earlier export or an empty directory, never the store, the project or a
+        source. With ``sign_key`` (Ed25519) the export carries a DSSE envelope over its
+        provenance."""
+        from mergebuild.verbs.export import export_build, export_gguf_build
 
-        return export_build(self.path(node), Path(directory), force=force, node=node)
+        if fmt not in ("safetensors", "gguf"):
+            raise MergebuildError(f"unknown export format '{fmt}'", node=node,
+                                  hint="use safetensors or gguf")
+        path = self.build_dir(node)
+        card = self.card(node, path)
+        guard = {"protected": self._protected(), "sign_key": sign_key, **self._published(path)}
+        if fmt == "gguf":
+            return export_gguf_build(path, Path(directory), quant=quant, force=force,
+                                     node=node, card=card.text, **guard)
+        return export_build(path, Path(directory), force=force, node=node, card=card, **guard)
+
+    def _protected(self) -> Protected:
+        from mergebuild.spec.model import AdaptedSpec, SourceSpec
+        from mergebuild.verbs.export import Protected
+
+        roots = [(self.mergefile.path.resolve().parent, "the Mergefile's directory")]
+        for name, spec in self.mergefile.nodes.items():
+            local = (spec.uri if isinstance(spec, SourceSpec) and spec.kind == "local" else
+                     spec.adapter if isinstance(spec, AdaptedSpec) else None)
+            if local and not local.startswith(("hf://", "demo://")):
+                roots.append((Path(local), f"the source of '{name}'"))
+        return Protected(store=self.store.root, roots=tuple(roots))
 
     @_uses_store()
     def push(self, node: str, repo_id: str, private: bool = False,
-             revision: str | None = None) -> str:
-        """Verify ``node``'s build and upload it to the Hub as ``repo_id``; the commit URL."""
+             revision: str | None = None, sign_key: Any = None) -> str:
+        """Verify ``node``'s build and upload it to the Hub as ``repo_id`` (signed with
+        ``sign_key``: a DSSE envelope travels with it); the commit URL."""
         from mergebuild.verbs.export import push_build
 
-        return push_build(self.path(node), repo_id, private=private, revision=revision,
-                          node=node)
+        path = self.build_dir(node)
+        return push_build(path, repo_id, private=private, revision=revision, node=node,
+                          card=self.card(node, path), sign_key=sign_key,
+                          **self._published(path))

@@ -107,12 +107,14 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
                           reporter=make_reporter(ctx.obj["quiet"]))
     if not ctx.obj["quiet"]:
-        for name in project.targets_or_default(list(targets)):
-            for r in result.results:
-                if r.name == name and r.path:
-                    click.echo(f"{name}: {r.path}")
-        _print_retention(project, [r.name for r in result.results if r.path is not None
-                                   and r.name in project.targets_or_default(list(targets))])
+        built = [(name, r.path) for name in project.targets_or_default(list(targets))
+                 for r in result.results if r.name == name and r.path]
+        for name, _ in built:  # before the results, which stay the last lines
+            for warning in project.card(name).warnings:
+                click.echo(f"mergebuild: warning: {name}: {warning}", err=True)
+        _print_retention(project, [name for name, _ in built])
+        for name, path in built:
+            click.echo(f"{name}: {path}")
     if not result.ok:
         sys.exit(1)
 
@@ -188,10 +190,13 @@ def graph(ctx, fmt):
 
 @main.command()
 @click.argument("node")
+@click.option("--card", is_flag=True,
+              help="Print the path of the card NODE goes out with (its card: block applied).")
 @click.pass_context
-def path(ctx, node):
+def path(ctx, node, card):
     """Print the directory of NODE's current build (exit 4 if it is not built)."""
-    click.echo(str(_project(ctx).path(node)))
+    project = _project(ctx)
+    click.echo(str(project.card(node).path if card else project.path(node)))
 
 
 @main.command()
@@ -370,20 +375,28 @@ def lineage(ctx, target_or_dir, as_json):
 
 @main.command()
 @click.argument("target_or_dir")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="Also require a DSSE signature by this Ed25519 public key (PEM).")
 @click.pass_context
-def verify(ctx, target_or_dir):
+def verify(ctx, target_or_dir, key_file):
     """Re-hash every file of a built model against its provenance and walk its chain.
 
-    Prints every problem (missing, truncated, modified, unexpected file; broken chain) and
-    exits 1 if there is any. TARGET_OR_DIR is a node or a built model directory.
+    Prints every problem (missing, truncated, modified, unexpected file; broken chain; a
+    store object not as published; with --key, a missing or wrong signature) and exits 1 if
+    there is any. TARGET_OR_DIR is a node or a built model directory.
     """
     from mergebuild.api import Project
 
+    public_key = None
+    if key_file:
+        from mergebuild.provenance.signing import load_public_key
+
+        public_key = load_public_key(key_file)
     found = _node_or_directory(ctx, target_or_dir)
     if isinstance(found, Path):
-        report = Project.verify_directory(found)
+        report = Project.verify_directory(found, public_key=public_key)
     else:
-        report = found.verify(target_or_dir)
+        report = found.verify(target_or_dir, public_key=public_key)
     for problem in report.problems:
         click.echo(str(problem))
     if not report.ok:
@@ -391,8 +404,100 @@ def verify(ctx, target_or_dir):
         click.echo(f"mergebuild: error: {report.directory}: {n} problem{'s' * (n != 1)}",
                    err=True)
         sys.exit(1)
+    signed = f", signed by key {report.signed_by[:16]}" if report.signed_by else ""
     click.echo(f"verified {report.files} files, chain of {report.stages} "
-               f"stage{'s' * (report.stages != 1)}")
+               f"stage{'s' * (report.stages != 1)}{signed}")
+
+
+def _signing_key(sign: str | None):
+    """--sign KEYFILE, or --sign alone: the key in $MERGEBUILD_SIGNING_KEY."""
+    if sign is None:
+        return None
+    from mergebuild.provenance.signing import load_private_key
+
+    return load_private_key(sign or None)
+
+
+_SIGN_HELP = ("Sign the provenance (DSSE envelope, Ed25519) with the private key in KEYFILE; "
+              "--sign alone reads it from $MERGEBUILD_SIGNING_KEY.")
+
+
+@main.command()
+@click.argument("name")
+def keygen(name):
+    """Create an Ed25519 key pair for signing: NAME.key (private, mode 600) and NAME.pub."""
+    from mergebuild.provenance.signing import generate_keypair, key_id, load_public_key
+
+    private, public = generate_keypair(Path(name))
+    click.echo(f"{private}: private key (keep it secret; export --sign {private})")
+    click.echo(f"{public}: public key {key_id(load_public_key(public))[:16]} "
+               f"(verify DIR --key {public})")
+
+
+@main.command("report")
+@click.argument("targets", nargs=-1)
+@click.option("-o", "--output", default="report.html", show_default=True,
+              type=click.Path(dir_okay=False), help="The HTML file to write.")
+@click.option("--no-scan", is_flag=True,
+              help="Do not read the weights looking for NaN/Inf (faster for large models).")
+@click.pass_context
+def report_command(ctx, targets, output, no_scan):
+    """Write one self-contained HTML page for release review of TARGETS (default: every final
+    node): the lineage drawn, stages, sources, verification, signature, licences, warnings."""
+    from mergebuild.build.record import utc_now
+    from mergebuild.io.atomic import write_bytes_atomic
+    from mergebuild.verbs.audit_report import render_report
+
+    project = _project(ctx)
+    found = project.report(list(targets), scan=not no_scan)
+    page = render_report(found, title=f"mergebuild report: {project.mergefile.path.name}",
+                         generated=utc_now())
+    write_bytes_atomic(Path(output), page.encode("utf-8"))
+    problems = sum(len(t.problems) for t in found)
+    warnings = sum(len(t.warnings) for t in found)
+    click.echo(f"wrote {output}: {len(found)} target{'s' * (len(found) != 1)}, "
+               f"{problems} verification problem{'s' * (problems != 1)}, "
+               f"{warnings} warning{'s' * (warnings != 1)}")
+    if problems:
+        sys.exit(1)
+
+
+@main.command("inspect")
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--base", help="The node task vectors are taken against (default: the base_model "
+                             "of a single merge NODE).")
+@click.option("--merged", multiple=True, metavar="NODE",
+              help="A merge to measure against the task vectors (how much of each survives); "
+                   "repeatable. A single merge NODE is its own --merged.")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="The TIES/DARE density the 'kept' shares refer to.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the layer-by-layer picture to FILE (.png, .svg or .pdf; "
+                   "needs matplotlib).")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.pass_context
+def inspect_command(ctx, nodes, base, merged, density, as_json, plot, device):
+    """How NODES' task vectors (model - base) agree, per layer and tensor kind: cosine,
+    sign conflicts, norms, what a density keeps, and what a merge kept of each parent."""
+    from mergebuild.verbs.inspect import plot as draw
+    from mergebuild.verbs.inspect import render_table
+
+    report = _project(ctx).inspect(list(nodes), base, list(merged), density=density,
+                                   device=device)
+    if plot:
+        draw(report, Path(plot))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(render_table(report))
+    if plot:
+        click.echo(f"plot: {plot}")
 
 
 @main.command()
@@ -419,11 +524,23 @@ def gc(ctx, dry_run):
 @main.command()
 @click.argument("target")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace DIRECTORY if it is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace DIRECTORY if an earlier export wrote it.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]),
+              default="safetensors", show_default=True,
+              help="safetensors: the build as it is; gguf: one llama.cpp/Ollama file.")
+@click.option("--quant", type=click.Choice(["f16", "bf16", "q8_0", "q4_0", "f32"]),
+              default="f16", show_default=True, help="The GGUF's storage type of 2-D weights.")
+@click.option("--sign", metavar="KEYFILE", is_flag=False, flag_value="", default=None,
+              help=_SIGN_HELP)
 @click.pass_context
-def export(ctx, target, directory, force):
-    """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY."""
-    result = _project(ctx).export(target, directory, force=force)
+def export(ctx, target, directory, force, fmt, quant, sign):
+    """Copy TARGET's verified build (weights, config, tokenizer, card, provenance) to DIRECTORY,
+    or with --format gguf convert it into one GGUF file whose provenance names the build."""
+    if fmt != "gguf" and ctx.get_parameter_source("quant") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--quant applies to --format gguf")
+    result = _project(ctx).export(target, directory, force=force, fmt=fmt, quant=quant,
+                                  sign_key=_signing_key(sign))
     click.echo(f"{target}: exported {result.files} files to {result.directory}")
 
 
@@ -432,10 +549,13 @@ def export(ctx, target, directory, force):
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @click.option("--revision", help="Branch to push to (created if missing; default main).")
+@click.option("--sign", metavar="KEYFILE", is_flag=False, flag_value="", default=None,
+              help=_SIGN_HELP)
 @click.pass_context
-def push(ctx, target, repo_id, private, revision):
+def push(ctx, target, repo_id, private, revision, sign):
     """Verify TARGET's build and upload it to the Hugging Face Hub as REPO_ID."""
-    url = _project(ctx).push(target, repo_id, private=private, revision=revision)
+    url = _project(ctx).push(target, repo_id, private=private, revision=revision,
+                             sign_key=_signing_key(sign))
     click.echo(f"{target}: pushed to {url}")
 
 

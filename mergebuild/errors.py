@@ -86,6 +86,25 @@ class StoreError(MergebuildError):
     exit_code = 4
 
 
+class CorruptParentError(StoreError):
+    """A parent's bytes, hashed as a child's build read them, are not what the store published.
+
+    ``parent`` is the parent node; ``file`` the first file that differs.
+    """
+
+    def __init__(self, message: str, *, parent: str, file: str, node: str | None = None,
+                 hint: str | None = None):
+        super().__init__(message, node=node, hint=hint)
+        self.parent = parent
+        self.file = file
+
+
+class SigningError(MergebuildError):
+    """A signing key cannot be read, or a signature does not verify against the given key."""
+
+    exit_code = 5
+
+
 class BuildInterrupted(MergebuildError):
     """The build was interrupted; nothing was published."""
 

@@ -66,9 +66,22 @@ def render() -> str:
             ("| a store object's file grown, shrunk or removed after publish | `make`'s cheap "
             "check (sizes from provenance, no file read) treats it as absent: `plan` says "
             "`output corrupt or incomplete`, `make` rebuilds it |"),
-            ("| a store object's file edited in place, same size | not seen by the cheap check; "
-            "`verify` (full sha256 re-hash) reports it `modified`; `make --force` rebuilds "
-            "it |"),
+            ("| a store object's file edited in place, same size | its stat signature changed, so "
+            "`make` re-hashes it against the store's publish record: `output corrupt or "
+            "incomplete`, rebuilt; `verify` (full sha256 re-hash) reports it `modified` |"),
+            ("| a parent object's bytes corrupted after planning (same size) | the child's build "
+            "hashes every parent byte as it streams: `parent 'base-instruct' is corrupt in the "
+            "store: model.safetensors is not what was published`, exit 4, nothing published, "
+            "the parent moved to `quarantine/`; the next make rebuilds both bit-identically |"),
+            ("| an object's weights and provenance.json rewritten consistently (a forgery) | "
+            "`verify` reports `not-as-published`, `export`/`push` refuse (exit 4), `make` "
+            "rebuilds it: the store's publish record holds the digest it was published with |"),
+            ("| `make -B a` while another make reads `a` as a parent | the rebuild comes out "
+            "identical and the published object stays in place (content identity, not inode); "
+            "the reader exits 0 |"),
+            ("| a signed export forged consistently, or checked with another key | `verify DIR "
+            "--key PUB` fails: `bad-signature` (payload is not provenance.json / not signed by "
+            "this key / not signed) |"),
             ("| HF_TOKEN and other secrets in the environment, a token in a node description | "
             "absent from provenance.json, README.md, refs and the make's output |"),
             ("| tokenizer/config files in a source that are symlinks out of its directory | "

@@ -321,6 +321,48 @@ CASES = [
 ]
 
 
+# --- export destinations (--force replaces only an earlier export or an empty directory) ----
+
+
+def _project_dir(models: Path, bad: Path) -> None:
+    (bad / "proj").mkdir()
+    (bad / "proj" / "Mergefile").write_text("version: 1\nmodels: {}\n")
+
+
+def _foreign_dir(models: Path, bad: Path) -> None:
+    (bad / "foreign").mkdir()
+    (bad / "foreign" / "notes.txt").write_text("not an export")
+
+
+_FORCE = ("export", "ok", "--force")
+EXPORT_CASES = [
+    Case("export-force-store", "`export ok cache --force`: the store itself", _head(""),
+         ("refusing to export", "it is the store", "pick a new or empty directory"),
+         target="store", argv=_FORCE, exit_code=1),
+    Case("export-force-in-store", "`export ok cache/objects --force`: inside the store",
+         _head(""), ("refusing to export", "inside the store"), target="store/objects",
+         argv=_FORCE, exit_code=1),
+    Case("export-onto-object", "`export ok cache/objects/ab/new`: a new directory in the store",
+         _head(""), ("refusing to export", "inside the store"), target="store/objects/ab/new",
+         argv=("export", "ok"), exit_code=1),
+    Case("export-force-cwd", "`export ok . --force` in the project (store, Mergefile, sources)",
+         _head(""), ("refusing to export", "holds the store"), target=".", argv=_FORCE,
+         exit_code=1),
+    Case("export-force-parent", "`export ok .. --force`: above the current directory",
+         _head(""), ("refusing to export", "holds"), target="..", argv=_FORCE, exit_code=1),
+    Case("export-force-mergefile-dir", "`export --force` onto another project's directory",
+         _head(""), ("refusing to export", "holds a Mergefile"), target="bad/proj",
+         argv=_FORCE, setup=_project_dir, exit_code=1),
+    Case("export-force-source", "`export --force` onto a local source's directory",
+         _source("{bad}/model"), ("refusing to export", "the source of 'src'"),
+         target="bad/model", argv=_FORCE, setup=_copy_base, exit_code=1),
+    Case("export-force-foreign", "`export --force` onto a non-empty directory no export wrote",
+         _head(""), ("refusing to export", "no export wrote it", ".mergebuild-export"),
+         target="bad/foreign", argv=_FORCE, setup=_foreign_dir, exit_code=1),
+]
+CASES += EXPORT_CASES
+
+
 # --- running ---------------------------------------------------------------------------------
 
 
@@ -340,6 +382,13 @@ def _listing(store: Path) -> dict[str, str]:
             out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
                         else "dir")
     return out
+
+
+def _project_files(root: Path) -> list[Path]:
+    """Every path of a case's project outside the store (compared by _listing) and the
+    runner's logs."""
+    return sorted(p.relative_to(root) for p in root.rglob("*")
+                  if p.relative_to(root).parts[0] not in ("store", ".cli-logs"))
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +419,7 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
     shutil.copytree(template_store, store)
     before = _listing(store)
     assert before, "the template store holds a build"
+    files_before = _project_files(tmp_path)
 
     argv = ["--cache-dir", str(store), *case.argv, case.target]
     run = run_cli(argv, cwd=tmp_path)
@@ -386,6 +436,8 @@ def test_bad_input_fails_with_one_clear_line(case: Case, tmp_path, demo_models,
         assert fragment.lower() in line.lower(), f"{fragment!r} not in {line!r}"
     assert _listing(store) == before
     assert not any((store / "tmp").iterdir()) if (store / "tmp").exists() else True
+    if case.argv[0] == "export":  # nothing removed or added anywhere in the project
+        assert _project_files(tmp_path) == files_before
 
 
 def test_python_m_and_forked_runner_agree(tmp_path, demo_models, template_store):

@@ -204,17 +204,17 @@ def test_store_object_edited_after_publish(chain_dir, reference):
     obj = Store(store).object_dir(json.loads((store / "refs/final-model.json").read_text())["key"])
     weights = obj / "model.safetensors"
 
-    # Same size, one byte flipped: the cheap check (sizes) cannot see it; verify can,
-    # and make --force rebuilds it.
+    # Same size, one byte flipped: the file's stat signature changed, so make re-hashes it
+    # against the store's publish record, finds it corrupt and rebuilds it.
     os.chmod(obj, 0o755)
     os.chmod(weights, 0o644)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert [p.kind for p in verify_directory(obj)] == ["modified"]
-    assert "built final-model" not in run_cli(argv, cwd=chain_dir).stdout
-    rebuilt = run_cli([*argv[:-1], "--force", "final-model"], cwd=chain_dir)
+    rebuilt = run_cli(argv, cwd=chain_dir)
     assert rebuilt.returncode == 0 and "built final-model" in rebuilt.stdout
+    assert "output corrupt or incomplete in the store" in rebuilt.stdout + rebuilt.stderr
     assert verify_directory(obj) == []
 
     # Size changed: make's cheap check notices, and make rebuilds.
@@ -274,3 +274,177 @@ def test_symlinks_out_of_a_source_are_not_copied(tmp_path, demo_models):
     assert (obj / "tokenizer_config.json").is_file()  # in-directory files still are
     for path in obj.iterdir():
         assert "OUTSIDE-SECRET" not in path.read_text(errors="replace")
+
+
+# --- integrity: corrupt and forged objects, rebuilds under readers, export guard, signing ---
+
+
+def _ref_object(store: Path, node: str) -> Path:
+    return Store(store).object_dir(json.loads((store / "refs" / f"{node}.json").read_text())["key"])
+
+
+def test_child_build_hashes_a_corrupt_parent_and_moves_it_aside(chain_dir, reference):
+    # Same-size damage after planning (bit rot, or tampering the plan could not see): the
+    # child's build hashes the parent as it streams and stops before publishing anything.
+    store = chain_dir / "store-corrupt-parent"
+    assert run_cli(["--cache-dir", store.name, "make", "base-instruct", "chat-code"],
+                   cwd=chain_dir).returncode == 0
+    parent = _ref_object(store, "base-instruct")
+    weights = parent / "model.safetensors"
+    os.chmod(weights, 0o644)  # read-only objects; the fault writes in place
+    run = run_cli(["--cache-dir", store.name, "make", "final-model"], cwd=chain_dir,
+                  env={"MERGEBUILD_FAULT": f"engine.start:1:flip={weights}"})
+    assert run.returncode == 4, run.stderr
+    assert run.error_lines == [(
+        "mergebuild: error: node 'final-model': parent 'base-instruct' is corrupt in the "
+        "store: model.safetensors is not what was published (it was moved aside; run make "
+        "again to rebuild it)")]
+    assert not parent.exists()
+    (moved,) = Store(store).quarantined_objects()
+    assert moved.name.startswith(parent.name)
+    assert [d.name for d in Store(store).iter_objects()] == [_ref_object(store, "chat-code").name]
+    again = run_cli(["--cache-dir", store.name, "make", "final-model"], cwd=chain_dir)
+    assert again.returncode == 0, again.stderr
+    assert "built base-instruct" in again.stdout and "built final-model" in again.stdout
+    _assert_store_sound(store)
+    assert _outputs(store) == reference
+
+
+def _forge(obj: Path, other: Path) -> None:
+    """Replace ``obj``'s weights and provenance with another build's, consistently: the
+    object then verifies against its own provenance.json."""
+    os.chmod(obj, 0o755)
+    for path in obj.iterdir():
+        os.chmod(path, 0o644)
+        path.unlink()
+    for path in other.iterdir():
+        shutil.copyfile(path, obj / path.name)
+    statement = json.loads((obj / "provenance.json").read_text())
+    statement["predicate"]["buildDefinition"]["internalParameters"]["key"] = obj.name
+    (obj / "provenance.json").write_text(json.dumps(statement))
+
+
+def test_a_forged_object_is_caught_by_verify_export_push_and_make(chain_dir, reference):
+    store = chain_dir / "store-forged"
+    argv = ["--cache-dir", store.name]
+    assert run_cli([*argv, "make", "final-model"], cwd=chain_dir).returncode == 0
+    obj = _ref_object(store, "chat-code")
+    _forge(obj, _ref_object(store, "base-instruct"))
+    assert verify_directory(obj) == []  # provenance vouches for itself...
+
+    verify = run_cli([*argv, "verify", "chat-code"], cwd=chain_dir)
+    assert verify.returncode == 1
+    assert "provenance.json: not-as-published: states sha256:" in verify.stdout
+    export = run_cli([*argv, "export", "chat-code", "out"], cwd=chain_dir)
+    assert export.returncode == 4 and not (chain_dir / "out").exists()
+    assert "refusing to export: the build is not what the store published" in export.stderr
+    push = run_cli([*argv, "push", "chat-code", "me/merged"], cwd=chain_dir,
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert push.returncode == 4
+    assert "refusing to push: the build is not what the store published" in push.stderr
+
+    # ...but the store's record does not: make rebuilds it and the child is unchanged.
+    plan = run_cli([*argv, "plan", "chat-code"], cwd=chain_dir)
+    assert "output corrupt or incomplete" in plan.stdout
+    again = run_cli([*argv, "make", "final-model"], cwd=chain_dir)
+    assert again.returncode == 0, again.stderr
+    assert "built chat-code" in again.stdout and "built final-model" not in again.stdout
+    _assert_store_sound(store)
+    assert _outputs(store) == reference
+
+
+def test_forced_rebuild_of_a_parent_while_a_child_reads_it(chain_dir, reference):
+    # `make -B base-instruct` publishes identical bytes while `make final-model` has the
+    # parent open: content identity (the digest) decides, not the inode, so the reader
+    # never fails (it failed 4 times in 25 when the object was replaced underneath it).
+    store = chain_dir / "store-rebuild-under-reader"
+    argv = ["--cache-dir", store.name]
+    assert run_cli([*argv, "make", "base-instruct", "chat-code"], cwd=chain_dir).returncode == 0
+    parent = _ref_object(store, "base-instruct")
+    inode = (parent / "model.safetensors").stat().st_ino
+    reader = start_cli([*argv, "make", "final-model"], cwd=chain_dir,
+                       env={"MERGEBUILD_FAULT": "engine.read_tensor:1:sleep=4"})
+    forced = run_cli([*argv, "make", "-B", "base-instruct"], cwd=chain_dir)
+    assert forced.returncode == 0 and "built base-instruct" in forced.stdout, forced.stderr
+    read = reader.wait()
+    assert read.returncode == 0, read.stderr
+    assert "built final-model" in read.stdout
+    assert (parent / "model.safetensors").stat().st_ino == inode  # left in place
+    _assert_store_sound(store)
+    assert _outputs(store) == reference
+
+
+def test_export_force_replaces_only_an_earlier_export_or_an_empty_directory(chain_dir):
+    store = chain_dir / "store-export-guard"
+    argv = ["--cache-dir", store.name]
+    assert run_cli([*argv, "make", "chat-code"], cwd=chain_dir).returncode == 0
+    obj = _ref_object(store, "chat-code")
+    before = sorted(p.name for p in obj.iterdir())
+    onto = run_cli([*argv, "export", "chat-code", str(obj), "--force"], cwd=chain_dir)
+    assert onto.returncode == 1 and "inside the store" in onto.stderr
+    assert sorted(p.name for p in obj.iterdir()) == before and verify_directory(obj) == []
+
+    empty = chain_dir / "export-empty"
+    empty.mkdir()
+    assert run_cli([*argv, "export", "chat-code", str(empty), "--force"],
+                   cwd=chain_dir).returncode == 0
+    again = run_cli([*argv, "export", "chat-code", str(empty), "--force"], cwd=chain_dir)
+    assert again.returncode == 0, again.stderr
+    marker = json.loads((empty / ".mergebuild-export").read_text())
+    assert marker["node"] == "chat-code" and marker["digest"].startswith("sha256:")
+    assert verify_directory(empty) == []
+
+
+def test_signed_export_verifies_with_only_the_public_key(chain_dir, tmp_path):
+    store = chain_dir / "store-signing"
+    argv = ["--cache-dir", str(store)]
+    assert run_cli([*argv, "make", "final-model"], cwd=chain_dir).returncode == 0
+    keygen = run_cli(["keygen", "release"], cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    assert oct((tmp_path / "release.key").stat().st_mode & 0o777) == "0o600"
+    out = tmp_path / "out"
+    signed = run_cli([*argv, "-f", str(chain_dir / "Mergefile"), "export", "final-model",
+                      str(out), "--sign", "release.key"], cwd=tmp_path)
+    assert signed.returncode == 0, signed.stderr
+    assert (out / "provenance.dsse.json").is_file()
+
+    # Someone holding only the directory and the public key, no Mergefile, no store:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "release.pub", elsewhere / "release.pub")
+    ok = run_cli(["verify", str(out), "--key", "release.pub"], cwd=elsewhere)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ", signed by key " in ok.stdout
+
+    # The key from the environment signs the same way (push --sign reads it alike).
+    env_out = tmp_path / "env-out"
+    by_env = run_cli([*argv, "-f", str(chain_dir / "Mergefile"), "export", "final-model",
+                      str(env_out), "--sign"], cwd=tmp_path,
+                     env={"MERGEBUILD_SIGNING_KEY": (tmp_path / "release.key").read_text()})
+    assert by_env.returncode == 0, by_env.stderr
+    assert run_cli(["verify", str(env_out), "--key", "release.pub"],
+                   cwd=elsewhere).returncode == 0
+
+    # A consistent forgery of weights and provenance keeps verifying without the key...
+    other = tmp_path / "other"
+    assert run_cli([*argv, "-f", str(chain_dir / "Mergefile"), "export", "chat-code",
+                    str(other)], cwd=tmp_path).returncode == 0
+    for path in other.iterdir():
+        if not path.name.startswith("."):
+            shutil.copyfile(path, env_out / path.name)
+    assert run_cli(["verify", str(env_out)], cwd=elsewhere).returncode == 0
+    # ...but not with it.
+    forged = run_cli(["verify", str(env_out), "--key", "release.pub"], cwd=elsewhere)
+    assert forged.returncode == 1
+    assert ("provenance.dsse.json: bad-signature: provenance.json is not the statement that "
+            "was signed") in forged.stdout
+    assert run_cli(["keygen", "stranger"], cwd=tmp_path).returncode == 0
+    wrong_key = run_cli(["verify", str(out), "--key", str(tmp_path / "stranger.pub")],
+                        cwd=elsewhere)
+    assert wrong_key.returncode == 1 and "is not signed by this key" in wrong_key.stdout
+    unsigned = run_cli(["verify", str(other), "--key", "release.pub"], cwd=elsewhere)
+    assert unsigned.returncode == 1 and "not signed (no provenance.dsse.json)" in unsigned.stdout
+    bad_key = run_cli(["verify", str(out), "--key", str(tmp_path / "release.key")],
+                      cwd=elsewhere)
+    assert bad_key.returncode == 5 and len(bad_key.error_lines) == 1
+    assert "is not a PEM public key" in bad_key.stderr

@@ -105,9 +105,12 @@ def test_gc_keeps_the_last_build_of_an_edited_node_until_it_is_rebuilt(workspace
     workspace.project().make(["final-model"])
     new = current_paths(workspace)
     report = workspace.project().collect_garbage()
-    removed = {g.path.name for g in report.removed}
+    removed = {g.path.name for g in report.removed if g.kind == "object"}
     assert removed == {old["chat-code"].name, old["final-model"].name}
+    # Their publish records go with them; the kept objects keep theirs.
+    assert {g.path.stem for g in report.removed if g.kind == "record"} == removed
     assert objects(workspace) == {p.name for p in new.values()}
+    assert {p.stem for p in (workspace.cache / "published").iterdir()} == objects(workspace)
     assert new["base-instruct"] == old["base-instruct"]
 
 

@@ -41,8 +41,9 @@ def test_corrupt_object_is_absent_discarded_and_rebuilt(workspace, damage):
     assert not list((workspace.cache / "tmp").iterdir())
 
 
-def test_flipped_byte_passes_the_cheap_check(workspace):
-    # Only verify (a full re-hash) sees same-size damage; make trusts sizes to stay fast.
+def test_flipped_byte_is_noticed_by_make_and_rebuilt(workspace):
+    # Same-size damage through the file system changes the file's stat signature: make
+    # re-hashes that file against the store's publish record, finds it corrupt, rebuilds.
     workspace.write(CHAIN)
     workspace.project().make(["chat-code"])
     path = workspace.project().path("chat-code")
@@ -50,5 +51,26 @@ def test_flipped_byte_passes_the_cheap_check(workspace):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
+    project = workspace.project()
+    assert project.store.lookup(path.name) is None
+    assert project.store.problem(path.name) == (
+        "model.safetensors: content differs from what was published")
+    state = next(s for s in project.plan(["chat-code"]) if s.name == "chat-code")
+    assert state.reasons == ["output corrupt or incomplete in the store"]
+    assert outcomes(project.make(["chat-code"])) == {"chat-code": "built"}
+    assert verify_directory(path) == []
     assert workspace.project().store.lookup(path.name) is not None
-    assert [p.kind for p in verify_directory(path)] == ["modified"]
+
+
+def test_unchanged_object_is_reused_without_reading_its_weights(workspace, monkeypatch):
+    # The signature check is cheap: a fresh object's files are not re-read.
+    workspace.write(CHAIN)
+    workspace.project().make(["chat-code"])
+    from mergebuild.io import hashing
+
+    def no_reads(path):
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr(hashing, "file_xxh128", no_reads)
+    project = workspace.project()
+    assert outcomes(project.make(["chat-code"])) == {"chat-code": "fresh"}

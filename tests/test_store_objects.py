@@ -14,10 +14,20 @@ def test_publish_renames_and_makes_read_only(tmp_path):
     store = Store(tmp_path / "cache")
     tmp = store.new_tmp("ab" * 16)
     (tmp / "config.json").write_text("{}")
-    final = store.publish(tmp, "ab" * 16)
+    final = store.publish(tmp, "ab" * 16, "sha256:" + "0" * 64)
     assert final == store.object_dir("ab" * 16) and not tmp.exists()
     assert not os.access(final / "config.json", os.W_OK) or os.geteuid() == 0
     assert oct((final / "config.json").stat().st_mode & 0o777) == "0o444"
+    # The store's own record of what was published, outside the object.
+    record = store.read_published("ab" * 16)
+    assert record is not None and record.digest == "sha256:" + "0" * 64
+    assert record.files == {"config.json": (2, xxhash_of(b"{}"))}
+
+
+def xxhash_of(data: bytes) -> str:
+    import xxhash
+
+    return "xxh128:" + xxhash.xxh3_128_hexdigest(data)
 
 
 def test_lock_serialises_builders_of_one_key(tmp_path):

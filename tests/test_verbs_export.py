@@ -41,9 +41,10 @@ def test_export_copies_a_self_contained_writable_model(workspace, chat_code, tmp
     dest = tmp_path / "release" / "chat-code"
     result = run(workspace, "export", "chat-code", str(dest))
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in chat_code.iterdir())
+    # The build's files, and card.json: the card goes out with the parents' licences applied.
+    names = sorted([p.name for p in chat_code.iterdir()] + ["card.json"])
     assert result.output == f"chat-code: exported {len(names)} files to {dest}\n"
-    assert sorted(p.name for p in dest.iterdir()) == names
+    assert sorted(p.name for p in dest.iterdir()) == [".mergebuild-export", *names]
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
             "provenance.json"} <= set(names)
     assert all(os.access(p, os.W_OK) for p in [dest, *dest.iterdir()])
@@ -58,15 +59,16 @@ def test_exported_model_loads_with_transformers(workspace, chat_code, tmp_path):
     assert model.config.num_hidden_layers == 4
 
 
-def test_export_refuses_a_non_empty_directory_unless_forced(workspace, chat_code, tmp_path):
+def test_export_replaces_only_an_earlier_export_and_only_when_forced(workspace, chat_code,
+                                                                      tmp_path):
     dest = tmp_path / "out"
-    dest.mkdir()
-    (dest / "old.txt").write_text("keep me")
+    assert run(workspace, "export", "chat-code", str(dest)).exit_code == 0
+    (dest / "old.txt").write_text("left by the earlier export's user")
     result = run(workspace, "export", "chat-code", str(dest))
     assert result.exit_code == 1
     assert result.output == (f"mergebuild: error: node 'chat-code': {dest} is not empty "
-                             "(pass --force to replace it, or pick an empty directory)\n")
-    assert [p.name for p in dest.iterdir()] == ["old.txt"]
+                             "(pass --force to replace an earlier export, or pick an empty "
+                             "directory)\n")
     forced = run(workspace, "export", "--force", "chat-code", str(dest))
     assert forced.exit_code == 0, forced.output
     assert not (dest / "old.txt").exists() and verify_directory(dest) == []
@@ -78,7 +80,11 @@ def test_export_refuses_a_build_that_fails_verification(workspace, chat_code, tm
     result = run(workspace, "export", "chat-code", str(tmp_path / "out"))
     assert result.exit_code == 4
     assert "the build does not match its provenance: model.safetensors: modified" in result.output
+    assert "make rebuilds a corrupt store object" in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    # ... and the hint is true: make notices the damage and rebuilds the object.
+    assert "built chat-code" in run(workspace, "make", "chat-code").output
+    assert run(workspace, "export", "chat-code", str(tmp_path / "out")).exit_code == 0
 
 
 class FakeHub:
@@ -97,6 +103,7 @@ class FakeHub:
             if name == "upload_folder":
                 folder = Path(kwargs["folder_path"])
                 self.uploaded = sorted(p.name for p in folder.iterdir())
+                self.card = (folder / "README.md").read_text()
                 return huggingface_hub.CommitInfo(
                     commit_url="https://huggingface.co/me/merged/commit/abc123",
                     commit_message=kwargs["commit_message"], commit_description="",
@@ -117,9 +124,11 @@ def test_push_creates_the_repo_and_uploads_the_verified_build(workspace, chat_co
     assert create[1] == ("me/merged",) and create[2]["private"] is True
     upload = hub.calls[1][2]
     assert (upload["repo_id"], upload["revision"]) == ("me/merged", None)
-    assert Path(upload["folder_path"]) == chat_code
     assert upload["commit_message"].startswith("mergebuild: chat-code (sha256:")
-    assert hub.uploaded == sorted(p.name for p in chat_code.iterdir())
+    # The build's files (linked, not copied), with the presented card and its card.json.
+    assert hub.uploaded == sorted([p.name for p in chat_code.iterdir()] + ["card.json"])
+    assert hub.card == workspace.project().card("chat-code").text
+    assert "## Licence" in hub.card
     assert TOKEN not in result.output
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,9 +28,14 @@ from mergebuild.build.compat import (
     reader_metadata,
     tensor_sources,
 )
-from mergebuild.errors import CheckpointError, IncompatibleModelsError, SourceError
+from mergebuild.errors import (
+    CheckpointError,
+    CorruptParentError,
+    IncompatibleModelsError,
+    SourceError,
+)
 from mergebuild.io.dtypes import ARITHMETIC_CODES, FLOAT_CODES, dtype_code, dtype_size, torch_dtype
-from mergebuild.io.hashing import manifest_digest, stat_signature
+from mergebuild.io.hashing import file_xxh128, manifest_digest, stat_signature
 from mergebuild.io.chat_templates import expand_template
 from mergebuild.io.hf_layout import CONFIG_FILES, TOKENIZER_FILES, snapshot_repo_dir
 from mergebuild.methods.registry import Method, TensorParams
@@ -85,6 +91,9 @@ class BuildJob:
     tokenizer_source: str | None = None  # "base" | "union" | a parent: vocab rows by token
     pad_vocab_to: int | None = None  # tokenizer.pad_to_multiple_of
     tokens: tuple[Any, ...] = ()  # tokenizer.tokens: TokenEmbeddingSpec entries
+    # parent → {file: "xxh128:<hex>"} as the store published it: every such parent is
+    # hashed while it is read and must match (store objects; sources are stat-checked)
+    published: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class BuildOutput:
     tensors: int = 0
     bytes_written: int = 0
     peak_scratch_bytes: int = 0  # reused float32 buffers and chunk workspaces
+    xxh128: dict[str, str] = field(default_factory=dict)  # weight files hashed as written
 
 
 ProgressFn = Callable[[int, int, int, int], None]  # tensors done, total, bytes done, total
@@ -324,6 +334,7 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
 
     device = select_device(job.device)
     readers: dict[str, CheckpointReader] = {}
+    hasher: _ParentHasher | None = None
     faults.point("engine.start")
     try:
         for node, directory in job.parents.items():
@@ -338,7 +349,11 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
                 exc.node = exc.node or node  # name the parent whose weights are unusable
                 raise
             faults.point("engine.open_parent")
-        before = {node: _stat_weights(r) for node, r in readers.items()}
+        # Store objects are checked by content (hashed as they stream, below); a parent
+        # republished meanwhile with the same bytes is no change. Sources by stat signature.
+        before = {node: _stat_weights(r) for node, r in readers.items()
+                  if node not in job.published}
+        hasher = _ParentHasher(job, readers)
         tasks = plan_tensors(job, readers)
         func = job.method.load()
         layout = [(t.name, t.dtype, t.shape) for t in tasks]
@@ -365,8 +380,9 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         finally:
             stream.close()
         faults.point("engine.after_finish")
+        hasher.finish()
         for node, r in readers.items():
-            if _stat_weights(r) != before[node]:
+            if node in before and _stat_weights(r) != before[node]:
                 raise SourceError(
                     f"the weights of '{node}' changed on disk while being merged", node=job.node,
                     hint="run make again once nothing is writing the parent",
@@ -380,11 +396,96 @@ def run_build(job: BuildJob, out_dir: Path, progress: ProgressFn | None = None) 
         if vocab is not None:
             write_vocab_files(vocab, out_dir, files)
     finally:
+        if hasher is not None:
+            hasher.stop()
         for r in readers.values():
             r.close()
     digest = manifest_digest({name: sha for name, (sha, _) in files.items()}, "sha256")
     return BuildOutput(files=files, digest=digest, device=device, tensors=len(tasks),
-                       bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes())
+                       bytes_written=total_bytes, peak_scratch_bytes=stream.peak_bytes(),
+                       xxh128=dict(writer.xxh128))
+
+
+class _ParentHasher:
+    """Hashes every file of the store-object parents (``job.published``) on a thread while
+    the build streams them, and compares with what the store published when the build ends.
+
+    Weight files are hashed through the very mappings the engine reads (opened first thing,
+    so a parent replaced meanwhile is not what gets hashed), whole and in file order:
+    headers, padding and tensors a slice skips included. The pages it touches become the
+    engine's read-ahead; it drops them from this process again as it goes. Other files
+    (config, tokenizer, index, card, provenance) are small and read by path.
+    """
+
+    _CHUNK = 8 * 2**20
+
+    def __init__(self, job: BuildJob, readers: Mapping[str, CheckpointReader]):
+        self.job = job
+        self.actual: dict[tuple[str, str], str] = {}
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.maps: dict[tuple[str, str], mmap.mmap] = {}
+        for node in job.published:
+            reader = readers[node]
+            for path in CheckpointReader.weight_files(reader):
+                self.maps[(node, path.name)] = CheckpointReader._map(reader, path)
+        self.thread = threading.Thread(target=self._run, name="mergebuild-parent-hash",
+                                       daemon=True)
+        if job.published:
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for node, files in self.job.published.items():
+                for name in sorted(files):
+                    if self.stopped:
+                        return
+                    mapped = self.maps.get((node, name))
+                    path = Path(self.job.parents[node]) / name
+                    self.actual[(node, name)] = (self._hash_mapped(mapped) if mapped is not None
+                                                 else file_xxh128(path))
+        except FileNotFoundError:
+            pass  # a missing file is reported as not matching
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+            self.error = exc
+
+    def _hash_mapped(self, mapped: mmap.mmap) -> str:
+        h = xxhash.xxh3_128()
+        view = memoryview(mapped)
+        try:
+            for start in range(0, len(mapped), self._CHUNK):
+                if self.stopped:
+                    break
+                h.update(view[start:start + self._CHUNK])
+                try:
+                    length = min(self._CHUNK, len(mapped) - start)
+                    mapped.madvise(mmap.MADV_DONTNEED, start, length)
+                except (OSError, ValueError):
+                    pass  # only keeps resident memory down
+        finally:
+            view.release()
+        return "xxh128:" + h.hexdigest()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def finish(self) -> None:
+        """Wait for the hashes; CorruptParentError naming the parent and the first file whose
+        bytes differ from what the store published."""
+        if not self.job.published:
+            return
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        for node, files in self.job.published.items():
+            for name, expected in sorted(files.items()):
+                if self.actual.get((node, name)) != expected:
+                    raise CorruptParentError(
+                        f"parent '{node}' is corrupt in the store: {name} is not what was "
+                        "published", parent=node, file=name, node=self.job.node,
+                        hint="it was moved aside; run make again to rebuild it")
 
 
 def _nbytes(task: TensorTask) -> int:

@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,20 @@ from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
 from mergebuild.build.record import build_record, utc_now
-from mergebuild.errors import BuildInterrupted, MergebuildError, SourceError
+from mergebuild.errors import (
+    BuildInterrupted,
+    CorruptParentError,
+    MergebuildError,
+    SourceError,
+    StoreError,
+)
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS, Method
 from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 from mergebuild.store.objects import Store
 
 
@@ -203,6 +210,8 @@ class Maker:
         # An incompatible recipe fails here, in seconds, before any weights are downloaded.
         check_before_fetch(job, self.mergefile, spec, states, self.store)
         job = with_parents(job, self.mergefile, spec, states, self.store, reporter.download)
+        parent_keys = self._store_parents(spec, states)
+        job = replace(job, published=self._published(spec, parent_keys, states))
         reporter.node_start(state)
         tmp = self.store.new_tmp(key)
         started = utc_now()
@@ -219,7 +228,11 @@ class Maker:
                 summary = evaluations.summary(spec.name, evaluations.checks(spec.name))
                 record = dataclasses.replace(record, evaluation=summary)
             write_provenance(tmp, record)
-            path = self.store.publish(tmp, key)
+            path = self.store.publish(tmp, key, output.digest, output.xxh128)
+        except CorruptParentError as exc:
+            self.store.abandon(tmp)
+            self.store.quarantine(parent_keys[exc.parent])
+            raise
         except KeyboardInterrupt:
             self.store.abandon(tmp)
             done = "its complete build was published" if self.store.object_dir(key).exists() \
@@ -233,6 +246,34 @@ class Maker:
             self.store.abandon(tmp)
             raise
         return path, output.bytes_written
+
+    def _store_parents(self, spec: MergeSpec, states: dict[str, NodeState]) -> dict[str, str]:
+        """Each parent read from a store object (a merge, or a merge read through a LoRA)
+        → that object's key."""
+        keys = {}
+        for ref in spec.parent_refs():
+            node = self.mergefile.nodes[ref]
+            built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
+            if built.kind == "merge" and built.key is not None:
+                keys[ref] = built.key
+        return keys
+
+    def _published(self, spec: MergeSpec, parent_keys: dict[str, str],
+                   states: dict[str, NodeState]) -> dict[str, dict[str, str]]:
+        """What the store published for each store-object parent, by file: the bytes the
+        build reads must hash to it. A parent without a matching record is moved aside."""
+        published = {}
+        for ref, key in parent_keys.items():
+            node = self.mergefile.nodes[ref]
+            built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
+            record = self.store.read_published(key)
+            if record is None or record.digest != built.digest:
+                self.store.quarantine(key)
+                raise StoreError(f"parent '{ref}' is not what the store published",
+                                 node=spec.name,
+                                 hint="it was moved aside; run make again to rebuild it")
+            published[ref] = {name: xxh for name, (_size, xxh) in record.files.items()}
+        return published
 
     def _check_sources_unchanged(self, spec: MergeSpec, states: dict[str, NodeState]) -> None:
         """A local parent edited after planning (even before the engine opened it) must not be

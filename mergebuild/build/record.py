@@ -125,7 +125,8 @@ def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
             if not spec.implicit:
                 models[name] = {"source": _display_uri(spec, mergefile.directory)}
         elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
-            models[name] = spec.plain()
+            # The card is presentation, kept beside the object: the weights' record omits it.
+            models[name] = {k: v for k, v in spec.plain().items() if k != "card"}
     return yaml.safe_dump({"version": 1, "models": models}, sort_keys=False)
 
 

@@ -20,10 +20,12 @@ import queue
 import struct
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Self
+
+import xxhash
 
 from mergebuild import faults
 from mergebuild.errors import CheckpointError
@@ -529,6 +531,7 @@ class _Shard:
     data_start: int
     fd: int = -1
     sha256: Any = None
+    xxh128: Any = None  # for the store's publish record: checked cheaply when read back
 
 
 @dataclass(frozen=True)
@@ -605,6 +608,7 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._slots:
@@ -684,6 +688,7 @@ class CheckpointWriter:
                 os.close(shard.fd)
                 shard.fd = -1
                 digests[shard.path.name] = shard.sha256.hexdigest()
+                self.xxh128[shard.path.name] = "xxh128:" + shard.xxh128.hexdigest()
             if len(self._shards) > 1:
                 index = {
                     "metadata": {"total_size": self.total_size},
@@ -699,6 +704,7 @@ class CheckpointWriter:
                 finally:
                     os.close(fd)
                 digests[INDEX_NAME] = hashlib.sha256(payload).hexdigest()
+                self.xxh128[INDEX_NAME] = "xxh128:" + xxhash.xxh3_128_hexdigest(payload)
             fsync_directory(self.directory)
         except BaseException:
             self.abort()
@@ -760,6 +766,7 @@ class CheckpointWriter:
         shard.fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._opened = index
         shard.sha256 = hashlib.sha256(shard.header)
+        shard.xxh128 = xxhash.xxh3_128(shard.header)
         _write_all(shard.fd, memoryview(shard.header), 0)
 
     def _write_slot(self, slot: _Slot, tensor: torch.Tensor) -> None:
@@ -777,6 +784,7 @@ class CheckpointWriter:
             chunk = view[begin : begin + _IO_CHUNK]
             _write_all(shard.fd, chunk, slot.offset + begin)
             shard.sha256.update(chunk)
+            shard.xxh128.update(chunk)
 
 
 class _Aborted(Exception):

@@ -94,12 +94,21 @@ class StatCache:
         if stat_signature(path) != (inode, size, mtime_ns):
             # Changed while we read it: do not cache a digest of a moving target.
             return digest
-        if conn is not None:
-            try:
-                conn.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                    (str(path), inode, size, mtime_ns, digest),
-                )
-            except sqlite3.Error:
-                pass
+        self._store(path, (inode, size, mtime_ns), digest)
         return digest
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Record ``digest`` as the content of ``path`` as it is now (hashed while it was
+        written), so the next :meth:`digest` reads nothing unless the file changes."""
+        path = Path(path).resolve()
+        self._store(path, stat_signature(path), digest)
+
+    def _store(self, path: Path, signature: tuple[int, ...], digest: str) -> None:
+        conn = self._conn()
+        if conn is None:
+            return
+        try:
+            conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                         (str(path), *signature, digest))
+        except sqlite3.Error:
+            pass

@@ -7,8 +7,11 @@ same card.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -24,7 +27,13 @@ from mergebuild.provenance.lineage import (
     snapshot_repo,
 )
 from mergebuild.provenance.secrets import scrub_text
-from mergebuild.provenance.statement import BuildRecord, build_statement, short_digest
+from mergebuild.provenance.statement import (
+    CARD_FILE,
+    CARD_PREDICATE_TYPE,
+    BuildRecord,
+    build_statement,
+    short_digest,
+)
 
 MERGEBUILD_URL = "https://github.com/mergebuild/mergebuild"
 
@@ -361,3 +370,142 @@ def _fenced(text: str, language: str) -> str:
     longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}{language}\n{text}{fence}"
+
+
+# --------------------------------------------------------------------------- front matter
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """A card's YAML front matter (``{}`` if it has none) and the Markdown after it."""
+    if not text.startswith("---\n"):
+        return {}, text
+    end = text.find("\n---\n", 3)
+    if end < 0:
+        return {}, text
+    try:
+        metadata = yaml.safe_load(text[4:end + 1]) or {}
+    except yaml.YAMLError:
+        return {}, text
+    if not isinstance(metadata, dict):
+        return {}, text
+    return metadata, text[end + len("\n---\n"):]
+
+
+def join_front_matter(metadata: Mapping[str, Any], body: str) -> str:
+    """The inverse of :func:`split_front_matter` (keys in the given order)."""
+    if not metadata:
+        return body
+    text = yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True,
+                          default_flow_style=False, width=10_000)
+    return f"---\n{text}---\n{body}"
+
+
+# --------------------------------------------------------------------------- the card: block
+
+_LICENCE_HEADING = "## Licence"
+
+
+def licence_of(directory: Path) -> str | None:
+    """A model directory's licence as its own files state it: the card's ``license`` front
+    matter, else ``config.json``'s ``license``; None when neither says (or cannot be read)."""
+    directory = Path(directory)
+    try:
+        metadata, _ = split_front_matter((directory / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        metadata = {}
+    found = metadata.get("license")
+    if not found:
+        try:
+            config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            config = {}
+        found = config.get("license") if isinstance(config, dict) else None
+    if isinstance(found, list):
+        found = found[0] if len(found) == 1 else ", ".join(map(str, found))
+    return str(found) if found else None
+
+
+def licence_warnings(licences: Mapping[str, str | None]) -> list[str]:
+    """What a release reviewer must hear about the parents' licences (``{parent: licence or
+    None}``): licences that differ, and parents whose licence is unknown."""
+    warnings = []
+    unknown = [name for name, licence in licences.items() if not licence]
+    known = {name: licence for name, licence in licences.items() if licence}
+    if len(set(known.values())) > 1:
+        listed = ", ".join(f"{name}: {licence}" for name, licence in known.items())
+        warnings.append(f"the parents' licences differ ({listed}); the merge must satisfy "
+                        "every one of them")
+    if unknown:
+        warnings.append(f"the licence of {', '.join(unknown)} is unknown (no card or config "
+                        "says it); check it before release, or declare it with "
+                        "card: {license: …} on the source")
+    return warnings
+
+
+def merged_licence(declared: str | None, licences: Mapping[str, str | None]) -> str | None:
+    """The licence a card states: the one declared, else the parents' when they all agree."""
+    if declared:
+        return declared
+    values = set(licences.values())
+    if len(values) == 1 and None not in values:
+        return next(iter(values))
+    return None
+
+
+def apply_card(base: str, card: Mapping[str, Any], licences: Mapping[str, str | None]) -> str:
+    """The build's own card (``base``, rendered from its record) with a ``card:`` block
+    applied: Hub metadata (license, language, datasets, pipeline_tag, extra tags) in the
+    front matter, the introduction under the title, and a licence section with warnings.
+
+    A pure function of its arguments: the object's card never changes; this one is kept
+    beside it, keyed by its inputs.
+    """
+    metadata, body = split_front_matter(base)
+    licence = merged_licence(card.get("license"), licences)
+    out: dict[str, Any] = {}
+    if licence:
+        out["license"] = licence
+        for key in ("license_name", "license_link"):
+            if card.get(key):
+                out[key] = card[key]
+    for key in ("language", "datasets"):
+        if card.get(key):
+            out[key] = list(card[key])
+    if card.get("pipeline_tag"):
+        out["pipeline_tag"] = card["pipeline_tag"]
+    out.update((k, v) for k, v in metadata.items() if k not in out and k != "tags")
+    out["tags"] = list(dict.fromkeys([*(metadata.get("tags") or []), *(card.get("tags") or [])]))
+    stripped = body.lstrip("\n")
+    lead, (title, sep, rest) = body[:len(body) - len(stripped)], stripped.partition("\n\n")
+    if card.get("introduction") and sep:
+        body = f"{lead}{title}\n\n{card['introduction'].strip()}\n\n{rest}"
+    warnings = licence_warnings(licences)
+    if licences:
+        lines = [_LICENCE_HEADING, ""]
+        lines.append(f"This merge is released under `{licence}`." if licence else
+                     "No licence is stated for this merge.")
+        lines += ["", "| Parent | Licence |", "|---|---|"]
+        lines += [f"| `{_cell(name)}` | {_code(value)} |" for name, value in licences.items()]
+        lines.append("")
+        lines += [f"> **Warning:** {w}" for w in warnings]
+        section = "\n".join(lines).rstrip("\n") + "\n\n"
+        at = body.find("## Lineage")
+        body = body[:at] + section + body[at:] if at >= 0 else body + "\n" + section
+    return scrub_text(join_front_matter(out, body))
+
+
+def card_attestation(text: str, build_digest: str, node: str, card: Mapping[str, Any],
+                     licences: Mapping[str, str | None]) -> dict[str, Any]:
+    """The small in-toto statement beside a card that is not the build's own: it names the
+    card's sha256 and binds it to the build's content digest, so ``verify`` checks the
+    card presented with a build as strictly as the build's own."""
+    data = text.encode("utf-8")
+    return {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": CARD_FILE, "digest": {"sha256": hashlib.sha256(data).hexdigest()},
+                     "annotations": {"size": len(data)}}],
+        "predicateType": CARD_PREDICATE_TYPE,
+        "predicate": {"build": {"node": node, "digest": build_digest}, "card": dict(card),
+                      "licences": dict(licences),
+                      "warnings": licence_warnings(licences)},
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ from typing import Any
 
 from mergebuild.errors import StoreError
 from mergebuild.provenance.statement import (
+    CARD_ATTESTATION_FILE,
+    CARD_FILE,
+    CARD_PREDICATE_TYPE,
     DESCRIPTIVE_FILES,
     PROVENANCE_FILE,
     digest_set,
@@ -20,13 +24,16 @@ from mergebuild.provenance.statement import (
     read_statement,
     sha256_file,
     short_digest,
+    statement_digest,
     statement_problems,
     subject_files,
 )
 
 __all__ = ["PROBLEM_KINDS", "Problem", "chain_problems", "quick_check", "verify_directory"]
 
-PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance")
+PROBLEM_KINDS = ("missing", "modified", "truncated", "unexpected", "invalid-provenance",
+                 "not-as-published", "bad-signature")
+SIGNATURE_FILE = "provenance.dsse.json"  # a DSSE envelope over provenance.json (signing.py)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,11 @@ def _check(directory: Path, *, rehash: bool) -> list[Problem]:
         return [Problem(PROVENANCE_FILE, "invalid-provenance", exc.message)]
     expected = subject_files(statement)
     problems: list[Problem] = []
+    card = _card_attestation(directory, statement)
+    if isinstance(card, Problem):
+        problems.append(card)
+    elif card is not None:  # the presented card replaces the build's own
+        expected[CARD_FILE] = card
     for name, (sha256, size) in sorted(expected.items()):
         if not _safe_name(name):
             problems.append(
@@ -84,6 +96,30 @@ def _check(directory: Path, *, rehash: bool) -> list[Problem]:
     if rehash:
         problems += chain_problems(statement)
     return problems
+
+
+def _card_attestation(directory: Path, statement: Mapping[str, Any]
+                      ) -> tuple[str, int | None] | Problem | None:
+    """The card's (sha256, size) from ``card.json`` when a presented card replaces the
+    build's own; a Problem when that attestation is not for this build."""
+    path = directory / CARD_ATTESTATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        attestation = json.loads(path.read_text(encoding="utf-8"))
+        assert attestation["predicateType"] == CARD_PREDICATE_TYPE
+        (subject,) = attestation["subject"]
+        assert subject["name"] == CARD_FILE
+        sha256, size = str(subject["digest"]["sha256"]), subject["annotations"]["size"]
+        build = str(attestation["predicate"]["build"]["digest"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError):
+        return Problem(CARD_ATTESTATION_FILE, "invalid-provenance",
+                       "not a mergebuild card attestation")
+    if build != statement_digest(statement):
+        return Problem(CARD_ATTESTATION_FILE, "invalid-provenance",
+                       f"attests a card of build {short_digest(build)}, this is "
+                       f"{short_digest(statement_digest(statement))}")
+    return sha256, size if isinstance(size, int) else None
 
 
 def _safe_name(name: str) -> bool:
@@ -125,7 +161,8 @@ def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
             if filename.startswith("."):
                 continue
             rel = (Path(root) / filename).relative_to(directory).as_posix()
-            if rel not in expected and rel != PROVENANCE_FILE:
+            if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE,
+                                                   SIGNATURE_FILE):
                 problems.append(Problem(rel, "unexpected", "not listed in provenance"))
     return problems
 

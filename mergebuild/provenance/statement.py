@@ -54,6 +54,9 @@ BUILDER_ID = "https://mergebuild.dev/builder/local"
 
 PROVENANCE_FILE = "provenance.json"
 CARD_FILE = "README.md"
+# Beside a card that is not the build's own (a Mergefile card: block applied): its attestation.
+CARD_ATTESTATION_FILE = "card.json"
+CARD_PREDICATE_TYPE = "https://mergebuild.dev/card/v1"
 # The test-result attestation of the evals declared at build time (provenance/attestation.py).
 EVALUATION_FILE = "evaluation.intoto.json"
 # Files about the model rather than of it: subjects of the provenance, not of its digest.

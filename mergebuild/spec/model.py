@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mergebuild.io.dtypes import DTYPE_NAMES
+from mergebuild.spec.card import CardSpec
 from mergebuild.spec.yaml_lines import LineDict, plain
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ class SourceSpec:
     allow_pickle: bool = False
     implicit: bool = False  # created from a path/hub reference written as a parent
     adapter: str | None = None  # a PEFT LoRA applied on the fly ("model+lora" references)
+    license: str | None = None  # its ``card: {license: …}``, for files that do not say
     evals: tuple[str, ...] = ()  # names of the Mergefile's evals this model is scored on
 
     @property
@@ -198,6 +200,8 @@ class MergeSpec:
     checks: Checks = field(default_factory=Checks)
     # The node as written (a LineDict): for line numbers and plain(), never read outside spec/.
     written: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # Hugging Face card metadata and text: presentation only, never part of the recipe.
+    card: CardSpec | None = None
 
     @property
     def tokenizer_source(self) -> str | None:
@@ -245,6 +249,15 @@ class Mergefile:
     # ignores, say): one line each, printed by the CLI, never part of a recipe.
     warnings: tuple[str, ...] = ()
     evals: Mapping[str, EvalSpec] = field(default_factory=dict)  # the named evaluations
+    card: CardSpec | None = None  # the top-level ``card:``: every merge node's defaults
+
+    def card_of(self, node: str) -> CardSpec | None:
+        """``node``'s card block over the top-level one (None when neither says anything)."""
+        spec = self.nodes.get(node)
+        own = spec.card if isinstance(spec, MergeSpec) else None
+        if own is None:
+            return self.card
+        return own.over(self.card)
 
     @property
     def directory(self) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 
 from mergebuild.errors import GraphError, MergefileError
 from mergebuild.methods.registry import METHODS
+from mergebuild.spec.card import SOURCE_CARD_KEYS, parse_card
 from mergebuild.spec.model import (
     DTYPE_ALIASES,
     AdaptedSpec,
@@ -112,8 +113,11 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
                                            path.parent)
     for name in models:
         builder.add(name)
+    card = None
+    if data.get("card") is not None:
+        card = parse_card(data["card"], file, data.line_of("card"), None)
     return Mergefile(path=path, text=text, version=1, defaults=builder.defaults,
-                     nodes=builder.nodes, warnings=tuple(builder.warnings),
+                     nodes=builder.nodes, warnings=tuple(builder.warnings), card=card,
                      evals=builder.evals)
 
 
@@ -228,8 +232,12 @@ class _Builder:
         if not isinstance(allow_pickle, bool):
             raise self.error("'allow_pickle' must be true or false", body.line_of("allow_pickle"),
                              name)
+        license = None
+        if body.get("card") is not None:
+            license = parse_card(body["card"], self.file, body.line_of("card"), name,
+                                 SOURCE_CARD_KEYS).license
         return SourceSpec(name=name, uri=self._source_uri(uri, body.line_of("source"), name),
-                          line=body.line, allow_pickle=allow_pickle,
+                          line=body.line, allow_pickle=allow_pickle, license=license,
                           evals=parse_node_evals(body, self.evals, self.file, name))
 
     def _source_uri(self, uri: str, line: int, node: str | None) -> str:
@@ -388,6 +396,8 @@ class _Builder:
             line=body.line, written=body,
             evals=parse_node_evals(body, self.evals, self.file, name),
             checks=parse_checks(body, self.evals, self.file, name),
+            card=(parse_card(body["card"], self.file, body.line_of("card"), name)
+                  if body.get("card") is not None else None),
         )
         self.warnings.extend(validate_parameters(spec, method, self.file))
         self._check_tokens(spec)

@@ -13,9 +13,9 @@ from mergebuild.methods.registry import Method, Param
 from mergebuild.spec.model import MergeSpec
 from mergebuild.spec.yaml_lines import LineDict
 
-TOP_LEVEL_KEYS = ("version", "defaults", "evals", "models")
+TOP_LEVEL_KEYS = ("version", "defaults", "evals", "models", "card")
 DEFAULT_KEYS = ("dtype", "device", "max_shard_size", "tokenizer_source")
-SOURCE_KEYS = ("source", "description", "allow_pickle", "evals")
+SOURCE_KEYS = ("source", "description", "allow_pickle", "card", "evals")
 MERGE_KEYS = (
     "merge_method",
     "base_model",
@@ -30,6 +30,7 @@ MERGE_KEYS = (
     "description",
     "evals",
     "checks",
+    "card",
 )
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")

@@ -8,8 +8,9 @@ What ``gc`` keeps (the roots), so that it never removes anything the Mergefile c
   via ``$MERGEBUILD_CACHE`` or ``--cache-dir``);
 - pinned builds (``mergebuild pin``), whatever became of their node or Mergefile.
 
-What it removes: every other object, temp dirs of interrupted builds (their lock is free),
-scratch dirs of killed ``make --check`` runs, lock files nobody holds (untouched for
+What it removes: every other object (and its publish record), temp dirs of interrupted
+builds (their lock is free), corrupt objects moved aside to ``quarantine/``, scratch dirs of
+killed ``make --check`` runs, lock files nobody holds (untouched for
 ``LOCK_GRACE_SECONDS``), and demo model directories the current generator does not write.
 
 The caller works out the keys before anything is removed: if any node cannot be planned
@@ -33,7 +34,8 @@ LOCK_GRACE_SECONDS = 600  # a lock file used this recently is left alone (see _o
 
 @dataclass(frozen=True)
 class Garbage:
-    """One thing ``gc`` removes: ``kind`` is object, temp, scratch, lock or demo."""
+    """One thing ``gc`` removes: ``kind`` is object, record, temp, quarantine, scratch, lock
+    or demo."""
 
     path: Path
     kind: str
@@ -87,6 +89,15 @@ def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: se
                                    "not reachable from the Mergefile"))
     for path in store.dead_tmp_dirs():
         garbage.append(Garbage(path, "temp", _tree_size(path), "left by an interrupted build"))
+    removed = {g.path.name for g in garbage if g.kind == "object"}
+    orphans = set(store.orphan_records())
+    for path in sorted(store.published.glob("*.json")) if store.published.is_dir() else ():
+        if path.stem in removed or path in orphans:
+            garbage.append(Garbage(path, "record", _tree_size(path),
+                                   "publish record of a removed object"))
+    for path in store.quarantined_objects():
+        garbage.append(Garbage(path, "quarantine", _tree_size(path),
+                               "corrupt object moved aside by make"))
     for path in store.dead_scratch_dirs():
         garbage.append(Garbage(path, "scratch", _tree_size(path),
                                "left by an interrupted make --check"))

@@ -7,6 +7,11 @@ Layout of a store directory::
     locks/<key>.lock           flock'd while a key is built, so two makes never build it twice
     refs/<node>.json           the last build of each node name: key, digest, recipe (for
                                "what changed" reasons and human-facing names)
+    published/<key>.json       what each object was published as: its digest and every file's
+                               size and xxh128, written before the object appears; reuse,
+                               parent reads, verify, export and push compare against it, so
+                               an object cannot vouch for itself through its provenance.json
+    quarantine/<key>.<random>/ objects found corrupt (kept for inspection; gc removes them)
     pins/<name>.json           builds kept by ``mergebuild pin`` (gc never removes them)
     scratch/check.<pid>.<random>/  ``make --check`` rebuilds, never published; gc removes
                                those whose process is gone
@@ -33,8 +38,9 @@ from typing import Any
 from mergebuild import faults
 from mergebuild.errors import StoreError
 from mergebuild.io.atomic import fsync_directory, write_json_atomic
-from mergebuild.io.hashing import StatCache
+from mergebuild.io.hashing import StatCache, file_xxh128
 from mergebuild.provenance.integrity import quick_check
+from mergebuild.provenance.statement import PROVENANCE_FILE
 
 USE_LOCK = "use.lock"  # shared by commands using objects, exclusive for gc
 
@@ -44,6 +50,32 @@ class StoredBuild:
     key: str
     digest: str
     path: Path
+
+
+@dataclass(frozen=True)
+class PublishRecord:
+    """What an object was published as: the store's own word on it, kept outside the object.
+
+    ``files`` maps every file of the object (``provenance.json`` included) to its size and
+    ``xxh128:<hex>`` content hash, taken while the build was written.
+    """
+
+    key: str
+    digest: str
+    files: dict[str, tuple[int, str]]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"key": self.key, "digest": self.digest,
+                "files": {n: {"size": size, "xxh128": h} for n, (size, h) in
+                          sorted(self.files.items())}}
+
+    @staticmethod
+    def from_json(data: Any) -> PublishRecord | None:
+        try:
+            files = {str(n): (int(f["size"]), str(f["xxh128"])) for n, f in data["files"].items()}
+            return PublishRecord(key=str(data["key"]), digest=str(data["digest"]), files=files)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
 
 
 def fsync_tree(root: Path) -> None:
@@ -95,6 +127,8 @@ class Store:
         self.demo = self.root / "demo"
         self.pins = self.root / "pins"
         self.scratch = self.root / "scratch"
+        self.published = self.root / "published"
+        self.quarantined = self.root / "quarantine"
         self.stat_cache = StatCache(self.root / "state.db")
 
     # objects -----------------------------------------------------------------------------
@@ -102,21 +136,68 @@ class Store:
         return self.objects / key[:2] / key
 
     def lookup(self, key: str) -> StoredBuild | None:
-        """The published build of ``key`` if it exists and passes a cheap integrity check."""
+        """The published build of ``key`` if it exists and is what was published (see
+        :meth:`problem`); None otherwise."""
         path = self.object_dir(key)
-        meta = _read_json(path / "provenance.json")
-        if meta is None:
+        if self.problem(key) is not None:
             return None
+        record = self.read_published(key)
+        assert record is not None
+        return StoredBuild(key=key, digest=record.digest, path=path)
+
+    def problem(self, key: str) -> str | None:
+        """Why the object of ``key`` cannot be used, or None when it is sound.
+
+        Cheap but real: the object must have a publish record whose digest its
+        ``provenance.json`` states, every file its size, and every file whose stat signature
+        (inode, size, mtime) changed since it was hashed must hash to the recorded xxh128
+        (the stat cache re-reads only those). A same-size edit through the file system
+        changes the signature and is caught; ``verify`` re-hashes everything.
+        """
+        path = self.object_dir(key)
+        meta = _read_json(path / PROVENANCE_FILE)
+        if meta is None:
+            return "missing" if not path.exists() else "no readable provenance.json"
         try:
             internal = meta["predicate"]["buildDefinition"]["internalParameters"]
             digest = internal["digest"]
             if internal["key"] != key:
-                return None
+                return f"provenance.json names another key ({str(internal['key'])[:12]})"
         except (KeyError, TypeError):
-            return None
-        if quick_check(path):  # a missing, resized or unexpected file: treat as absent
-            return None
-        return StoredBuild(key=key, digest=digest, path=path)
+            return "provenance.json is not a build statement"
+        record = self.read_published(key)
+        if record is None:
+            return "no publish record in the store"
+        if record.digest != digest:
+            return (f"provenance.json says {digest[:19]}, but the store published "
+                    f"{record.digest[:19]}")
+        problems = quick_check(path)
+        if problems:  # a missing, resized or unexpected file
+            return str(problems[0])
+        return self.content_problem(path, record)
+
+    def content_problem(self, path: Path, record: PublishRecord) -> str | None:
+        """The first file of ``path`` whose bytes are not ``record``'s (sizes, then the stat
+        cache's xxh128, which re-reads only files whose signature changed)."""
+        on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+        for extra in sorted(on_disk - set(record.files)):
+            if not Path(extra).name.startswith("."):
+                return f"{extra}: not published"
+        for name, (size, xxh) in sorted(record.files.items()):
+            file = path / name
+            try:
+                if file.stat().st_size != size:
+                    return f"{name}: size differs from what was published"
+                if self.stat_cache.digest(file) != xxh:
+                    return f"{name}: content differs from what was published"
+            except OSError:
+                return f"{name}: missing"
+        return None
+
+    def read_published(self, key: str) -> PublishRecord | None:
+        data = _read_json(self.published / f"{key}.json")
+        record = PublishRecord.from_json(data) if isinstance(data, dict) else None
+        return record if record is not None and record.key == key else None
 
     def discard(self, key: str) -> None:
         """Remove a published object that failed its integrity check."""
@@ -124,6 +205,22 @@ class Store:
         if path.exists():
             with contextlib.suppress(OSError):
                 self.retire(path, "corrupt")
+
+    def quarantine(self, key: str) -> Path | None:
+        """Move a corrupt object aside in one rename (``quarantine/<key>.<random>``, kept
+        for inspection until ``gc``), so the next ``make`` rebuilds it; its location, or
+        None if there was nothing to move."""
+        path = self.object_dir(key)
+        if not path.exists():
+            return None
+        self._mkdir(self.quarantined)
+        target = self.quarantined / f"{key}.{secrets.token_hex(4)}"
+        try:
+            _make_writable(path)
+            os.rename(path, target)
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot move the corrupt object {key[:12]} aside") from None
+        return target
 
     def retire(self, path: Path, tag: str) -> None:
         """Take a published object out of ``objects/`` in one rename, then delete it: nothing
@@ -206,23 +303,49 @@ class Store:
         path.mkdir()
         return path
 
-    def publish(self, tmp_dir: Path, key: str) -> Path:
-        """fsync the finished build and rename it into place; it becomes read-only."""
+    def publish(self, tmp_dir: Path, key: str, digest: str,
+                hashes: dict[str, str] | None = None) -> Path:
+        """fsync the finished build, record what it is (``published/<key>.json``) and rename
+        it into place; it becomes read-only.
+
+        ``hashes``: ``xxh128:<hex>`` of files hashed while they were written (the weights);
+        every other file is hashed here. An existing sound object of the same digest (a
+        forced rebuild that came out identical) stays where it is, so a make reading it as
+        a parent is never disturbed; the new build is dropped.
+        """
         final = self.object_dir(key)
         try:
             faults.point("store.before_fsync")
             fsync_tree(tmp_dir)
             _make_readonly(tmp_dir)
+            files = {}
+            for file in sorted(p for p in tmp_dir.rglob("*") if p.is_file()):
+                name = file.relative_to(tmp_dir).as_posix()
+                xxh = (hashes or {}).get(name) or file_xxh128(file)
+                files[name] = (file.stat().st_size, xxh)
+            record = PublishRecord(key=key, digest=digest, files=files)
             self._mkdir(final.parent)
             if final.exists():
-                # Only a corrupt leftover can be here (lookup failed under the lock).
+                existing = self.read_published(key)
+                if (existing is not None and existing.digest == digest
+                        and self.problem(key) is None):
+                    self.abandon(tmp_dir)
+                    return final
+                # A corrupt leftover (lookup failed under the lock), or a rebuild that
+                # came out different: replace it.
                 self.discard(key)
+            self._mkdir(self.published)
+            self._write_record(self.published / f"{key}.json", record.as_json(),
+                               f"cannot record build {key[:12]}")
             faults.point("store.before_rename")
             os.rename(tmp_dir, final)
             faults.point("store.after_rename")
             fsync_directory(final.parent)
         except OSError as exc:
             raise self.os_error(exc, f"cannot publish build {key[:12]}") from None
+        for name, (_size, xxh) in files.items():  # the next lookup reads nothing
+            with contextlib.suppress(OSError):
+                self.stat_cache.remember(final / name, xxh)
         return final
 
     def abandon(self, tmp_dir: Path) -> None:
@@ -296,6 +419,19 @@ class Store:
                 dead.append(path)
         return dead
 
+    def quarantined_objects(self) -> list[Path]:
+        """Corrupt objects moved aside by :meth:`quarantine`."""
+        if not self.quarantined.is_dir():
+            return []
+        return sorted(p for p in self.quarantined.iterdir() if p.is_dir())
+
+    def orphan_records(self) -> list[Path]:
+        """Publish records whose object is gone (removed by gc or moved aside)."""
+        if not self.published.is_dir():
+            return []
+        return [p for p in sorted(self.published.glob("*.json"))
+                if not self.object_dir(p.stem).exists()]
+
     def dead_scratch_dirs(self) -> list[Path]:
         """Scratch directories of checks whose process is gone (left by a killed check)."""
         if not self.scratch.is_dir():
@@ -345,7 +481,8 @@ class _ScratchStore(Store):
         super().__init__(root)
         self.tmp = scratch
 
-    def publish(self, tmp_dir: Path, key: str) -> Path:
+    def publish(self, tmp_dir: Path, key: str, digest: str,
+                hashes: dict[str, str] | None = None) -> Path:
         return tmp_dir
 
     def write_ref(self, node: str, record: dict[str, Any]) -> None:
