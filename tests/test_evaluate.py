@@ -26,6 +26,16 @@ def skill_models(tmp_path_factory):
     return generate_skill_models(tmp_path_factory.mktemp("skills") / "models")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: a second thread only adds synchronisation, which costs 10x
+    # on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _first_lines(source, target, count):
     lines = source.read_text(encoding="utf-8").splitlines()[:count]
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -36,11 +46,10 @@ def _first_lines(source, target, count):
 
 
 @pytest.mark.parametrize("skill", SKILLS)
-def test_each_fine_tune_has_its_skill_and_the_others_do_not(skill, skill_models, tmp_path):
-    data = _first_lines(SKILL_DATA / f"{skill}.jsonl", tmp_path / "data.jsonl", 100)
-    scores = {name: evaluate(path, AccuracyEval(data), device="cpu")
-              for name, path in skill_models.items()}
-    assert all(result["n"] == 100 for result in scores.values())
+def test_each_fine_tune_has_its_skill_and_the_others_do_not(skill, skill_models):
+    definition = AccuracyEval(SKILL_DATA / f"{skill}.jsonl", max_new_tokens=8, batch_size=200)
+    scores = {name: evaluate(path, definition, device="cpu") for name, path in skill_models.items()}
+    assert all(result["n"] == 200 for result in scores.values())
     assert scores[skill]["accuracy"] >= 0.8
     assert all(scores[name]["accuracy"] <= 0.2 for name in scores if name != skill)
 
@@ -111,8 +120,8 @@ def _reference_perplexity(model_dir, text, window, stride):
 
 
 @pytest.mark.parametrize("name", ["base", "code"])
-def test_perplexity_matches_the_transformers_reference(name, skill_models):
-    text_file = SKILL_DATA / "text.txt"
+def test_perplexity_matches_the_transformers_reference(name, skill_models, tmp_path):
+    text_file = _first_lines(SKILL_DATA / "text.txt", tmp_path / "text.txt", 30)
     result = evaluate(skill_models[name], PerplexityEval(text_file, window=128, stride=48,
                                                          batch_size=5), device="cpu")
     expected, count = _reference_perplexity(skill_models[name], text_file.read_text(), 128, 48)
@@ -124,9 +133,10 @@ def test_base_models_its_corpus_and_fine_tunes_stay_close(skill_models):
     definition = PerplexityEval(SKILL_DATA / "text.txt", window=128, stride=64)
     perplexity = {name: evaluate(path, definition, device="cpu")["perplexity"]
                   for name, path in skill_models.items()}
-    assert perplexity["base"] < 2.5
-    assert all(perplexity["base"] < p < 2 * perplexity["base"]
-               for name, p in perplexity.items() if name != "base")
+    assert perplexity["base"] < 2.0
+    # Fine-tunes replayed base lines while learning their skill, so they kept the language
+    # (without replay they scored 5 000 to 500 000).
+    assert all(perplexity["base"] < p < 10 for name, p in perplexity.items() if name != "base")
 
 
 def test_perplexity_window_must_fit_the_model(skill_models):
