@@ -1,9 +1,9 @@
 """The package's layer rule, read from its imports: no cycles, nothing imports upwards.
 
 Layers, top to bottom (ARCHITECTURE.md): cli > report > api > verbs > build > plan > sources
-> spec > evaluate > store > provenance > io > methods. ``errors`` and ``faults`` are leaves anyone may
-import. Every import counts, also one inside a function: a lazy import that dodges a cycle is
-still a cycle.
+> spec > evaluate > store > provenance > io > methods. ``errors`` and ``faults`` are leaves
+anyone may import. Every import counts, also one inside a function: a lazy import that dodges
+a cycle is still a cycle.
 """
 
 from __future__ import annotations
