@@ -238,10 +238,12 @@ class Project:
 
     @_uses_store()
     def lineage(self, node: str) -> LineageNode:
-        """What ``node``'s current build is made of: every stage, method and digest."""
+        """What ``node``'s current build is made of: every stage, method and digest, and each
+        stage's scores as the store holds them."""
         from mergebuild.provenance.lineage import load_lineage
+        from mergebuild.verbs.metrics import with_scores
 
-        return load_lineage(self.build_dir(node))
+        return with_scores(load_lineage(self.build_dir(node)), self.store)
 
     @staticmethod
     def directory_lineage(directory: str | Path) -> LineageNode:

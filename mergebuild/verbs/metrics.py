@@ -4,7 +4,7 @@ runs); the retention chart; and ``mergebuild eval``, which scores nodes already 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from mergebuild.plan.evaluations import (
     retention,
 )
 from mergebuild.plan.staleness import NodeState
+from mergebuild.provenance.lineage import LineageNode
 from mergebuild.sources.resolve import materialize
 from mergebuild.spec.model import Mergefile
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
 
-__all__ = ["NodeMetrics", "collect_metrics", "evaluate_nodes", "metrics_json", "plot_retention"]
+__all__ = ["NodeMetrics", "collect_metrics", "evaluate_nodes", "metrics_json", "plot_retention",
+           "with_scores"]
 
 Scores = dict[str, dict[str, float]]
 
@@ -183,3 +185,18 @@ def plot_retention(table: list[NodeMetrics], path: Path, retain: Mapping[str, fl
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def with_scores(node: LineageNode, store: Store) -> LineageNode:
+    """The lineage tree with each stage's stored scores: what each node name was scored on
+    as these very bytes (its history in the store), for ``lineage``'s scores per stage."""
+    results = ResultStore(store)
+    children = tuple(with_scores(child, store) for child in node.children)
+    scores: Scores = {}
+    for entry in results.history(node.name):
+        if entry.get("digest") == node.digest:
+            for name, eval_digest in (entry.get("evals") or {}).items():
+                record = results.read(node.digest, eval_digest, EVALUATOR_VERSION)
+                if record is not None:
+                    scores[name] = {k: float(v) for k, v in record["metrics"].items()}
+    return replace(node, children=children, scores=scores)
