@@ -411,7 +411,13 @@ class Project:
         if fmt == "gguf":
             return export_gguf_build(path, Path(directory), quant=quant, force=force,
                                      node=node, card=card.text, **guard)
-        return export_build(path, Path(directory), force=force, node=node, card=card, **guard)
+        return export_build(path, Path(directory), force=force, node=node, card=card,
+                            attached=self._added_evaluations(node, path), **guard)
+
+    def _added_evaluations(self, node: str, path: Path) -> tuple[Path, ...]:
+        from mergebuild.verbs.metrics import added_evaluations
+
+        return added_evaluations(self.store, node, path)
 
     def _protected(self) -> Protected:
         from mergebuild.spec.model import AdaptedSpec, SourceSpec
@@ -435,4 +441,5 @@ class Project:
         path = self.build_dir(node)
         return push_build(path, repo_id, private=private, revision=revision, node=node,
                           card=self.card(node, path), sign_key=sign_key,
+                          attached=self._added_evaluations(node, path),
                           **self._published(path))

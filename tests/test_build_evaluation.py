@@ -277,3 +277,28 @@ def test_evals_in_the_mergefile_are_checked_at_parse_time(tmp_path):
             parse(text)
         assert expected in str(error.value), str(error.value)
         assert "\n" not in str(error.value)
+
+
+def test_evals_added_later_are_kept_beside_the_build_and_exported(chain, tmp_path):
+    from mergebuild.provenance.statement import ADDED_EVALUATION_FILE
+    from mergebuild.verbs.verify import verify_build
+
+    root, _ = chain
+    _project(root).make(["s1"], device="cpu")
+    text = (root / "Mergefile").read_text().replace(
+        "    evals: [math-skill]\n  s2:", "    evals: [math-skill, code-skill]\n  s2:")
+    (root / "Mergefile").write_text(text)
+    project = _project(root)
+    assert [s.status for s in project.plan(["s1"]) if s.name == "s1"] == ["fresh"]
+    project.evaluate(["s1"], device="cpu")
+    build = project.path("s1")
+    assert not (build / ADDED_EVALUATION_FILE).exists()  # the object never changes
+    project.export("s1", tmp_path / "out")
+    added = json.loads((tmp_path / "out" / ADDED_EVALUATION_FILE).read_text())
+    assert [c["name"] for c in added["predicate"]["configuration"]] == ["code-skill"]
+    own = json.loads((tmp_path / "out" / EVALUATION_FILE).read_text())
+    assert [c["name"] for c in own["predicate"]["configuration"]] == ["math-skill"]
+    assert verify_build(tmp_path / "out").ok
+    forged = dict(added, subject=[{"name": "model.safetensors", "digest": {"sha256": "0" * 64}}])
+    (tmp_path / "out" / ADDED_EVALUATION_FILE).write_text(json.dumps(forged))
+    assert not verify_build(tmp_path / "out").ok

@@ -59,6 +59,8 @@ CARD_ATTESTATION_FILE = "card.json"
 CARD_PREDICATE_TYPE = "https://mergebuild.dev/card/v1"
 # The test-result attestation of the evals declared at build time (provenance/attestation.py).
 EVALUATION_FILE = "evaluation.intoto.json"
+# Evals run after the build, attested beside an export or a push (never in the object).
+ADDED_EVALUATION_FILE = "evaluation.added.intoto.json"
 # Files about the model rather than of it: subjects of the provenance, not of its digest.
 DESCRIPTIVE_FILES = (CARD_FILE, EVALUATION_FILE)
 DIRECTORY_SUBJECT = "."

@@ -200,3 +200,57 @@ def with_scores(node: LineageNode, store: Store) -> LineageNode:
                 if record is not None:
                     scores[name] = {k: float(v) for k, v in record["metrics"].items()}
     return replace(node, children=children, scores=scores)
+
+
+def added_evaluations(store: Store, node: str, build: Path) -> tuple[Path, ...]:
+    """The attestation of the evals ``node``'s build was scored on after it was built (those
+    its object's own attestation does not list), written beside it in the store keyed by its
+    digest and content; ``()`` when there are none. Export and push carry it along."""
+    import hashlib
+    import json
+
+    from mergebuild.io.atomic import write_bytes_atomic
+    from mergebuild.provenance.attestation import build_attestation
+    from mergebuild.provenance.statement import (
+        ADDED_EVALUATION_FILE,
+        DESCRIPTIVE_FILES,
+        DIRECTORY_SUBJECT,
+        EVALUATION_FILE,
+        dumps_statement,
+        read_statement,
+        subject_files,
+    )
+
+    statement = read_statement(build)
+    digest = statement["predicate"]["buildDefinition"]["internalParameters"]["digest"]
+    inside: set[str] = set()
+    if (build / EVALUATION_FILE).is_file():
+        own = json.loads((build / EVALUATION_FILE).read_text(encoding="utf-8"))
+        inside = {f"{algo}:{hexd}" for c in own["predicate"]["configuration"]
+                  for algo, hexd in c["digest"].items()}
+    results = ResultStore(store)
+    evals: dict[str, Any] = {}
+    for entry in results.history(node):
+        if entry.get("digest") != digest:
+            continue
+        for name, eval_digest in (entry.get("evals") or {}).items():
+            record = results.read(digest, eval_digest, EVALUATOR_VERSION)
+            if record is None or f"sha256:{eval_digest}" in inside:
+                continue
+            identity = record["definition"]
+            evals[name] = {"digest": f"sha256:{eval_digest}", "kind": identity["kind"],
+                           "params": identity["params"], "data": identity["data"],
+                           "declared": False, "metrics": record["metrics"]}
+    if not evals:
+        return ()
+    outputs = {name: (sha, size or 0) for name, (sha, size) in subject_files(statement).items()
+               if name not in DESCRIPTIVE_FILES and name != DIRECTORY_SUBJECT}
+    data = dumps_statement(build_attestation(
+        outputs, {"evaluator": EVALUATOR_VERSION, "evals": evals, "checks": []}))
+    folder = (results.root / "attested" / digest.replace(":", "-")
+              / hashlib.sha256(data).hexdigest()[:16])
+    path = folder / ADDED_EVALUATION_FILE
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+    return (path,)
