@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
+    from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -214,6 +215,41 @@ class Project:
 
         return check_reproducible(state, self.store, rebuild)
 
+    # evaluating --------------------------------------------------------------------------
+    def metrics(self, nodes: list[str] | tuple[str, ...] = ()) -> list[NodeMetrics]:
+        """What the store knows of each node's current model (default: every node scored on
+        something): scores per eval, retention of each scored ancestor's own evals, checks,
+        and the previous build's scores. Runs no evaluation."""
+        from mergebuild.verbs.metrics import collect_metrics, scored_nodes
+
+        nodes = list(nodes) or scored_nodes(self.mergefile, self.graph)
+        states = self.planner.plan(nodes) if nodes else []
+        return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
+
+    def retain_thresholds(self) -> dict[str, float]:
+        """{node: its ``checks.retain``} for every node that has one."""
+        return {name: spec.checks.retain for name, spec in self.mergefile.nodes.items()
+                if isinstance(spec, MergeSpec) and spec.checks.retain is not None}
+
+    def scores(self, node: str) -> dict[str, dict[str, float]]:
+        """``{eval name: {metric: value}}`` of ``node``'s current model, from the store (what
+        ``make`` or ``eval`` measured; an eval not yet run is absent). The API sweeps'
+        ``select:`` reads."""
+        return self.metrics([node])[0].scores
+
+    @_uses_store(create=True)
+    def evaluate(self, nodes: list[str] | tuple[str, ...], *, device: str | None = None,
+                 reporter: Reporter | None = None) -> list[NodeMetrics]:
+        """Run the evals ``nodes`` need on their current models (and, for a retain check,
+        their scored ancestors'), building nothing; returns their metrics."""
+        from mergebuild.verbs.metrics import evaluate_nodes
+
+        nodes = list(nodes)
+        self.planner.targets_or_default(nodes)
+        evaluate_nodes(self.mergefile, self.graph, self.store, self.planner.plan(nodes),
+                       nodes, reporter or Reporter(), device)
+        return self.metrics(nodes)
+
     # auditing ----------------------------------------------------------------------------
     @_uses_store()
     def verify(self, node: str, public_key: Any = None) -> VerifyReport:
@@ -241,10 +277,12 @@ class Project:
 
     @_uses_store()
     def lineage(self, node: str) -> LineageNode:
-        """What ``node``'s current build is made of: every stage, method and digest."""
+        """What ``node``'s current build is made of: every stage, method and digest, and each
+        stage's scores as the store holds them."""
         from mergebuild.provenance.lineage import load_lineage
+        from mergebuild.verbs.metrics import with_scores
 
-        return load_lineage(self.build_dir(node))
+        return with_scores(load_lineage(self.build_dir(node)), self.store)
 
     @staticmethod
     def directory_lineage(directory: str | Path) -> LineageNode:
@@ -435,7 +473,13 @@ class Project:
         if fmt == "gguf":
             return export_gguf_build(path, Path(directory), quant=quant, force=force,
                                      node=node, card=card.text, **guard)
-        return export_build(path, Path(directory), force=force, node=node, card=card, **guard)
+        return export_build(path, Path(directory), force=force, node=node, card=card,
+                            attached=self._added_evaluations(node, path), **guard)
+
+    def _added_evaluations(self, node: str, path: Path) -> tuple[Path, ...]:
+        from mergebuild.verbs.metrics import added_evaluations
+
+        return added_evaluations(self.store, node, path)
 
     def _protected(self) -> Protected:
         from mergebuild.spec.model import AdaptedSpec, SourceSpec
@@ -459,4 +503,5 @@ class Project:
         path = self.build_dir(node)
         return push_build(path, repo_id, private=private, revision=revision, node=node,
                           card=self.card(node, path), sign_key=sign_key,
+                          attached=self._added_evaluations(node, path),
                           **self._published(path))

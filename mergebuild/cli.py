@@ -121,11 +121,23 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
         for name, _ in built:  # before the results, which stay the last lines
             for warning in project.card(name).warnings:
                 click.echo(f"mergebuild: warning: {name}: {warning}", err=True)
+        _print_retention(project, [name for name, _ in built])
     # stdout carries only results, also with -q: `$(mergebuild make x)` is usable.
     for name, path in built:
         click.echo(f"{name}: {path}")
     if not result.ok:
         sys.exit(1)
+
+
+def _print_retention(project, nodes: list[str]) -> None:
+    """After a make: what each built target keeps of its scored ancestors' skills."""
+    if not project.mergefile.evals or not nodes:
+        return
+    from mergebuild.report import retention_lines
+
+    for metrics in project.metrics(nodes):
+        for line in retention_lines(metrics):
+            click.echo(line, err=True)  # a report for the reader; stdout is for results
 
 
 @main.command()
@@ -137,7 +149,7 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
 def plan(ctx, targets, as_json, frozen=False):
     """Show what make would build, and why, without building."""
     from mergebuild.provenance.secrets import scrub_secrets, scrub_text
-    from mergebuild.report import plan_rows
+    from mergebuild.report import pending_evaluations, plan_rows
 
     states = _project(ctx, frozen=frozen).plan(list(targets))
     if as_json:
@@ -145,7 +157,9 @@ def plan(ctx, targets, as_json, frozen=False):
             {"node": s.name, "kind": s.kind, "status": s.status, "reasons": s.reasons,
              "key": s.key, "digest": s.digest, "path": str(s.path) if s.path else None,
              **({"uri": s.source.uri, "revision": s.source.revision,
-                 "commit": s.source.commit} if s.source is not None else {})}
+                 "commit": s.source.commit} if s.source is not None else {}),
+             **({"evaluations": [{"eval": t.eval, "status": t.status, "reasons": list(t.reasons)}
+                                 for t in s.evaluations]} if s.evaluations else {})}
             for s in states]), indent=2))
         return
     rows = plan_rows(states)
@@ -154,7 +168,10 @@ def plan(ctx, targets, as_json, frozen=False):
         line = f"{name:<{width}}  {what:<18} {status}"
         click.echo(scrub_text(f"{line}  {why}".rstrip()))
     stale = sum(1 for s in states if s.status == "stale")
-    click.echo(f"{stale} to build" if stale else "nothing to do: every node is up to date")
+    evals = pending_evaluations(states)
+    todo = [f"{stale} to build"] if stale else []
+    todo += [f"{evals} evaluation{'s' * (evals != 1)} to run"] if evals else []
+    click.echo(", ".join(todo) if todo else "nothing to do: every node is up to date")
 
 
 main.add_command(plan, name="status")
@@ -291,6 +308,62 @@ def _make_check(ctx, targets, device) -> None:
             click.echo(line)
     if failed:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--device", default=None,
+              help="auto (CUDA when present), cpu, cuda or cuda:N "
+                   "[default: the Mergefile's defaults.device, else auto].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def eval_command(ctx, nodes, device, as_json):
+    """Run NODES' evals on their current models (cached results are reused); builds nothing.
+
+    With a retain check, the scored ancestors' own evals run too. Exits 1 if a check fails.
+    """
+    from mergebuild.report import make_reporter, metrics_lines
+    from mergebuild.verbs.metrics import metrics_json
+
+    project = _project(ctx)
+    table = project.evaluate(list(nodes), device=device,
+                             reporter=make_reporter(ctx.obj["quiet"] or as_json))
+    if as_json:
+        click.echo(json.dumps(metrics_json(table), indent=2))
+    else:
+        for line in metrics_lines(table):
+            click.echo(line)
+    if any(not c.passed for m in table for c in m.checks):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("nodes", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--diff", is_flag=True, help="Show each score's change since the node's "
+              "previous build.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Also draw the retention chart into FILE.png or FILE.svg.")
+@click.pass_context
+def metrics(ctx, nodes, as_json, diff, plot):
+    """Show the stored scores of NODES (default: every scored node): nodes × evals, and what
+    each keeps of its ancestors' own evals (retention %). Runs no evaluation."""
+    from mergebuild.report import metrics_lines
+    from mergebuild.verbs.metrics import metrics_json, plot_retention
+
+    if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg"):
+        raise click.UsageError("--plot FILE must end in .png or .svg")
+    project = _project(ctx)
+    table = project.metrics(list(nodes))
+    if as_json:
+        click.echo(json.dumps(metrics_json(table, diff=diff), indent=2))
+    else:
+        for line in metrics_lines(table, diff=diff):
+            click.echo(line)
+    if plot is not None:
+        plot_retention(table, Path(plot), project.retain_thresholds())
+        if not as_json:
+            click.echo(f"wrote {plot}")
 
 
 @main.command()

@@ -7,6 +7,7 @@
     ├── CheckpointError             unreadable, truncated or unsafe weights file
     ├── IncompatibleModelsError     parents that cannot be merged (names, shapes, vocab)
     ├── StoreError                  store locked, full disk, corrupt object
+    ├── EvaluationError             an evaluation cannot run or its output is unusable
     └── BuildInterrupted            Ctrl-C / SIGTERM during a build
 
 The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
@@ -141,3 +142,9 @@ def _capped(line: str) -> str:
     if len(line) <= MESSAGE_LIMIT:
         return line
     return line[: MESSAGE_LIMIT - 1] + "…"
+
+
+class EvaluationError(MergebuildError):
+    """An evaluation cannot run (missing package, bad data) or its command misbehaved."""
+
+    exit_code = 6

@@ -13,6 +13,7 @@ from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
+    from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
 
 
@@ -49,7 +50,15 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
             rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
+        for task in s.evaluations:
+            if task.status == "pending":
+                rows.append((f"  {s.name}", f"eval {task.eval}", "pending",
+                             "; ".join(task.reasons)))
     return rows
+
+
+def pending_evaluations(states: list[NodeState]) -> int:
+    return sum(1 for s in states for t in s.evaluations if t.status == "pending")
 
 
 class PlainReporter(Reporter):
@@ -69,11 +78,15 @@ class PlainReporter(Reporter):
         if not self.show_plan:
             return
         stale = [s for s in states if s.status == "stale"]
-        if not stale:
+        if not stale and not pending_evaluations(states):
             self._print("nothing to do: every node is up to date")
             return
         for s in stale:
             self._print(f"stale {s.name}: {'; '.join(s.reasons)}")
+        for s in states:
+            for t in s.evaluations:
+                if t.status == "pending" and s.status != "stale":
+                    self._print(f"evaluate {s.name} on {t.eval}: {'; '.join(t.reasons)}")
 
     def node_start(self, state: NodeState, tensors: int | None = None) -> None:
         self._last_progress[state.name] = time.monotonic()  # first progress line after 5 s
@@ -97,6 +110,23 @@ class PlainReporter(Reporter):
         else:
             print(scrub_text(f"{result.outcome} {result.name}: {result.detail}"),
                   file=sys.stderr, flush=True)
+            for check in result.failed_checks:
+                print(f"check failed: {check.describe()}", file=sys.stderr, flush=True)
+
+    def eval_start(self, node: str, eval_name: str) -> None:
+        self._last_progress[f"eval:{node}:{eval_name}"] = time.monotonic()
+        self._print(f"evaluating {node} on {eval_name}")
+
+    def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None:
+        key = f"eval:{node}:{eval_name}"
+        now = time.monotonic()
+        if done != total and now - self._last_progress.get(key, 0) > 5:
+            self._last_progress[key] = now
+            self._print(f"  {node} on {eval_name}: {done}/{total}")
+
+    def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._print(f"evaluated {node} on {eval_name} in {seconds:.1f}s: {shown}")
 
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
@@ -143,7 +173,7 @@ class RichReporter(PlainReporter):
     def plan(self, states: list[NodeState]) -> None:
         if self.quiet or not self.show_plan:
             return
-        if not any(s.status == "stale" for s in states):
+        if not any(s.status == "stale" for s in states) and not pending_evaluations(states):
             self._print("nothing to do: every node is up to date")
             return
         from rich.table import Table
@@ -152,7 +182,7 @@ class RichReporter(PlainReporter):
         for col in ("node", "method", "status", "why"):
             table.add_column(col)
         for row in plan_rows(states):
-            style = "yellow" if row[2] == "stale" else None
+            style = "yellow" if row[2] in ("stale", "pending") else None
             table.add_row(*(scrub_text(cell) for cell in row), style=style)
         self.console.print(table)
 
@@ -221,6 +251,32 @@ class RichReporter(PlainReporter):
         self._stop()
         super().node_done(result)
 
+    def eval_start(self, node: str, eval_name: str) -> None:
+        self._stop()
+        if self.quiet:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(f"{node} on {eval_name}", total=None)
+
+    def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done, total=total)
+
+    def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
+        self._stop()
+        super().eval_done(node, eval_name, metrics, seconds)
+
     def summary(self, result: MakeResult) -> None:
         self._stop()
         super().summary(result)
@@ -254,4 +310,66 @@ def describe_repro(report: ReproReport) -> list[str]:
         lines.append(card)
     differing = len(weights) + len(metadata)
     lines.append(f"{report.node}: NOT reproduced ({differing} of {report.files} files differ)")
+    return lines
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _percent(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return "inf" if ratio == float("inf") else f"{100 * ratio:.1f}%"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def retention_lines(metrics: NodeMetrics) -> list[str]:
+    """What ``metrics.node`` keeps of each scored ancestor's own evals, one row each, with
+    the verdict of its retain check when it has one."""
+    if not metrics.retention:
+        return []
+    verdicts = {(c.ancestor, c.eval, c.metric): c.passed for c in metrics.checks
+                if c.rule == "retain"}
+    rows = [["ancestor", "eval", "metric", "ancestor", metrics.node, "retained", "check"]]
+    for r in metrics.retention:
+        verdict = verdicts.get((r.ancestor, r.eval, r.metric))
+        rows.append([r.ancestor, r.eval, r.metric, _value(r.ancestor_value), _value(r.value),
+                     _percent(r.ratio), "" if verdict is None else ("ok" if verdict else "FAIL")])
+    return [f"retention of {metrics.node}:", *("  " + line for line in _table(rows))]
+
+
+def metrics_lines(table: list[NodeMetrics], diff: bool = False) -> list[str]:
+    """``mergebuild metrics``: nodes × evals (each eval's score metrics), then each node's
+    retention; with ``diff``, each score's change since the node's previous build."""
+    columns: dict[tuple[str, str], None] = {}
+    for m in table:
+        for name, metrics in m.scores.items():
+            for metric in metrics:
+                if metric not in ("n", "tokens"):
+                    columns.setdefault((name, metric))
+    if not columns:
+        return ["no scores yet: run 'mergebuild make' or 'mergebuild eval NODE'"]
+    rows = [["node", *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e
+                       for e, m in columns)]]
+    for m in table:
+        row = [m.node]
+        for name, metric in columns:
+            value = m.scores.get(name, {}).get(metric)
+            cell = _value(value)
+            if diff and value is not None:
+                before = m.previous.get(name, {}).get(metric)
+                cell += f" ({value - before:+.4g})" if before is not None else " (new)"
+            row.append(cell)
+        rows.append(row)
+    lines = _table(rows)
+    for m in table:
+        if m.retention:
+            lines += ["", *retention_lines(m)]
+        failed = [c for c in m.checks if not c.passed]
+        lines += [f"check failed: {c.describe()}" for c in failed]
     return lines

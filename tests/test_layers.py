@@ -1,9 +1,9 @@
 """The package's layer rule, read from its imports: no cycles, nothing imports upwards.
 
 Layers, top to bottom (ARCHITECTURE.md): cli > report > api > verbs > build > plan > sources
-> spec > store > provenance > io > methods. ``errors`` and ``faults`` are leaves anyone may
-import. Every import counts, also one inside a function: a lazy import that dodges a cycle is
-still a cycle.
+> spec > evaluate > store > provenance > io > methods. ``errors`` and ``faults`` are leaves
+anyone may import. Every import counts, also one inside a function: a lazy import that dodges
+a cycle is still a cycle.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mergebuild"
 
 # Higher rank may import lower rank; equal rank only within the same package folder.
 RANKS = {
-    "cli": 12, "report": 11, "api": 10, "verbs": 9, "build": 8, "evaluate": 7, "plan": 6,
-    "sources": 5, "spec": 4, "store": 3, "provenance": 2, "io": 1, "methods": 0,
+    "cli": 12, "report": 11, "api": 10, "verbs": 9, "build": 8, "plan": 7, "sources": 6,
+    "spec": 5, "evaluate": 4, "store": 3, "provenance": 2, "io": 1, "methods": 0,
 }
 LEAVES = {"errors", "faults", "__init__"}
 TORCH_FREE = ("spec", "plan", "cli")

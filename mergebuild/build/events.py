@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergebuild.plan.evaluations import CheckOutcome
 from mergebuild.plan.staleness import NodeState
 
 
@@ -16,12 +18,18 @@ class NodeResult:
     seconds: float = 0.0
     bytes_written: int = 0
     path: Path | None = None
+    checks: list[CheckOutcome] = field(default_factory=list)  # the node's gates, judged
+
+    @property
+    def failed_checks(self) -> list[CheckOutcome]:
+        return [c for c in self.checks if not c.passed]
 
 
 @dataclass
 class MakeResult:
     results: list[NodeResult]
     seconds: float
+    evaluations_run: int = 0  # evaluator runs (each loads a model); 0 for a no-op make
 
     def count(self, outcome: str) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
@@ -43,3 +51,7 @@ class Reporter:
     def store_busy(self) -> None: ...
     def download(self, node: str, label: str, done: int, total: int) -> None: ...
     def summary(self, result: MakeResult) -> None: ...
+    def eval_start(self, node: str, eval_name: str) -> None: ...
+    def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None: ...
+    def eval_done(self, node: str, eval_name: str, metrics: Mapping[str, float],
+                  seconds: float) -> None: ...

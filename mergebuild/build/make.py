@@ -4,6 +4,7 @@ build or an early cutoff already made, publish into the store and record the nod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 import networkx as nx
 
 from mergebuild import faults
+from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
 from mergebuild.build.record import build_record, utc_now
@@ -29,7 +31,7 @@ from mergebuild.methods.registry import METHODS, Method
 from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
-from mergebuild.sources.resolve import resolve_adapter, resolve_source
+from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.store.objects import Store
 
@@ -66,13 +68,21 @@ class Maker:
         reporter.plan(states)
         self.lock.update(states)
         by_name = {s.name: s for s in states}
+        evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
+                       if self.mergefile.evals else None)
+        if evaluations is not None:
+            evaluations.check_installed(states)
         results: list[NodeResult] = []
         failed: set[str] = set()
         sweep_of = {v: n for n, node in self.mergefile.nodes.items()
                     if isinstance(node, SweepSpec) for v in node.variants}
         settled: set[str] = set()  # variants built with the rest of their sweep
         for state in states:
-            if state.kind == "source" or state.name in settled:
+            if state.kind == "source":
+                if evaluations is not None:
+                    self._evaluate_source(state, evaluations)
+                continue
+            if state.name in settled:
                 continue
             spec = self.mergefile.nodes[state.name]
             if isinstance(spec, SweepSpec):
@@ -122,7 +132,10 @@ class Maker:
                     reporter.node_done(result)
                 continue
             try:
-                result = self._make_node(spec, state, by_name, forced, device, reporter)
+                result = self._make_node(spec, state, by_name, forced, device, reporter,
+                                         evaluations)
+                if evaluations is not None:
+                    result = self._gate(state, result, evaluations)
             except MergebuildError as exc:
                 if not keep_going:
                     raise
@@ -131,9 +144,40 @@ class Maker:
             results.append(result)
             if result.outcome != "fresh":
                 reporter.node_done(result)
-        outcome = MakeResult(results=results, seconds=time.monotonic() - started)
+            if result.outcome == "failed":
+                failed.add(state.name)
+                if not keep_going:
+                    break
+        outcome = MakeResult(results=results, seconds=time.monotonic() - started,
+                             evaluations_run=evaluations.runs if evaluations else 0)
         reporter.summary(outcome)
         return outcome
+
+    def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:
+        """Score a source on its pending evals (materialising it only then)."""
+        assert state.digest is not None and state.source is not None
+        evaluations.know(state.name, state.digest)
+        if any(t.status == "pending" for t in state.evaluations):
+            directory = materialize(state.source, self.store)
+            evaluations.ensure(state.name, state.digest, directory)
+
+    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations
+              ) -> NodeResult:
+        """Score a node that is up to date (its pending evals only) and judge its checks; a
+        failed check fails the node: its build stays in the store, its children wait."""
+        assert state.digest is not None
+        evaluations.know(state.name, state.digest)
+        if result.outcome != "built":
+            pending = any(t.status == "pending" for t in state.evaluations)
+            evaluations.ensure(state.name, state.digest, state.path if pending else None)
+        checks = evaluations.checks(state.name)
+        result = dataclasses.replace(result, checks=checks)
+        failures = result.failed_checks
+        if failures:
+            return dataclasses.replace(
+                result, outcome="failed",
+                detail=f"{len(failures)} check{'s' * (len(failures) != 1)} failed")
+        return result
 
     def _import_torch_early(self, force: bool) -> None:
         """Import torch on a thread while the plan hashes sources, when a merge node has never
@@ -150,7 +194,8 @@ class Maker:
         threading.Thread(target=load, name="import-torch", daemon=True).start()
 
     def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
-                   force: bool, device: str | None, reporter: Reporter) -> NodeResult:
+                   force: bool, device: str | None, reporter: Reporter,
+                   evaluations: Evaluations | None = None) -> NodeResult:
         method = METHODS[spec.method]
         if state.status == "fresh":
             self._record(spec, method, state)  # a no-op unless a make died before its ref
@@ -175,7 +220,7 @@ class Maker:
                                   path=found.path)
             t0 = time.monotonic()
             path, written = self._build(spec, method, state, states, key, recipe, device,
-                                        reporter)
+                                        reporter, evaluations)
         state.status, state.path = "fresh", path
         faults.point("project.before_ref")
         self._record(spec, method, state)
@@ -306,7 +351,8 @@ class Maker:
 
     def _build(self, spec: MergeSpec, method: Method, state: NodeState,
                states: dict[str, NodeState], key: str, recipe: dict[str, Any],
-               device: str | None, reporter: Reporter) -> tuple[Path, int]:
+               device: str | None, reporter: Reporter,
+               evaluations: Evaluations | None = None) -> tuple[Path, int]:
         from mergebuild.build.engine import run_build
         from mergebuild.provenance.write import write_provenance
 
@@ -325,6 +371,12 @@ class Maker:
             state.digest = output.digest
             record = build_record(self.mergefile, self.graph, spec, method, states, key,
                                   recipe, output, started)
+            if evaluations is not None:
+                # Evals declared now are part of the published object: the card's
+                # model-index and the test-result attestation, both under provenance.
+                evaluations.ensure(spec.name, output.digest, tmp)
+                summary = evaluations.summary(spec.name, evaluations.checks(spec.name))
+                record = dataclasses.replace(record, evaluation=summary)
             write_provenance(tmp, record)
             path = self.store.publish(tmp, key, output.digest, output.xxh128)
         except CorruptParentError as exc:

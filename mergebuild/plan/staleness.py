@@ -11,6 +11,7 @@ import networkx as nx
 from mergebuild.errors import MergefileError, StoreError
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
+from mergebuild.plan.evaluations import EvalTask, eval_digests, plan_evaluations
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
@@ -24,6 +25,7 @@ from mergebuild.spec.model import (
     SweepSpec,
 )
 from mergebuild.store.objects import Store
+from mergebuild.store.results import ResultStore
 
 
 @dataclass
@@ -41,6 +43,7 @@ class NodeState:
     recipe: dict[str, Any] | None = None
     source: ResolvedSource | None = None
     adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
+    evaluations: list[EvalTask] = field(default_factory=list)  # cached or pending, with why
 
 
 class Planner:
@@ -97,7 +100,20 @@ class Planner:
                 isinstance(self.mergefile.nodes[t], SweepSpec)
                 and name in self.mergefile.nodes[t].variants for t in targets))  # type: ignore[union-attr]
             states[name] = self._plan_merge(spec, states, forced)
+        if self.mergefile.evals:
+            self.plan_evaluations(list(states.values()))
         return list(states.values())
+
+    def plan_evaluations(self, states: list[NodeState]) -> None:
+        """Fill each state's evaluations (cached or pending, with reasons) from its digest."""
+        digests = eval_digests(self.mergefile)
+        results = ResultStore(self.store)
+        for state in states:
+            if state.kind != "adapted":
+                state.evaluations = plan_evaluations(
+                    self.mergefile, self.graph, state.name,
+                    state.digest if state.status in ("source", "fresh") else None,
+                    results, digests)
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
                     ) -> NodeState:

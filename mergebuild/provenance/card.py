@@ -79,8 +79,9 @@ def render_card(record: BuildRecord) -> str:
     root = lineage_from_statement(statement)
     spec = statement["predicate"]["buildDefinition"]["externalParameters"]["spec"]
     sections = [
-        _front_matter(root),
+        _front_matter(root, record),
         _introduction(record, root, spec),
+        *filter(None, [_results_section(record)]),
         _lineage_section(root),
         _parameters_section(record, spec),
         _build_section(record),
@@ -91,7 +92,7 @@ def render_card(record: BuildRecord) -> str:
     return scrub_text("\n".join(sections))
 
 
-def _front_matter(root: LineageNode) -> str:
+def _front_matter(root: LineageNode, record: BuildRecord) -> str:
     metadata: dict[str, Any] = {}
     hubs = lineage_hub_ids(root)
     if hubs:
@@ -101,6 +102,8 @@ def _front_matter(root: LineageNode) -> str:
     tags = ["merge", "mergebuild"]
     tags += [m for m in lineage_methods(root) if m not in tags]
     metadata["tags"] = tags
+    if record.evaluation and _measured(record.evaluation):
+        metadata["model-index"] = _model_index(record.node, record.evaluation)
     body = yaml.safe_dump(
         metadata, sort_keys=False, allow_unicode=True, default_flow_style=False, width=10_000
     )
@@ -236,6 +239,51 @@ def _rebuild_section(record: BuildRecord) -> str:
             "",
         ]
     )
+
+
+def _measured(evaluation: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {name: e for name, e in (evaluation.get("evals") or {}).items() if e.get("metrics")}
+
+
+def _model_index(node: str, evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Hugging Face's ``model-index``: one result per eval, its scores as metrics (the Hub
+    renders it; ``huggingface_hub.ModelCard`` reads it into ``eval_results``)."""
+    results = []
+    for name, entry in sorted(_measured(evaluation).items()):
+        metrics = [{"type": metric, "name": metric, "value": value}
+                   for metric, value in entry["metrics"].items()
+                   if entry.get("higher_is_better", {}).get(metric) is not None]
+        if not metrics:
+            continue
+        results.append({
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": {"type": name, "name": name,
+                        "config": entry["digest"], "split": "test"},
+            "metrics": metrics,
+            "source": {"name": "mergebuild", "url": MERGEBUILD_URL},
+        })
+    return [{"name": node, "results": results}]
+
+
+def _results_section(record: BuildRecord) -> str:
+    """Scores measured when the model was built, and the checks it was held to."""
+    evaluation = record.evaluation
+    if not evaluation or not (_measured(evaluation) or evaluation.get("checks")):
+        return ""
+    lines = ["## Evaluation results", "",
+             "Measured by mergebuild when this model was built (each eval is identified by the "
+             "digest of its definition and data; `evaluation.intoto.json` attests them).", "",
+             "| eval | metric | value |", "|---|---|---|"]
+    for name, entry in sorted(_measured(evaluation).items()):
+        for metric, value in entry["metrics"].items():
+            lines.append(f"| {_cell(name)} | {_cell(metric)} | {value:.4g} |")
+    checks = evaluation.get("checks") or []
+    if checks:
+        lines += ["", "Checks:", ""]
+        lines += [f"- {'passed' if c['passed'] else '**FAILED**'}: {_cell(c['check'])}"
+                  for c in checks]
+    lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def _evaluation_section(root: LineageNode) -> str:

@@ -11,9 +11,11 @@ from typing import Any
 from mergebuild.errors import StoreError
 from mergebuild.io.json_limits import RECORD_MAX_BYTES, read_json_bounded
 from mergebuild.provenance.statement import (
+    ADDED_EVALUATION_FILE,
     CARD_ATTESTATION_FILE,
     CARD_FILE,
     CARD_PREDICATE_TYPE,
+    DESCRIPTIVE_FILES,
     PROVENANCE_FILE,
     digest_set,
     digest_string,
@@ -86,6 +88,7 @@ def _check(directory: Path, *, rehash: bool) -> list[Problem]:
         problems.append(card)
     elif card is not None:  # the presented card replaces the build's own
         expected[CARD_FILE] = card
+    problems += _added_evaluation_problems(directory, expected)
     for name, (sha256, size) in sorted(expected.items()):
         if not _safe_name(name):
             problems.append(
@@ -121,6 +124,27 @@ def _card_attestation(directory: Path, statement: Mapping[str, Any]
                        f"attests a card of build {short_digest(build)}, this is "
                        f"{short_digest(statement_digest(statement))}")
     return sha256, size if isinstance(size, int) else None
+
+
+def _added_evaluation_problems(directory: Path, expected: Mapping[str, tuple[str, int | None]]
+                               ) -> list[Problem]:
+    """An attestation of evals run after the build must be about this build's files: each
+    of its subjects is a file the provenance lists, with the same sha256."""
+    path = directory / ADDED_EVALUATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        subjects = read_json_bounded(path, RECORD_MAX_BYTES)["subject"]
+        named = {str(s["name"]): str(s["digest"]["sha256"]).lower() for s in subjects}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return [Problem(ADDED_EVALUATION_FILE, "invalid-provenance",
+                        "not an evaluation attestation")]
+    wrong = sorted(n for n, sha in named.items()
+                   if n not in expected or expected[n][0].lower() != sha)
+    if not named or wrong:
+        return [Problem(ADDED_EVALUATION_FILE, "invalid-provenance",
+                        f"attests files this build does not have: {', '.join(wrong) or 'none'}")]
+    return []
 
 
 def _safe_name(name: str) -> bool:
@@ -163,7 +187,7 @@ def _unexpected_files(directory: Path, expected: set[str]) -> list[Problem]:
                 continue
             rel = (Path(root) / filename).relative_to(directory).as_posix()
             if rel not in expected and rel not in (PROVENANCE_FILE, CARD_ATTESTATION_FILE,
-                                                   SIGNATURE_FILE):
+                                                   SIGNATURE_FILE, ADDED_EVALUATION_FILE):
                 problems.append(Problem(rel, "unexpected", "not listed in provenance"))
     return problems
 
@@ -240,7 +264,8 @@ def _own_problems(statement: Mapping[str, Any], definition: Mapping[str, Any],
             )
     except ValueError as exc:
         problems.append(Problem(path, "invalid-provenance", str(exc)))
-    outputs = {n: sha for n, (sha, _) in subject_files(statement).items() if n != CARD_FILE}
+    outputs = {n: sha for n, (sha, _) in subject_files(statement).items()
+               if n not in DESCRIPTIVE_FILES}
     if "dirHash" in own and own["dirHash"] != dir_hash(outputs):
         problems.append(
             Problem(path, "invalid-provenance", "dirHash does not match the file subjects")

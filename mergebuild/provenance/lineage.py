@@ -68,6 +68,8 @@ class LineageNode:
     revision: str | None = None
     commit: str | None = None
     children: tuple[LineageNode, ...] = ()
+    # {eval: {metric: value}} known for this stage's bytes (filled from the store, if any)
+    scores: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def is_build(self) -> bool:
@@ -363,6 +365,8 @@ def lineage_to_json(node: LineageNode) -> dict[str, Any]:
         out["method"] = node.method
     if node.kind == "hub":
         out.update(repo=hub_id(node.uri), revision=node.revision, commit=node.commit)
+    if node.scores:
+        out["scores"] = {name: dict(metrics) for name, metrics in node.scores.items()}
     out["parents"] = [lineage_to_json(c) for c in node.children]
     return out
 
@@ -382,6 +386,21 @@ def render_lineage_tree(node: LineageNode) -> Tree:
 
 
 def _label(node: LineageNode) -> str:
+    from rich.markup import escape
+
+    return _stage_label(node) + (f" [green]{escape(_scores_text(node.scores))}[/]"
+                                 if node.scores else "")
+
+
+def _scores_text(scores: Mapping[str, Mapping[str, float]]) -> str:
+    shown = [f"{name} {value:.4g}" if metric in ("accuracy", "perplexity")
+             else f"{name}/{metric} {value:.4g}"
+             for name, metrics in scores.items() for metric, value in metrics.items()
+             if metric not in ("n", "tokens")]
+    return "[" + ", ".join(shown) + "]"
+
+
+def _stage_label(node: LineageNode) -> str:
     from rich.markup import escape
 
     role = f"[dim]({escape(node.role)})[/] " if node.role else ""

@@ -67,6 +67,12 @@ CARD_FILE = "README.md"
 # Beside a card that is not the build's own (a Mergefile card: block applied): its attestation.
 CARD_ATTESTATION_FILE = "card.json"
 CARD_PREDICATE_TYPE = "https://mergebuild.dev/card/v1"
+# The test-result attestation of the evals declared at build time (provenance/attestation.py).
+EVALUATION_FILE = "evaluation.intoto.json"
+# Evals run after the build, attested beside an export or a push (never in the object).
+ADDED_EVALUATION_FILE = "evaluation.added.intoto.json"
+# Files about the model rather than of it: subjects of the provenance, not of its digest.
+DESCRIPTIVE_FILES = (CARD_FILE, EVALUATION_FILE)
 DIRECTORY_SUBJECT = "."
 
 # Lowercase hex lengths of the digests we write or accept; others are left alone.
@@ -127,6 +133,9 @@ class BuildRecord:
     finished: str
     invocation_id: str
     rebuild_command: str
+    # Scores and verdicts of the evals declared when it was built (plain JSON, see
+    # build/evaluation.py): the card's model-index and the test-result attestation.
+    evaluation: Mapping | None = None
 
 
 # --------------------------------------------------------------------------- digests
@@ -224,7 +233,8 @@ def _dependency(parent: ParentRef, statement_ids: Mapping[str, str]) -> dict[str
 
 
 def build_statement(
-    record: BuildRecord, card_sha256: str | None = None, card_size: int | None = None
+    record: BuildRecord, card_sha256: str | None = None, card_size: int | None = None,
+    attached: Mapping[str, tuple[str, int]] | None = None,
 ) -> dict:
     """Build the in-toto Statement v1 / SLSA Provenance v1 document for a record.
 
@@ -233,6 +243,8 @@ def build_statement(
         card_sha256: sha256 hex of the ``README.md`` written beside the outputs; when
             given, the card is one of the subjects (with ``card_size`` as its size
             annotation when known).
+        attached: other files written beside the outputs after the build (the evaluation
+            attestation): {name: (sha256 hex, size)}, each a subject.
 
     Returns:
         A JSON-ready dict, scrubbed of secrets. Same record → equal dict.
@@ -254,7 +266,9 @@ def build_statement(
         if card_size is None:
             del subject["annotations"]
         subjects.append(subject)
-        subjects.sort(key=lambda s: s["name"])
+    for name, (sha, size) in sorted((attached or {}).items()):
+        subjects.append(_file_subject(name, sha, size))
+    subjects.sort(key=lambda s: s["name"])
     directory_digest = digest_set(record.digest)
     directory_digest["dirHash"] = dir_hash(
         {n: sha.lower() for n, (sha, _) in record.outputs.items()}

@@ -24,6 +24,8 @@ from mergebuild.sources.pickle import load_pickle_state_dict
 from mergebuild.spec.model import SourceSpec
 from mergebuild.store.objects import Store
 
+# demo://NAME models are the trained skill family (sources/skills.py): small Llama models with
+# real, measurable skills, so an example's evals mean something.
 DEMO_MODELS = ("base", "instruct", "chat", "code", "math")
 
 
@@ -114,10 +116,19 @@ def resolve_local(spec: SourceSpec, store: Store) -> ResolvedSource:
 
 
 def _demo_identity(name: str) -> str:
-    # The generator's own source is the demo model's identity: change it, and every
-    # demo-derived build becomes stale, without generating anything to plan.
-    source = (Path(__file__).parent / "demo.py").read_bytes()
-    text = canonical_json({"demo": name, "generator": xxhash.xxh3_128_hexdigest(source)})
+    # The generator's own source (and, for a model, its shipped weights) is the demo's
+    # identity: change either, and every demo-derived build becomes stale, without
+    # generating anything to plan.
+    if name in DEMO_MODELS:
+        from mergebuild.sources.skills import WEIGHTS_DIR
+
+        generator = (Path(__file__).parent / "skills.py").read_bytes()
+        weights = xxhash.xxh3_128_hexdigest((WEIGHTS_DIR / f"{name}.safetensors").read_bytes())
+        text = canonical_json({"skills": name, "generator": xxhash.xxh3_128_hexdigest(generator),
+                               "weights": weights})
+    else:
+        source = (Path(__file__).parent / "demo.py").read_bytes()
+        text = canonical_json({"demo": name, "generator": xxhash.xxh3_128_hexdigest(source)})
     return "xxh128:" + xxhash.xxh3_128_hexdigest(text.encode())
 
 
@@ -165,12 +176,16 @@ def live_demo_dirs(store: Store) -> set[str]:
 
 
 def materialize_demo(source: ResolvedSource) -> Path:
-    """Generate the demo models on first use (deterministic, a fraction of a second)."""
-    from mergebuild.sources.demo import generate_demo_adapters, generate_demo_models
+    """Write the demo model (from the shipped weights) or adapter on first use (milliseconds)."""
+    from mergebuild.sources.demo import generate_demo_adapters
+    from mergebuild.sources.skills import generate_skill_models
 
     assert source.directory is not None
-    generate_demo_models(Path(source.extra["demo_root"]))
-    generate_demo_adapters(Path(source.extra["demo_root"]))
+    root = Path(source.extra["demo_root"])
+    if source.directory.name in DEMO_MODELS:
+        generate_skill_models(root, (source.directory.name,))
+    else:
+        generate_demo_adapters(root)
     return source.directory
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mergebuild.io.dtypes import DTYPE_NAMES
 from mergebuild.spec.card import CardSpec
 from mergebuild.spec.yaml_lines import LineDict, plain
+
+if TYPE_CHECKING:
+    from mergebuild.evaluate.definition import EvalDefinition
 
 DType = Literal["float32", "float16", "bfloat16"]
 DTYPES: tuple[DType, ...] = get_args(DType)
@@ -42,6 +45,7 @@ class SourceSpec:
     implicit: bool = False  # created from a path/hub reference written as a parent
     adapter: str | None = None  # a PEFT LoRA applied on the fly ("model+lora" references)
     license: str | None = None  # its ``card: {license: …}``, for files that do not say
+    evals: tuple[str, ...] = ()  # names of the Mergefile's evals this model is scored on
 
     @property
     def kind(self) -> SourceKind:
@@ -126,6 +130,42 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class EvalSpec:
+    """One named evaluation of the Mergefile's ``evals:`` (its definition typed and checked)."""
+
+    name: str
+    definition: EvalDefinition
+    line: int
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An absolute gate on one metric of one eval: ``min <= value <= max``.
+
+    ``metric`` None: the eval's one score (accuracy, perplexity, a command's single metric).
+    """
+
+    eval: str
+    metric: str | None
+    min: float | None
+    max: float | None
+    line: int
+
+
+@dataclass(frozen=True)
+class Checks:
+    """A merge node's gates: keep ``retain`` of every ancestor's score on that ancestor's own
+    evals (any number of stages up), and stay within absolute ``bounds``."""
+
+    retain: float | None = None
+    bounds: tuple[Bound, ...] = ()
+    line: int = 0
+
+    def __bool__(self) -> bool:
+        return self.retain is not None or bool(self.bounds)
+
+
+@dataclass(frozen=True)
 class ParentSpec:
     ref: str  # node name (after path references were turned into implicit source nodes)
     parameters: Mapping[str, Any]
@@ -162,6 +202,8 @@ class MergeSpec:
     tokenizer: TokenizerSpec | None
     chat_template: str | None
     line: int
+    evals: tuple[str, ...] = ()  # names of the Mergefile's evals this model is scored on
+    checks: Checks = field(default_factory=Checks)
     # Merge parents holding NaN/Inf (and keep non-finite results) instead of failing.
     allow_nonfinite: bool = False
     # The node as written (a LineDict): for line numbers and plain(), never read outside spec/.
@@ -238,6 +280,7 @@ class Mergefile:
     # What was accepted but does nothing (a parameter mergekit knows that this method
     # ignores, say): one line each, printed by the CLI, never part of a recipe.
     warnings: tuple[str, ...] = ()
+    evals: Mapping[str, EvalSpec] = field(default_factory=dict)  # the named evaluations
     card: CardSpec | None = None  # the top-level ``card:``: every merge node's defaults
 
     def card_of(self, node: str) -> CardSpec | None:

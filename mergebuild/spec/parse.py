@@ -10,11 +10,13 @@ from mergebuild.errors import GraphError, MergefileError, shorten
 from mergebuild.io.chat_templates import NAMED_TEMPLATES, template_problem
 from mergebuild.methods.registry import METHODS
 from mergebuild.spec.card import SOURCE_CARD_KEYS, parse_card
+from mergebuild.spec.evals import parse_checks, parse_eval_definitions, parse_node_evals
 from mergebuild.spec.model import (
     DTYPE_ALIASES,
     AdaptedSpec,
     Defaults,
     DType,
+    EvalSpec,
     Mergefile,
     MergeSpec,
     Node,
@@ -114,6 +116,8 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
         )
     builder = _Builder(file, path.parent, models)
     builder.read_defaults(raw_defaults)
+    builder.evals = parse_eval_definitions(data.get("evals"), file, data.line_of("evals"),
+                                           path.parent)
     for name in models:
         builder.add(name)
     builder.check_sweep_children()
@@ -121,7 +125,8 @@ def parse_mergefile(text: str, path: Path) -> Mergefile:
     if data.get("card") is not None:
         card = parse_card(data["card"], file, data.line_of("card"), None)
     return Mergefile(path=path, text=text, version=1, defaults=builder.defaults,
-                     nodes=builder.nodes, warnings=tuple(builder.warnings), card=card)
+                     nodes=builder.nodes, warnings=tuple(builder.warnings), card=card,
+                     evals=builder.evals)
 
 
 def parse_dtype(value: Any, file: str, line: int, node: str | None) -> DType:
@@ -179,6 +184,7 @@ class _Builder:
         self.nodes: dict[str, Node] = {}
         self.defaults = Defaults()
         self.warnings: list[str] = []
+        self.evals: dict[str, EvalSpec] = {}
 
     def error(self, message: str, line: int, node: str | None, hint: str | None = None):
         return MergefileError(message, file=self.file, line=line, node=node, hint=hint)
@@ -256,7 +262,8 @@ class _Builder:
             license = parse_card(body["card"], self.file, body.line_of("card"), name,
                                  SOURCE_CARD_KEYS).license
         return SourceSpec(name=name, uri=self._source_uri(uri, body.line_of("source"), name),
-                          line=body.line, allow_pickle=allow_pickle, license=license)
+                          line=body.line, allow_pickle=allow_pickle, license=license,
+                          evals=parse_node_evals(body, self.evals, self.file, name))
 
     def _source_uri(self, uri: str, line: int, node: str | None) -> str:
         uri = uri.strip()
@@ -456,6 +463,8 @@ class _Builder:
             parameters=global_params, slices=slices, dtype=dtype,
             tokenizer=self._node_tokenizer(body, name), chat_template=chat_template,
             line=body.line, allow_nonfinite=allow_nonfinite, written=body,
+            evals=parse_node_evals(body, self.evals, self.file, name),
+            checks=parse_checks(body, self.evals, self.file, name),
             card=(parse_card(body["card"], self.file, body.line_of("card"), name)
                   if body.get("card") is not None else None),
         )

@@ -13,9 +13,9 @@ from mergebuild.methods.registry import Method, Param
 from mergebuild.spec.model import MergeSpec
 from mergebuild.spec.yaml_lines import LineDict
 
-TOP_LEVEL_KEYS = ("version", "defaults", "models", "card")
+TOP_LEVEL_KEYS = ("version", "defaults", "evals", "models", "card")
 DEFAULT_KEYS = ("dtype", "device", "max_shard_size", "tokenizer_source")
-SOURCE_KEYS = ("source", "description", "allow_pickle", "card")
+SOURCE_KEYS = ("source", "description", "allow_pickle", "card", "evals")
 MERGE_KEYS = (
     "merge_method",
     "base_model",
@@ -28,6 +28,8 @@ MERGE_KEYS = (
     "tokenizer",
     "chat_template",
     "description",
+    "evals",
+    "checks",
     "card",
     "sweep",
     "select",

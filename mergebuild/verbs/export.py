@@ -109,13 +109,15 @@ def check_published(statement: dict, published_digest: str | None, node: str | N
 def export_build(build: Path, dest: Path, *, force: bool = False,
                  node: str | None = None, card: PresentedCard | None = None,
                  protected: Protected = Protected(), published_digest: str | None = None,
-                 in_store: bool = False, sign_key: Any = None) -> ExportResult:
+                 in_store: bool = False, sign_key: Any = None,
+                 attached: tuple[Path, ...] = ()) -> ExportResult:
     """Copy a built model directory (weights, config, tokenizer, card, provenance) to ``dest``.
 
     The copy is made in a temporary sibling of ``dest``, verified against the provenance,
     and renamed into place; its files are ordinary writable files. A ``card`` presented with
     the build (the Mergefile's ``card:`` applied) replaces its own ``README.md``, with the
-    ``card.json`` that binds it to the build.
+    ``card.json`` that binds it to the build. ``attached`` files kept beside the build (the
+    attestation of evals run after it) are copied in too.
 
     Raises:
         MergebuildError: ``dest`` is a file, or a non-empty directory without ``force``.
@@ -135,6 +137,9 @@ def export_build(build: Path, dest: Path, *, force: bool = False,
                 os.chmod(staging / name, 0o644)
                 size += (staging / name).stat().st_size
             files += 1
+        for path in attached:
+            shutil.copyfile(path, staging / path.name)
+            files, size = files + 1, size + path.stat().st_size
         return files, size
 
     return _export(dest, force, node, fill, protected=protected, statement=statement,
@@ -270,7 +275,8 @@ def _replace_dir(staging: Path, dest: Path) -> None:
 def push_build(build: Path, repo_id: str, *, private: bool = False,
                revision: str | None = None, node: str | None = None,
                card: PresentedCard | None = None, published_digest: str | None = None,
-               in_store: bool = False, sign_key: Any = None) -> str:
+               in_store: bool = False, sign_key: Any = None,
+               attached: tuple[Path, ...] = ()) -> str:
     """Verify a built model and upload it to the Hugging Face Hub as ``repo_id``.
 
     Creates the repo (and the ``revision`` branch) when missing. The token comes from
@@ -293,9 +299,10 @@ def push_build(build: Path, repo_id: str, *, private: bool = False,
     api = HfApi()
     digest = short_digest(statement_digest(statement))
     with tempfile.TemporaryDirectory(prefix=".push-") as folder:
-        if sign_key is not None:  # the envelope travels with the model: push a signed copy
+        if sign_key is not None or attached:  # push a (signed) copy with what travels along
             upload = Path(folder) / "model"
-            export_build(build, upload, node=node, card=card, sign_key=sign_key)
+            export_build(build, upload, node=node, card=card, sign_key=sign_key,
+                         attached=attached)
         else:
             upload = _with_card(build, card, Path(folder))
         return _upload(api, upload, repo_id, private=private, revision=revision,
