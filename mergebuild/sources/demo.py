@@ -433,7 +433,7 @@ Hello, world! How are you today? I am fine, thank you. What is 2 + 2? It is 4.
 _WORDS = re.compile(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+")
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, as ByteLevel uses it."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     table = {b: chr(b) for b in printable}
@@ -447,7 +447,7 @@ def _byte_to_unicode() -> dict[int, str]:
 
 def _tokenizer_vocab(vocab_size: int) -> tuple[dict[str, int], list[str]]:
     """Specials, then byte-level characters by usefulness, then BPE merges learnt on _CORPUS."""
-    to_char = _byte_to_unicode()
+    to_char = byte_to_unicode()
     priority = " \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()[]"
     others = [chr(b) for b in range(32, 127) if chr(b) not in priority]
     alphabet = [to_char[ord(c)] for c in [*priority, *others]]

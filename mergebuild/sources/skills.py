@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mergebuild.sources.demo import _generate_once
+from mergebuild.sources.demo import _generate_once, byte_to_unicode
 
 if TYPE_CHECKING:
     import torch
@@ -71,21 +71,9 @@ def _decode(ids: list[int]) -> str:
     return bytes(i - _BYTE_OFFSET for i in ids if i >= _BYTE_OFFSET).decode("utf-8", "replace")
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, as ByteLevel uses it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _tokenizer() -> dict:
     """A Hugging Face `tokenizers` JSON: one token per byte, specials first, prepends <s>."""
-    to_char = _byte_to_unicode()
+    to_char = byte_to_unicode()
     vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
     vocab |= {to_char[b]: _BYTE_OFFSET + b for b in range(256)}
     byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
