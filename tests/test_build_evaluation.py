@@ -204,8 +204,9 @@ def test_eval_and_metrics_commands(chain, capsys):
     capsys.readouterr()
     # s2 declares nothing; code is a source: eval scores it without building anything
     assert cli.invoke([*args, "eval", "--device", "cpu", "code"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "evaluating code on code-skill"
+    captured = capsys.readouterr()  # progress on stderr, the table (a result) on stdout
+    assert captured.err.splitlines()[0] == "evaluating code on code-skill"
+    lines = captured.out.splitlines()
     header = lines.index("node  code-skill")
     assert lines[header + 1].split()[0] == "code"
     assert cli.invoke([*args, "metrics", "--json", "math", "s1"]) == 0
