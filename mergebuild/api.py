@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.audit_report import ReportTarget
+    from mergebuild.verbs.audit_report import Evaluation, ReportTarget
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
@@ -387,8 +387,42 @@ class Project:
                 signature=(f"signed ({', '.join(signatures)}); check the key with verify"
                            if signatures else "unsigned"),
                 card=split_front_matter(card.text)[0], licences=self.licences(name),
-                warnings=tuple(warnings)))
+                warnings=tuple(warnings), evaluations=self._report_evaluations(name)))
         return out
+
+    def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
+        """The scores the store holds for ``target`` and its scored ancestors, with the
+        target's retention of each ancestor's own evals and its checks (none without evals)."""
+        import networkx as nx
+
+        from mergebuild.verbs.audit_report import Evaluation
+        from mergebuild.verbs.metrics import scored_nodes
+
+        if not self.mergefile.evals:
+            return ()
+        wanted = set(nx.ancestors(self.graph, target)) | {target}
+        nodes = [n for n in scored_nodes(self.mergefile, self.graph) if n in wanted]
+        rows: list[Evaluation] = []
+        for metrics in self.metrics(nodes) if nodes else []:
+            verdicts = {(c.eval, c.metric): c.passed for c in metrics.checks if c.ancestor is None}
+            for eval_name, values in sorted(metrics.scores.items()):
+                for metric, value in sorted(values.items()):
+                    rows.append(Evaluation(model=metrics.node, eval=f"{eval_name} {metric}",
+                                           score=value,
+                                           passed=verdicts.get((eval_name, metric))))
+            if metrics.node != target:
+                continue
+            retained = {(c.ancestor, c.eval, c.metric): c.passed for c in metrics.checks
+                        if c.ancestor is not None}
+            for row in metrics.retention:
+                if row.value is None or row.ratio is None:
+                    continue
+                rows.append(Evaluation(
+                    model=target, eval=f"{row.eval} {row.metric}", score=row.value,
+                    ancestor=row.ancestor, ancestor_score=row.ancestor_value,
+                    retention=row.ratio,
+                    passed=retained.get((row.ancestor, row.eval, row.metric))))
+        return tuple(rows)
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)

@@ -303,3 +303,16 @@ def test_evals_added_later_are_kept_beside_the_build_and_exported(chain, tmp_pat
     forged = dict(added, subject=[{"name": "model.safetensors", "digest": {"sha256": "0" * 64}}])
     (tmp_path / "out" / ADDED_EVALUATION_FILE).write_text(json.dumps(forged))
     assert not verify_build(tmp_path / "out").ok
+
+
+def test_the_report_shows_the_stored_scores_and_the_targets_retention(chain):
+    root, _ = chain
+    project = _project(root)
+    project.make(["s3"], device="cpu")
+    (target,) = project.report(["s3"], scan=False)
+    rows = {(e.model, e.eval, e.ancestor): e for e in target.evaluations}
+    math = project.scores("math")["math-skill"]["accuracy"]
+    assert rows[("math", "math-skill accuracy", None)].score == math
+    kept = rows[("s3", "math-skill accuracy", "math")]  # s3 carries math through unchanged
+    assert kept.ancestor_score == math and kept.retention == 1.0 and kept.passed is True
+    assert rows[("s3", "math-skill accuracy", None)].passed is True  # its {min: 0.5} check
