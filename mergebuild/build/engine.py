@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -630,7 +631,7 @@ class _ParentHasher:
                     self.actual[(node, name)] = (self._hash_mapped(mapped) if mapped is not None
                                                  else file_xxh128(path))
         except FileNotFoundError:
-            pass  # a missing file is reported as not matching
+            return  # a missing file has no hash: finish() reports it as not matching
         except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
             self.error = exc
 
@@ -642,11 +643,9 @@ class _ParentHasher:
                 if self.stopped:
                     break
                 h.update(view[start:start + self._CHUNK])
-                try:
-                    length = min(self._CHUNK, len(mapped) - start)
-                    mapped.madvise(mmap.MADV_DONTNEED, start, length)
-                except (OSError, ValueError):
-                    pass  # only keeps resident memory down
+                # Dropping the pages only keeps resident memory down: a refusal is harmless.
+                with contextlib.suppress(OSError, ValueError):
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(self._CHUNK, len(mapped) - start))
         finally:
             view.release()
         return "xxh128:" + h.hexdigest()
