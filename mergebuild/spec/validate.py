@@ -112,17 +112,23 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]
         return MergefileError(f"unknown parameter '{key}' {where} for {method.name}", file=file,
                               line=line, node=spec.name, hint=hint)
 
+    def known(key: str, kline: int, where: str) -> Param | None:
+        """The method's parameter ``key``; None (after one warning line) for a name some
+        method takes and this one ignores; an error for a name no method takes."""
+        param = method.param(key)
+        if param is None:
+            if not ignored_parameter(method, key):
+                raise unknown(key, kline, where)
+            warnings.append(_ignored_warning(method, key, file, kline, spec.name))
+        return param
+
     def node_wide(params: Mapping[str, Any], line: int, where: str) -> None:
         """A node's or slice's parameters: node-wide ones and per-model defaults."""
         for key, value in params.items():
             kline = params.line_of(key) if isinstance(params, LineDict) else line
-            param = method.param(key)
-            if param is None:
-                if ignored_parameter(method, key):
-                    warnings.append(_ignored_warning(method, key, file, kline, spec.name))
-                    continue
-                raise unknown(key, kline, where)
-            _check_value(param, value, file, kline, spec.name)
+            param = known(key, kline, where)
+            if param is not None:
+                _check_value(param, value, file, kline, spec.name)
 
     node_wide(spec.parameters, g_line, "in 'parameters'")
     for s in spec.slices or ():
@@ -134,12 +140,9 @@ def validate_parameters(spec: MergeSpec, method: Method, file: str) -> list[str]
     for params, line in entries:
         for key, value in params.items():
             kline = params.line_of(key) if isinstance(params, LineDict) else line
-            param = method.param(key)
+            param = known(key, kline, "in a models entry")
             if param is None:
-                if ignored_parameter(method, key):
-                    warnings.append(_ignored_warning(method, key, file, kline, spec.name))
-                    continue
-                raise unknown(key, kline, "in a models entry")
+                continue
             if param.scope != "parent":
                 raise MergefileError(
                     f"'{key}' is a node-wide parameter of {method.name}", file=file, line=kline,
