@@ -672,18 +672,40 @@ class _ParentHasher:
                         hint="it was moved aside; run make again to rebuild it")
 
 
-# Elements checked at a time: the check's temporaries stay small whatever the tensor.
-_FINITE_CHUNK = 1 << 22
+# Elements checked at a time: the check's scratch stays in cache whatever the tensor.
+_FINITE_CHUNK = 1 << 18
+# Floating dtype → (integer dtype of its width, every bit but the sign, the exponent's bits):
+# a value is NaN or Inf exactly when its exponent bits are all set, i.e. when its bit pattern
+# without the sign is at least the exponent's. An integer AND and max run ~10× faster than
+# ``isfinite`` on bf16 (which converts element by element) and make no bool temporaries.
+_EXPONENT_BITS = {
+    "bfloat16": ("int16", 0x7FFF, 0x7F80),
+    "float16": ("int16", 0x7FFF, 0x7C00),
+    "float32": ("int32", 0x7FFF_FFFF, 0x7F80_0000),
+    "float64": ("int64", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
 
 
 def _all_finite(torch, tensor: Any) -> bool:
     """Whether a floating tensor holds no NaN or Inf (other dtypes always do), checked in
-    chunks as it streams by."""
+    chunks as it streams by: on the bit patterns where the dtype's are IEEE's, else with
+    ``isfinite``."""
     if not tensor.is_floating_point():
         return True
     flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all())
-               for s in range(0, flat.numel(), _FINITE_CHUNK))
+    n = flat.numel()
+    layout = _EXPONENT_BITS.get(str(tensor.dtype).removeprefix("torch."))
+    if layout is None or tensor.device.type != "cpu" or not flat.is_contiguous():
+        return all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all())
+                   for s in range(0, n, _FINITE_CHUNK))
+    int_dtype, magnitude, exponent = layout
+    bits = flat.view(getattr(torch, int_dtype))
+    scratch = torch.empty(min(n, _FINITE_CHUNK), dtype=bits.dtype)
+    for s in range(0, n, _FINITE_CHUNK):
+        e = min(n, s + _FINITE_CHUNK)
+        if int(torch.bitwise_and(bits[s:e], magnitude, out=scratch[:e - s]).max()) >= exponent:
+            return False
+    return True
 
 
 def _nbytes(task: TensorTask) -> int:
