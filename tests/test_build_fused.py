@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +137,23 @@ def test_fused_pass_equals_separate_builds_byte_for_byte(variant, parents, tmp_p
             return _real(self, *args)
 
         monkeypatch.setattr(engine._Streaming, name, counted)
+    many_calls: list[int] = []
+    if METHODS[method_name].elementwise_many:  # the method's own kernel for the variants
+        module, _, attr = METHODS[method_name].elementwise_many.partition(":")
+        real_many = getattr(importlib.import_module(module), attr)
+
+        def counted_many(parents, base, params, outs, scratch):
+            many_calls.append(len(outs))
+            return real_many(parents, base, params, outs, scratch)
+
+        monkeypatch.setattr(importlib.import_module(module), attr, counted_many)
     separate, fused = _separate_and_fused(jobs, tmp_path)
     if variant in TOGETHER:
         assert together and set(together) == {TOGETHER[variant]}
     else:
         assert together == []
+    if METHODS[method_name].elementwise_many:
+        assert many_calls and set(many_calls) == {len(jobs)}
     for (s_out, s_files), (f_out, f_files) in zip(separate, fused, strict=True):
         assert f_files == s_files
         assert f_out.digest == s_out.digest

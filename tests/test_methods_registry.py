@@ -186,6 +186,17 @@ def test_declared_kernels_import(name):
     assert params[:7] == ["parents", "base", "params", "seed", "out", "workspace", "consumed"]
 
 
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_only_elementwise_methods_declare_an_elementwise_many_kernel(name):
+    m = _method(name)
+    if m.elementwise_many is None:
+        assert m.load_elementwise_many() is None
+        return
+    assert m.elementwise
+    params = list(inspect.signature(m.load_elementwise_many()).parameters)
+    assert params == ["parents", "base", "params", "outs", "scratch"]
+
+
 def test_slerp_streams_in_the_chunks_its_dot_products_are_defined_over():
     from mergebuild.methods import slerp
 

@@ -564,7 +564,7 @@ def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) ->
     load = partial(_load, readers, lead,
                    checked_for=None if all(j.allow_nonfinite for j in jobs) else jobs[0].node)
     if lead.elementwise:
-        return lead.compute_chunked_many(tasks, load, funcs, params)
+        return lead.compute_chunked_many(jobs, tasks, load, funcs, params)
     many = lead.merge_streamed_many
     if many is not None and all(s.streams(t, p) for s, t, p in zip(streams, tasks, params,
                                                                      strict=True)):
@@ -882,6 +882,7 @@ class _Streaming:
         self.out_dtype = {code: torch_dtype(code) for code in ARITHMETIC_CODES}
         self.merge_streamed = method.load_streamed() if streamed else None
         self.merge_streamed_many = method.load_streamed_many() if streamed else None
+        self.merge_elementwise_many = method.load_elementwise_many() if self.elementwise else None
         self.drops = True  # whether this job reads a tensor last (and may drop its pages)
 
     def _mapped(self, info: TensorInfo):
@@ -1006,11 +1007,12 @@ class _Streaming:
                 node=", ".join(job.node for job in jobs)) from None
         return outs
 
-    def compute_chunked_many(self, tasks: list[TensorTask], load, funcs,
+    def compute_chunked_many(self, jobs, tasks: list[TensorTask], load, funcs,
                              params: list[TensorParams]) -> list:
         """An elementwise method for several jobs: each chunk of the inputs converted to
-        float32 once, then every job's kernel run on its own copy (kernels may work in
-        place), its result written into that job's output."""
+        float32 once, then every job's result written into its output from it, by the
+        method's ``elementwise_many`` kernel (which leaves the chunks as they are) or else
+        by each job's kernel on its own copy (kernels may work in place)."""
         torch = self.torch
         task = tasks[0]
         srcs = [load(info).reshape(-1) for info in task.inputs]
@@ -1020,6 +1022,7 @@ class _Streaming:
         n = flats[0].numel()
         ws = self.chunk_workspace()
         last = len(tasks) - 1
+        many = self.merge_elementwise_many
 
         def one(span: tuple[int, int]) -> None:
             s, e = span
@@ -1028,6 +1031,15 @@ class _Streaming:
             b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
                  if base is not None else None)
             self.drop_spans(task, s, e)
+            if many is not None:
+                try:
+                    many(shared, b, params, [flat[s:e] for flat in flats],
+                         ws.buffer("many", torch.float32)[: e - s])
+                except ValueError as exc:
+                    raise IncompatibleModelsError(
+                        f"{self.job.method.name} failed on {task.name}: {exc}",
+                        node=", ".join(job.node for job in jobs)) from None
+                return
             for j, (t, func, p, flat) in enumerate(zip(tasks, funcs, params, flats,
                                                         strict=True)):
                 if j == last:

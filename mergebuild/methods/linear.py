@@ -32,22 +32,7 @@ def merge_linear(
         >>> merge_linear([torch.tensor([0.0]), torch.tensor([4.0])], None, p)
         tensor([3.])
     """
-    if not parents:
-        raise ValueError("linear needs at least one model")
-    weights = []
-    for index, values in enumerate(params.parents):
-        if values.get("weight") is None:
-            raise ValueError(f"linear: missing required parameter 'weight' for model {index}")
-        weights.append(float(values["weight"]))
-    if len(weights) != len(parents):
-        raise ValueError(f"linear: {len(parents)} models but {len(weights)} weight entries")
-    normalize = params.globals.get("normalize", True)
-    total = sum(weights)
-    if normalize and abs(total) < 1e-8:
-        raise ValueError(
-            f"linear: the weights {weights} sum to zero, so normalize: true would divide by "
-            "zero; change the weights or set normalize: false"
-        )
+    weights, normalize, total = _weights(len(parents), params)
     first = parents[0]
     if any(x.data_ptr() == first.data_ptr() for x in parents[1:]) or not first.is_contiguous():
         first = first.clone(memory_format=torch.contiguous_format)
@@ -57,3 +42,48 @@ def merge_linear(
     if normalize:
         result.div_(total)
     return result
+
+
+def merge_linear_many(
+    parents: list[torch.Tensor],
+    base: torch.Tensor | None,
+    params: list[TensorParams],
+    outs: list[torch.Tensor],
+    scratch: torch.Tensor,
+) -> None:
+    """``merge_linear`` for several parameter sets over the same float32 chunks, each result
+    cast into its ``outs[i]``: bit for bit, the same operations in the same order, made in
+    ``scratch`` instead of in the first parent (which every variant reads).
+
+    Raises:
+        ValueError: as ``merge_linear``, for the first parameter set it fails on.
+    """
+    plans = [_weights(len(parents), p) for p in params]
+    for (weights, normalize, total), out in zip(plans, outs, strict=True):
+        result = torch.mul(parents[0], weights[0], out=scratch)
+        for x, w in zip(parents[1:], weights[1:]):
+            result.add_(x, alpha=w)
+        if normalize:
+            result.div_(total)
+        out.copy_(result)
+
+
+def _weights(count: int, params: TensorParams) -> tuple[list[float], bool, float]:
+    """The checked weights of ``count`` parents, whether to normalise, and their sum."""
+    if not count:
+        raise ValueError("linear needs at least one model")
+    weights = []
+    for index, values in enumerate(params.parents):
+        if values.get("weight") is None:
+            raise ValueError(f"linear: missing required parameter 'weight' for model {index}")
+        weights.append(float(values["weight"]))
+    if len(weights) != count:
+        raise ValueError(f"linear: {count} models but {len(weights)} weight entries")
+    normalize = params.globals.get("normalize", True)
+    total = sum(weights)
+    if normalize and abs(total) < 1e-8:
+        raise ValueError(
+            f"linear: the weights {weights} sum to zero, so normalize: true would divide by "
+            "zero; change the weights or set normalize: false"
+        )
+    return weights, normalize, total

@@ -34,6 +34,16 @@ writes ``outs[i]`` bit for bit as the streamed kernel would with ``params[i]`` a
 ``seeds[i]``, sharing what does not depend on the parameters (reading and converting the
 inputs, statistics such as norms or magnitude histograms).
 
+The elementwise kernel for several variants (``elementwise_many``), for an elementwise
+method's sweeps built in one pass::
+
+    def merge(parents: list[Tensor], base: Tensor | None, params: list[TensorParams],
+              outs: list[Tensor], scratch: Tensor) -> None
+
+gets one float32 chunk of each input (shared by the variants: never modified) and writes
+into ``outs[i]`` (same length, any dtype) what the whole-tensor kernel returns for
+``params[i]``, cast, bit for bit; ``scratch`` is a float32 buffer of the chunk's length.
+
 A family member (a method with ``settings``) gets its declaration as the keyword argument
 ``method`` of both kernels, and reads its knobs from ``method.settings``.
 """
@@ -154,6 +164,8 @@ class Method:
     (a sweep's variants in one pass; None: the engine runs ``streamed`` once per variant).
     ``elementwise``: each output element depends only on the same element of the inputs,
     so the engine may merge any slices of the tensors separately.
+    ``elementwise_many``: an elementwise method's kernel for several parameter sets over
+    the same chunks (None: the engine runs ``kernel`` once per variant, on copies).
     ``passes_through``: the result is the one parent's tensor times its ``scale``, so the
     engine hands unscaled tensors to the writer as they are.
     ``settings``: a family member's knobs, read by the family's kernels.
@@ -173,6 +185,7 @@ class Method:
     streamed_many: str | None = None  # "module:function": several variants in one pass
     stream_chunk: int | None = None
     elementwise: bool = False
+    elementwise_many: str | None = None  # "module:function": several variants per chunk
     passes_through: bool = False
     settings: TaskVectorSettings | None = None
 
@@ -204,6 +217,10 @@ class Method:
     def load_streamed_many(self) -> Callable[..., Any] | None:
         """The streamed kernel for several variants in one pass, if the method has one."""
         return self._import(self.streamed_many) if self.streamed_many else None
+
+    def load_elementwise_many(self) -> Callable[..., Any] | None:
+        """The elementwise kernel for several variants over the same chunks, if any."""
+        return self._import(self.elementwise_many) if self.elementwise_many else None
 
     def _import(self, path: str) -> Callable[..., Any]:
         module, _, attr = path.partition(":")
@@ -311,6 +328,7 @@ register(Method(
     when_to_use="model soups: average fine-tunes of one base (weights normalised by default)",
     kernel="mergebuild.methods.linear:merge_linear",
     elementwise=True,
+    elementwise_many="mergebuild.methods.linear:merge_linear_many",
     params=(
         _core_weight(),
         Param("normalize", "bool", default=True, help="divide by the sum of the weights"),
