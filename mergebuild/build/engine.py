@@ -453,7 +453,12 @@ def _run_pass(jobs, tables, out_dirs, readers, device: str, torch,
     weight files' sha256 and xxh128 (hashed as written) and the pass's peak scratch bytes."""
     from mergebuild.io.checkpoint import CheckpointWriter
 
-    shared = _SharedScratch(torch, device)
+    largest = max((_nbytes(t) for table in tables for t in table), default=0)
+    # Free output buffers kept: what the writers may hold at once (one tensor being written
+    # while the next is computed, or the fused pass's budget), so the pass allocates them
+    # once.
+    shared = _SharedScratch(torch, device,
+                            2 * (_queued_budget(tables) if len(jobs) > 1 else largest))
     streams = [_Streaming(job, table, readers, device, torch, shared)
                for job, table in zip(jobs, tables, strict=True)]
     funcs = [job.method.load() for job in jobs]
@@ -462,7 +467,8 @@ def _run_pass(jobs, tables, out_dirs, readers, device: str, torch,
         for job, table, out_dir in zip(jobs, tables, out_dirs, strict=True):
             writers.append(CheckpointWriter(
                 out_dir, [(t.name, t.dtype, t.shape) for t in table],
-                max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"}))
+                max_shard_bytes=job.max_shard_bytes, metadata={"format": "pt"},
+                on_written=shared.outputs.release))
         hashes = _stream_tensors(jobs, tables, readers, funcs, device, torch, streams,
                                  writers, progress)
     except BaseException:
@@ -726,6 +732,9 @@ _PAGE = mmap.PAGESIZE
 _STREAM_CHUNK = 1 << 18
 _STREAM_MIN_ELEMENTS = 1 << 16
 _WRITER_LAG = 8  # > CheckpointWriter's queue (4) + the tensor being written
+# Output tensors from this size up are made in reused buffers (smaller ones come from the
+# allocator's heap, already faulted in).
+_REUSE_MIN_BYTES = 1 << 20
 
 
 def _set_threads(torch) -> None:
@@ -832,12 +841,56 @@ class _Scratch:
             p.numel() for p in self.pinned.values())
 
 
+class _OutputBuffers:
+    """Reused CPU memory for output tensors, handed back by the writers once written.
+
+    A fresh output tensor of a few MB or more is a fresh mapping whose pages fault in as the
+    merge writes it (~0.3 s per 577 MB model on the benchmark machine), and a fused pass
+    would pay that once per variant. A buffer comes back (``release``, from the writer's
+    thread) once its bytes are written and hashed; a request takes the smallest free buffer
+    that fits. At most ``keep`` bytes of free buffers are kept; the rest are let go.
+    """
+
+    def __init__(self, torch, keep: int):
+        self.torch, self.keep = torch, keep
+        self.free: list[Any] = []  # uint8 tensors
+        self.lent: dict[int, Any] = {}  # data pointer → the buffer behind a lent tensor
+        self.lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised CPU tensor, from a free buffer when one fits."""
+        torch = self.torch
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < _REUSE_MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            best = min(fits, key=lambda i: self.free[i].numel()) if fits else None
+            buffer = self.free.pop(best) if best is not None else None
+        if buffer is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with self.lock:
+            self.lent[buffer.data_ptr()] = buffer
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def release(self, tensor: Any) -> None:
+        """Take back the buffer behind ``tensor`` (written: nothing reads it any more);
+        tensors not lent from here are ignored."""
+        with self.lock:
+            buffer = self.lent.pop(tensor.data_ptr(), None)
+            kept = sum(b.numel() for b in self.free)
+            if buffer is not None and kept + buffer.numel() <= self.keep:
+                self.free.append(buffer)
+
+
 class _SharedScratch:
     """The scratch of one pass: reused buffers and worker threads, shared by every job of a
-    fused pass (jobs run one after another per tensor, so no two use them at once)."""
+    fused pass (jobs run one after another per tensor, so no two use them at once), and the
+    output buffers the writers hand back."""
 
-    def __init__(self, torch, device: str):
+    def __init__(self, torch, device: str, keep_outputs: int):
         self.torch, self.device = torch, device
+        self.outputs = _OutputBuffers(torch, keep_outputs)
         self.whole = _Scratch(torch, device, 1)
         self.chunks = _Scratch(torch, device, _CHUNK_ELEMENTS)
         self.workspaces: dict[int, Any] = {}  # chunk elements → ChunkWorkspace
@@ -978,7 +1031,7 @@ class _Streaming:
         """The method's streamed kernel over chunks of the mmapped parents, on every core."""
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1)
-        out = self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype])
+        out = self.shared.outputs.empty(task.shape, self.out_dtype[task.dtype])
         seed = tensor_seed(self.job.key, task.name) if self.job.method.randomized else None
         try:
             self.merge_streamed(srcs, base, params, seed, out.view(-1), self.chunk_workspace(),
@@ -995,7 +1048,8 @@ class _Streaming:
         task = tasks[0]
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1)
-        outs = [self.torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in jobs]
+        outs = [self.shared.outputs.empty(task.shape, self.out_dtype[task.dtype])
+                for _ in jobs]
         seeds = [tensor_seed(job.key, t.name) if job.method.randomized else None
                  for job, t in zip(jobs, tasks, strict=True)]
         try:
@@ -1017,7 +1071,8 @@ class _Streaming:
         task = tasks[0]
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1) if task.base else None
-        outs = [torch.empty(task.shape, dtype=self.out_dtype[task.dtype]) for _ in tasks]
+        outs = [self.shared.outputs.empty(task.shape, self.out_dtype[task.dtype])
+                for _ in tasks]
         flats = [o.view(-1) for o in outs]
         n = flats[0].numel()
         ws = self.chunk_workspace()
@@ -1065,7 +1120,10 @@ class _Streaming:
         torch = self.torch
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1) if task.base else None
-        out = torch.empty(task.shape, dtype=self.out_dtype[task.dtype], device=self.device)
+        if self.device == "cpu":
+            out = self.shared.outputs.empty(task.shape, self.out_dtype[task.dtype])
+        else:
+            out = torch.empty(task.shape, dtype=self.out_dtype[task.dtype], device=self.device)
         flat = out.view(-1)
         n = flat.numel()
         slot_base = len(srcs)

@@ -20,7 +20,7 @@ import queue
 import struct
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -558,7 +558,9 @@ class CheckpointWriter:
 
     The shard layout and every header are fixed at construction; `write` must then be called
     once per tensor in layout order. Bytes are written and hashed by a background thread
-    (bounded queue of `queue_size` tensors) so computation overlaps I/O. The writer keeps a
+    (bounded queue of `queue_size` tensors) so computation overlaps I/O; `on_written`, if
+    given, is called with each tensor once its bytes are written and hashed (on that
+    thread), so its memory may be reused. The writer keeps a
     reference to each tensor until its bytes are on their way to disk: do not modify a tensor
     in place after passing it to `write` (pass a fresh tensor, or call `drain()` first).
 
@@ -577,6 +579,7 @@ class CheckpointWriter:
         *,
         background: bool = True,
         queue_size: int = 4,
+        on_written: Callable[[torch.Tensor], None] | None = None,
     ):
         self.directory = Path(directory)
         layout = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
@@ -617,6 +620,7 @@ class CheckpointWriter:
         self._pending = 0  # bytes handed to write() and not yet on their way to disk
         self._pending_lock = threading.Lock()
         self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
+        self._on_written = on_written
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._slots:
@@ -663,6 +667,8 @@ class CheckpointWriter:
         self._next += 1
         if self._queue is None:
             self._write_slot(slot, data)
+            if self._on_written is not None:
+                self._on_written(data)
         else:
             with self._pending_lock:
                 self._pending += slot.nbytes
@@ -775,6 +781,8 @@ class CheckpointWriter:
                 if self._error is None:
                     try:
                         self._write_slot(*item)
+                        if self._on_written is not None:
+                            self._on_written(item[1])
                     except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                         self._error = exc
                 with self._pending_lock:
