@@ -11,7 +11,14 @@ directories: one variant, then N variants in one pass (and with ``--separate`` t
 one after another, what a sweep cost before the fused pass). Wall time is the child's, torch
 import included; peak RSS is the child's ``ru_maxrss``. The ratios N-variant / one-variant are
 what README quotes (CPU time, user + system, beside them: on a loaded machine wall
-time mostly measures the load); runs alternate (1, N, 1, N, …) so load drifts hit both alike.
+time mostly measures the load); runs alternate (1, N, 1, N, …) so load drifts hit both alike,
+and the first pair is a warm-up (page cache, bytecode) left out of the medians.
+
+The I/O floor is measured in the same run, also for 1 and N outputs: read the method's input
+weight files once, write the output's bytes 1 or N times and fsync them, with plain file I/O
+(``floor``), and the same with the sha256 and xxh128 of every output byte that a build must
+record (``floor+hash``, the hashes of the N files on N threads, as the engine's writers do).
+``floor N / floor 1`` bounds the ratio a fused pass could reach if merging cost nothing.
 """
 
 from __future__ import annotations
@@ -81,6 +88,57 @@ def child(method: str, count: int, mode: str, size: str, out_root: Path) -> None
             run_build(job, out)
 
 
+def io_floor(inputs: list[Path], out_bytes: int, count: int, hashed: bool) -> float:
+    """Read every input weight file once, then write ``out_bytes`` to each of ``count``
+    files (each on its own thread, hashed with sha256 and xxh128 when ``hashed``) and fsync
+    them: the wall seconds."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xxhash
+    from run import weight_files
+
+    scratch = WORK / "sweep-floor"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    read = memoryview(bytearray(64 * 2**20))
+    block = memoryview(os.urandom(64 * 2**20))
+
+    def write(index: int) -> None:
+        sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
+        fd = os.open(scratch / f"out{index}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = out_bytes
+            while left:
+                part = block[: min(left, len(block))]
+                left -= os.write(fd, part)
+                if hashed:
+                    sha.update(part)
+                    xxh.update(part)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    for directory in inputs:
+        for path in weight_files(directory):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(read):
+                    pass
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(write, range(count)))
+    wall = time.perf_counter() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
+    return wall
+
+
+def method_inputs(method: str, paths: dict[str, Path]) -> list[Path]:
+    """The parents the benchmark recipe of ``method`` reads."""
+    job = variant_jobs(method, 1, paths)[0]
+    nodes = {p.node for p in job.participants} | ({job.base} if job.base else set())
+    return [paths[node] for node in sorted(nodes)]
+
+
 def measure(method: str, count: int, mode: str, size: str) -> tuple[float, int, float]:
     out_root = WORK / "sweep-scratch"
     shutil.rmtree(out_root, ignore_errors=True)
@@ -111,27 +169,44 @@ def main() -> None:
         method, count, mode, size, out_root = args.child
         child(method, int(count), mode, size, Path(out_root))
         return
-    from run import generate
+    from run import generate, output_bytes
 
-    generate(args.size)  # once, outside the timings
+    paths = generate(args.size)  # once, outside the timings
+    out_bytes = output_bytes(paths["base"])  # every recipe writes the base's layout, bf16
+    n = args.variants
     rows, results = [], []
     for method in args.methods.split(","):
-        modes = [("one", 1, "fused"), ("fused", args.variants, "fused")]
+        modes = [("one", 1, "fused"), ("fused", n, "fused")]
         if args.separate:
-            modes.append(("separate", args.variants, "separate"))
+            modes.append(("separate", n, "separate"))
         runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in modes}
-        for _ in range(args.repeat):
-            for label, count, mode in modes:
-                runs[label].append(measure(method, count, mode, args.size))
+        floors: dict[str, list[float]] = {"1": [], "N": [], "1+hash": [], "N+hash": []}
+        inputs = method_inputs(method, paths)
+        loads = []
+        for repeat in range(args.repeat + 1):
+            timed = {label: measure(method, count, mode, args.size)
+                     for label, count, mode in modes}
+            walls = {"1": io_floor(inputs, out_bytes, 1, False),
+                     "N": io_floor(inputs, out_bytes, n, False),
+                     "1+hash": io_floor(inputs, out_bytes, 1, True),
+                     "N+hash": io_floor(inputs, out_bytes, n, True)}
+            if repeat == 0:
+                continue  # warm-up: page cache, compiled bytecode
+            for label, value in timed.items():
+                runs[label].append(value)
+            for label, value in walls.items():
+                floors[label].append(value)
+            loads.append(os.getloadavg()[0])
         med = {label: (statistics.median(w for w, _, _ in r), max(m for _, m, _ in r),
                        statistics.median(c for _, _, c in r)) for label, r in runs.items()}
+        floor = {label: statistics.median(v) for label, v in floors.items()}
         wall_ratio = med["fused"][0] / med["one"][0]
         rss_ratio = med["fused"][1] / med["one"][1]
         cpu_ratio = med["fused"][2] / med["one"][2]
-        result = {"method": method, "variants": args.variants, "size": args.size,
+        result = {"method": method, "variants": n, "size": args.size,
                   "runs": {k: [list(x) for x in v] for k, v in runs.items()},
-                  "wall_ratio": wall_ratio, "rss_ratio": rss_ratio, "cpu_ratio": cpu_ratio,
-                  "load": os.getloadavg()[0]}
+                  "floors": floors, "wall_ratio": wall_ratio, "rss_ratio": rss_ratio,
+                  "cpu_ratio": cpu_ratio, "loads": loads}
         separate = ""
         if args.separate:
             result["separate_ratio"] = med["separate"][0] / med["one"][0]
@@ -141,12 +216,18 @@ def main() -> None:
             f"| {method} | {med['one'][0]:.2f} s, {med['one'][1] / 2**20:,.0f} MB | "
             f"{med['fused'][0]:.2f} s, {med['fused'][1] / 2**20:,.0f} MB | "
             f"**{wall_ratio:.2f}×** (≤ {TARGETS.get(method, 3.0)}) | "
-            f"**{rss_ratio:.2f}×** (≤ {RSS_TARGET}) | {cpu_ratio:.2f}×{separate} |")
+            f"**{rss_ratio:.2f}×** (≤ {RSS_TARGET}) | {cpu_ratio:.2f}× | "
+            f"{floor['1']:.2f} → {floor['N']:.2f} s ({floor['N'] / floor['1']:.2f}×) | "
+            f"{floor['1+hash']:.2f} → {floor['N+hash']:.2f} s "
+            f"({floor['N+hash'] / floor['1+hash']:.2f}×) | "
+            f"{med['fused'][0] - floor['N+hash']:.1f} s | "
+            f"{min(loads):.1f}–{max(loads):.1f}{separate} |")
         print(rows[-1], flush=True)
-    header = (f"| method | one variant (wall, peak RSS) | {args.variants} variants, one pass | "
-              f"wall ratio | RSS ratio | CPU-time ratio"
+    header = (f"| method | one variant (wall, peak RSS) | {n} variants, one pass | "
+              f"wall ratio | RSS ratio | CPU-time ratio | I/O floor 1 → {n} | "
+              f"floor + hashes 1 → {n} | {n} variants − floor + hashes | load"
               f"{' | separate builds' if args.separate else ''} |\n"
-              f"|---|---|---|---|---|---|{'---|' if args.separate else ''}")
+              f"|---|---|---|---|---|---|---|---|---|---|{'---|' if args.separate else ''}")
     print("\n" + header + "\n" + "\n".join(rows))
     (WORK / "sweep-results.json").write_text(json.dumps(results, indent=2) + "\n")
 
