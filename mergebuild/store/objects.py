@@ -35,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -504,8 +505,13 @@ def mergefile_id(mergefile: Path) -> str:
     return hashlib.sha256(str(Path(mergefile).resolve()).encode()).hexdigest()[:24]
 
 
+# A file name keeps a node name's letters, digits and "._-" (str.isalnum's letters and digits:
+# \w is those and "_"), everything else becoming "_".
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
+
+
 def _safe_name(node: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
+    return _UNSAFE_IN_NAME.sub("_", node)
 
 
 class Refs:
@@ -521,6 +527,7 @@ class Refs:
         self.mergefile = mergefile
         self.dir = store.refs / mergefile_id(mergefile)
         self._names: set[str] | None = None
+        self._legacy_names: set[str] | None = None
 
     def _path(self, node: str) -> Path:
         return self.dir / f"{_safe_name(node)}.json"
@@ -532,30 +539,33 @@ class Refs:
         """The file names in this Mergefile's refs dir, listed once: a plan of 10,000 nodes
         then opens only the records that exist."""
         if self._names is None:
-            try:
-                self._names = set(os.listdir(self.dir))
-            except OSError:
-                self._names = set()
+            self._names = _listing(self.dir)
         return self._names
+
+    def _known_legacy(self) -> set[str]:
+        """The names in the refs dir itself (old flat records), listed once, as :meth:`_known`."""
+        if self._legacy_names is None:
+            self._legacy_names = _listing(self.store.refs)
+        return self._legacy_names
 
     def read(self, node: str) -> dict[str, Any] | None:
         """``node``'s record; None when there is none, or when the file is not a record (not
         JSON, nested too deeply, the wrong shape): bookkeeping to rewrite, not to crash on."""
-        path = self._path(node)
-        if path.name in self._known():
-            record = _read_json(path)
+        name = f"{_safe_name(node)}.json"
+        if name in self._known():
+            record = _read_json(self.dir / name)
             if _is_record(record):
                 return record
-        if not self.store.refs.is_dir():
+        if name not in self._known_legacy():
             return None
-        record = _read_json(self._legacy(node))
+        record = _read_json(self.store.refs / name)
         if _is_record(record) and self._ours(record):
             return record
         return None
 
     def migrated(self, node: str) -> bool:
         """Whether ``node``'s record is in this Mergefile's own directory (not the old layout)."""
-        return self._path(node).name in self._known()
+        return f"{_safe_name(node)}.json" in self._known()
 
     def _ours(self, record: dict[str, Any]) -> bool:
         named = record.get("mergefile")
@@ -583,6 +593,7 @@ class Refs:
         if isinstance(old, dict) and self._ours(old):
             with contextlib.suppress(OSError):
                 legacy.unlink()
+                self._known_legacy().discard(legacy.name)
 
 
 class _ScratchRefs(Refs):
@@ -638,6 +649,14 @@ def lock_held(lock: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _listing(directory: Path) -> set[str]:
+    """The names in ``directory``; none when it is missing or unreadable."""
+    try:
+        return set(os.listdir(directory))
+    except OSError:
+        return set()
 
 
 def _is_record(record: Any) -> bool:
