@@ -189,14 +189,14 @@ def plan(ctx, targets, as_json, frozen=False):
         return
     rows = plan_rows(states)
     width = max(len(r[0]) for r in rows)
-    for name, what, status, why in rows:
-        line = f"{name:<{width}}  {what:<18} {status}"
-        click.echo(scrub_text(f"{line}  {why}".rstrip()))
+    lines = [scrub_text(f"{name:<{width}}  {what:<18} {status}  {why}".rstrip())
+             for name, what, status, why in rows]
     stale = sum(1 for s in states if s.status == "stale")
     evals = pending_evaluations(states)
     todo = [f"{stale} to build"] if stale else []
     todo += [f"{evals} evaluation{'s' * (evals != 1)} to run"] if evals else []
-    click.echo(", ".join(todo) if todo else "nothing to do: every node is up to date")
+    lines.append(", ".join(todo) if todo else "nothing to do: every node is up to date")
+    click.echo("\n".join(lines))  # one write: a line each is 10,000 writes and flushes
 
 
 main.add_command(plan, name="status")
