@@ -17,7 +17,7 @@ from mergebuild.build.record import excerpt, utc_now
 from mergebuild.errors import MergebuildError, MergefileError, StoreError, shorten
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
-from mergebuild.spec.graph import build_graph
+from mergebuild.spec.graph import ancestors, build_graph
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
@@ -393,14 +393,12 @@ class Project:
     def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
         """The scores the store holds for ``target`` and its scored ancestors, with the
         target's retention of each ancestor's own evals and its checks (none without evals)."""
-        import networkx as nx
-
         from mergebuild.verbs.audit_report import Evaluation
         from mergebuild.verbs.metrics import scored_nodes
 
         if not self.mergefile.evals:
             return ()
-        wanted = set(nx.ancestors(self.graph, target)) | {target}
+        wanted = ancestors(self.graph, target) | {target}
         nodes = [n for n in scored_nodes(self.mergefile, self.graph) if n in wanted]
         rows: list[Evaluation] = []
         for metrics in self.metrics(nodes) if nodes else []:

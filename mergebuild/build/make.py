@@ -12,8 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
@@ -32,6 +30,7 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
+from mergebuild.spec.graph import Dag
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.store.objects import Store
 
@@ -42,7 +41,7 @@ class Maker:
     The caller holds the store's use lock; each key is built under its own lock.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, planner: Planner,
+    def __init__(self, mergefile: Mergefile, graph: Dag, planner: Planner,
                  lock: SourceLock, store: Store) -> None:
         self.mergefile = mergefile
         self.graph = graph

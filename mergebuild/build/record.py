@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import yaml
 
 from mergebuild import ENGINE_VERSION, __version__
@@ -20,7 +19,7 @@ from mergebuild.plan.lockfile import adapter_entry
 from mergebuild.plan.recipe import global_parameters, parent_parameters
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.secrets import portable_uri
-from mergebuild.spec.graph import build_order
+from mergebuild.spec.graph import Dag, build_order
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
 
 if TYPE_CHECKING:
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from mergebuild.provenance.statement import BuildRecord
 
 
-def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, method: Method,
+def build_record(mergefile: Mergefile, graph: Dag, spec: MergeSpec, method: Method,
                  states: dict[str, NodeState], key: str, recipe: dict[str, Any],
                  output: BuildOutput, started: str) -> BuildRecord:
     """What ``spec``'s provenance records of the build that produced ``output``."""
@@ -117,7 +116,7 @@ def mergefile_digest(mergefile: Mergefile) -> str:
     return "sha256:" + hashlib.sha256(mergefile.text.encode()).hexdigest()
 
 
-def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
+def excerpt(mergefile: Mergefile, graph: Dag, node: str) -> str:
     """The YAML of ``node`` and its ancestors, with the ``defaults:`` they are built with:
     enough to rebuild it, to the same digest, in an empty directory."""
     names = build_order(graph, [node])

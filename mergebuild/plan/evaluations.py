@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
-import networkx as nx
-
 from mergebuild.errors import EvaluationError, MergefileError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION, EvalDefinition
-from mergebuild.spec.model import Bound, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.graph import Dag, ancestors, topological_order
+from mergebuild.spec.model import Bound, Mergefile, MergeSpec, SourceSpec
 from mergebuild.store.results import ResultStore
 
 __all__ = [
@@ -118,18 +117,18 @@ def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
     return ()
 
 
-def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
+def retained_ancestors(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
     """The ancestors (any number of stages up) whose own evals ``node``'s retain check keeps,
     in build order: every ancestor that declares evals."""
     spec = mergefile.nodes[node]
     if not (isinstance(spec, MergeSpec) and spec.checks.retain is not None):
         return []
-    ancestors = nx.ancestors(graph, node)
-    order = [n for n in nx.topological_sort(graph) if n in ancestors]
+    above = ancestors(graph, node)
+    order = [n for n in topological_order(graph) if n in above]
     return [a for a in order if declared_evals(mergefile, a)]
 
 
-def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
+def required_evals(mergefile: Mergefile, graph: Dag, node: str) -> tuple[str, ...]:
     """Every eval ``node`` must be scored on: its own, and with ``retain``, each retained
     ancestor's own evals (a merge is held to its parents' skills)."""
     names = list(declared_evals(mergefile, node))
@@ -167,7 +166,7 @@ def _digest(definition: EvalDefinition) -> str:
     return _digest_cached(definition, tuple(stamp))
 
 
-def plan_evaluations(mergefile: Mergefile, graph: nx.DiGraph, node: str,
+def plan_evaluations(mergefile: Mergefile, graph: Dag, node: str,
                      model_digest: str | None, results: ResultStore,
                      digests: Mapping[str, str]) -> list[EvalTask]:
     """The evaluations ``node`` needs, cached or pending with why (``model_digest`` None: the
@@ -213,7 +212,7 @@ def _direction(definition: EvalDefinition, metric: str) -> bool | None:
         return None
 
 
-def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def retention(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
               ) -> list[RetentionRow]:
     """For each retained ancestor's own eval and score metric: what ``node`` keeps of it."""
     rows = []
@@ -233,14 +232,14 @@ def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
     return rows
 
 
-def _ancestors_with_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
+def _ancestors_with_evals(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
     """Without a retain check, the table still compares a node with its scored ancestors."""
-    ancestors = nx.ancestors(graph, node)
-    return [a for a in nx.topological_sort(graph)
-            if a in ancestors and declared_evals(mergefile, a)]
+    above = ancestors(graph, node)
+    return [a for a in topological_order(graph)
+            if a in above and declared_evals(mergefile, a)]
 
 
-def apply_checks(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def apply_checks(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
                  ) -> list[CheckOutcome]:
     """Every gate of ``node``: its retain check per ancestor eval metric, then its bounds."""
     spec = mergefile.nodes[node]

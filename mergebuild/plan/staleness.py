@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild.errors import MergefileError, StoreError
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
@@ -15,11 +13,11 @@ from mergebuild.plan.evaluations import EvalTask, eval_digests, plan_evaluations
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
-from mergebuild.spec.graph import build_order, check_targets, default_targets
+from mergebuild.spec.graph import Dag, build_order, check_targets, default_targets
 from mergebuild.spec.model import (
     AdaptedSpec,
-    MergeSpec,
     Mergefile,
+    MergeSpec,
     NodeKind,
     SourceSpec,
     SweepSpec,
@@ -53,7 +51,7 @@ class Planner:
     through the store's metadata. Imports no torch.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  sources: LockedResolver) -> None:
         self.mergefile = mergefile
         self.graph = graph

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import Reporter
 from mergebuild.errors import MergebuildError
@@ -26,6 +24,7 @@ from mergebuild.plan.evaluations import (
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.lineage import LineageNode
 from mergebuild.sources.resolve import materialize
+from mergebuild.spec.graph import Dag, topological_order
 from mergebuild.spec.model import Mergefile
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
@@ -53,7 +52,7 @@ class NodeMetrics:
 class _Known:
     """Scores by node from the store, for the digests the plan gives."""
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  states: Mapping[str, NodeState]) -> None:
         self.mergefile, self.graph, self.states = mergefile, graph, states
         self.results = ResultStore(store)
@@ -88,13 +87,13 @@ class _Known:
         return None, {}
 
 
-def scored_nodes(mergefile: Mergefile, graph: nx.DiGraph) -> list[str]:
+def scored_nodes(mergefile: Mergefile, graph: Dag) -> list[str]:
     """The nodes that are scored on something, in build order."""
-    return [n for n in nx.topological_sort(graph)
+    return [n for n in topological_order(graph)
             if n in mergefile.nodes and required_evals(mergefile, graph, n)]
 
 
-def collect_metrics(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def collect_metrics(mergefile: Mergefile, graph: Dag, store: Store,
                     states: list[NodeState], nodes: list[str]) -> list[NodeMetrics]:
     """Each node's `NodeMetrics` (``states``: a plan covering the nodes and their ancestors)."""
     known = _Known(mergefile, graph, store, {s.name: s for s in states})
@@ -126,7 +125,7 @@ def metrics_json(table: list[NodeMetrics], diff: bool = False) -> list[dict[str,
     return rows
 
 
-def evaluate_nodes(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def evaluate_nodes(mergefile: Mergefile, graph: Dag, store: Store,
                    states: list[NodeState], nodes: list[str], reporter: Reporter,
                    device: str | None = None) -> Evaluations:
     """Run each node's pending evals on its current model (a built node or an available
