@@ -65,6 +65,9 @@ class Maker:
         self._import_torch_early(force)
         states = self.planner.plan(targets, force=force)
         reporter.plan(states)
+        to_build = sum(1 for s in states if s.kind == "merge" and s.status == "stale")
+        if to_build:
+            self.store.require_writable(f"cannot build {to_build} node{'s' * (to_build != 1)}")
         self.lock.update(states)
         by_name = {s.name: s for s in states}
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)

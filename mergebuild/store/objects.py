@@ -248,7 +248,10 @@ class Store:
         """Hold the per-key build lock; blocks (calling ``on_wait`` once) while another holds it."""
         self._mkdir(self.locks)
         path = self.locks / f"{key}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot lock {key[:12]} for building") from None
         try:
             _flock_waiting(fd, fcntl.LOCK_EX, on_wait)
             os.ftruncate(fd, 0)
@@ -265,8 +268,10 @@ class Store:
         (make, make --check, verify, export, push): ``gc`` takes it exclusively, so it never
         removes an object that a running command has just published, reused or is reading.
         Blocks (calling ``on_wait`` once) while a ``gc`` runs. A store that does not exist
-        yet (unless ``create``: make is about to write it) or cannot be written has nothing
-        to protect and is not locked."""
+        yet (unless ``create``: make is about to write it) has nothing to protect and is not
+        locked; in one this process cannot write (a read-only mount, another user's store)
+        the lock is taken on a read-only descriptor (flock needs no write access), so a
+        ``gc`` run by whoever can write it still waits for this reader."""
         fd = self._open_use_lock(create=create)
         if fd is None:
             yield
@@ -305,7 +310,23 @@ class Store:
         try:
             return os.open(self.root / USE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            return None  # a read-only store: nothing can remove objects from it either
+            pass
+        try:  # a store this process cannot write: a shared lock needs only to read the file
+            return os.open(self.root / USE_LOCK, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file, and none can be made: nobody can remove objects here
+
+    def require_writable(self, what: str) -> None:
+        """A one-line StoreError (the store, why, what to do) unless a file can be created
+        in the store: ``make`` asks before building anything, instead of failing on the
+        first lock or temp dir it cannot create."""
+        probe = self.root / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            raise self.os_error(exc, what) from None
 
     def new_tmp(self, key: str) -> Path:
         self._mkdir(self.tmp)
@@ -491,9 +512,14 @@ class Store:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return StoreError(f"{what}: no space left on the device holding {self.root}",
                               node=node, hint="free space or pass --cache-dir on a larger disk")
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return StoreError(f"{what}: permission denied in {self.root}", node=node,
-                              hint="check the store's permissions or pass --cache-dir")
+        if exc.errno == errno.EROFS:
+            return StoreError(f"{what}: the store {self.root} is on a read-only file system",
+                              node=node, hint="pass --cache-dir DIR on a writable disk, or "
+                                              "remount the store read-write")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return StoreError(f"{what}: permission denied in the store {self.root}", node=node,
+                              hint="pass --cache-dir DIR where you can write, or give this "
+                                   "user write access to the store")
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
 
 
