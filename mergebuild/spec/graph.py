@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mergebuild.errors import GraphError
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, Node, SourceSpec, SweepSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 
 
 class Dag:
@@ -25,11 +25,11 @@ class Dag:
         self.pred: dict[str, dict[str, None]] = {}
         self.succ: dict[str, dict[str, None]] = {}
 
-    def add_node(self, name: str, spec: Node | None = None) -> None:
+    def add_node(self, name: str, **attributes: Any) -> None:
+        """Add ``name`` (``spec=`` its spec), or update its attributes, as networkx does."""
         if name not in self.nodes:
             self.nodes[name], self.pred[name], self.succ[name] = {}, {}, {}
-        if spec is not None:
-            self.nodes[name]["spec"] = spec
+        self.nodes[name].update(attributes)
 
     def add_edge(self, parent: str, child: str) -> None:
         self.add_node(parent)
@@ -67,7 +67,7 @@ def build_graph(mf: Mergefile) -> Dag:
     """Nodes with an edge parent → child; raises GraphError on a cycle."""
     g = Dag()
     for name, node in mf.nodes.items():
-        g.add_node(name, node)
+        g.add_node(name, spec=node)
     for name, node in mf.nodes.items():
         if isinstance(node, MergeSpec):
             for ref in node.parent_refs():
