@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,21 +10,33 @@ from typing import Any
 import networkx as nx
 
 from mergebuild.errors import MergefileError, StoreError
+from mergebuild.evaluate.definition import EVALUATOR_VERSION
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
-from mergebuild.plan.evaluations import EvalTask, eval_digests, plan_evaluations
+from mergebuild.plan.evaluations import (
+    EvalTask,
+    Scores,
+    apply_checks,
+    eval_digests,
+    plan_evaluations,
+    required_evals,
+)
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
+from mergebuild.plan.search import Study, Trial, TrialOutcome, run_study
+from mergebuild.plan.selection import objective
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
 from mergebuild.spec.model import (
     AdaptedSpec,
-    MergeSpec,
     Mergefile,
+    MergeSpec,
     NodeKind,
+    SearchSpec,
     SourceSpec,
     SweepSpec,
 )
+from mergebuild.spec.search import register_trial, trial_spec
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
 
@@ -44,6 +57,7 @@ class NodeState:
     source: ResolvedSource | None = None
     adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
     evaluations: list[EvalTask] = field(default_factory=list)  # cached or pending, with why
+    study: Study | None = None  # a search's: its trials so far, the best, what is next
 
 
 class Planner:
@@ -95,6 +109,9 @@ class Planner:
             if isinstance(spec, SweepSpec):
                 states[name] = sweep_state(spec, states)
                 continue
+            if isinstance(spec, SearchSpec):
+                states[name] = self._plan_search(spec, states, force and name in targets)
+                continue
             # A variant of a swept target is forced with it (--force rebuilds the sweep).
             forced = force and (name in targets or any(
                 isinstance(self.mergefile.nodes[t], SweepSpec)
@@ -114,6 +131,73 @@ class Planner:
                     self.mergefile, self.graph, state.name,
                     state.digest if state.status in ("source", "fresh") else None,
                     results, digests)
+
+    def _plan_search(self, spec: SearchSpec, states: dict[str, NodeState], force: bool
+                     ) -> NodeState:
+        """A search is fresh once every trial is built and scored; it then stands for the
+        best trial (its key, digest and directory). The trials the store already holds
+        join the plan (as fresh nodes), and so does the next one (stale), before it."""
+        state = NodeState(name=spec.name, kind="search", status="stale",
+                          method=spec.template.method)
+        pending = [r for r in spec.template.parent_refs() if states[r].digest is None]
+        if pending:
+            state.reasons = [f"waits for {pending[0]} (stale)"]
+            return state
+        if force:
+            state.reasons = ["forced (--force): every trial is rebuilt"]
+            return state
+        study = self.study(spec, states)
+        state.study = study
+        best = study.best
+        if study.complete and best is not None:
+            found = self.store.lookup(best.key) if best.key else None
+            if found is not None:
+                state.status, state.key = "fresh", best.key
+                state.digest, state.path = found.digest, found.path
+                return state
+        if study.complete:
+            state.reasons = ["no trial can be ranked: " + "; ".join(
+                sorted({t.excluded or "no score" for t in study.trials}))]
+        else:
+            state.reasons = [study.progress() + (
+                f"; next: {study.next.name} ({study.waiting})" if study.next else "")]
+        return state
+
+    def study(self, spec: SearchSpec, states: dict[str, NodeState]) -> Study:
+        """Replay ``spec``'s study from the store: each trial the store holds, built and
+        scored, is told its objective; it stops at the first trial that is not (planned
+        stale, or fresh with its evaluations pending). Builds and evaluates nothing."""
+        results = ResultStore(self.store)
+        digests = eval_digests(self.mergefile)
+
+        def scores(node: str) -> Scores:
+            state = states.get(node)
+            digest = state.digest if state is not None and state.status in (
+                "source", "fresh") else None
+            out: dict[str, dict[str, float]] = {}
+            for name in required_evals(self.mergefile, self.graph, node) if digest else ():
+                record = results.read(digest, digests[name], EVALUATOR_VERSION)  # type: ignore[arg-type]
+                if record is not None:
+                    out[name] = {k: float(v) for k, v in record["metrics"].items()}
+            return out
+
+        def outcome(trial: Trial) -> TrialOutcome | str:
+            planned = self.trial_state(spec, trial, states)
+            if planned.status != "fresh":
+                return "; ".join(planned.reasons) or "not built"
+            return judge_trial(self.mergefile, self.graph, spec, planned, scores) or \
+                "not scored yet"
+
+        return run_study(self.mergefile, spec, outcome)
+
+    def trial_state(self, spec: SearchSpec, trial: Trial, states: dict[str, NodeState]
+                    ) -> NodeState:
+        """``trial``'s node registered with the graph and planned (once) into ``states``."""
+        if trial.name not in states:
+            node = trial_spec(self.mergefile, spec, trial.point)
+            register_trial(self.mergefile, self.graph, spec, node)
+            states[trial.name] = self._plan_merge(node, states, False)
+        return states[trial.name]
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
                     ) -> NodeState:
@@ -199,6 +283,12 @@ class Planner:
             ref = self.refs.read(name)
             if isinstance(spec, MergeSpec) and ref and ref.get("key"):
                 keys.add(str(ref["key"]))
+            if isinstance(spec, SearchSpec) and ref:
+                # every trial the last make recorded (a trial past one gc'd would be reached
+                # again by rebuilding that one, to the same values)
+                history = (ref.get("study") or {}).get("history") or []
+                keys.update(str(t["key"]) for t in history
+                            if isinstance(t, dict) and t.get("key"))
         return keys
 
 
@@ -215,6 +305,21 @@ def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
     state.status = "fresh"
     state.digest = adapted_digest(model.digest, state.adapter.digest)
     state.reasons = [r for r in state.reasons if r != waiting]
+
+
+def judge_trial(mergefile: Mergefile, graph: nx.DiGraph, spec: SearchSpec, state: NodeState,
+                scores: Callable[[str], Scores]) -> TrialOutcome | None:
+    """A built trial's objective under ``select:`` from ``scores`` (None: not all known). A
+    trial that fails its checks (the template's ``checks:``) is kept out of the ranking."""
+    assert state.key is not None and state.digest is not None
+    value = objective(mergefile, graph, spec.select, state.name, scores)
+    if value is None:
+        return None
+    failed = [c for c in apply_checks(mergefile, graph, state.name, scores) if not c.passed]
+    if failed:
+        return TrialOutcome(key=state.key, digest=state.digest, value=None,
+                            excluded=f"failed check {failed[0].describe()}")
+    return TrialOutcome(key=state.key, digest=state.digest, value=value)
 
 
 def sweep_state(spec: SweepSpec, states: dict[str, NodeState]) -> NodeState:

@@ -28,6 +28,7 @@ from mergebuild.spec.model import (
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
+from mergebuild.spec.search import parse_search
 from mergebuild.spec.sweep import apply_point, grid_points, parse_select
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
@@ -234,8 +235,15 @@ class _Builder:
                 body.line_of("description"), name, "write a paragraph, not a pasted file")
         if "source" in body:
             self.nodes[name] = self._source(name, body)
+        elif "merge_method" in body and "sweep" in body and "search" in body:
+            raise self.error("a node has either 'sweep' (a grid) or 'search' (a study), "
+                             "not both", body.line_of("search"), name,
+                             "keep sweep: to build every point, or search: to let a sampler "
+                             "choose the points")
         elif "merge_method" in body and "sweep" in body:
             self._sweep(name, body)
+        elif "merge_method" in body and "search" in body:
+            self._search(name, body)
         elif "merge_method" in body:
             self.nodes[name] = self._merge(name, body)
         else:
@@ -375,6 +383,22 @@ class _Builder:
                                      points=tuple(variants.values()), select=select,
                                      line=body.line)
 
+    def _search(self, name: str, body: LineDict) -> None:
+        """A merge with ``search:``: the node stands for the best of its trials, which the
+        study creates as it runs (see spec/search.py)."""
+        template = self._merge(name, body, validate=False)
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+        if not self.evals:
+            raise self.error("a search ranks its trials by evaluations, and this Mergefile "
+                             "has no 'evals:'", body.line_of("search"), name,
+                             "define the evals select reads (see Mergefile.example)")
+        spec, warnings = parse_search(body["search"], template, select, self.file,
+                                      body.line_of("search"))
+        self.warnings.extend(w for w in warnings if w not in self.warnings)
+        self.nodes[name] = spec
+
     def check_sweep_children(self) -> None:
         """A child of a sweep needs the sweep to say which variant it stands for."""
         for node in self.nodes.values():
@@ -397,9 +421,9 @@ class _Builder:
                 "method and parameters; use filters such as {filter: vision_tower, value: ...} "
                 "for per-module values) or use mergekit for per-module slices")
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
-        if "select" in body and "sweep" not in body:
-            raise self.error("'select' chooses among a sweep's variants; this node has no "
-                             "'sweep'", body.line_of("select"), name,
+        if "select" in body and "sweep" not in body and "search" not in body:
+            raise self.error("'select' chooses among a sweep's variants or a search's "
+                             "trials; this node has neither", body.line_of("select"), name,
                              "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")
