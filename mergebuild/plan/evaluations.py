@@ -15,7 +15,15 @@ import networkx as nx
 
 from mergebuild.errors import EvaluationError, MergefileError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION, EvalDefinition
-from mergebuild.spec.model import Bound, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.model import (
+    Bound,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
+from mergebuild.spec.sweep import RETENTION, split_select_metric
 from mergebuild.store.results import ResultStore
 
 __all__ = [
@@ -29,6 +37,7 @@ __all__ = [
     "required_evals",
     "retention",
     "score_metrics",
+    "selection_evals",
 ]
 
 # scores(node) -> {eval name: {metric: value}} of the node's current model (what is known).
@@ -113,6 +122,8 @@ def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
     spec = mergefile.nodes[node]
     if isinstance(spec, SourceSpec):
         return spec.evals
+    if isinstance(spec, SearchSpec):  # it stands for its best trial, scored as they are
+        spec = spec.template
     if isinstance(spec, MergeSpec):
         return tuple(dict.fromkeys([*spec.evals, *(b.eval for b in spec.checks.bounds)]))
     return ()
@@ -130,11 +141,33 @@ def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> li
 
 
 def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
-    """Every eval ``node`` must be scored on: its own, and with ``retain``, each retained
-    ancestor's own evals (a merge is held to its parents' skills)."""
+    """Every eval ``node`` must be scored on: its own, with ``retain`` each retained
+    ancestor's own evals (a merge is held to its parents' skills), and as a variant of a
+    sweep with ``select:`` the evals the selection reads."""
     names = list(declared_evals(mergefile, node))
     for ancestor in retained_ancestors(mergefile, graph, node):
         names += declared_evals(mergefile, ancestor)
+    names += selection_evals(mergefile, graph, node)
+    return tuple(dict.fromkeys(names))
+
+
+def selection_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
+    """The evals a sweep's ``select:`` reads of ``node``, one of its variants: the named eval,
+    or for retention every eval its scored ancestors declare (none when not a variant)."""
+    names: list[str] = []
+    for sweep in graph.succ[node] if node in graph else ():
+        spec = mergefile.nodes[sweep]
+        if isinstance(spec, SearchSpec) and graph.nodes[node].get("trial_of") != sweep:
+            continue  # a parent of the search, not one of its trials
+        if not (isinstance(spec, SweepSpec | SearchSpec) and spec.select is not None):
+            continue
+        if spec.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                names += declared_evals(mergefile, ancestor)
+            continue
+        target = split_select_metric(spec.select.metric, mergefile.evals)
+        if target is not None:
+            names.append(target[0])
     return tuple(dict.fromkeys(names))
 
 

@@ -21,6 +21,8 @@ from mergebuild.spec.model import (
     MergeSpec,
     Node,
     ParentSpec,
+    SearchSpec,
+    SelectSpec,
     SliceSourceSpec,
     SliceSpec,
     SourceSpec,
@@ -29,7 +31,13 @@ from mergebuild.spec.model import (
     TokenizerSpec,
 )
 from mergebuild.spec.search import parse_search
-from mergebuild.spec.sweep import apply_point, grid_points, parse_select
+from mergebuild.spec.sweep import (
+    RETENTION,
+    apply_point,
+    grid_points,
+    parse_select,
+    split_select_metric,
+)
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -379,6 +387,7 @@ class _Builder:
         select = None
         if body.get("select") is not None:
             select = parse_select(body["select"], self.file, body.line_of("select"), name)
+            self.check_select_eval(select, body.line_of("select"), name)
         self.nodes[name] = SweepSpec(name=name, variants=tuple(variants),
                                      points=tuple(variants.values()), select=select,
                                      line=body.line)
@@ -387,20 +396,83 @@ class _Builder:
         """A merge with ``search:``: the node stands for the best of its trials, which the
         study creates as it runs (see spec/search.py)."""
         template = self._merge(name, body, validate=False)
-        select = None
-        if body.get("select") is not None:
-            select = parse_select(body["select"], self.file, body.line_of("select"), name)
         if not self.evals:
             raise self.error("a search ranks its trials by evaluations, and this Mergefile "
                              "has no 'evals:'", body.line_of("search"), name,
                              "define the evals select reads (see Mergefile.example)")
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+            self.check_select_eval(select, body.line_of("select"), name)
         spec, warnings = parse_search(body["search"], template, select, self.file,
                                       body.line_of("search"))
         self.warnings.extend(w for w in warnings if w not in self.warnings)
         self.nodes[name] = spec
 
+    def check_select_eval(self, select: SelectSpec, line: int, node: str) -> None:
+        """``select`` names a defined eval (``EVAL`` or ``EVAL.METRIC``) and a score it gives."""
+        if select.metric == RETENTION:
+            return  # its ancestors' evals are checked once every node is read
+        target = split_select_metric(select.metric, self.evals)
+        if target is None:
+            raise self.error(
+                f"select: unknown eval '{select.metric}'", line, node,
+                did_you_mean(select.metric, [*self.evals, RETENTION]) or (
+                    f"define it under the top-level 'evals:' "
+                    f"({', '.join(self.evals) or 'none yet'}), or select retention"))
+        name, metric = target
+        if metric is None:
+            return
+        try:
+            direction = self.evals[name].definition.higher_is_better(metric)
+        except KeyError:
+            raise self.error(f"select: eval '{name}' gives no metric '{metric}'", line, node,
+                             f"write select: {{{select.goal}: {name}}} for its one score"
+                             ) from None
+        if direction is None:
+            raise self.error(f"select: '{metric}' of eval '{name}' is a count, not a score",
+                             line, node, f"write select: {{{select.goal}: {name}}}")
+
+    def check_select_retention(self) -> None:
+        """``select: {maximize: retention}`` needs an ancestor of the sweep that declares evals
+        (retention is a variant's score on them as a share of that ancestor's)."""
+        for sweep in self.nodes.values():
+            if not (isinstance(sweep, SweepSpec | SearchSpec) and sweep.select is not None
+                    and sweep.select.metric == RETENTION):
+                continue
+            seen: set[str] = set()
+            todo = (sweep.template.parent_refs() if isinstance(sweep, SearchSpec) else
+                    [r for v in sweep.variants for r in self.nodes[v].parent_refs()])  # type: ignore[union-attr]
+            scored = []
+            while todo:
+                ref = todo.pop()
+                if ref in seen or ref not in self.nodes:
+                    continue
+                seen.add(ref)
+                parent = self.nodes[ref]
+                if isinstance(parent, SourceSpec) and parent.evals:
+                    scored.append(ref)
+                elif isinstance(parent, MergeSpec):
+                    if parent.evals or parent.checks.bounds:
+                        scored.append(ref)
+                    todo.extend(parent.parent_refs())
+                elif isinstance(parent, SweepSpec):
+                    todo.extend(parent.variants)
+                elif isinstance(parent, SearchSpec):
+                    if parent.template.evals or parent.template.checks.bounds:
+                        scored.append(ref)
+                    todo.extend(parent.template.parent_refs())
+                elif isinstance(parent, AdaptedSpec):
+                    todo.append(parent.model)
+            if not scored:
+                raise self.error(
+                    f"select: retention compares '{sweep.name}' with its ancestors' own evals, "
+                    "and no ancestor declares evals", sweep.line, sweep.name,
+                    "add evals: [...] to a parent, or select {maximize: EVAL}")
+
     def check_sweep_children(self) -> None:
         """A child of a sweep needs the sweep to say which variant it stands for."""
+        self.check_select_retention()
         for node in self.nodes.values():
             if not isinstance(node, MergeSpec):
                 continue
