@@ -48,6 +48,9 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
             pinned = f"@{a.revision or 'main'} → {a.commit[:12]}" if a.commit else ""
             lora = f"LoRA {a.uri}{pinned} ({_short(a.digest)})"
             rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
+        elif s.kind == "search":  # its progress even when done: how many trials, the best
+            why = "; ".join(s.reasons) or (s.study.progress() if s.study else "")
+            rows.append((s.name, f"search ({s.method})", s.status, why))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
         for task in s.evaluations:

@@ -18,6 +18,7 @@ from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
+from mergebuild.build.search import make_search
 from mergebuild.build.record import build_record, utc_now
 from mergebuild.errors import (
     BuildInterrupted,
@@ -32,7 +33,14 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.store.objects import Store
 
 
@@ -82,9 +90,30 @@ class Maker:
                 if evaluations is not None:
                     self._evaluate_source(state, evaluations)
                 continue
-            if state.name in settled:
-                continue
+            if state.name in settled or self.graph.nodes[state.name].get("trial_of"):
+                continue  # a search's trials are built by its study, in its order
             spec = self.mergefile.nodes[state.name]
+            if isinstance(spec, SearchSpec):
+                blocked = [r for r in spec.template.parent_refs() if r in failed]
+                try:
+                    if blocked:
+                        raise MergebuildError(f"parent '{blocked[0]}' failed", node=spec.name)
+                    found = make_search(self, spec, state, by_name,
+                                        force=force and state.name in targets, device=device,
+                                        reporter=reporter, evaluations=evaluations)
+                except MergebuildError as exc:
+                    if not keep_going:
+                        raise
+                    found = [NodeResult(state.name, "skipped" if blocked else "failed",
+                                        exc.message)]
+                results.extend(found)
+                if found[-1].outcome != "fresh":
+                    reporter.node_done(found[-1])
+                if found[-1].outcome in ("failed", "skipped"):
+                    failed.add(state.name)
+                    if not keep_going:
+                        break
+                continue
             if isinstance(spec, SweepSpec):
                 lost = [v for v in spec.variants if v in failed]
                 if lost:
@@ -227,6 +256,12 @@ class Maker:
         faults.point("project.node_done")
         return NodeResult(spec.name, "built", "; ".join(state.reasons),
                           seconds=time.monotonic() - t0, bytes_written=written, path=path)
+
+    def make_trial(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str | None, reporter: Reporter,
+                   evaluations: Evaluations | None) -> NodeResult:
+        """One trial of a search, built (and scored on its evals) like any merge node."""
+        return self._make_node(spec, state, states, force, device, reporter, evaluations)
 
     def _make_variants(self, group: list[NodeState], states: dict[str, NodeState],
                        force: bool, device: str | None, reporter: Reporter
@@ -404,7 +439,7 @@ class Maker:
         for ref in spec.parent_refs():
             node = self.mergefile.nodes[ref]
             built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
-            if built.kind == "merge" and built.key is not None:
+            if built.kind in ("merge", "search") and built.key is not None:
                 keys[ref] = built.key
         return keys
 
