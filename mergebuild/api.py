@@ -18,12 +18,13 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError, short
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SearchSpec, SourceSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
 if TYPE_CHECKING:
     from mergebuild.build.make import Maker
+    from mergebuild.plan.search import Study
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
     from mergebuild.verbs.audit_report import Evaluation, ReportTarget
@@ -225,6 +226,21 @@ class Project:
         nodes = list(nodes) or scored_nodes(self.mergefile, self.graph)
         states = self.planner.plan(nodes) if nodes else []
         return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
+
+    def is_search(self, node: str) -> bool:
+        return isinstance(self.mergefile.nodes.get(node), SearchSpec)
+
+    def study(self, node: str) -> Study:
+        """Search ``node``'s study as far as the store has it: each trial built and scored,
+        in order, the best and why, and the next trial (replayed; nothing runs)."""
+        from mergebuild.plan.search import Study
+
+        spec = self.mergefile.nodes.get(node)
+        if not isinstance(spec, SearchSpec):
+            raise MergefileError(f"'{node}' is not a search", file=str(self.mergefile.path),
+                                 node=node, hint="name a node with search:")
+        state = next(s for s in self.planner.plan([node]) if s.name == node)
+        return state.study or Study(search=spec, trials=(), waiting=state.reasons[0])
 
     def retain_thresholds(self) -> dict[str, float]:
         """{node: its ``checks.retain``} for every node that has one."""

@@ -348,18 +348,29 @@ def eval_command(ctx, nodes, device, as_json):
 def metrics(ctx, nodes, as_json, diff, plot):
     """Show the stored scores of NODES (default: every scored node): nodes × evals, and what
     each keeps of its ancestors' own evals (retention %). Runs no evaluation."""
-    from mergebuild.report import metrics_lines
+    from mergebuild.report import metrics_lines, study_lines
     from mergebuild.verbs.metrics import metrics_json, plot_retention
 
     if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg"):
         raise click.UsageError("--plot FILE must end in .png or .svg")
     project = _project(ctx)
     table = project.metrics(list(nodes))
+    studies = {m.node: project.study(m.node) for m in table if project.is_search(m.node)}
     if as_json:
-        click.echo(json.dumps(metrics_json(table, diff=diff), indent=2))
+        rows = metrics_json(table, diff=diff)
+        for row in rows:
+            if row["node"] in studies:
+                row["search"] = studies[row["node"]].as_json()
+        click.echo(json.dumps(rows, indent=2))
     else:
-        for line in metrics_lines(table, diff=diff):
+        scored = any(m.scores for m in table) or not studies
+        for line in metrics_lines(table, diff=diff) if scored else ():
             click.echo(line)
+        for study in studies.values():
+            if scored:
+                click.echo("")
+            for line in study_lines(study):
+                click.echo(line)
     if plot is not None:
         plot_retention(table, Path(plot), project.retain_thresholds())
         if not as_json:

@@ -13,6 +13,7 @@ from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
+    from mergebuild.plan.search import Study
     from mergebuild.verbs.metrics import NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
 
@@ -375,4 +376,31 @@ def metrics_lines(table: list[NodeMetrics], diff: bool = False) -> list[str]:
             lines += ["", *retention_lines(m)]
         failed = [c for c in m.checks if not c.passed]
         lines += [f"check failed: {c.describe()}" for c in failed]
+    return lines
+
+
+def study_lines(study: Study) -> list[str]:
+    """``mergebuild metrics SEARCH``: the study as a leaderboard, best first, the selected
+    trial starred, trials kept out of the ranking (a failed check) after, and why it won."""
+    search = study.search
+    select = search.select
+    lines = [f"{search.name}: {search.sampler} search (seed {search.seed}), "
+             f"{select.goal} {select.metric}: {study.progress()}"]
+    ranked = study.ranked
+    rows = [["#", "trial", select.metric, "trial #", "digest"]]
+    for place, trial in enumerate(ranked, start=1):
+        star = "* " if place == 1 else "  "
+        rows.append([f"{star}{place}", trial.name, _value(trial.value), f"{trial.number}",
+                     short_digest(trial.digest) if trial.digest else "-"])
+    for trial in study.trials:
+        if trial.value is None:
+            rows.append(["  -", trial.name, "-", f"{trial.number}",
+                         short_digest(trial.digest) if trial.digest else "-"])
+    if len(rows) > 1:
+        lines += ["", *_table(rows)]
+    lines += [f"excluded {t.name}: {t.excluded}" for t in study.trials if t.excluded]
+    if study.best is not None:
+        lines.append(f"selected {study.best.name}: {study.why()}")
+    if study.next is not None:
+        lines.append(f"next: {study.next.name} ({study.waiting})")
     return lines

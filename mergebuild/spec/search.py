@@ -74,9 +74,12 @@ def parse_search(value: Any, template: MergeSpec, select: SelectSpec | None, fil
     warnings: list[str] = []
     for point in _extremes(dimensions):  # a bad path or out-of-range value fails here
         trial = apply_point(template, point, file, line)
-        for warning in validate_parameters(trial, METHODS[trial.method], file):
-            if warning not in warnings:
-                warnings.append(warning)
+        try:
+            found = validate_parameters(trial, METHODS[trial.method], file)
+        except MergefileError as exc:  # said of the search, at its space's line
+            raise error(f"the space reaches {trial.name.removeprefix(node)}: {exc.message}",
+                        exc.hint) from None
+        warnings.extend(w for w in found if w not in warnings)
     return spec, warnings
 
 
