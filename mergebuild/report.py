@@ -384,8 +384,9 @@ def study_lines(study: Study) -> list[str]:
     trial starred, trials kept out of the ranking (a failed check) after, and why it won."""
     search = study.search
     select = search.select
-    lines = [f"{search.name}: {search.sampler} search (seed {search.seed}), "
-             f"{select.goal} {select.metric}: {study.progress()}"]
+    head = (f"{search.name}: {search.sampler} search (seed {search.seed}), "
+            f"{select.goal} {select.metric}: {study.progress()}")
+    lines = [head]
     ranked = study.ranked
     rows = [["#", "trial", select.metric, "trial #", "digest"]]
     for place, trial in enumerate(ranked, start=1):

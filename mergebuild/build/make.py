@@ -18,8 +18,8 @@ from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
-from mergebuild.build.search import make_search
 from mergebuild.build.record import build_record, utc_now
+from mergebuild.build.search import make_search
 from mergebuild.errors import (
     BuildInterrupted,
     CorruptParentError,

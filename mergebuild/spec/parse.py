@@ -495,7 +495,8 @@ class _Builder:
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
         if "select" in body and "sweep" not in body and "search" not in body:
             raise self.error("'select' chooses among a sweep's variants or a search's "
-                             "trials; this node has neither", body.line_of("select"), name,
+                             "trials; this node has no 'sweep' or 'search'",
+                             body.line_of("select"), name,
                              "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")
