@@ -426,14 +426,15 @@ class Project:
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)
-    def collect_garbage(self, dry_run: bool = False) -> GcReport:
+    def collect_garbage(self, dry_run: bool = False, keep_variants: bool = False) -> GcReport:
         """Remove store objects no node reaches and leftovers of dead builds (see
-        ``store/gc.py``); with ``dry_run``, only list them."""
+        ``store/gc.py``); with ``dry_run``, only list them. The variants that lost a sweep's
+        selection are removed too (their scores stay) unless ``keep_variants``."""
         from mergebuild.sources.resolve import live_demo_dirs
         from mergebuild.store.gc import collect_garbage
 
         try:
-            keep = self.planner.live_keys()
+            keep = self.planner.live_keys(keep_variants=keep_variants)
         except MergebuildError as exc:
             raise StoreError(f"gc cannot work out what is reachable: {exc}; nothing was removed",
                              hint="fix the Mergefile or make its sources available") from None

@@ -523,16 +523,19 @@ def inspect_command(ctx, nodes, base, merged, density, as_json, plot, device):
 
 @main.command()
 @click.option("-n", "--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--keep-variants", is_flag=True,
+              help="Keep every variant of a sweep, not only the one its select: chose.")
 @click.pass_context
-def gc(ctx, dry_run):
+def gc(ctx, dry_run, keep_variants):
     """Remove store objects the Mergefile cannot reach, and leftovers of dead builds.
 
     Kept: every node's current build and the last build of every node still in the
-    Mergefile (and builds recorded by other Mergefiles sharing the store).
+    Mergefile (and builds recorded by other Mergefiles sharing the store). Of a sweep with
+    select:, only the selected variant (the losers' scores stay; --keep-variants keeps all).
     """
     from mergebuild.report import format_size
 
-    report = _project(ctx).collect_garbage(dry_run=dry_run)
+    report = _project(ctx).collect_garbage(dry_run=dry_run, keep_variants=keep_variants)
     verb = "would remove" if dry_run else "removed"
     for item in report.removed:
         click.echo(f"{verb} {item.kind} {item.path} ({format_size(item.size)}, {item.why})")

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
+from mergebuild.plan.selection import Selection
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
@@ -48,6 +49,8 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
             pinned = f"@{a.revision or 'main'} → {a.commit[:12]}" if a.commit else ""
             lora = f"LoRA {a.uri}{pinned} ({_short(a.digest)})"
             rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
+        elif s.selection is not None and s.status == "fresh":
+            rows.append((s.name, s.method or "", s.status, selection_line(s.selection)))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
         for task in s.evaluations:
@@ -55,6 +58,11 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
                 rows.append((f"  {s.name}", f"eval {task.eval}", "pending",
                              "; ".join(task.reasons)))
     return rows
+
+
+def selection_line(selection: Selection) -> str:
+    """``→ blend[t=0.35] (maximize code-skill: 0.74, best of 10)``: a plan's sweep row."""
+    return selection.headline().removeprefix(f"{selection.sweep} ")
 
 
 def pending_evaluations(states: list[NodeState]) -> int:
@@ -127,6 +135,9 @@ class PlainReporter(Reporter):
     def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self._print(f"evaluated {node} on {eval_name} in {seconds:.1f}s: {shown}")
+
+    def selected(self, selection: Selection) -> None:
+        self._print(f"selected {selection.headline()}: {selection.why()}")
 
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")

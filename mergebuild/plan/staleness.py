@@ -9,11 +9,20 @@ from typing import Any
 import networkx as nx
 
 from mergebuild.errors import MergefileError, StoreError
+from mergebuild.evaluate.definition import EVALUATOR_VERSION
 from mergebuild.io.hashing import recipe_key
 from mergebuild.methods.registry import METHODS
-from mergebuild.plan.evaluations import EvalTask, eval_digests, plan_evaluations
+from mergebuild.plan.evaluations import (
+    EvalTask,
+    declared_evals,
+    eval_digests,
+    plan_evaluations,
+    required_evals,
+    selection_evals,
+)
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
+from mergebuild.plan.selection import Selection, choose
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
 from mergebuild.spec.graph import build_order, check_targets, default_targets
 from mergebuild.spec.model import (
@@ -34,7 +43,10 @@ class NodeState:
 
     name: str
     kind: NodeKind  # "adapted": a merge's output read through a LoRA
-    status: str  # "source" | "fresh" | "stale" | "pending" (adapted, its merge is stale)
+    # "source" | "fresh" | "stale" | "pending" (adapted, its merge is stale; a sweep waiting
+    # for its variants' scores) | "dropped" (a variant that lost its sweep's selection,
+    # removed by gc: its digest and scores are known, its files are not kept)
+    status: str
     reasons: list[str] = field(default_factory=list)
     key: str | None = None
     digest: str | None = None
@@ -44,6 +56,7 @@ class NodeState:
     source: ResolvedSource | None = None
     adapter: ResolvedSource | None = None  # the LoRA of an "adapted" node
     evaluations: list[EvalTask] = field(default_factory=list)  # cached or pending, with why
+    selection: Selection | None = None  # a sweep with select: the variant it stands for
 
 
 class Planner:
@@ -60,6 +73,7 @@ class Planner:
         self.store = store
         self.sources = sources
         self.refs = store.refs_of(mergefile.path)
+        self._eval_digests: dict[str, str] | None = None
 
     def targets_or_default(self, targets: list[str] | tuple[str, ...]) -> list[str]:
         targets = list(targets) or default_targets(self.graph)
@@ -93,7 +107,11 @@ class Planner:
                 adapt(states[name], spec, states[spec.model])
                 continue
             if isinstance(spec, SweepSpec):
+                if spec.select is not None:
+                    self._mark_dropped(spec, states, force)
                 states[name] = sweep_state(spec, states)
+                if spec.select is not None:
+                    self._select(spec, states)
                 continue
             # A variant of a swept target is forced with it (--force rebuilds the sweep).
             forced = force and (name in targets or any(
@@ -112,8 +130,92 @@ class Planner:
             if state.kind != "adapted":
                 state.evaluations = plan_evaluations(
                     self.mergefile, self.graph, state.name,
-                    state.digest if state.status in ("source", "fresh") else None,
+                    state.digest if state.status in ("source", "fresh", "dropped") else None,
                     results, digests)
+
+    def digests(self) -> dict[str, str]:
+        """The eval definitions' digests, worked out once per planner."""
+        if self._eval_digests is None:
+            self._eval_digests = eval_digests(self.mergefile)
+        return self._eval_digests
+
+    def stored_scores(self, states: dict[str, NodeState]):
+        """scores(node): what the store holds of ``node``'s planned model on the evals it
+        needs (nothing for a node whose digest is not known yet)."""
+        results = ResultStore(self.store)
+        digests = self.digests()
+
+        def scores(node: str) -> dict[str, dict[str, float]]:
+            state = states.get(node)
+            if state is None or state.digest is None:
+                return {}
+            out = {}
+            for name in required_evals(self.mergefile, self.graph, node):
+                record = results.read(state.digest, digests[name], EVALUATOR_VERSION)
+                if record is not None:
+                    out[name] = {k: float(v) for k, v in record["metrics"].items()}
+            return out
+        return scores
+
+    def _mark_dropped(self, spec: SweepSpec, states: dict[str, NodeState], force: bool
+                      ) -> None:
+        """A variant gc removed after it lost the selection is not rebuilt while its recipe,
+        digest and scores are what the store recorded: it is known, only not kept."""
+        if force:
+            return
+        scores = self.stored_scores(states)
+        for name in spec.variants:
+            state = states[name]
+            previous = self.refs.read(name)
+            if (state.status != "stale" or state.key is None or previous is None
+                    or previous.get("key") != state.key or not previous.get("digest")
+                    or self.store.object_dir(state.key).exists()):
+                continue
+            state.digest = str(previous["digest"])
+            needed = selection_evals(self.mergefile, self.graph, name)
+            if all(n in scores(name) for n in needed):
+                state.status = "dropped"
+                state.reasons = ["lost the selection and was removed by gc (scores kept)"]
+            else:
+                state.digest = None
+
+    def _select(self, spec: SweepSpec, states: dict[str, NodeState]) -> None:
+        """The sweep stands for its selected variant (its digest, key and directory) once
+        every variant is built and scored; until then it, and its children, wait."""
+        select = spec.select
+        assert select is not None
+        state = states[spec.name]
+        goal = f"{select.goal} {select.metric}"
+        if state.status == "stale":
+            state.reasons = [f"{state.reasons[0]}; then selects by {goal}"]
+            return
+        scores = self.stored_scores(states)
+        missing = sum(1 for v in spec.variants
+                      for n in selection_evals(self.mergefile, self.graph, v)
+                      if n not in scores(v))
+        ancestors = nx.ancestors(self.graph, spec.variants[0]) if select.metric == "retention" \
+            else set()
+        missing += sum(1 for a in ancestors for n in declared_evals(self.mergefile, a)
+                       if n not in scores(a))
+        if missing:
+            state.status = "pending"
+            state.reasons = [f"selection ({goal}) waits for {missing} "
+                             f"evaluation{'s' * (missing != 1)}"]
+            return
+        selection = choose(self.mergefile, self.graph, spec.name, scores)
+        state.selection = selection
+        if selection.value is None:
+            state.status = "pending"
+            state.reasons = [f"no variant has a value of {select.metric}"]
+            return
+        winner = states[selection.winner]
+        if winner.status == "dropped":  # selected again after gc removed it: build it back
+            winner.status, winner.reasons = "stale", [f"selected by {spec.name}; removed by gc"]
+            state.status = "stale"
+            state.reasons = [f"selected {selection.winner}, which gc removed: rebuilt"]
+            return
+        state.digest, state.key, state.path = winner.digest, winner.key, winner.path
+        state.reasons = []
 
     def _plan_merge(self, spec: MergeSpec, states: dict[str, NodeState], force: bool
                     ) -> NodeState:
@@ -132,7 +234,10 @@ class Planner:
                            for r in reasons]
             else:
                 reasons = ["new node"]
-            state.reasons = reasons
+            sweeps = [ref for ref in pending if isinstance(self.mergefile.nodes[ref], SweepSpec)]
+            state.reasons = [f"waits for {ref}'s selection" for ref in sweeps] + [
+                r for r in reasons if not any(r.startswith(f"parent changed: {ref}")
+                                              for ref in sweeps)]
             return state
         key = recipe_key(recipe)
         state.key = key
@@ -149,9 +254,25 @@ class Planner:
         elif previous.get("key") == key:
             state.reasons = ["output missing from the store"]
         else:
-            state.reasons = recipe_changes(previous.get("recipe") or {}, recipe,
-                                           parent_names(spec, method))
+            state.reasons = self._selection_changes(
+                spec, states, previous, recipe_changes(previous.get("recipe") or {}, recipe,
+                                                       parent_names(spec, method)))
         return state
+
+    def _selection_changes(self, spec: MergeSpec, states: dict[str, NodeState],
+                           previous: dict[str, Any], reasons: list[str]) -> list[str]:
+        """``parent changed: blend`` said truly when ``blend`` is a sweep whose selected
+        variant is another one than the last build used."""
+        before = previous.get("selected") if isinstance(previous.get("selected"), dict) else {}
+        out = []
+        for reason in reasons:
+            ref = reason.removeprefix("parent changed: ")
+            selection = states[ref].selection if ref in states and ref != reason else None
+            was = before.get(ref) if selection is not None else None
+            if selection is not None and isinstance(was, str) and was != selection.winner:
+                reason = f"selected variant changed: {was} → {selection.winner}"
+            out.append(reason)
+        return out
 
     def current(self, node: str) -> NodeState:
         """``node``'s planned state, which has a directory (a source available here, or a
@@ -184,22 +305,44 @@ class Planner:
         assert path is not None
         return path
 
-    def live_keys(self) -> set[str]:
+    def live_keys(self, keep_variants: bool = False) -> set[str]:
         """The keys this Mergefile still reaches: every merge node's current key (planned
         over all nodes), and the key each merge node still here was last built as (its ref),
         so editing a knob and running ``gc`` before ``make`` keeps the last build.
+
+        A sweep with ``select:`` reaches its selected variant: the variants that lost are
+        left out (their scores stay in the store) unless ``keep_variants``, or another node
+        uses one directly. A sweep not yet resolved keeps every variant.
 
         Raises:
             MergebuildError: a node cannot be planned (a source is missing, the hub is
                 unreachable).
         """
         states = self.plan(list(self.mergefile.nodes))
-        keys = {s.key for s in states if s.kind == "merge" and s.key}
+        losers = set() if keep_variants else self._losers(states)
+        keys = {s.key for s in states if s.kind == "merge" and s.key and s.name not in losers}
         for name, spec in self.mergefile.nodes.items():
             ref = self.refs.read(name)
-            if isinstance(spec, MergeSpec) and ref and ref.get("key"):
+            if isinstance(spec, MergeSpec) and ref and ref.get("key") and name not in losers:
                 keys.add(str(ref["key"]))
         return keys
+
+    def _losers(self, states: list[NodeState]) -> set[str]:
+        """Variants of resolved selections that lost, and that no other node uses."""
+        losers: set[str] = set()
+        kept: set[str] = set()
+        for state in states:
+            if state.kind != "sweep" or state.selection is None or state.digest is None:
+                continue
+            for variant in self.mergefile.nodes[state.name].variants:  # type: ignore[union-attr]
+                used = [c for c in self.graph.succ[variant] if c != state.name]
+                if variant == state.selection.winner or used:
+                    kept.add(variant)
+                else:
+                    losers.add(variant)
+        winners = {s.key for s in states if s.name in kept and s.key}
+        # A loser whose recipe is the winner's (two points, one merge) is the winner's object.
+        return {v for v in losers if next(s for s in states if s.name == v).key not in winners}
 
 
 def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
@@ -218,9 +361,10 @@ def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
 
 
 def sweep_state(spec: SweepSpec, states: dict[str, NodeState]) -> NodeState:
-    """A sweep is fresh when every variant is; it builds nothing of its own."""
+    """A sweep is fresh when every variant is (or, dropped by gc, is known); it builds
+    nothing of its own."""
     variants = [states[v] for v in spec.variants]
-    stale = [v for v in variants if v.status != "fresh"]
+    stale = [v for v in variants if v.status not in ("fresh", "dropped")]
     keyed = [v.key for v in variants if v.key]
     state = NodeState(name=spec.name, kind="sweep", status="stale" if stale else "fresh",
                       method=f"sweep ({len(variants)} variants)")
