@@ -18,7 +18,7 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError, short
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -26,11 +26,11 @@ if TYPE_CHECKING:
     from mergebuild.build.make import Maker
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.audit_report import Evaluation, ReportTarget
+    from mergebuild.verbs.audit_report import Evaluation, ReportTarget, SweepRow
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
-    from mergebuild.verbs.metrics import NodeMetrics
+    from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -226,6 +226,15 @@ class Project:
         states = self.planner.plan(nodes) if nodes else []
         return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
 
+    def leaderboard(self, sweep: str) -> Leaderboard:
+        """``sweep``'s variants ranked by its ``select:`` from the stored scores, with the
+        selected one (once every variant is built and scored). Runs no evaluation."""
+        from mergebuild.verbs.metrics import leaderboard
+
+        self.planner.targets_or_default([sweep])
+        return leaderboard(self.mergefile, self.graph, self.store,
+                           self.planner.plan([sweep]), sweep)
+
     def retain_thresholds(self) -> dict[str, float]:
         """{node: its ``checks.retain``} for every node that has one."""
         return {name: spec.checks.retain for name, spec in self.mergefile.nodes.items()
@@ -334,6 +343,8 @@ class Project:
         spec = self.mergefile.nodes[node]
         if isinstance(spec, AdaptedSpec):
             return self._licence(spec.model)
+        if isinstance(spec, SweepSpec):  # every variant has the same parents
+            return self._licence(spec.variants[0])
         if isinstance(spec, SourceSpec):
             if spec.license:
                 return spec.license
@@ -387,8 +398,25 @@ class Project:
                 signature=(f"signed ({', '.join(signatures)}); check the key with verify"
                            if signatures else "unsigned"),
                 card=split_front_matter(card.text)[0], licences=self.licences(name),
-                warnings=tuple(warnings), evaluations=self._report_evaluations(name)))
+                warnings=tuple(warnings), evaluations=self._report_evaluations(name),
+                sweeps=self._report_sweeps(name)))
         return out
+
+    def _report_sweeps(self, target: str) -> tuple[SweepRow, ...]:
+        """The leaderboard of every sweep with ``select:`` that ``target`` is or builds on."""
+        import networkx as nx
+
+        from mergebuild.verbs.audit_report import SweepRow
+
+        wanted = nx.ancestors(self.graph, target) | {target}
+        rows = []
+        for name, spec in self.mergefile.nodes.items():
+            if not (isinstance(spec, SweepSpec) and spec.select is not None and name in wanted):
+                continue
+            for row in self.leaderboard(name).rows:
+                rows.append(SweepRow(sweep=name, variant=row.variant, parameters=row.point,
+                                     score=row.value, selected=row.selected, place=row.place))
+        return tuple(rows)
 
     def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
         """The scores the store holds for ``target`` and its scored ancestors, with the

@@ -343,25 +343,46 @@ def eval_command(ctx, nodes, device, as_json):
 @click.option("--diff", is_flag=True, help="Show each score's change since the node's "
               "previous build.")
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Also draw the retention chart into FILE.png or FILE.svg.")
+              help="Also draw the retention chart (for a sweep: its select value against "
+                   "each swept parameter) into FILE.png or FILE.svg.")
 @click.pass_context
 def metrics(ctx, nodes, as_json, diff, plot):
     """Show the stored scores of NODES (default: every scored node): nodes × evals, and what
-    each keeps of its ancestors' own evals (retention %). Runs no evaluation."""
-    from mergebuild.report import metrics_lines
-    from mergebuild.verbs.metrics import metrics_json, plot_retention
+    each keeps of its ancestors' own evals (retention %). A sweep shows its leaderboard:
+    its variants ranked by its select:. Runs no evaluation."""
+    from mergebuild.report import leaderboard_lines, metrics_lines
+    from mergebuild.spec.model import SweepSpec
+    from mergebuild.verbs.metrics import (
+        leaderboard_json,
+        metrics_json,
+        plot_leaderboard,
+        plot_retention,
+    )
 
     if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg"):
         raise click.UsageError("--plot FILE must end in .png or .svg")
     project = _project(ctx)
-    table = project.metrics(list(nodes))
+    sweeps = [n for n in nodes if isinstance(project.mergefile.nodes.get(n), SweepSpec)]
+    others = [n for n in nodes if n not in sweeps]
+    boards = [project.leaderboard(sweep) for sweep in sweeps]
+    table = project.metrics(others) if others or not sweeps else []
     if as_json:
-        click.echo(json.dumps(metrics_json(table, diff=diff), indent=2))
+        click.echo(json.dumps([*map(leaderboard_json, boards),
+                               *metrics_json(table, diff=diff)], indent=2))
     else:
-        for line in metrics_lines(table, diff=diff):
+        lines = [line for board in boards for line in (*leaderboard_lines(board), "")]
+        if table or not sweeps:
+            lines += metrics_lines(table, diff=diff)
+        for line in lines[:-1] if lines and not lines[-1] else lines:
             click.echo(line)
     if plot is not None:
-        plot_retention(table, Path(plot), project.retain_thresholds())
+        if boards and len(boards) + len(others) > 1:
+            raise click.UsageError("--plot draws one sweep's chart, or the retention chart "
+                                   "of nodes that are not sweeps: name one sweep")
+        if boards:
+            plot_leaderboard(boards[0], Path(plot))
+        else:
+            plot_retention(table, Path(plot), project.retain_thresholds())
         if not as_json:
             click.echo(f"wrote {plot}")
 

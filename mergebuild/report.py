@@ -14,7 +14,7 @@ from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
-    from mergebuild.verbs.metrics import NodeMetrics
+    from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
 
 
@@ -384,3 +384,35 @@ def metrics_lines(table: list[NodeMetrics], diff: bool = False) -> list[str]:
         failed = [c for c in m.checks if not c.passed]
         lines += [f"check failed: {c.describe()}" for c in failed]
     return lines
+
+
+def leaderboard_lines(board: Leaderboard) -> list[str]:
+    """``mergebuild metrics SWEEP``: what it selects by, then one row per variant (place,
+    swept values, the value ranked by, each score), the selected one starred."""
+    from mergebuild.spec.sweep import format_value
+
+    if board.goal is None:
+        head = f"{board.sweep}: {len(board.rows)} variants (no select:, grid order)"
+    elif board.selected is None:
+        head = (f"{board.sweep}: {board.goal} {board.metric}; not selected yet (every variant "
+                f"must be built and scored): ranking what is known")
+    else:
+        head = f"{board.sweep} → {board.selected} ({board.goal} {board.metric}): {board.why}"
+    columns: dict[tuple[str, str], None] = {}
+    for row in board.rows:
+        for name, metrics in row.scores.items():
+            for metric in metrics:
+                if metric not in ("n", "tokens"):
+                    columns.setdefault((name, metric))
+    retention = board.metric == "retention"
+    rows = [["#", "variant", *board.paths,
+             *(["objective"] if board.goal else []),
+             *(["min"] if retention else []),
+             *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e for e, m in columns)]]
+    for row in board.rows:
+        rows.append([str(row.place), ("* " if row.selected else "") + row.variant,
+                     *(format_value(row.point[path]) for path in board.paths),
+                     *([_value(row.value)] if board.goal else []),
+                     *([_value(row.worst)] if retention else []),
+                     *(_value(row.scores.get(e, {}).get(m)) for e, m in columns)])
+    return [head, *("  " + line for line in _table(rows))]
