@@ -18,7 +18,14 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError, short
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SearchSpec, SourceSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
@@ -27,11 +34,11 @@ if TYPE_CHECKING:
     from mergebuild.plan.search import Study
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.audit_report import Evaluation, ReportTarget
+    from mergebuild.verbs.audit_report import Evaluation, ReportTarget, SweepRow
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
-    from mergebuild.verbs.metrics import NodeMetrics
+    from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -227,6 +234,15 @@ class Project:
         states = self.planner.plan(nodes) if nodes else []
         return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
 
+    def leaderboard(self, sweep: str) -> Leaderboard:
+        """``sweep``'s variants ranked by its ``select:`` from the stored scores, with the
+        selected one (once every variant is built and scored). Runs no evaluation."""
+        from mergebuild.verbs.metrics import leaderboard
+
+        self.planner.targets_or_default([sweep])
+        return leaderboard(self.mergefile, self.graph, self.store,
+                           self.planner.plan([sweep]), sweep)
+
     def is_search(self, node: str) -> bool:
         return isinstance(self.mergefile.nodes.get(node), SearchSpec)
 
@@ -350,6 +366,8 @@ class Project:
         spec = self.mergefile.nodes[node]
         if isinstance(spec, AdaptedSpec):
             return self._licence(spec.model)
+        if isinstance(spec, SweepSpec):  # every variant has the same parents
+            return self._licence(spec.variants[0])
         if isinstance(spec, SourceSpec):
             if spec.license:
                 return spec.license
@@ -403,8 +421,25 @@ class Project:
                 signature=(f"signed ({', '.join(signatures)}); check the key with verify"
                            if signatures else "unsigned"),
                 card=split_front_matter(card.text)[0], licences=self.licences(name),
-                warnings=tuple(warnings), evaluations=self._report_evaluations(name)))
+                warnings=tuple(warnings), evaluations=self._report_evaluations(name),
+                sweeps=self._report_sweeps(name)))
         return out
+
+    def _report_sweeps(self, target: str) -> tuple[SweepRow, ...]:
+        """The leaderboard of every sweep with ``select:`` that ``target`` is or builds on."""
+        import networkx as nx
+
+        from mergebuild.verbs.audit_report import SweepRow
+
+        wanted = nx.ancestors(self.graph, target) | {target}
+        rows = []
+        for name, spec in self.mergefile.nodes.items():
+            if not (isinstance(spec, SweepSpec) and spec.select is not None and name in wanted):
+                continue
+            for row in self.leaderboard(name).rows:
+                rows.append(SweepRow(sweep=name, variant=row.variant, parameters=row.point,
+                                     score=row.value, selected=row.selected, place=row.place))
+        return tuple(rows)
 
     def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
         """The scores the store holds for ``target`` and its scored ancestors, with the
@@ -442,14 +477,15 @@ class Project:
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)
-    def collect_garbage(self, dry_run: bool = False) -> GcReport:
+    def collect_garbage(self, dry_run: bool = False, keep_variants: bool = False) -> GcReport:
         """Remove store objects no node reaches and leftovers of dead builds (see
-        ``store/gc.py``); with ``dry_run``, only list them."""
+        ``store/gc.py``); with ``dry_run``, only list them. The variants that lost a sweep's
+        selection are removed too (their scores stay) unless ``keep_variants``."""
         from mergebuild.sources.resolve import live_demo_dirs
         from mergebuild.store.gc import collect_garbage
 
         try:
-            keep = self.planner.live_keys()
+            keep = self.planner.live_keys(keep_variants=keep_variants)
         except MergebuildError as exc:
             raise StoreError(f"gc cannot work out what is reachable: {exc}; nothing was removed",
                              hint="fix the Mergefile or make its sources available") from None

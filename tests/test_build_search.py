@@ -153,9 +153,37 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     assert record["study"]["sampler"] == "tpe" and record["study"]["seed"] == 0
     assert record["study"]["best"] == best.name and record["key"] == paths[best.name].name
     assert record["study"]["why"].startswith(f"trial {best.number} has the highest")
-    # gc keeps every trial: a rerun with more trials must find them
+    # the child's provenance carries the whole study: why this trial, what else was tried
+    selection = dependency["annotations"]["selection"]
+    assert selection["selected"] == best.name
+    assert [t["name"] for t in selection["study"]["history"]] == [t.name for t in study.trials]
+    assert selection["study"]["sampler"] == "tpe" and "density" not in selection["study"]["space"]
+
+
+def test_gc_drops_losing_trials_and_a_resumed_study_does_not_rebuild_them(searched):
+    project = searched(searched.root / "gc", trials=3)
+    project.make(["tuned"], device="cpu")
+    study = project.study("tuned")
+    losers = [t.name for t in study.trials if t.name != study.best.name]
+    paths = {t.name: project.path(t.name) for t in study.trials}
+    project.collect_garbage(keep_variants=True)
+    assert all(path.is_dir() for path in paths.values())
     project.collect_garbage()
-    assert all(project.path(t.name).is_dir() for t in study.trials)
+    assert paths[study.best.name].is_dir()
+    assert not any(paths[name].exists() for name in losers)
+    # a trial is a node: a new Project finds it by name (the study replayed from the store)
+    again = searched(searched.root / "gc", trials=3)
+    assert again.path(study.best.name) == paths[study.best.name]
+    states = {s.name: s for s in again.plan(["tuned"])}
+    assert {states[name].status for name in losers} == {"dropped"}
+    assert states["tuned"].status == "fresh"
+    # one more trial: the dropped ones are replayed from their scores, not rebuilt
+    counts, before = searched.counts, dict(searched.counts)
+    more = searched(searched.root / "gc", trials=4)
+    made = more.make(["tuned"], device="cpu")
+    assert made.ok and _built(made) == 1 and made.evaluations_run == 1
+    assert counts["builds"] - before["builds"] == 1
+    assert [t.name for t in more.study("tuned").trials][:3] == [t.name for t in study.trials]
 
 
 def test_cli_make_plan_and_metrics(searched, capsys):
@@ -164,7 +192,7 @@ def test_cli_make_plan_and_metrics(searched, capsys):
             str(searched.root / "cli" / "cache")]
     assert cli.invoke([*args, "make", "tuned", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert err.count("built tuned[") == 3 and "selected tuned[" in err
+    assert err.count("built tuned[") == 3 and "selected tuned → tuned[" in err
     assert cli.invoke([*args, "plan", "tuned"]) == 0
     out = capsys.readouterr()
     assert "3 of 3 trials done, best tuned[" in out.out + out.err
@@ -176,3 +204,8 @@ def test_cli_make_plan_and_metrics(searched, capsys):
     assert cli.invoke([*args, "metrics", "tuned", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["search"]["done"] == 3 and len(row["search"]["history"]) == 3
+    # a trial is a node the CLI knows by its name, in a new process
+    best = row["search"]["best"]
+    assert cli.invoke([*args, "path", best]) == 0
+    assert capsys.readouterr().out.strip().endswith(
+        next(t["key"] for t in row["search"]["history"] if t["name"] == best))

@@ -59,6 +59,7 @@ class Maker:
         self.store = store
         self.allow_nonfinite = False
         self.refs = store.refs_of(mergefile.path)  # this Mergefile's records, nobody else's
+        self._states: dict[str, NodeState] = {}  # the make's plan, by name
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter,
@@ -76,6 +77,7 @@ class Maker:
         reporter.plan(states)
         self.lock.update(states)
         by_name = {s.name: s for s in states}
+        self._states = by_name
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
                        if self.mergefile.evals else None)
         if evaluations is not None:
@@ -92,6 +94,10 @@ class Maker:
                 continue
             if state.name in settled or self.graph.nodes[state.name].get("trial_of"):
                 continue  # a search's trials are built by its study, in its order
+            if state.status == "dropped":  # lost its sweep's selection; its scores are known
+                if evaluations is not None:
+                    evaluations.know(state.name, state.digest)
+                continue
             spec = self.mergefile.nodes[state.name]
             if isinstance(spec, SearchSpec):
                 blocked = [r for r in spec.template.parent_refs() if r in failed]
@@ -121,6 +127,15 @@ class Maker:
                     results.append(NodeResult(state.name, "skipped",
                                               f"variant '{lost[0]}' failed"))
                     reporter.node_done(results[-1])
+                elif spec.select is not None and evaluations is not None:
+                    try:
+                        self._select(spec, state, by_name, device, reporter, evaluations)
+                    except MergebuildError as exc:
+                        if not keep_going:
+                            raise
+                        failed.add(state.name)
+                        results.append(NodeResult(state.name, "failed", str(exc)))
+                        reporter.node_done(results[-1])
                 else:
                     state.status = "fresh"
                 continue
@@ -156,7 +171,16 @@ class Maker:
                         raise
                     failed.update(s.name for s in group)
                     group_results = [NodeResult(s.name, "failed", str(exc)) for s in group]
-                for result in group_results:
+                for variant, result in zip(group, group_results, strict=True):
+                    if evaluations is not None and result.outcome != "failed":
+                        try:
+                            result = self._score_variant(variant, result, evaluations)
+                        except MergebuildError as exc:
+                            if not keep_going:
+                                raise
+                            result = NodeResult(variant.name, "failed", str(exc))
+                    if result.outcome == "failed":
+                        failed.add(variant.name)
                     results.append(result)
                     reporter.node_done(result)
                 continue
@@ -181,6 +205,39 @@ class Maker:
                              evaluations_run=evaluations.runs if evaluations else 0)
         reporter.summary(outcome)
         return outcome
+
+    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations
+                       ) -> NodeResult:
+        """A variant built in a sweep's pass: scored on the evals it needs (its selection's
+        among them, each once per digest) and judged by its checks."""
+        assert state.digest is not None
+        evaluations.know(state.name, state.digest)
+        evaluations.ensure(state.name, state.digest, state.path)
+        return self._gate(state, result, evaluations)
+
+    def _select(self, spec: SweepSpec, state: NodeState, states: dict[str, NodeState],
+                device: str | None, reporter: Reporter, evaluations: Evaluations) -> None:
+        """Resolve the sweep's ``select:`` from its variants' scores: from here on the sweep
+        is its selected variant (digest, key, directory) for its children."""
+        from mergebuild.errors import EvaluationError
+        from mergebuild.plan.selection import choose
+
+        selection = choose(self.mergefile, self.graph, spec.name, evaluations.scores)
+        if selection.value is None:
+            raise EvaluationError(
+                f"no variant has a value of {spec.select.metric}", node=spec.name,  # type: ignore[union-attr]
+                hint="see 'mergebuild metrics " + spec.name + "' for what each variant scored")
+        winner = states[selection.winner]
+        if winner.status == "dropped":  # selected again after gc removed it: build it back
+            variant = self.mergefile.nodes[winner.name]
+            assert isinstance(variant, MergeSpec)
+            winner.reasons = [f"selected by {spec.name}; removed by gc"]
+            result = self._make_node(variant, winner, states, False, device, reporter)
+            reporter.node_done(result)
+        state.selection = selection
+        state.digest, state.key, state.path = winner.digest, winner.key, winner.path
+        state.status, state.reasons = "fresh", []
+        reporter.selected(selection)
 
     def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:
         """Score a source on its pending evals (materialising it only then)."""
@@ -379,9 +436,13 @@ class Maker:
         previous = self.refs.read(spec.name)
         if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
             return
+        selected = {ref: self._states[ref].selection.winner  # type: ignore[union-attr]
+                    for ref in spec.parent_refs()
+                    if ref in self._states and self._states[ref].selection is not None}
         self.refs.write(spec.name, {
             "key": state.key, "digest": state.digest, "recipe": state.recipe,
             "parents": parent_names(spec, method),
+            **({"selected": selected} if selected else {}),
         })
 
     def _build(self, spec: MergeSpec, method: Method, state: NodeState,
@@ -439,7 +500,7 @@ class Maker:
         for ref in spec.parent_refs():
             node = self.mergefile.nodes[ref]
             built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
-            if built.kind in ("merge", "search") and built.key is not None:
+            if built.kind in ("merge", "sweep", "search") and built.key is not None:
                 keys[ref] = built.key
         return keys
 

@@ -19,12 +19,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
+
 from mergebuild.errors import MergefileError
+from mergebuild.plan.evaluations import Scores
+from mergebuild.plan.selection import Selection, measure, rank, retention_range
 from mergebuild.spec.model import Mergefile, SearchDimension, SearchSpec
 from mergebuild.spec.search import SIGNIFICANT_DIGITS, rounded
-from mergebuild.spec.sweep import variant_name
+from mergebuild.spec.sweep import RETENTION, variant_name
 
-__all__ = ["Study", "Trial", "TrialOutcome", "run_study"]
+__all__ = ["Study", "Trial", "TrialOutcome", "run_study", "study_selection"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,24 @@ def run_study(mergefile: Mergefile, search: SearchSpec, outcome: Outcome) -> Stu
             done.append(Trial(number=number, name=trial.name, point=point, key=result.key,
                               digest=result.digest, value=value, excluded=result.excluded))
     return Study(search=search, trials=tuple(done))
+
+
+def study_selection(mergefile: Mergefile, graph: nx.DiGraph, study: Study,
+                    scores: Scores) -> Selection:
+    """A finished study as a sweep's selection is told (a child's record, ``plan``, ``make``):
+    its trials ranked by their told values, ties to the earlier trial, as the study ranks."""
+    select = study.search.select
+    names = list(dict.fromkeys(t.name for t in study.trials))
+    values = {t.name: t.value for t in study.trials}
+    worst: dict[str, float] = {}
+    if select.metric == RETENTION:
+        for name in names:
+            found = retention_range(mergefile, graph, name, scores)
+            if found is not None:
+                worst[name] = found[1]
+    return Selection(sweep=study.search.name, select=select,
+                     measure=measure(mergefile, select, names, scores),
+                     ranking=tuple(rank(select, names, values)), worst=worst)
 
 
 def load_optuna(mergefile: Mergefile, search: SearchSpec) -> Any:

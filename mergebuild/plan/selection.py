@@ -14,7 +14,7 @@ from mergebuild.plan.evaluations import Scores, retention, score_metrics
 from mergebuild.spec.model import Mergefile, SelectSpec, SweepSpec
 from mergebuild.spec.sweep import RETENTION, split_select_metric
 
-__all__ = ["Ranked", "Selection", "choose", "objective", "rank", "retention_range",
+__all__ = ["Ranked", "Selection", "choose", "measure", "objective", "rank", "retention_range",
            "swept_label"]
 
 
@@ -196,13 +196,18 @@ def choose(mergefile: Mergefile, graph: nx.DiGraph, sweep: str, scores: Scores
 
 
 def _measure(mergefile: Mergefile, spec: SweepSpec, scores: Scores) -> str:
-    select = spec.select
-    assert select is not None
+    assert spec.select is not None
+    return measure(mergefile, spec.select, spec.variants, scores)
+
+
+def measure(mergefile: Mergefile, select: SelectSpec, variants: Sequence[str],
+            scores: Scores) -> str:
+    """What ``select``'s value is, e.g. ``code-skill accuracy`` or ``retention (mean)``."""
     if select.metric == RETENTION:
         return "retention (mean)"
     eval_name, metric = _target(mergefile, select)
     if metric is None:
-        for variant in spec.variants:
+        for variant in variants:
             values = scores(variant).get(eval_name)
             if values:
                 metric = _only_score(mergefile, select, eval_name, values)
