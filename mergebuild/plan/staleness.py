@@ -138,6 +138,8 @@ class Planner:
                 isinstance(self.mergefile.nodes[t], SweepSpec)
                 and name in self.mergefile.nodes[t].variants for t in targets))  # type: ignore[union-attr]
             states[name] = self._plan_merge(spec, states, forced)
+            if self.graph.nodes[name].get("trial_of") and not forced:
+                self._mark_dropped_one(name, states, self.stored_scores(states))
         if self.mergefile.evals:
             self.plan_evaluations(list(states.values()))
         return list(states.values())
