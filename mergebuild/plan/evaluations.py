@@ -153,8 +153,17 @@ def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[
 
 def selection_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
     """The evals a sweep's ``select:`` reads of ``node``, one of its variants: the named eval,
-    or for retention every eval its scored ancestors declare (none when not a variant)."""
+    or for retention every eval its scored ancestors declare (none when not a variant). A
+    search is scored on what its trials are (it stands for the best one)."""
     names: list[str] = []
+    own = mergefile.nodes.get(node)
+    if isinstance(own, SearchSpec):
+        if own.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                if graph.nodes[ancestor].get("trial_of") != node:
+                    names += declared_evals(mergefile, ancestor)
+        elif (target := split_select_metric(own.select.metric, mergefile.evals)) is not None:
+            names.append(target[0])
     for sweep in graph.succ[node] if node in graph else ():
         spec = mergefile.nodes[sweep]
         if isinstance(spec, SearchSpec) and graph.nodes[node].get("trial_of") != sweep:
