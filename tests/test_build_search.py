@@ -209,3 +209,25 @@ def test_cli_make_plan_and_metrics(searched, capsys):
     assert cli.invoke([*args, "path", best]) == 0
     assert capsys.readouterr().out.strip().endswith(
         next(t["key"] for t in row["search"]["history"] if t["name"] == best))
+
+
+def test_trials_failing_their_checks_are_not_ranked(searched):
+    root = searched.root / "checks"
+    project = searched(root, trials=2)
+    mergefile = root / "Mergefile"
+    # a bound no trial meets: each is built and scored, then kept out of the ranking
+    mergefile.write_text(mergefile.read_text().replace(
+        "    select: {maximize: math-skill}",
+        "    select: {maximize: math-skill}\n    checks: {math-skill: {min: 2.0}}"))
+    project = Project(mergefile, root / "cache")
+    made = project.make(["tuned"], device="cpu", keep_going=True)
+    assert _built(made) == 2 and not made.ok
+    failed = next(r for r in made.results if r.name == "tuned")
+    assert failed.outcome == "failed" and "no trial can be ranked" in failed.detail
+    study = project.study("tuned")
+    assert study.complete and study.best is None
+    assert all(t.value is None and t.excluded.startswith("failed check tuned[")
+               for t in study.trials)
+    state = next(s for s in project.plan(["tuned"]) if s.name == "tuned")
+    assert state.status == "stale" and state.reasons[0].startswith("no trial can be ranked")
+    assert _built(project.make(["tuned"], device="cpu", keep_going=True)) == 0
