@@ -353,7 +353,9 @@ def test_gc_drops_the_losers_unless_asked_and_they_are_not_rebuilt(selecting):
     kept = project.collect_garbage(keep_variants=True)
     assert kept.removed == () and loser_dir.exists()
     removed = selecting().collect_garbage()
-    assert [g.path for g in removed.removed if g.kind == "object"] == [loser_dir]
+    assert [(g.path, g.why) for g in removed.removed if g.kind == "object"] == [
+        (loser_dir, f"{loser} lost blend's selection (its scores are kept; gc "
+                    "--keep-variants keeps it)")]
     assert not loser_dir.exists() and project.path(winner).exists()
 
     after = selecting()
