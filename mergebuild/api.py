@@ -485,12 +485,13 @@ class Project:
         from mergebuild.store.gc import collect_garbage
 
         try:
-            keep = self.planner.live_keys(keep_variants=keep_variants)
+            keep, why_not_kept = self.planner.reachable(keep_variants=keep_variants)
         except MergebuildError as exc:
             raise StoreError(f"gc cannot work out what is reachable: {exc}; nothing was removed",
                              hint="fix the Mergefile or make its sources available") from None
         return collect_garbage(self.store, keep, mergefile=self.mergefile.path,
-                               live_demo=live_demo_dirs(self.store), dry_run=dry_run)
+                               live_demo=live_demo_dirs(self.store), dry_run=dry_run,
+                               why_not_kept=why_not_kept)
 
     @_uses_store()
     def pin(self, node: str, name: str | None = None, *, force: bool = False

@@ -159,7 +159,9 @@ def plan(ctx, targets, as_json, frozen=False):
              **({"uri": s.source.uri, "revision": s.source.revision,
                  "commit": s.source.commit} if s.source is not None else {}),
              **({"evaluations": [{"eval": t.eval, "status": t.status, "reasons": list(t.reasons)}
-                                 for t in s.evaluations]} if s.evaluations else {})}
+                                 for t in s.evaluations]} if s.evaluations else {}),
+             **({"selection": s.selection.as_json()}
+                if s.selection is not None and s.digest is not None else {})}
             for s in states]), indent=2))
         return
     rows = plan_rows(states)

@@ -143,3 +143,26 @@ def test_retention_selection_reports_the_worst_share_too(workspace):
 def test_swept_label():
     assert swept_label("blend[t=0.35,code.weight=1.0]") == "t=0.35,code.weight=1.0"
     assert swept_label("plain") == "plain"
+
+
+def test_below_a_sweep_the_sweep_is_the_ancestor_not_its_variants(workspace):
+    from mergebuild.plan.evaluations import retained_ancestors, retention
+
+    text = SELECTED.replace("{goal}", "maximize").replace("{metric}", "code-skill").replace(
+        "      t: [0.2, 0.5, 0.8]\n", "      t: [0.2, 0.5, 0.8]\n    evals: [code-skill]\n")
+    workspace.write(text + """\
+  final:
+    merge_method: linear
+    models: [{{model: blend, parameters: {{weight: 1.0}}}}]
+    checks: {{retain: 0.9}}
+""")
+    mf = load_mergefile(workspace.mergefile)
+    graph = build_graph(mf)
+    assert retained_ancestors(mf, graph, "final") == ["chat", "code", "blend"]
+    # The sweep's scores are its selected variant's: what a scores() of the plan gives it.
+    scores = table({"blend": {"code-skill": {"accuracy": 0.5}},
+                    "code": {"code-skill": {"accuracy": 1.0}},
+                    "final": {"code-skill": {"accuracy": 0.45}}})
+    rows = {(r.ancestor, r.eval): r.ratio for r in retention(mf, graph, "final", scores)}
+    assert rows[("blend", "code-skill")] == pytest.approx(0.9)
+    assert rows[("code", "code-skill")] == pytest.approx(0.45)

@@ -171,6 +171,8 @@ class Maker:
                         raise
                     failed.update(s.name for s in group)
                     group_results = [NodeResult(s.name, "failed", str(exc)) for s in group]
+                for result in group_results:
+                    reporter.node_done(result)
                 for variant, result in zip(group, group_results, strict=True):
                     if evaluations is not None and result.outcome != "failed":
                         try:
@@ -179,10 +181,11 @@ class Maker:
                             if not keep_going:
                                 raise
                             result = NodeResult(variant.name, "failed", str(exc))
+                        if result.outcome == "failed":  # its checks, or its evaluation
+                            reporter.node_done(result)
                     if result.outcome == "failed":
                         failed.add(variant.name)
                     results.append(result)
-                    reporter.node_done(result)
                 continue
             try:
                 result = self._make_node(spec, state, by_name, forced, device, reporter,
@@ -237,6 +240,7 @@ class Maker:
         state.selection = selection
         state.digest, state.key, state.path = winner.digest, winner.key, winner.path
         state.status, state.reasons = "fresh", []
+        evaluations.know(spec.name, winner.digest)  # children's retain checks read it
         reporter.selected(selection)
 
     def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:

@@ -118,7 +118,8 @@ class CheckOutcome:
 
 
 def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
-    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'."""
+    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'
+    (a sweep's: its variants', written once for all of them)."""
     spec = mergefile.nodes[node]
     if isinstance(spec, SourceSpec):
         return spec.evals
@@ -126,6 +127,8 @@ def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
         spec = spec.template
     if isinstance(spec, MergeSpec):
         return tuple(dict.fromkeys([*spec.evals, *(b.eval for b in spec.checks.bounds)]))
+    if isinstance(spec, SweepSpec) and spec.select is not None:
+        return declared_evals(mergefile, spec.variants[0])
     return ()
 
 
@@ -135,9 +138,7 @@ def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> li
     spec = mergefile.nodes[node]
     if not (isinstance(spec, MergeSpec) and spec.checks.retain is not None):
         return []
-    ancestors = nx.ancestors(graph, node)
-    order = [n for n in nx.topological_sort(graph) if n in ancestors]
-    return [a for a in order if declared_evals(mergefile, a)]
+    return _ancestors_with_evals(mergefile, graph, node)
 
 
 def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
@@ -276,8 +277,13 @@ def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
 
 
 def _ancestors_with_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
-    """Without a retain check, the table still compares a node with its scored ancestors."""
+    """The ancestors that declare evals, in build order. Below a sweep with ``select:`` the
+    sweep stands for its selected variant: its variants are not ancestors of their own."""
     ancestors = nx.ancestors(graph, node)
+    for name in [node, *ancestors]:
+        spec = mergefile.nodes[name]
+        if isinstance(spec, SweepSpec) and spec.select is not None:
+            ancestors.difference_update(spec.variants)
     return [a for a in nx.topological_sort(graph)
             if a in ancestors and declared_evals(mergefile, a)]
 

@@ -149,7 +149,8 @@ class Planner:
         digests = eval_digests(self.mergefile)
         results = ResultStore(self.store)
         for state in states:
-            if state.kind != "adapted":
+            # A sweep's scores are its selected variant's, planned with the variant.
+            if state.kind not in ("adapted", "sweep"):
                 state.evaluations = plan_evaluations(
                     self.mergefile, self.graph, state.name,
                     state.digest if state.status in ("source", "fresh", "dropped") else None,
@@ -398,33 +399,44 @@ class Planner:
         return path
 
     def live_keys(self, keep_variants: bool = False) -> set[str]:
+        """The keys this Mergefile still reaches (see `reachable`)."""
+        return self.reachable(keep_variants)[0]
+
+    def reachable(self, keep_variants: bool = False) -> tuple[set[str], dict[str, str]]:
         """The keys this Mergefile still reaches: every merge node's current key (planned
         over all nodes), and the key each merge node still here was last built as (its ref),
         so editing a knob and running ``gc`` before ``make`` keeps the last build.
 
         A sweep with ``select:`` reaches its selected variant: the variants that lost are
         left out (their scores stay in the store) unless ``keep_variants``, or another node
-        uses one directly. A sweep not yet resolved keeps every variant. A search is ruled
-        the same way: its best trial is kept, the others (scores kept, replayed without a
-        build) go, and an unfinished search keeps every trial.
+        uses one directly; the second value says why for each of their keys. A sweep not
+        yet resolved keeps every variant. A search is ruled the same way: its best trial is
+        kept, the others (scores kept, replayed without a build) go, and an unfinished
+        search keeps every trial.
 
         Raises:
             MergebuildError: a node cannot be planned (a source is missing, the hub is
                 unreachable).
         """
         states = self.plan(list(self.mergefile.nodes))
-        losers = set() if keep_variants else self._losers(states)
+        losers = {} if keep_variants else self._losers(states)
         keys = {s.key for s in states if s.kind == "merge" and s.key and s.name not in losers}
         for name, spec in self.mergefile.nodes.items():
             ref = self.refs.read(name)
             if isinstance(spec, MergeSpec) and ref and ref.get("key") and name not in losers:
                 keys.add(str(ref["key"]))
-        return keys
+        by_name = {s.name: s for s in states}
+        why = {}
+        for name, sweep in losers.items():
+            ref = self.refs.read(name)
+            for key in {by_name[name].key, ref.get("key") if ref else None} - {None} - keys:
+                why[str(key)] = (f"{name} lost {sweep}'s selection (its scores are kept; "
+                                 "gc --keep-variants keeps it)")
+        return keys, why
 
-    def _losers(self, states: list[NodeState]) -> set[str]:
-        """Variants of resolved selections that lost, and that no other node uses."""
-        losers: set[str] = set()
-        kept: set[str] = set()
+    def _losers(self, states: list[NodeState]) -> dict[str, str]:
+        """{variant: its sweep} of resolved selections' losers that no other node uses."""
+        losers: dict[str, str] = {}
         for state in states:
             if state.kind not in ("sweep", "search") or state.selection is None \
                     or state.digest is None:
@@ -434,13 +446,12 @@ class Planner:
                         else spec.variants)  # type: ignore[union-attr]
             for variant in variants:
                 used = [c for c in self.graph.succ[variant] if c != state.name]
-                if variant == state.selection.winner or used:
-                    kept.add(variant)
-                else:
-                    losers.add(variant)
-        winners = {s.key for s in states if s.name in kept and s.key}
-        # A loser whose recipe is the winner's (two points, one merge) is the winner's object.
-        return {v for v in losers if next(s for s in states if s.name == v).key not in winners}
+                if variant != state.selection.winner and not used:
+                    losers[variant] = state.name
+        # A loser whose recipe is a kept variant's (two points, one merge) is kept with it.
+        kept = {s.key for s in states if s.kind == "merge" and s.name not in losers}
+        return {v: sweep for v, sweep in losers.items()
+                if next(s for s in states if s.name == v).key not in kept}
 
 
 def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:

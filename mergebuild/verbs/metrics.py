@@ -79,6 +79,9 @@ class _Known:
         return out
 
     def scores(self, node: str) -> Scores:
+        state = self.states.get(node)
+        if state is not None and state.selection is not None and state.digest is not None:
+            node = state.selection.winner  # a sweep is scored as the variant it selected
         names = required_evals(self.mergefile, self.graph, node)
         return self.at(self.digest(node), {n: self.digests[n] for n in names})
 
