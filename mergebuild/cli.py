@@ -161,7 +161,8 @@ def plan(ctx, targets, as_json, frozen=False):
              **({"evaluations": [{"eval": t.eval, "status": t.status, "reasons": list(t.reasons)}
                                  for t in s.evaluations]} if s.evaluations else {}),
              **({"selection": s.selection.as_json()}
-                if s.selection is not None and s.digest is not None else {})}
+                if s.selection is not None and s.digest is not None else {}),
+             **({"study": s.study.as_json()} if s.study is not None else {})}
             for s in states]), indent=2))
         return
     rows = plan_rows(states)

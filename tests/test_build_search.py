@@ -196,6 +196,10 @@ def test_cli_make_plan_and_metrics(searched, capsys):
     assert cli.invoke([*args, "plan", "tuned"]) == 0
     out = capsys.readouterr()
     assert "3 of 3 trials done, best tuned[" in out.out + out.err
+    assert cli.invoke([*args, "plan", "tuned", "--json"]) == 0
+    planned = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    assert planned["tuned"]["study"]["done"] == 3
+    assert planned["tuned"]["selection"]["selected"] == planned["tuned"]["study"]["best"]
     assert cli.invoke([*args, "metrics", "tuned"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("tuned: tpe search (seed 0), maximize math-skill: 3 of 3")
