@@ -197,7 +197,7 @@ def test_cli_make_plan_and_metrics(searched, capsys):
     out = capsys.readouterr()
     assert "3 of 3 trials done, best tuned[" in out.out + out.err
     assert cli.invoke([*args, "plan", "tuned", "--json"]) == 0
-    planned = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    planned = {s["node"]: s for s in json.loads(capsys.readouterr().out)}
     assert planned["tuned"]["study"]["done"] == 3
     assert planned["tuned"]["selection"]["selected"] == planned["tuned"]["study"]["best"]
     assert cli.invoke([*args, "metrics", "tuned"]) == 0
