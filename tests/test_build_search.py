@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from mergebuild import cli
 from mergebuild.api import Project
@@ -153,6 +154,10 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     assert record["study"]["sampler"] == "tpe" and record["study"]["seed"] == 0
     assert record["study"]["best"] == best.name and record["key"] == paths[best.name].name
     assert record["study"]["why"].startswith(f"trial {best.number} has the highest")
+    # a trial's excerpt (in its provenance) is the merge it is: its values, no search
+    written = yaml.safe_load(project.excerpt(best.name))["models"][best.name]
+    assert "search" not in written
+    assert written["models"][0]["parameters"]["weight"] == best.point["models.math.weight"]
     # the child's provenance carries the whole study: why this trial, what else was tried
     selection = dependency["annotations"]["selection"]
     assert selection["selected"] == best.name

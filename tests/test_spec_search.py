@@ -82,6 +82,12 @@ def test_a_trial_is_the_template_with_its_values_named_for_them(tmp_path):
     assert trial.parameters["density"] == 0.4137 and trial.parameters["lambda"] == 2
     assert trial.models[0].parameters == {"weight": 0.62}
     assert trial.models[1].parameters == {"weight": 0.5}
+    # written as the merge it is (its provenance's excerpt): the values set, no search
+    written = trial.plain()
+    assert "search" not in written and "select" not in written
+    assert written["parameters"] == {"density": 0.4137, "lambda": 2, "normalize": False}
+    assert written["models"] == [{"model": "math", "parameters": {"weight": 0.62}},
+                                 {"model": "code", "parameters": {"weight": 0.5}}]
 
 
 def test_suggested_floats_are_rounded_to_four_significant_digits_within_the_range():
