@@ -142,6 +142,17 @@ def test_a_bad_search_is_one_line_naming_node_and_line(tmp_path, search, select,
         assert hint in text
 
 
+def test_trial_names_must_fit_a_node_name(tmp_path):
+    paths = ["models.math.weight", "models.math.density", "models.code.weight",
+             "models.code.density", "density", "lambda"]
+    space = ", ".join(f"{path}: [0.1, 0.9]" for path in paths)
+    with pytest.raises(MergefileError) as caught:
+        load(tmp_path, f"      trials: 3\n      space: {{{space}}}")
+    # tuned[math.weight=-1.234e-05,...]: every float at its widest, 10 characters
+    assert "its trials' names would be up to 137 characters long" in str(caught.value)
+    assert "within 128" in str(caught.value) and caught.value.line == 15
+
+
 def test_search_needs_select_and_excludes_sweep(tmp_path):
     path = tmp_path / "Mergefile"
     text = SEARCHED.replace("SEARCH\n", "      trials: 3\n      space: {density: [0.2, 0.9]}\n")

@@ -30,7 +30,7 @@ from mergebuild.spec.model import (
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
-from mergebuild.spec.search import parse_search
+from mergebuild.spec.search import longest_trial_name, parse_search
 from mergebuild.spec.sweep import (
     RETENTION,
     apply_point,
@@ -406,6 +406,12 @@ class _Builder:
             self.check_select_eval(select, body.line_of("select"), name)
         spec, warnings = parse_search(body["search"], template, select, self.file,
                                       body.line_of("search"))
+        longest = longest_trial_name(spec)
+        if longest > MAX_NODE_NAME:  # a trial's record is a file named for it, as a node's
+            raise self.error(f"its trials' names would be up to {longest} characters long",
+                             body.line_of("search"), name,
+                             f"node names stay within {MAX_NODE_NAME}: search fewer "
+                             "parameters, or give the node a shorter name")
         self.warnings.extend(w for w in warnings if w not in self.warnings)
         self.nodes[name] = spec
 

@@ -19,7 +19,7 @@ from mergebuild.spec.model import (
     SearchSpec,
     SelectSpec,
 )
-from mergebuild.spec.sweep import apply_point, variant_name
+from mergebuild.spec.sweep import apply_point, format_value, variant_name
 from mergebuild.spec.validate import SEARCH_KEYS, check_keys, did_you_mean, validate_parameters
 from mergebuild.spec.yaml_lines import LineDict
 
@@ -82,6 +82,19 @@ def parse_search(value: Any, template: MergeSpec, select: SelectSpec | None, fil
                         exc.hint) from None
         warnings.extend(w for w in found if w not in warnings)
     return spec, warnings
+
+
+def longest_trial_name(search: SearchSpec) -> int:
+    """The most characters a trial's name can have (a float shows at most 10: ``-1.234e-05``)."""
+    widest = {}
+    for d in search.space:
+        if d.kind == "categorical":
+            widest[d.path] = "x" * max(len(format_value(c)) for c in d.choices)
+        elif d.kind == "int":
+            widest[d.path] = "x" * max(len(str(d.low)), len(str(d.high)))
+        else:
+            widest[d.path] = "x" * 10
+    return len(variant_name(search.name, widest))
 
 
 def _whole(value: Any) -> bool:
