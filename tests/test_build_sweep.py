@@ -414,6 +414,11 @@ def test_metrics_leaderboard_and_plot_from_a_real_make(selecting):
     assert plotted.returncode == 0 and "wrote board.png" in plotted.stdout
     assert (root / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    kept = run_cli(["gc", "--keep-variants", "--dry-run"], cwd=root)
+    assert kept.returncode == 0 and "would free 0 B in 0 items" in kept.stdout
+    dropped = run_cli(["gc", "--dry-run"], cwd=root)
+    assert "lost blend's selection" in dropped.stdout
+
     path = run_cli(["path", "blend"], cwd=root)
     assert path.stdout.strip() == str(project.path(winner))
 
