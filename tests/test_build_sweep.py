@@ -268,6 +268,9 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     assert annotations["selection"]["selected"] == winner
     assert [r["variant"] for r in annotations["selection"]["ranking"]][0] == winner
     assert project.lineage("blend").name == winner
+    (stage,) = project.lineage("final").children
+    assert (stage.name, stage.digest) == (winner, digest)
+    assert stage.scores["code-skill"] == project.scores(winner)["code-skill"]
 
     states = {s.name: s for s in project.plan(["final"])}
     value = project.scores(winner)["code-skill"]["accuracy"]
