@@ -250,8 +250,8 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     project = selecting()
     before = {s.name: s for s in project.plan(["final"])}
     assert before["blend"].status == "stale"
-    assert before["blend"].reasons == ["2 of 2 variants to build; then selects by maximize "
-                                       "code-skill"]
+    assert before["blend"].reasons == [("2 of 2 variants to build; then selects by maximize "
+                                        "code-skill")]
     assert before["final"].reasons == ["waits for blend's selection", "new node"]
     assert [t.eval for t in before["blend[t=1.0]"].evaluations] == ["code-skill"]
 
@@ -266,7 +266,7 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     parent, annotations = _parent_digest(project.path("final"), "blend")
     assert parent == digest
     assert annotations["selection"]["selected"] == winner
-    assert [r["variant"] for r in annotations["selection"]["ranking"]][0] == winner
+    assert annotations["selection"]["ranking"][0]["variant"] == winner
     assert project.lineage("blend").name == winner
     (stage,) = project.lineage("final").children
     assert (stage.name, stage.digest) == (winner, digest)
@@ -357,8 +357,8 @@ def test_gc_drops_the_losers_unless_asked_and_they_are_not_rebuilt(selecting):
     assert kept.removed == () and loser_dir.exists()
     removed = selecting().collect_garbage()
     assert [(g.path, g.why) for g in removed.removed if g.kind == "object"] == [
-        (loser_dir, f"{loser} lost blend's selection (its scores are kept; gc "
-                    "--keep-variants keeps it)")]
+        (loser_dir, (f"{loser} lost blend's selection (its scores are kept; gc "
+                     "--keep-variants keeps it)"))]
     assert not loser_dir.exists() and project.path(winner).exists()
 
     after = selecting()
