@@ -200,6 +200,15 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
+        if state.kind == "sweep":  # no build of its own: check the variant it stands for
+            if state.selection is None or state.digest is None:
+                variants = self.mergefile.nodes[node].variants  # type: ignore[union-attr]
+                raise StoreError("is a sweep with no selected variant: it has no build of "
+                                 "its own", node=node,
+                                 hint=f"check one variant: mergebuild make --check "
+                                      f"'{variants[0]}'")
+            node = state.selection.winner
+            state = next(s for s in self.planner.plan([node]) if s.name == node)
         if (state.kind == "merge" and state.status == "stale" and state.key
                 and self.store.object_dir(state.key).is_dir()):
             # The current build fails the store's check (a damaged file): compare it anyway,

@@ -281,6 +281,9 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     assert set(outcomes(again).values()) == {"fresh"}
     assert again.evaluations_run == 0 and again.count("built") == 0
 
+    checked = project.check("blend", device="cpu")  # make --check: the selected variant
+    assert (checked.node, checked.ok, checked.differences) == (winner, True, ())
+
 
 def test_widening_the_grid_builds_and_scores_only_the_new_variant(selecting):
     selecting().make(["final"], device="cpu")
