@@ -497,10 +497,12 @@ class Project:
                       "path": source.get("path"), "pinned": utc_now()}
         else:
             state = self.planner.current(node)
-            if state.kind != "merge" or state.key is None:
+            if state.kind not in ("merge", "sweep") or state.key is None:
                 raise StoreError("is a source, not a build; only builds can be pinned",
                                  node=node, hint="pin a merge node")
-            record = {"key": state.key, "digest": state.digest, "node": node,
+            # A sweep's build is the variant its select: chose: the pin names that variant.
+            built = state.selection.winner if state.selection is not None else node
+            record = {"key": state.key, "digest": state.digest, "node": built,
                       "mergefile": str(self.mergefile.path), "path": str(state.path),
                       "pinned": utc_now()}
         existing = self.store.read_pins().get(name)

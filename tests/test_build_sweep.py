@@ -379,6 +379,8 @@ def test_a_pinned_loser_survives_gc(selecting):
     winner = project.plan(["blend"])[-1].selection.winner
     (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
     project.pin(loser, "keep-me")
+    _, record = project.pin("blend")  # a sweep's build is its selected variant's
+    assert (record["node"], record["path"]) == (winner, str(project.path(winner)))
     report = selecting().collect_garbage()
     assert [g for g in report.removed if g.kind == "object"] == []
     assert project.path(loser).exists()
