@@ -448,3 +448,20 @@ def test_a_misspelt_select_eval_is_one_line_with_a_suggestion(selecting):
     assert run.returncode == 2  # MergefileError's exit code, as for every Mergefile mistake
     (line,) = run.error_lines
     assert "unknown eval 'code-skil'" in line and "did you mean 'code-skill'?" in line
+
+
+def test_a_removed_loser_selected_again_is_rebuilt_without_evaluating(selecting):
+    project = selecting()
+    project.make(["final"], device="cpu")
+    winner = project.plan(["blend"])[-1].selection.winner
+    (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
+    project.collect_garbage()
+    flipped = selecting(goal="minimize")  # the stored scores now select the removed one
+    states = {s.name: s for s in flipped.plan(["final"])}
+    assert (states[loser].status, states[loser].reasons) == (
+        "stale", ["selected by blend; removed by gc"])
+    assert states["blend"].reasons == [f"selected {loser}, which gc removed: rebuilt"]
+    result = flipped.make(["final"], device="cpu")
+    assert outcomes(result) == {loser: "built", winner: "fresh", "final": "built"}
+    assert result.evaluations_run == 0
+    assert flipped.path("blend") == flipped.path(loser)
