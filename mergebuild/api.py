@@ -208,6 +208,15 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
+        if state.kind == "sweep":  # no build of its own: check the variant it stands for
+            if state.selection is None or state.digest is None:
+                variants = self.mergefile.nodes[node].variants  # type: ignore[union-attr]
+                raise StoreError("is a sweep with no selected variant: it has no build of "
+                                 "its own", node=node,
+                                 hint=f"check one variant: mergebuild make --check "
+                                      f"'{variants[0]}'")
+            node = state.selection.winner
+            state = next(s for s in self.planner.plan([node]) if s.name == node)
         if (state.kind == "merge" and state.status == "stale" and state.key
                 and self.store.object_dir(state.key).is_dir()):
             # The current build fails the store's check (a damaged file): compare it anyway,
@@ -511,10 +520,12 @@ class Project:
                       "path": source.get("path"), "pinned": utc_now()}
         else:
             state = self.planner.current(node)
-            if state.kind != "merge" or state.key is None:
+            if state.kind not in ("merge", "sweep") or state.key is None:
                 raise StoreError("is a source, not a build; only builds can be pinned",
                                  node=node, hint="pin a merge node")
-            record = {"key": state.key, "digest": state.digest, "node": node,
+            # A sweep's build is the variant its select: chose: the pin names that variant.
+            built = state.selection.winner if state.selection is not None else node
+            record = {"key": state.key, "digest": state.digest, "node": built,
                       "mergefile": str(self.mergefile.path), "path": str(state.path),
                       "pinned": utc_now()}
         existing = self.store.read_pins().get(name)

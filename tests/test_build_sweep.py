@@ -250,8 +250,8 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     project = selecting()
     before = {s.name: s for s in project.plan(["final"])}
     assert before["blend"].status == "stale"
-    assert before["blend"].reasons == ["2 of 2 variants to build; then selects by maximize "
-                                       "code-skill"]
+    assert before["blend"].reasons == [("2 of 2 variants to build; then selects by maximize "
+                                        "code-skill")]
     assert before["final"].reasons == ["waits for blend's selection", "new node"]
     assert [t.eval for t in before["blend[t=1.0]"].evaluations] == ["code-skill"]
 
@@ -266,8 +266,11 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     parent, annotations = _parent_digest(project.path("final"), "blend")
     assert parent == digest
     assert annotations["selection"]["selected"] == winner
-    assert [r["variant"] for r in annotations["selection"]["ranking"]][0] == winner
+    assert annotations["selection"]["ranking"][0]["variant"] == winner
     assert project.lineage("blend").name == winner
+    (stage,) = project.lineage("final").children
+    assert (stage.name, stage.digest) == (winner, digest)
+    assert stage.scores["code-skill"] == project.scores(winner)["code-skill"]
 
     states = {s.name: s for s in project.plan(["final"])}
     value = project.scores(winner)["code-skill"]["accuracy"]
@@ -277,6 +280,9 @@ def test_select_picks_the_best_scored_variant_and_children_build_on_it(selecting
     again = project.make(["final"], device="cpu")
     assert set(outcomes(again).values()) == {"fresh"}
     assert again.evaluations_run == 0 and again.count("built") == 0
+
+    checked = project.check("blend", device="cpu")  # make --check: the selected variant
+    assert (checked.node, checked.ok, checked.differences) == (winner, True, ())
 
 
 def test_widening_the_grid_builds_and_scores_only_the_new_variant(selecting):
@@ -354,8 +360,8 @@ def test_gc_drops_the_losers_unless_asked_and_they_are_not_rebuilt(selecting):
     assert kept.removed == () and loser_dir.exists()
     removed = selecting().collect_garbage()
     assert [(g.path, g.why) for g in removed.removed if g.kind == "object"] == [
-        (loser_dir, f"{loser} lost blend's selection (its scores are kept; gc "
-                    "--keep-variants keeps it)")]
+        (loser_dir, (f"{loser} lost blend's selection (its scores are kept; gc "
+                     "--keep-variants keeps it)"))]
     assert not loser_dir.exists() and project.path(winner).exists()
 
     after = selecting()
@@ -373,6 +379,8 @@ def test_a_pinned_loser_survives_gc(selecting):
     winner = project.plan(["blend"])[-1].selection.winner
     (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
     project.pin(loser, "keep-me")
+    _, record = project.pin("blend")  # a sweep's build is its selected variant's
+    assert (record["node"], record["path"]) == (winner, str(project.path(winner)))
     report = selecting().collect_garbage()
     assert [g for g in report.removed if g.kind == "object"] == []
     assert project.path(loser).exists()
@@ -414,6 +422,11 @@ def test_metrics_leaderboard_and_plot_from_a_real_make(selecting):
     assert plotted.returncode == 0 and "wrote board.png" in plotted.stdout
     assert (root / "board.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    kept = run_cli(["gc", "--keep-variants", "--dry-run"], cwd=root)
+    assert kept.returncode == 0 and "would free 0 B in 0 items" in kept.stdout
+    dropped = run_cli(["gc", "--dry-run"], cwd=root)
+    assert "lost blend's selection" in dropped.stdout
+
     path = run_cli(["path", "blend"], cwd=root)
     assert path.stdout.strip() == str(project.path(winner))
 
@@ -435,3 +448,20 @@ def test_a_misspelt_select_eval_is_one_line_with_a_suggestion(selecting):
     assert run.returncode == 2  # MergefileError's exit code, as for every Mergefile mistake
     (line,) = run.error_lines
     assert "unknown eval 'code-skil'" in line and "did you mean 'code-skill'?" in line
+
+
+def test_a_removed_loser_selected_again_is_rebuilt_without_evaluating(selecting):
+    project = selecting()
+    project.make(["final"], device="cpu")
+    winner = project.plan(["blend"])[-1].selection.winner
+    (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
+    project.collect_garbage()
+    flipped = selecting(goal="minimize")  # the stored scores now select the removed one
+    states = {s.name: s for s in flipped.plan(["final"])}
+    assert (states[loser].status, states[loser].reasons) == (
+        "stale", ["selected by blend; removed by gc"])
+    assert states["blend"].reasons == [f"selected {loser}, which gc removed: rebuilt"]
+    result = flipped.make(["final"], device="cpu")
+    assert outcomes(result) == {loser: "built", winner: "fresh", "final": "built"}
+    assert result.evaluations_run == 0
+    assert flipped.path("blend") == flipped.path(loser)

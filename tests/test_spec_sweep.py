@@ -121,3 +121,15 @@ def test_select_without_sweep_is_refused(workspace):
 
     with pytest.raises(MergefileError, match="has no 'sweep'"):
         load_mergefile(workspace.mergefile)
+
+
+def test_the_graph_tree_names_each_variant(workspace):
+    from rich.console import Console
+
+    from mergebuild.spec.graph import build_graph, render_tree
+
+    console = Console(width=200, record=True)
+    console.print(render_tree(build_graph(load(workspace))))
+    text = console.export_text()
+    assert "blend (sweep of 4 variants)" in text
+    assert "blend[lambda=0.35,code.weight=0.5] (task_arithmetic)" in text

@@ -186,6 +186,8 @@ class Maker:
                     if result.outcome == "failed":
                         failed.add(variant.name)
                     results.append(result)
+                if not keep_going and any(s.name in failed for s in group):
+                    break  # a variant failed its checks: stop, as for any failed node
                 continue
             try:
                 result = self._make_node(spec, state, by_name, forced, device, reporter,

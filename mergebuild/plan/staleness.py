@@ -162,7 +162,7 @@ class Planner:
             self._eval_digests = eval_digests(self.mergefile)
         return self._eval_digests
 
-    def stored_scores(self, states: dict[str, NodeState]):
+    def stored_scores(self, states: dict[str, NodeState]) -> Scores:
         """scores(node): what the store holds of ``node``'s planned model on the evals it
         needs (nothing for a node whose digest is not known yet)."""
         results = ResultStore(self.store)
@@ -227,8 +227,8 @@ class Planner:
                        if n not in scores(a))
         if missing:
             state.status = "pending"
-            state.reasons = [f"selection ({goal}) waits for {missing} "
-                             f"evaluation{'s' * (missing != 1)}"]
+            state.reasons = [(f"selection ({goal}) waits for {missing} "
+                              f"evaluation{'s' * (missing != 1)}")]
             return
         selection = choose(self.mergefile, self.graph, spec.name, scores)
         state.selection = selection

@@ -110,13 +110,14 @@ def _label(g: nx.DiGraph, name: str) -> str:
 
 def render_tree(g: nx.DiGraph, roots: list[str] | None = None):
     """A rich Tree per root: each node with its parents below it."""
+    from rich.markup import escape
     from rich.tree import Tree
 
     roots = roots or default_targets(g) or sorted(g.nodes)
     top = Tree("[bold]Mergefile[/bold]")
 
     def add(tree, name: str, seen: tuple[str, ...]) -> None:
-        branch = tree.add(_label(g, name))
+        branch = tree.add(escape(_label(g, name)))  # a variant's [t=0.5] is not markup
         if name in seen:
             return
         for parent in sorted(g.predecessors(name)):
