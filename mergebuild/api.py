@@ -208,7 +208,10 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
-        if state.kind == "sweep":  # no build of its own: check the variant it stands for
+        if state.kind == "search" and (state.selection is None or state.digest is None):
+            raise StoreError("is a search with no selected trial yet: it has no build of its "
+                             "own", node=node, hint=f"run 'mergebuild make {node}' first")
+        if state.kind in ("sweep", "search"):  # no build of its own: check what it stands for
             if state.selection is None or state.digest is None:
                 variants = self.mergefile.nodes[node].variants  # type: ignore[union-attr]
                 raise StoreError("is a sweep with no selected variant: it has no build of "
@@ -520,7 +523,7 @@ class Project:
                       "path": source.get("path"), "pinned": utc_now()}
         else:
             state = self.planner.current(node)
-            if state.kind not in ("merge", "sweep") or state.key is None:
+            if state.kind not in ("merge", "sweep", "search") or state.key is None:
                 raise StoreError("is a source, not a build; only builds can be pinned",
                                  node=node, hint="pin a merge node")
             # A sweep's build is the variant its select: chose: the pin names that variant.

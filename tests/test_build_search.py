@@ -154,6 +154,9 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     assert record["study"]["sampler"] == "tpe" and record["study"]["seed"] == 0
     assert record["study"]["best"] == best.name and record["key"] == paths[best.name].name
     assert record["study"]["why"].startswith(f"trial {best.number} has the highest")
+    # pin and make --check take the search for its best trial
+    assert project.pin("tuned", "best")[1]["key"] == paths[best.name].name
+    assert project.check("tuned", device="cpu").ok
     # a trial's excerpt (in its provenance) is the merge it is: its values, no search
     written = yaml.safe_load(project.excerpt(best.name))["models"][best.name]
     assert "search" not in written

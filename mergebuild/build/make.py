@@ -92,7 +92,7 @@ class Maker:
                 if evaluations is not None:
                     self._evaluate_source(state, evaluations)
                 continue
-            if state.name in settled or self.graph.nodes[state.name].get("trial_of"):
+            if state.name in settled or self.graph.nodes[state.name].get("trial_of") in by_name:
                 continue  # a search's trials are built by its study, in its order
             if state.status == "dropped":  # lost its sweep's selection; its scores are known
                 if evaluations is not None:
