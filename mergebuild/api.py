@@ -249,9 +249,12 @@ class Project:
     def leaderboard(self, sweep: str) -> Leaderboard:
         """``sweep``'s variants ranked by its ``select:`` from the stored scores, with the
         selected one (once every variant is built and scored). Runs no evaluation."""
-        from mergebuild.verbs.metrics import leaderboard
+        from mergebuild.verbs.metrics import leaderboard, search_leaderboard
 
         self.planner.targets_or_default([sweep])
+        if self.is_search(sweep):  # its trials so far, ranked as its study ranks them
+            return search_leaderboard(self.mergefile, self.graph, self.store,
+                                      self.planner.plan([sweep]), sweep)
         return leaderboard(self.mergefile, self.graph, self.store,
                            self.planner.plan([sweep]), sweep)
 

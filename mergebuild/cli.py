@@ -370,20 +370,23 @@ def metrics(ctx, nodes, as_json, diff, plot):
     searches = [n for n in nodes if isinstance(project.mergefile.nodes.get(n), SearchSpec)]
     others = [n for n in nodes if n not in sweeps and n not in searches]
     boards = [project.leaderboard(sweep) for sweep in sweeps]
-    studies = [project.study(search) for search in searches]
+    studies = {search: project.study(search) for search in searches}
+    searched = {search: project.leaderboard(search) for search in searches}
     table = project.metrics(others) if others or not (sweeps or searches) else []
     if as_json:
         click.echo(json.dumps([*map(leaderboard_json, boards),
-                               *({"node": s.search.name, "search": s.as_json()}
-                                 for s in studies),
+                               *({**leaderboard_json(searched[n]), "search": s.as_json()}
+                                 for n, s in studies.items()),
                                *metrics_json(table, diff=diff)], indent=2))
     else:
         lines = [line for board in boards for line in (*leaderboard_lines(board), "")]
-        lines += [line for study in studies for line in (*study_lines(study), "")]
+        lines += [line for n, study in studies.items()
+                  for line in (*study_lines(study, searched[n]), "")]
         if table or not (sweeps or searches):
             lines += metrics_lines(table, diff=diff)
         for line in lines[:-1] if lines and not lines[-1] else lines:
             click.echo(line)
+    boards += searched.values()  # a search's chart: the objective against each parameter
     if plot is not None:
         if boards and len(boards) + len(others) > 1:
             raise click.UsageError("--plot draws one sweep's chart, or the retention chart "

@@ -422,29 +422,14 @@ def leaderboard_lines(board: Leaderboard) -> list[str]:
     return [head, *("  " + line for line in _table(rows))]
 
 
-def study_lines(study: Study) -> list[str]:
-    """``mergebuild metrics SEARCH``: the study as a leaderboard, best first, the selected
-    trial starred, trials kept out of the ranking (a failed check) after, and why it won."""
+def study_lines(study: Study, board: Leaderboard) -> list[str]:
+    """``mergebuild metrics SEARCH``: how far the study is (sampler, seed, trials done), its
+    trials as a leaderboard (``leaderboard_lines``), those kept out of the ranking and why,
+    and the next trial."""
     search = study.search
-    select = search.select
-    head = (f"{search.name}: {search.sampler} search (seed {search.seed}), "
-            f"{select.goal} {select.metric}: {study.progress()}")
-    lines = [head]
-    ranked = study.ranked
-    rows = [["#", "trial", select.metric, "trial #", "digest"]]
-    for place, trial in enumerate(ranked, start=1):
-        star = "* " if place == 1 else "  "
-        rows.append([f"{star}{place}", trial.name, _value(trial.value), f"{trial.number}",
-                     short_digest(trial.digest) if trial.digest else "-"])
-    for trial in study.trials:
-        if trial.value is None:
-            rows.append(["  -", trial.name, "-", f"{trial.number}",
-                         short_digest(trial.digest) if trial.digest else "-"])
-    if len(rows) > 1:
-        lines += ["", *_table(rows)]
+    head = f"{search.name}: {search.sampler} search (seed {search.seed}), {study.progress()}"
+    lines = [head, *leaderboard_lines(board)]
     lines += [f"excluded {t.name}: {t.excluded}" for t in study.trials if t.excluded]
-    if study.best is not None:
-        lines.append(f"selected {study.best.name}: {study.why()}")
     if study.next is not None:
         lines.append(f"next: {study.next.name} ({study.waiting})")
     return lines

@@ -210,12 +210,15 @@ def test_cli_make_plan_and_metrics(searched, capsys):
     assert planned["tuned"]["selection"]["selected"] == planned["tuned"]["study"]["best"]
     assert cli.invoke([*args, "metrics", "tuned"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("tuned: tpe search (seed 0), maximize math-skill: 3 of 3")
-    assert sum(1 for line in lines if line.lstrip("* ").split(" ")[0].isdigit()) == 3
-    assert any(line.startswith("selected tuned[") for line in lines)
+    assert lines[0].startswith("tuned: tpe search (seed 0), 3 of 3 trials done, best tuned[")
+    assert lines[1].startswith("tuned → tuned[") and "(maximize math-skill)" in lines[1]
+    places = [line.split()[0] for line in lines[3:]]
+    assert places == ["1", "2", "3"] and "* tuned[" in lines[3]
     assert cli.invoke([*args, "metrics", "tuned", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["search"]["done"] == 3 and len(row["search"]["history"]) == 3
+    assert [r["place"] for r in row["leaderboard"]] == [1, 2, 3]
+    assert row["selected"] == row["search"]["best"] == row["leaderboard"][0]["variant"]
     # a trial is a node the CLI knows by its name, in a new process
     best = row["search"]["best"]
     assert cli.invoke([*args, "path", best]) == 0

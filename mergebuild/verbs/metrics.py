@@ -23,11 +23,12 @@ from mergebuild.plan.evaluations import (
     retained_ancestors,
     retention,
 )
-from mergebuild.plan.selection import choose, retention_range
+from mergebuild.plan.selection import choose, rank, retention_range
+from mergebuild.plan.selection import measure as measure_of
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.lineage import LineageNode
 from mergebuild.sources.resolve import materialize
-from mergebuild.spec.model import Mergefile, SweepSpec
+from mergebuild.spec.model import Mergefile, SearchSpec, SweepSpec
 from mergebuild.spec.sweep import format_value
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
@@ -195,6 +196,36 @@ def leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
             selected=resolved is not None and resolved.winner == ranked.variant))
     return Leaderboard(sweep, spec.select.goal, spec.select.metric, selection.measure,
                        tuple(rows), resolved.winner if resolved else None,
+                       resolved.why() if resolved else None)
+
+
+def search_leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+                       states: list[NodeState], search: str) -> Leaderboard:
+    """A search's trials as a sweep's leaderboard (``states``: a plan of the search, whose
+    state holds the study): ranked by the values told to the sampler, ties to the earlier
+    trial; a trial kept out of the ranking (a failed check) is last, without a value."""
+    by_name = {s.name: s for s in states}
+    state = by_name[search]
+    spec = mergefile.nodes[search]
+    assert isinstance(spec, SearchSpec)
+    known = _Known(mergefile, graph, store, by_name)
+    study = state.study
+    trials = {t.name: t for t in study.trials} if study is not None else {}
+    resolved = state.selection if state.digest is not None else None
+    values = {name: t.value for name, t in trials.items()}
+    rows = []
+    for ranked in rank(spec.select, list(trials), values):
+        worst = None
+        if spec.select.metric == "retention" and ranked.value is not None:
+            found = retention_range(mergefile, graph, ranked.variant, known.scores)
+            worst = None if found is None else found[1]
+        rows.append(LeaderboardRow(
+            place=ranked.place, variant=ranked.variant, point=trials[ranked.variant].point,
+            value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
+            selected=resolved is not None and resolved.winner == ranked.variant))
+    measure = measure_of(mergefile, spec.select, list(trials), known.scores)
+    return Leaderboard(search, spec.select.goal, spec.select.metric, measure, tuple(rows),
+                       resolved.winner if resolved else None,
                        resolved.why() if resolved else None)
 
 
