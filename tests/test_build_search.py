@@ -238,11 +238,17 @@ def test_trials_failing_their_checks_are_not_ranked(searched):
     made = project.make(["tuned"], device="cpu", keep_going=True)
     assert _built(made) == 2 and not made.ok
     failed = next(r for r in made.results if r.name == "tuned")
-    assert failed.outcome == "failed" and "no trial can be ranked" in failed.detail
+    # refused as a sweep none of whose variants passes: the best failing trial named
+    assert failed.outcome == "failed"
+    assert failed.detail.startswith("no trial passed its checks; the best failing is tuned[")
     study = project.study("tuned")
     assert study.complete and study.best is None
-    assert all(t.value is None and t.excluded.startswith("failed check tuned[")
-               for t in study.trials)
+    # each trial keeps its value (shown), and why it is out of the ranking
+    assert all(t.value is not None and t.excluded == f"failed: math-skill accuracy "
+               f"{t.value:.4g} < 2 (min)" for t in study.trials)
     state = next(s for s in project.plan(["tuned"]) if s.name == "tuned")
-    assert state.status == "stale" and state.reasons[0].startswith("no trial can be ranked")
+    assert state.status == "stale" and state.reasons == [failed.detail]
     assert _built(project.make(["tuned"], device="cpu", keep_going=True)) == 0
+    board = project.leaderboard("tuned")
+    assert board.selected is None and board.refused == failed.detail
+    assert {r.failed for r in board.rows} == {t.excluded for t in study.trials}

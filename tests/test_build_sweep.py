@@ -465,3 +465,74 @@ def test_a_removed_loser_selected_again_is_rebuilt_without_evaluating(selecting)
     assert outcomes(result) == {loser: "built", winner: "fresh", "final": "built"}
     assert result.evaluations_run == 0
     assert flipped.path("blend") == flipped.path(loser)
+
+
+def _with_checks(selecting, checks: str):
+    """The SELECTED Mergefile with ``checks:`` on the sweep (each variant's own gates)."""
+    project = selecting()
+    mergefile = selecting.root / "Mergefile"
+    mergefile.write_text(mergefile.read_text().replace(
+        "    select: {maximize: code-skill}\n",
+        f"    select: {{maximize: code-skill}}\n    checks: {checks}\n"))
+    from mergebuild.api import Project
+
+    return Project(mergefile, project.store.root)
+
+
+def test_a_variant_failing_its_checks_is_not_ranked_and_the_best_passing_one_is_selected(
+        selecting, capsys):
+    from mergebuild.build.events import Reporter
+    from mergebuild.report import PlainReporter, leaderboard_lines
+
+    # code (t=1.0) writes code best but keeps no chat skill: its check keeps it out.
+    project = _with_checks(selecting, "{chat-skill: {min: 0.5}}")
+    result = project.make(["final"], device="cpu", reporter=PlainReporter(show_plan=False))
+    assert result.ok
+    assert outcomes(result) == {"blend[t=0.0]": "built", "blend[t=1.0]": "built",
+                                "final": "built"}
+    assert project.scores("blend[t=1.0]")["code-skill"]["accuracy"] > \
+        project.scores("blend[t=0.0]")["code-skill"]["accuracy"]
+    assert project.path("blend") == project.path("blend[t=0.0]")
+    err = capsys.readouterr().err
+    chat = project.scores("blend[t=1.0]")["chat-skill"]["accuracy"]
+    # reported as failed checks are, one line each, and the make goes on
+    assert "excluded blend[t=1.0] from blend's selection: 1 check failed" in err
+    assert (f"check failed: blend[t=1.0]: chat-skill accuracy {chat:.4g} < 0.5 (min)"
+            in err.splitlines())
+    assert "failed blend" not in err
+
+    state = next(s for s in project.plan(["final"]) if s.name == "blend")
+    assert state.status == "fresh" and state.selection.winner == "blend[t=0.0]"
+    assert state.selection.why().endswith("best of 1; 1 failed its checks")
+    board = project.leaderboard("blend")
+    assert [(r.variant, r.selected, r.failed) for r in board.rows] == [
+        ("blend[t=0.0]", True, None),
+        ("blend[t=1.0]", False, f"failed: chat-skill accuracy {chat:.4g} < 0.5 (min)")]
+    lines = leaderboard_lines(board)
+    assert lines[1].split()[-1] == "checks"
+    assert lines[2].split()[-1] == "passed"
+    assert lines[3].endswith(f"failed: chat-skill accuracy {chat:.4g} < 0.5 (min)")
+    again = project.make(["final"], device="cpu", reporter=Reporter())
+    assert again.ok and again.count("built") == 0 and again.evaluations_run == 0
+
+
+def test_a_sweep_none_of_whose_variants_passes_fails_naming_the_best_failing_one(selecting):
+    from cli_process import run_cli
+
+    selecting().make(["blend"], device="cpu")
+    project = _with_checks(selecting, "{code-skill: {min: 0.95}}")
+    best = project.scores("blend[t=1.0]")["code-skill"]["accuracy"]
+    refused = (f"no variant passed its checks; the best failing is blend[t=1.0] (code-skill "
+               f"accuracy {best:.4g}, failed: code-skill accuracy {best:.4g} < 0.95 (min))")
+    state = next(s for s in project.plan(["final"]) if s.name == "blend")
+    assert (state.status, state.reasons) == ("stale", [refused])
+
+    made = run_cli(["make", "final", "--device", "cpu"], cwd=selecting.root, timeout=300)
+    assert made.returncode == 1
+    assert [line for line in made.stderr.splitlines() if line.startswith("failed ")] == [
+        f"failed blend: {refused}"]
+    assert "final" not in made.stdout
+    kept_going = project.make(["final"], device="cpu", keep_going=True)
+    assert {n: o for n, o in outcomes(kept_going).items() if o != "fresh"} == {
+        "blend": "failed", "final": "skipped"}
+    assert kept_going.evaluations_run == 0 and kept_going.count("built") == 0
