@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergebuild.build.events import MakeResult, Reporter
-from mergebuild.build.record import excerpt, utc_now
+from mergebuild.build.record import excerpt, selected_variants, utc_now
 from mergebuild.errors import MergebuildError, MergefileError, StoreError, shorten
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
@@ -181,8 +181,10 @@ class Project:
         return pin_name, record
 
     def excerpt(self, node: str) -> str:
-        """The YAML of ``node`` and its ancestors: enough to rebuild it."""
-        return excerpt(self.mergefile, self.graph, node)
+        """The YAML of ``node`` and its ancestors: enough to rebuild it (each sweep it builds
+        on written as the variant it selects, as planned now)."""
+        states = {s.name: s for s in self.plan([node])}
+        return excerpt(self.mergefile, self.graph, node, selected_variants(states))
 
     # building ----------------------------------------------------------------------------
     @_uses_store(create=True)

@@ -157,10 +157,23 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     # pin and make --check take the search for its best trial
     assert project.pin("tuned", "best")[1]["key"] == paths[best.name].name
     assert project.check("tuned", device="cpu").ok
-    # a trial's excerpt (in its provenance) is the merge it is: its values, no search
-    written = yaml.safe_load(project.excerpt(best.name))["models"][best.name]
-    assert "search" not in written
+    # a trial's excerpt (in its provenance) is the merge it is, under the search's name: its
+    # values, no search; a child's holds the best trial so, and rebuilds the child's bytes
+    written = yaml.safe_load(project.excerpt(best.name))["models"]["tuned"]
+    assert "search" not in written and "select" not in written
     assert written["models"][0]["parameters"]["weight"] == best.point["models.math.weight"]
+    child = yaml.safe_load(project.excerpt("after"))
+    assert sorted(child["models"]) == ["after", "code", "math", "tuned"]
+    assert child["models"]["tuned"] == written
+    again = searched.root / "c-again"
+    again.mkdir()
+    (again / "Mergefile").write_text(yaml.safe_dump(child, sort_keys=False))
+    rebuilt = Project(again / "Mergefile", again / "cache")
+    assert rebuilt.make(["after"], device="cpu").ok
+    assert (read_statement(rebuilt.path("after"))["predicate"]["buildDefinition"]
+            ["internalParameters"]["digest"]) == (read_statement(project.path("after"))
+                                                  ["predicate"]["buildDefinition"]
+                                                  ["internalParameters"]["digest"])
     # the child's provenance carries the whole study: why this trial, what else was tried
     selection = dependency["annotations"]["selection"]
     assert selection["selected"] == best.name

@@ -536,3 +536,58 @@ def test_a_sweep_none_of_whose_variants_passes_fails_naming_the_best_failing_one
     assert {n: o for n, o in outcomes(kept_going).items() if o != "fresh"} == {
         "blend": "failed", "final": "skipped"}
     assert kept_going.evaluations_run == 0 and kept_going.count("built") == 0
+
+
+def _card_rebuild(build) -> tuple[dict, str]:
+    """The excerpt and the command of a build's card's "How to rebuild"."""
+    import re
+
+    import yaml
+
+    card = (build / "README.md").read_text()
+    excerpt = re.search(r"excerpt holds this node.*?```yaml\n(.*?)```", card, re.DOTALL)
+    command = re.search(r"Then run:\s*```sh\n(.*?)\n```", card, re.DOTALL)
+    return yaml.safe_load(excerpt.group(1)), command.group(1)
+
+
+def test_the_excerpts_of_a_variant_and_of_a_child_rebuild_them(selecting, tmp_path):
+    import yaml
+
+    from mergebuild.api import Project
+    from mergebuild.provenance.statement import read_statement
+
+    project = selecting()
+    project.make(["final"], device="cpu")
+    winner = project.plan(["blend"])[-1].selection.winner
+    (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
+
+    def digest(build) -> str:
+        return read_statement(build)["predicate"]["buildDefinition"]["internalParameters"][
+            "digest"]
+
+    # A variant's excerpt is the merge it is, under the sweep's name: its t set, no grid.
+    written, command = _card_rebuild(project.path(loser))
+    assert command == "mergebuild -f Mergefile make blend"
+    t = project.mergefile.nodes["blend"].points[
+        project.mergefile.nodes["blend"].variants.index(loser)]["t"]
+    assert sorted(written["models"]) == ["blend", "chat", "code"]
+    assert written["models"]["blend"] == {"merge_method": "slerp", "base_model": "chat",
+                                          "models": [{"model": "chat"}, {"model": "code"}],
+                                          "parameters": {"t": t}}
+    # A child's: the variant its sweep selected, under the sweep's name its child reads.
+    child, command = _card_rebuild(project.path("final"))
+    assert command == "mergebuild -f Mergefile make final"
+    assert sorted(child["models"]) == ["blend", "chat", "code", "final"]
+    assert child["models"]["blend"]["parameters"] == {
+        "t": project.mergefile.nodes["blend"].points[
+            project.mergefile.nodes["blend"].variants.index(winner)]["t"]}
+    assert yaml.safe_load(project.excerpt("final")) == child  # the API's, from a plan
+    # Following each excerpt in an empty directory gives the very same bytes.
+    for name, excerpt, build in (("blend", written, project.path(loser)),
+                                 ("final", child, project.path("final"))):
+        folder = tmp_path / f"again-{name}"
+        folder.mkdir()
+        (folder / "Mergefile").write_text(yaml.safe_dump(excerpt, sort_keys=False))
+        again = Project(folder / "Mergefile", folder / "cache")
+        assert again.make([name], device="cpu").ok
+        assert digest(again.path(name)) == digest(build)
