@@ -4,6 +4,7 @@ evaluations counted, never timed); every trial an ordinary build; children get t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -174,6 +175,22 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
             ["internalParameters"]["digest"]) == (read_statement(project.path("after"))
                                                   ["predicate"]["buildDefinition"]
                                                   ["internalParameters"]["digest"])
+    # the release-review page shows the study: every trial in the order asked, the winner
+    page = searched.root / "c" / "report.html"
+    assert cli.invoke(["-f", str(project.mergefile.path), "--cache-dir",
+                       str(searched.root / "c" / "cache"), "report", "after", "-o",
+                       str(page), "--no-scan"]) == 0
+    html = page.read_text()
+    assert ('<p data-search="tuned"><b>tuned</b>: tpe sampler, seed 0, 3 of 3 trials done; '
+            "maximize math-skill<br>") in html
+    table = re.search(r'<table data-table="search">.*?<tbody>(.*?)</tbody>', html, re.S)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)
+             for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table.group(1))]
+    assert [(c[0], c[1].removeprefix("&#9733; "), c[3]) for c in cells] == [
+        (str(t.number), t.name, f"{t.value:.4g}") for t in study.trials]
+    assert [c[1].startswith("&#9733; ") for c in cells] == [
+        t.name == best.name for t in study.trials]
+    assert f"<tr class=selected><td>{best.number}</td><td>&#9733; {best.name}</td>" in html
     # the child's provenance carries the whole study: why this trial, what else was tried
     selection = dependency["annotations"]["selection"]
     assert selection["selected"] == best.name

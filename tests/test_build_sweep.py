@@ -512,6 +512,9 @@ def test_a_variant_failing_its_checks_is_not_ranked_and_the_best_passing_one_is_
     assert lines[1].split()[-1] == "checks"
     assert lines[2].split()[-1] == "passed"
     assert lines[3].endswith(f"failed: chat-skill accuracy {chat:.4g} < 0.5 (min)")
+    (target,) = project.report(["final"], scan=False)  # the page marks it too
+    assert [(r.variant, r.selected, r.failed) for r in target.sweeps] == [
+        (r.variant, r.selected, r.failed) for r in board.rows]
     again = project.make(["final"], device="cpu", reporter=Reporter())
     assert again.ok and again.count("built") == 0 and again.evaluations_run == 0
 
