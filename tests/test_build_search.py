@@ -183,7 +183,7 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     html = page.read_text()
     assert ('<p data-search="tuned"><b>tuned</b>: tpe sampler, seed 0, 3 of 3 trials done; '
             "maximize math-skill<br>") in html
-    table = re.search(r'<table data-table="search">.*?<tbody>(.*?)</tbody>', html, re.S)
+    table = re.search(r'<table data-table="search">.*?<tbody>(.*?)</tbody>', html, re.DOTALL)
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)
              for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table.group(1))]
     assert [(c[0], c[1].removeprefix("&#9733; "), c[3]) for c in cells] == [
