@@ -132,13 +132,18 @@ class Maker:
                     reporter.node_done(results[-1])
                 elif spec.select is not None and evaluations is not None:
                     try:
-                        self._select(spec, state, by_name, device, reporter, evaluations)
+                        refused = self._select(spec, state, by_name, device, reporter,
+                                               evaluations)
                     except MergebuildError as exc:
                         if not keep_going:
                             raise
+                        refused = NodeResult(state.name, "failed", str(exc))
+                    if refused is not None:  # no variant passed its checks
                         failed.add(state.name)
-                        results.append(NodeResult(state.name, "failed", str(exc)))
-                        reporter.node_done(results[-1])
+                        results.append(refused)
+                        reporter.node_done(refused)
+                        if not keep_going:
+                            break
                 else:
                     state.status = "fresh"
                 continue
@@ -161,6 +166,9 @@ class Maker:
                 continue
             sweep = sweep_of.get(state.name)
             forced = force and (state.name in targets or sweep in targets)
+            # A variant ranked by its sweep's select: failing its checks is kept out of the
+            # ranking (reported), not failed: the sweep selects the best that passes.
+            ranked = sweep is not None and self.mergefile.nodes[sweep].select is not None  # type: ignore[union-attr]
             if sweep is not None and state.status != "fresh":
                 # Every stale variant of the sweep at once: they share their parents.
                 group = [by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
@@ -179,24 +187,28 @@ class Maker:
                 for variant, result in zip(group, group_results, strict=True):
                     if evaluations is not None and result.outcome != "failed":
                         try:
-                            result = self._score_variant(variant, result, evaluations)
+                            result = self._score_variant(variant, result, evaluations,
+                                                         ranked)
                         except MergebuildError as exc:
                             if not keep_going:
                                 raise
                             result = NodeResult(variant.name, "failed", str(exc))
                         if result.outcome == "failed":  # its checks, or its evaluation
                             reporter.node_done(result)
+                        elif result.failed_checks:
+                            reporter.excluded(variant.name, sweep, result.checks)
                     if result.outcome == "failed":
                         failed.add(variant.name)
                     results.append(result)
                 if not keep_going and any(s.name in failed for s in group):
-                    break  # a variant failed its checks: stop, as for any failed node
+                    break  # a variant failed (its build, its evaluation, or its checks
+                    # in a sweep without select:): stop, as for any failed node
                 continue
             try:
                 result = self._make_node(spec, state, by_name, forced, device, reporter,
                                          evaluations)
                 if evaluations is not None:
-                    result = self._gate(state, result, evaluations)
+                    result = self._gate(state, result, evaluations, ranked)
             except MergebuildError as exc:
                 if not keep_going:
                     raise
@@ -205,6 +217,8 @@ class Maker:
             results.append(result)
             if result.outcome != "fresh":
                 reporter.node_done(result)
+                if result.outcome != "failed" and result.failed_checks:
+                    reporter.excluded(state.name, sweep or state.name, result.checks)
             if result.outcome == "failed":
                 failed.add(state.name)
                 if not keep_going:
@@ -214,26 +228,33 @@ class Maker:
         reporter.summary(outcome)
         return outcome
 
-    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations
-                       ) -> NodeResult:
+    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+                       ranked: bool) -> NodeResult:
         """A variant built in a sweep's pass: scored on the evals it needs (its selection's
         among them, each once per digest) and judged by its checks."""
         assert state.digest is not None
         evaluations.know(state.name, state.digest)
         evaluations.ensure(state.name, state.digest, state.path)
-        return self._gate(state, result, evaluations)
+        return self._gate(state, result, evaluations, ranked)
 
     def _select(self, spec: SweepSpec, state: NodeState, states: dict[str, NodeState],
-                device: str | None, reporter: Reporter, evaluations: Evaluations) -> None:
+                device: str | None, reporter: Reporter, evaluations: Evaluations
+                ) -> NodeResult | None:
         """Resolve the sweep's ``select:`` from its variants' scores: from here on the sweep
-        is its selected variant (digest, key, directory) for its children."""
+        is its selected variant (digest, key, directory) for its children. When no variant
+        passed its checks, the sweep's failed result says so (naming the best failing one).
+        """
         from mergebuild.errors import EvaluationError
         from mergebuild.plan.selection import choose
 
         selection = choose(self.mergefile, self.graph, spec.name, evaluations.scores)
-        if selection.value is None:
+        state.selection = selection
+        refused = selection.refused()
+        if refused is not None and selection.ranking[0].failed is not None:
+            return NodeResult(spec.name, "failed", refused)
+        if refused is not None:
             raise EvaluationError(
-                f"no variant has a value of {spec.select.metric}", node=spec.name,  # type: ignore[union-attr]
+                refused, node=spec.name,
                 hint="see 'mergebuild metrics " + spec.name + "' for what each variant scored")
         winner = states[selection.winner]
         if winner.status == "dropped":  # selected again after gc removed it: build it back
@@ -247,6 +268,7 @@ class Maker:
         state.status, state.reasons = "fresh", []
         evaluations.know(spec.name, winner.digest)  # children's retain checks read it
         reporter.selected(selection)
+        return None
 
     def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:
         """Score a source on its pending evals (materialising it only then)."""
@@ -256,10 +278,12 @@ class Maker:
             directory = materialize(state.source, self.store)
             evaluations.ensure(state.name, state.digest, directory)
 
-    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations
-              ) -> NodeResult:
+    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+              ranked: bool = False) -> NodeResult:
         """Score a node that is up to date (its pending evals only) and judge its checks; a
-        failed check fails the node: its build stays in the store, its children wait."""
+        failed check fails the node: its build stays in the store, its children wait. A
+        ``ranked`` variant (its sweep selects) only carries its verdicts: its sweep's
+        selection keeps it out of the ranking (see plan/selection.judge)."""
         assert state.digest is not None
         evaluations.know(state.name, state.digest)
         if result.outcome != "built":
@@ -268,7 +292,7 @@ class Maker:
         checks = evaluations.checks(state.name)
         result = dataclasses.replace(result, checks=checks)
         failures = result.failed_checks
-        if failures:
+        if failures and not ranked:
             return dataclasses.replace(
                 result, outcome="failed",
                 detail=f"{len(failures)} check{'s' * (len(failures) != 1)} failed")

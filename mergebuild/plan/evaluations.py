@@ -103,17 +103,20 @@ class CheckOutcome:
 
     def describe(self) -> str:
         """One line naming node, eval, value, threshold and (for retain) the ancestor."""
+        return f"{self.node}: {self.condition()}"
+
+    def condition(self) -> str:
+        """What was compared, without the node: ``code-skill accuracy 0.4 < 0.5 (min)``."""
         shown = "not evaluated" if self.value is None else f"{self.value:.4g}"
         if self.rule == "retain":
             sign = {(True, True): ">=", (True, False): "<", (False, True): "<=",
                     (False, False): ">"}[(self.higher_is_better, self.passed)]
-            return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} "
-                    f"{self.threshold:.4g} (retain {self.retain:.0%} of {self.ancestor}'s "
+            return (f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
+                    f"(retain {self.retain:.0%} of {self.ancestor}'s "
                     f"{self.ancestor_value:.4g})")
         sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=",
                 ("max", False): ">"}[(self.rule, self.passed)]
-        return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
-                f"({self.rule})")
+        return f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} ({self.rule})"
 
 
 def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:

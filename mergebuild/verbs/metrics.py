@@ -135,7 +135,8 @@ def metrics_json(table: list[NodeMetrics], diff: bool = False) -> list[dict[str,
 @dataclass(frozen=True)
 class LeaderboardRow:
     """One variant of a sweep: its place, swept values, the value its sweep's ``select:``
-    ranks by (``worst``: retention's lowest share), and every stored score."""
+    ranks by (``worst``: retention's lowest share), every stored score, and the checks it
+    failed (``failed``: it is kept out of the ranking, placed after those that passed)."""
 
     place: int
     variant: str
@@ -144,6 +145,7 @@ class LeaderboardRow:
     worst: float | None
     scores: Scores
     selected: bool
+    failed: str | None = None  # e.g. "failed: code-skill accuracy 0.4 < 0.5 (min)"
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Leaderboard:
     rows: tuple[LeaderboardRow, ...]
     selected: str | None
     why: str | None
+    refused: str | None = None  # why nothing is selected: no variant passed its checks
 
     @property
     def paths(self) -> list[str]:
@@ -185,24 +188,22 @@ def leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
     selection = choose(mergefile, graph, sweep, known.scores)
     rows = []
     for ranked in selection.ranking:
-        worst = None
-        if spec.select.metric == "retention":
-            found = retention_range(mergefile, graph, ranked.variant, known.scores)
-            worst = None if found is None else found[1]
         rows.append(LeaderboardRow(
             place=ranked.place, variant=ranked.variant, point=points[ranked.variant],
-            value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
-            selected=resolved is not None and resolved.winner == ranked.variant))
+            value=ranked.value, worst=selection.worst.get(ranked.variant),
+            scores=known.scores(ranked.variant),
+            selected=resolved is not None and resolved.winner == ranked.variant,
+            failed=ranked.failed))
     return Leaderboard(sweep, spec.select.goal, spec.select.metric, selection.measure,
                        tuple(rows), resolved.winner if resolved else None,
-                       resolved.why() if resolved else None)
+                       resolved.why() if resolved else None, _refused(state))
 
 
 def search_leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
                        states: list[NodeState], search: str) -> Leaderboard:
     """A search's trials as a sweep's leaderboard (``states``: a plan of the search, whose
     state holds the study): ranked by the values told to the sampler, ties to the earlier
-    trial; a trial kept out of the ranking (a failed check) is last, without a value."""
+    trial; a trial kept out of the ranking (a failed check) after the rest, marked."""
     by_name = {s.name: s for s in states}
     state = by_name[search]
     spec = mergefile.nodes[search]
@@ -212,8 +213,9 @@ def search_leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
     trials = {t.name: t for t in study.trials} if study is not None else {}
     resolved = state.selection if state.digest is not None else None
     values = {name: t.value for name, t in trials.items()}
+    failed = {name: t.excluded for name, t in trials.items() if t.excluded is not None}
     rows = []
-    for ranked in rank(spec.select, list(trials), values):
+    for ranked in rank(spec.select, list(trials), values, failed):
         worst = None
         if spec.select.metric == "retention" and ranked.value is not None:
             found = retention_range(mergefile, graph, ranked.variant, known.scores)
@@ -221,11 +223,19 @@ def search_leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
         rows.append(LeaderboardRow(
             place=ranked.place, variant=ranked.variant, point=trials[ranked.variant].point,
             value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
-            selected=resolved is not None and resolved.winner == ranked.variant))
+            selected=resolved is not None and resolved.winner == ranked.variant,
+            failed=ranked.failed))
     measure = measure_of(mergefile, spec.select, list(trials), known.scores)
     return Leaderboard(search, spec.select.goal, spec.select.metric, measure, tuple(rows),
                        resolved.winner if resolved else None,
-                       resolved.why() if resolved else None)
+                       resolved.why() if resolved else None, _refused(state))
+
+
+def _refused(state: NodeState | None) -> str | None:
+    """Why a sweep or search planned with its scores all known selects nothing."""
+    if state is None or state.selection is None or state.digest is not None:
+        return None
+    return state.selection.refused()
 
 
 def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
@@ -233,10 +243,10 @@ def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
     return {
         "node": board.sweep, "select": ({"goal": board.goal, "metric": board.metric,
                                           "measure": board.measure} if board.goal else None),
-        "selected": board.selected, "why": board.why,
+        "selected": board.selected, "why": board.why, "refused": board.refused,
         "leaderboard": [{"place": r.place, "variant": r.variant, "point": dict(r.point),
                          "value": r.value, "min": r.worst, "selected": r.selected,
-                         "scores": r.scores} for r in board.rows],
+                         "failed": r.failed, "scores": r.scores} for r in board.rows],
     }
 
 
