@@ -12,13 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
 from mergebuild.build.record import build_record, utc_now
+from mergebuild.build.search import make_search
 from mergebuild.errors import (
     BuildInterrupted,
     CorruptParentError,
@@ -32,7 +31,15 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
+from mergebuild.spec.graph import Dag
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.store.objects import Store
 
 
@@ -42,7 +49,7 @@ class Maker:
     The caller holds the store's use lock; each key is built under its own lock.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, planner: Planner,
+    def __init__(self, mergefile: Mergefile, graph: Dag, planner: Planner,
                  lock: SourceLock, store: Store) -> None:
         self.mergefile = mergefile
         self.graph = graph
@@ -51,6 +58,7 @@ class Maker:
         self.store = store
         self.allow_nonfinite = False
         self.refs = store.refs_of(mergefile.path)  # this Mergefile's records, nobody else's
+        self._states: dict[str, NodeState] = {}  # the make's plan, by name
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter,
@@ -66,8 +74,13 @@ class Maker:
         self._import_torch_early(force)
         states = self.planner.plan(targets, force=force)
         reporter.plan(states)
+        # A stale search builds its trials; a sweep is built as its variants (merges).
+        to_build = sum(1 for s in states if s.kind in ("merge", "search") and s.status == "stale")
+        if to_build:
+            self.store.require_writable(f"cannot build {to_build} node{'s' * (to_build != 1)}")
         self.lock.update(states)
         by_name = {s.name: s for s in states}
+        self._states = by_name
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
                        if self.mergefile.evals else None)
         if evaluations is not None:
@@ -82,9 +95,34 @@ class Maker:
                 if evaluations is not None:
                     self._evaluate_source(state, evaluations)
                 continue
-            if state.name in settled:
+            if state.name in settled or self.graph.nodes[state.name].get("trial_of") in by_name:
+                continue  # a search's trials are built by its study, in its order
+            if state.status == "dropped":  # lost its sweep's selection; its scores are known
+                if evaluations is not None:
+                    evaluations.know(state.name, state.digest)
                 continue
             spec = self.mergefile.nodes[state.name]
+            if isinstance(spec, SearchSpec):
+                blocked = [r for r in spec.template.parent_refs() if r in failed]
+                try:
+                    if blocked:
+                        raise MergebuildError(f"parent '{blocked[0]}' failed", node=spec.name)
+                    found = make_search(self, spec, state, by_name,
+                                        force=force and state.name in targets, device=device,
+                                        reporter=reporter, evaluations=evaluations)
+                except MergebuildError as exc:
+                    if not keep_going:
+                        raise
+                    found = [NodeResult(state.name, "skipped" if blocked else "failed",
+                                        exc.message)]
+                results.extend(found)
+                if found[-1].outcome != "fresh":
+                    reporter.node_done(found[-1])
+                if found[-1].outcome in ("failed", "skipped"):
+                    failed.add(state.name)
+                    if not keep_going:
+                        break
+                continue
             if isinstance(spec, SweepSpec):
                 lost = [v for v in spec.variants if v in failed]
                 if lost:
@@ -92,6 +130,20 @@ class Maker:
                     results.append(NodeResult(state.name, "skipped",
                                               f"variant '{lost[0]}' failed"))
                     reporter.node_done(results[-1])
+                elif spec.select is not None and evaluations is not None:
+                    try:
+                        refused = self._select(spec, state, by_name, device, reporter,
+                                               evaluations)
+                    except MergebuildError as exc:
+                        if not keep_going:
+                            raise
+                        refused = NodeResult(state.name, "failed", str(exc))
+                    if refused is not None:  # no variant passed its checks
+                        failed.add(state.name)
+                        results.append(refused)
+                        reporter.node_done(refused)
+                        if not keep_going:
+                            break
                 else:
                     state.status = "fresh"
                 continue
@@ -114,6 +166,9 @@ class Maker:
                 continue
             sweep = sweep_of.get(state.name)
             forced = force and (state.name in targets or sweep in targets)
+            # A variant ranked by its sweep's select: failing its checks is kept out of the
+            # ranking (reported), not failed: the sweep selects the best that passes.
+            ranked = sweep is not None and self.mergefile.nodes[sweep].select is not None  # type: ignore[union-attr]
             if sweep is not None and state.status != "fresh":
                 # Every stale variant of the sweep at once: they share their parents.
                 group = [by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
@@ -128,14 +183,32 @@ class Maker:
                     failed.update(s.name for s in group)
                     group_results = [NodeResult(s.name, "failed", str(exc)) for s in group]
                 for result in group_results:
-                    results.append(result)
                     reporter.node_done(result)
+                for variant, result in zip(group, group_results, strict=True):
+                    if evaluations is not None and result.outcome != "failed":
+                        try:
+                            result = self._score_variant(variant, result, evaluations,
+                                                         ranked)
+                        except MergebuildError as exc:
+                            if not keep_going:
+                                raise
+                            result = NodeResult(variant.name, "failed", str(exc))
+                        if result.outcome == "failed":  # its checks, or its evaluation
+                            reporter.node_done(result)
+                        elif result.failed_checks:
+                            reporter.excluded(variant.name, sweep, result.checks)
+                    if result.outcome == "failed":
+                        failed.add(variant.name)
+                    results.append(result)
+                if not keep_going and any(s.name in failed for s in group):
+                    break  # a variant failed (its build, its evaluation, or its checks
+                    # in a sweep without select:): stop, as for any failed node
                 continue
             try:
                 result = self._make_node(spec, state, by_name, forced, device, reporter,
                                          evaluations)
                 if evaluations is not None:
-                    result = self._gate(state, result, evaluations)
+                    result = self._gate(state, result, evaluations, ranked)
             except MergebuildError as exc:
                 if not keep_going:
                     raise
@@ -144,6 +217,8 @@ class Maker:
             results.append(result)
             if result.outcome != "fresh":
                 reporter.node_done(result)
+                if result.outcome != "failed" and result.failed_checks:
+                    reporter.excluded(state.name, sweep or state.name, result.checks)
             if result.outcome == "failed":
                 failed.add(state.name)
                 if not keep_going:
@@ -153,6 +228,48 @@ class Maker:
         reporter.summary(outcome)
         return outcome
 
+    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+                       ranked: bool) -> NodeResult:
+        """A variant built in a sweep's pass: scored on the evals it needs (its selection's
+        among them, each once per digest) and judged by its checks."""
+        assert state.digest is not None
+        evaluations.know(state.name, state.digest)
+        evaluations.ensure(state.name, state.digest, state.path)
+        return self._gate(state, result, evaluations, ranked)
+
+    def _select(self, spec: SweepSpec, state: NodeState, states: dict[str, NodeState],
+                device: str | None, reporter: Reporter, evaluations: Evaluations
+                ) -> NodeResult | None:
+        """Resolve the sweep's ``select:`` from its variants' scores: from here on the sweep
+        is its selected variant (digest, key, directory) for its children. When no variant
+        passed its checks, the sweep's failed result says so (naming the best failing one).
+        """
+        from mergebuild.errors import EvaluationError
+        from mergebuild.plan.selection import choose
+
+        selection = choose(self.mergefile, self.graph, spec.name, evaluations.scores)
+        state.selection = selection
+        refused = selection.refused()
+        if refused is not None and selection.ranking[0].failed is not None:
+            return NodeResult(spec.name, "failed", refused)
+        if refused is not None:
+            raise EvaluationError(
+                refused, node=spec.name,
+                hint="see 'mergebuild metrics " + spec.name + "' for what each variant scored")
+        winner = states[selection.winner]
+        if winner.status == "dropped":  # selected again after gc removed it: build it back
+            variant = self.mergefile.nodes[winner.name]
+            assert isinstance(variant, MergeSpec)
+            winner.reasons = [f"selected by {spec.name}; removed by gc"]
+            result = self._make_node(variant, winner, states, False, device, reporter)
+            reporter.node_done(result)
+        state.selection = selection
+        state.digest, state.key, state.path = winner.digest, winner.key, winner.path
+        state.status, state.reasons = "fresh", []
+        evaluations.know(spec.name, winner.digest)  # children's retain checks read it
+        reporter.selected(selection)
+        return None
+
     def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:
         """Score a source on its pending evals (materialising it only then)."""
         assert state.digest is not None and state.source is not None
@@ -161,10 +278,12 @@ class Maker:
             directory = materialize(state.source, self.store)
             evaluations.ensure(state.name, state.digest, directory)
 
-    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations
-              ) -> NodeResult:
+    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+              ranked: bool = False) -> NodeResult:
         """Score a node that is up to date (its pending evals only) and judge its checks; a
-        failed check fails the node: its build stays in the store, its children wait."""
+        failed check fails the node: its build stays in the store, its children wait. A
+        ``ranked`` variant (its sweep selects) only carries its verdicts: its sweep's
+        selection keeps it out of the ranking (see plan/selection.judge)."""
         assert state.digest is not None
         evaluations.know(state.name, state.digest)
         if result.outcome != "built":
@@ -173,7 +292,7 @@ class Maker:
         checks = evaluations.checks(state.name)
         result = dataclasses.replace(result, checks=checks)
         failures = result.failed_checks
-        if failures:
+        if failures and not ranked:
             return dataclasses.replace(
                 result, outcome="failed",
                 detail=f"{len(failures)} check{'s' * (len(failures) != 1)} failed")
@@ -227,6 +346,12 @@ class Maker:
         faults.point("project.node_done")
         return NodeResult(spec.name, "built", "; ".join(state.reasons),
                           seconds=time.monotonic() - t0, bytes_written=written, path=path)
+
+    def make_trial(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str | None, reporter: Reporter,
+                   evaluations: Evaluations | None) -> NodeResult:
+        """One trial of a search, built (and scored on its evals) like any merge node."""
+        return self._make_node(spec, state, states, force, device, reporter, evaluations)
 
     def _make_variants(self, group: list[NodeState], states: dict[str, NodeState],
                        force: bool, device: str | None, reporter: Reporter
@@ -344,9 +469,13 @@ class Maker:
         previous = self.refs.read(spec.name)
         if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
             return
+        selected = {ref: self._states[ref].selection.winner  # type: ignore[union-attr]
+                    for ref in spec.parent_refs()
+                    if ref in self._states and self._states[ref].selection is not None}
         self.refs.write(spec.name, {
             "key": state.key, "digest": state.digest, "recipe": state.recipe,
             "parents": parent_names(spec, method),
+            **({"selected": selected} if selected else {}),
         })
 
     def _build(self, spec: MergeSpec, method: Method, state: NodeState,
@@ -404,7 +533,7 @@ class Maker:
         for ref in spec.parent_refs():
             node = self.mergefile.nodes[ref]
             built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
-            if built.kind == "merge" and built.key is not None:
+            if built.kind in ("merge", "sweep", "search") and built.key is not None:
                 keys[ref] = built.key
         return keys
 

@@ -11,11 +11,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
-import networkx as nx
-
 from mergebuild.errors import EvaluationError, MergefileError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION, EvalDefinition
-from mergebuild.spec.model import Bound, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.graph import Dag, ancestors, topological_order
+from mergebuild.spec.model import (
+    Bound,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
+from mergebuild.spec.sweep import RETENTION, split_select_metric
 from mergebuild.store.results import ResultStore
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "required_evals",
     "retention",
     "score_metrics",
+    "selection_evals",
 ]
 
 # scores(node) -> {eval name: {metric: value}} of the node's current model (what is known).
@@ -95,46 +103,83 @@ class CheckOutcome:
 
     def describe(self) -> str:
         """One line naming node, eval, value, threshold and (for retain) the ancestor."""
+        return f"{self.node}: {self.condition()}"
+
+    def condition(self) -> str:
+        """What was compared, without the node: ``code-skill accuracy 0.4 < 0.5 (min)``."""
         shown = "not evaluated" if self.value is None else f"{self.value:.4g}"
         if self.rule == "retain":
             sign = {(True, True): ">=", (True, False): "<", (False, True): "<=",
                     (False, False): ">"}[(self.higher_is_better, self.passed)]
-            return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} "
-                    f"{self.threshold:.4g} (retain {self.retain:.0%} of {self.ancestor}'s "
+            return (f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
+                    f"(retain {self.retain:.0%} of {self.ancestor}'s "
                     f"{self.ancestor_value:.4g})")
         sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=",
                 ("max", False): ">"}[(self.rule, self.passed)]
-        return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
-                f"({self.rule})")
+        return f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} ({self.rule})"
 
 
 def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
-    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'."""
+    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'
+    (a sweep's: its variants', written once for all of them)."""
     spec = mergefile.nodes[node]
     if isinstance(spec, SourceSpec):
         return spec.evals
+    if isinstance(spec, SearchSpec):  # it stands for its best trial, scored as they are
+        spec = spec.template
     if isinstance(spec, MergeSpec):
         return tuple(dict.fromkeys([*spec.evals, *(b.eval for b in spec.checks.bounds)]))
+    if isinstance(spec, SweepSpec) and spec.select is not None:
+        return declared_evals(mergefile, spec.variants[0])
     return ()
 
 
-def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
+def retained_ancestors(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
     """The ancestors (any number of stages up) whose own evals ``node``'s retain check keeps,
     in build order: every ancestor that declares evals."""
     spec = mergefile.nodes[node]
     if not (isinstance(spec, MergeSpec) and spec.checks.retain is not None):
         return []
-    ancestors = nx.ancestors(graph, node)
-    order = [n for n in nx.topological_sort(graph) if n in ancestors]
-    return [a for a in order if declared_evals(mergefile, a)]
+    return _ancestors_with_evals(mergefile, graph, node)
 
 
-def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
-    """Every eval ``node`` must be scored on: its own, and with ``retain``, each retained
-    ancestor's own evals (a merge is held to its parents' skills)."""
+def required_evals(mergefile: Mergefile, graph: Dag, node: str) -> tuple[str, ...]:
+    """Every eval ``node`` must be scored on: its own, with ``retain`` each retained
+    ancestor's own evals (a merge is held to its parents' skills), and as a variant of a
+    sweep with ``select:`` the evals the selection reads."""
     names = list(declared_evals(mergefile, node))
     for ancestor in retained_ancestors(mergefile, graph, node):
         names += declared_evals(mergefile, ancestor)
+    names += selection_evals(mergefile, graph, node)
+    return tuple(dict.fromkeys(names))
+
+
+def selection_evals(mergefile: Mergefile, graph: Dag, node: str) -> tuple[str, ...]:
+    """The evals a sweep's ``select:`` reads of ``node``, one of its variants: the named eval,
+    or for retention every eval its scored ancestors declare (none when not a variant). A
+    search is scored on what its trials are (it stands for the best one)."""
+    names: list[str] = []
+    own = mergefile.nodes.get(node)
+    if isinstance(own, SearchSpec):
+        if own.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                if graph.nodes[ancestor].get("trial_of") != node:
+                    names += declared_evals(mergefile, ancestor)
+        elif (target := split_select_metric(own.select.metric, mergefile.evals)) is not None:
+            names.append(target[0])
+    for sweep in graph.succ[node] if node in graph else ():
+        spec = mergefile.nodes[sweep]
+        if isinstance(spec, SearchSpec) and graph.nodes[node].get("trial_of") != sweep:
+            continue  # a parent of the search, not one of its trials
+        if not (isinstance(spec, SweepSpec | SearchSpec) and spec.select is not None):
+            continue
+        if spec.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                names += declared_evals(mergefile, ancestor)
+            continue
+        target = split_select_metric(spec.select.metric, mergefile.evals)
+        if target is not None:
+            names.append(target[0])
     return tuple(dict.fromkeys(names))
 
 
@@ -167,7 +212,7 @@ def _digest(definition: EvalDefinition) -> str:
     return _digest_cached(definition, tuple(stamp))
 
 
-def plan_evaluations(mergefile: Mergefile, graph: nx.DiGraph, node: str,
+def plan_evaluations(mergefile: Mergefile, graph: Dag, node: str,
                      model_digest: str | None, results: ResultStore,
                      digests: Mapping[str, str]) -> list[EvalTask]:
     """The evaluations ``node`` needs, cached or pending with why (``model_digest`` None: the
@@ -213,7 +258,7 @@ def _direction(definition: EvalDefinition, metric: str) -> bool | None:
         return None
 
 
-def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def retention(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
               ) -> list[RetentionRow]:
     """For each retained ancestor's own eval and score metric: what ``node`` keeps of it."""
     rows = []
@@ -233,14 +278,19 @@ def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
     return rows
 
 
-def _ancestors_with_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
-    """Without a retain check, the table still compares a node with its scored ancestors."""
-    ancestors = nx.ancestors(graph, node)
-    return [a for a in nx.topological_sort(graph)
-            if a in ancestors and declared_evals(mergefile, a)]
+def _ancestors_with_evals(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
+    """The ancestors that declare evals, in build order. Below a sweep with ``select:`` the
+    sweep stands for its selected variant: its variants are not ancestors of their own."""
+    above = ancestors(graph, node)
+    for name in [node, *above]:
+        spec = mergefile.nodes[name]
+        if isinstance(spec, SweepSpec) and spec.select is not None:
+            above.difference_update(spec.variants)
+    return [a for a in topological_order(graph)
+            if a in above and declared_evals(mergefile, a)]
 
 
-def apply_checks(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def apply_checks(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
                  ) -> list[CheckOutcome]:
     """Every gate of ``node``: its retain check per ancestor eval metric, then its bounds."""
     spec = mergefile.nodes[node]
