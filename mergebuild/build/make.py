@@ -1,5 +1,9 @@
 """The make loop: build each stale node in order under its key's lock, reuse what another
-build or an early cutoff already made, publish into the store and record the node's ref."""
+build or an early cutoff already made, publish into the store and record the node's ref.
+
+The loop runs in the driver; the work under a key's lock (build, evaluate, publish) is a unit
+handed to an executor (build/executors.py): in this process, or in workers, at once for
+independent units."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import dataclasses
 import importlib
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +22,10 @@ import networkx as nx
 from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
-from mergebuild.build.job import assemble_job, check_before_fetch, with_parents
+from mergebuild.build.executors import Done, Executor, LocalExecutor, WorkUnit, replay
+from mergebuild.build.job import assemble_job, check_before_fetch, parent_metadata, with_parents
 from mergebuild.build.record import build_record, utc_now
+from mergebuild.build.resources import MemoryBudget, UnitNeeds, estimate_peak_bytes
 from mergebuild.errors import (
     BuildInterrupted,
     CorruptParentError,
@@ -34,6 +41,130 @@ from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.store.objects import Store
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a unit did for one key: built and published it, or found it published by another
+    mergebuild under the key's lock."""
+
+    key: str
+    digest: str
+    path: Path
+    built: bool
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class NodeUnit:
+    """One merge node's build: under its key's lock, look again, else build, evaluate (the
+    build record includes the scores) and publish."""
+
+    label: str
+    mergefile: Mergefile
+    graph: nx.DiGraph
+    store_root: Path
+    states: dict[str, NodeState]  # the node and the parents its build reads
+    key: str
+    recipe: dict[str, Any]
+    force: bool
+    device: str | None
+    allow_nonfinite: bool
+    evaluates: bool
+    known: dict[str, str] = field(default_factory=dict)  # node → digest, for its checks
+    needs: UnitNeeds = field(default_factory=lambda: UnitNeeds(memory=0))
+
+    def run(self, store: Store, reporter: Reporter, evaluations: Evaluations | None
+            ) -> Published:
+        spec = self.mergefile.nodes[self.label]
+        assert isinstance(spec, MergeSpec)
+        builder = Builder(self.mergefile, self.graph, store, self.allow_nonfinite)
+        with store.lock(self.key, on_wait=lambda: reporter.waiting(spec.name)):
+            found = None if self.force else store.lookup(self.key)
+            if found:
+                return Published(self.key, found.digest, found.path, built=False)
+            t0 = time.monotonic()
+            path, written, digest = builder.build(spec, METHODS[spec.method], self.states,
+                                                  self.key, self.recipe, self.device,
+                                                  reporter, evaluations)
+        return Published(self.key, digest, path, built=True, bytes_written=written,
+                         seconds=time.monotonic() - t0)
+
+    def worker_evaluations(self, store: Store, reporter: Reporter) -> Evaluations | None:
+        if not self.evaluates:
+            return None
+        evaluations = Evaluations(self.mergefile, self.graph, store, reporter, self.device)
+        for node, digest in self.known.items():
+            evaluations.know(node, digest)
+        return evaluations
+
+
+@dataclass
+class VariantsUnit:
+    """A sweep's stale variants not found in the store, one pass over their shared parents:
+    each key locked in key order and looked up again under its lock; the rest built."""
+
+    label: str
+    mergefile: Mergefile
+    graph: nx.DiGraph
+    store_root: Path
+    states: dict[str, NodeState]  # one variant per key, and their parents
+    keys: list[tuple[str, str, dict[str, Any]]]  # (key, the variant built for it, recipe)
+    force: bool
+    device: str | None
+    allow_nonfinite: bool
+    needs: UnitNeeds = field(default_factory=lambda: UnitNeeds(memory=0))
+
+    def run(self, store: Store, reporter: Reporter, evaluations: Evaluations | None
+            ) -> list[Published]:
+        builder = Builder(self.mergefile, self.graph, store, self.allow_nonfinite)
+        done: dict[str, Published] = {}
+        todo = []
+        with contextlib.ExitStack() as locks:
+            for key, name, recipe in sorted(self.keys):
+                locks.enter_context(store.lock(key, on_wait=lambda name=name:
+                                               reporter.waiting(name)))
+                found = None if self.force else store.lookup(key)
+                if found is not None:
+                    done[key] = Published(key, found.digest, found.path, built=False)
+                else:
+                    spec = self.mergefile.nodes[name]
+                    assert isinstance(spec, MergeSpec)
+                    todo.append((spec, self.states[name], recipe))
+            if todo:
+                order = {key: i for i, (key, _, _) in enumerate(self.keys)}
+                todo.sort(key=lambda item: order[item[1].key])  # the sweep's order
+                t0 = time.monotonic()
+                built = builder.build_variants(todo, self.states, self.device, reporter)
+                seconds = time.monotonic() - t0
+                for (_spec, state, _), (path, written, digest) in zip(todo, built,
+                                                                       strict=True):
+                    assert state.key is not None
+                    done[state.key] = Published(state.key, digest, path, built=True,
+                                                bytes_written=written, seconds=seconds)
+        return [done[key] for key, _, _ in self.keys]
+
+    def worker_evaluations(self, store: Store, reporter: Reporter) -> Evaluations | None:
+        return None
+
+
+@dataclass
+class _Pending:
+    """A handled node (or sweep group) whose unit has not finished: how to finish it."""
+
+    unit: WorkUnit
+    names: list[str]
+    finish: Callable[[Any], list[NodeResult]]
+    fail: Callable[[MergebuildError], list[NodeResult]]
+
+
+@dataclass
+class _Ticket:
+    """A handled plan entry's results, reported once every earlier entry's are."""
+
+    results: list[NodeResult] | None = None  # None: its unit has not finished
+    events: tuple[Any, ...] = ()  # a remote unit's reporter events, replayed first
 
 
 class Maker:
@@ -54,11 +185,13 @@ class Maker:
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter,
-             allow_nonfinite: bool = False) -> MakeResult:
+             allow_nonfinite: bool = False, executor: Executor | None = None) -> MakeResult:
         """Build every stale node the targets (default: every final node) need; reuse the rest.
 
         A node whose parents were rebuilt is looked up again with their new digests: when a
-        parent's bytes did not change, the child is reused (early cutoff).
+        parent's bytes did not change, the child is reused (early cutoff). ``executor``
+        (default: this process, one node after another) runs the builds; results are
+        reported in plan order whatever order they finish in.
         """
         started = time.monotonic()
         self.allow_nonfinite = allow_nonfinite
@@ -67,87 +200,13 @@ class Maker:
         states = self.planner.plan(targets, force=force)
         reporter.plan(states)
         self.lock.update(states)
-        by_name = {s.name: s for s in states}
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
                        if self.mergefile.evals else None)
         if evaluations is not None:
             evaluations.check_installed(states)
-        results: list[NodeResult] = []
-        failed: set[str] = set()
-        sweep_of = {v: n for n, node in self.mergefile.nodes.items()
-                    if isinstance(node, SweepSpec) for v in node.variants}
-        settled: set[str] = set()  # variants built with the rest of their sweep
-        for state in states:
-            if state.kind == "source":
-                if evaluations is not None:
-                    self._evaluate_source(state, evaluations)
-                continue
-            if state.name in settled:
-                continue
-            spec = self.mergefile.nodes[state.name]
-            if isinstance(spec, SweepSpec):
-                lost = [v for v in spec.variants if v in failed]
-                if lost:
-                    failed.add(state.name)
-                    results.append(NodeResult(state.name, "skipped",
-                                              f"variant '{lost[0]}' failed"))
-                    reporter.node_done(results[-1])
-                else:
-                    state.status = "fresh"
-                continue
-            if isinstance(spec, AdaptedSpec):
-                if spec.model in failed:
-                    failed.add(state.name)
-                    results.append(NodeResult(state.name, "skipped",
-                                              f"parent '{spec.model}' failed"))
-                    reporter.node_done(results[-1])
-                else:  # its merge is built now: the identity children's keys use
-                    adapt(state, spec, by_name[spec.model])
-                continue
-            assert isinstance(spec, MergeSpec)
-            blocked = [r for r in spec.parent_refs() if r in failed]
-            if blocked:
-                failed.add(state.name)
-                results.append(NodeResult(state.name, "skipped",
-                                          f"parent '{blocked[0]}' failed"))
-                reporter.node_done(results[-1])
-                continue
-            sweep = sweep_of.get(state.name)
-            forced = force and (state.name in targets or sweep in targets)
-            if sweep is not None and state.status != "fresh":
-                # Every stale variant of the sweep at once: they share their parents.
-                group = [by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
-                         if v in by_name and by_name[v].status != "fresh"]
-                settled.update(s.name for s in group)
-                try:
-                    group_results = self._make_variants(group, by_name, forced, device,
-                                                        reporter)
-                except MergebuildError as exc:
-                    if not keep_going:
-                        raise
-                    failed.update(s.name for s in group)
-                    group_results = [NodeResult(s.name, "failed", str(exc)) for s in group]
-                for result in group_results:
-                    results.append(result)
-                    reporter.node_done(result)
-                continue
-            try:
-                result = self._make_node(spec, state, by_name, forced, device, reporter,
-                                         evaluations)
-                if evaluations is not None:
-                    result = self._gate(state, result, evaluations)
-            except MergebuildError as exc:
-                if not keep_going:
-                    raise
-                failed.add(state.name)
-                result = NodeResult(state.name, "failed", str(exc))
-            results.append(result)
-            if result.outcome != "fresh":
-                reporter.node_done(result)
-            if result.outcome == "failed":
-                failed.add(state.name)
-                if not keep_going:
-                    break
+        run = _MakeRun(self, states, targets, force, keep_going, device, reporter,
+                       evaluations, executor or LocalExecutor())
+        results = run.loop()
         outcome = MakeResult(results=results, seconds=time.monotonic() - started,
                              evaluations_run=evaluations.runs if evaluations else 0)
         reporter.summary(outcome)
@@ -193,9 +252,12 @@ class Maker:
 
         threading.Thread(target=load, name="import-torch", daemon=True).start()
 
-    def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
-                   force: bool, device: str | None, reporter: Reporter,
-                   evaluations: Evaluations | None = None) -> NodeResult:
+    # one merge node ----------------------------------------------------------------------
+    def _start_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                    force: bool, device: str | None, evaluations: Evaluations | None,
+                    estimate: bool) -> NodeResult | _Pending:
+        """A fresh node, or one an early cutoff finds in the store, at once; else the unit
+        that builds it."""
         method = METHODS[spec.method]
         if state.status == "fresh":
             self._record(spec, method, state)  # a no-op unless a make died before its ref
@@ -211,32 +273,37 @@ class Maker:
             return NodeResult(spec.name, "reused",
                               "parents rebuilt with identical output (early cutoff)",
                               path=found.path)
-        with self.store.lock(key, on_wait=lambda: reporter.waiting(spec.name)):
-            found = None if force else self.store.lookup(key)
-            if found:
-                state.status, state.digest, state.path = "fresh", found.digest, found.path
+        reads = self._reads(spec, states)
+        unit = NodeUnit(
+            label=spec.name, mergefile=self.mergefile, graph=self.graph,
+            store_root=self.store.root, states=reads, key=key, recipe=recipe, force=force,
+            device=device, allow_nonfinite=self.allow_nonfinite,
+            evaluates=evaluations is not None,
+            known=evaluations.known() if evaluations is not None else {},
+            needs=self._needs(spec, reads, 1, device) if estimate else UnitNeeds(memory=0))
+
+        def finish(published: Published) -> list[NodeResult]:
+            state.status, state.digest, state.path = "fresh", published.digest, published.path
+            if not published.built:
                 self._record(spec, method, state)
-                return NodeResult(spec.name, "reused", "built by another mergebuild",
-                                  path=found.path)
-            t0 = time.monotonic()
-            path, written = self._build(spec, method, state, states, key, recipe, device,
-                                        reporter, evaluations)
-        state.status, state.path = "fresh", path
-        faults.point("project.before_ref")
-        self._record(spec, method, state)
-        faults.point("project.node_done")
-        return NodeResult(spec.name, "built", "; ".join(state.reasons),
-                          seconds=time.monotonic() - t0, bytes_written=written, path=path)
+                return [NodeResult(spec.name, "reused", "built by another mergebuild",
+                                   path=published.path)]
+            faults.point("project.before_ref")
+            self._record(spec, method, state)
+            faults.point("project.node_done")
+            return [NodeResult(spec.name, "built", "; ".join(state.reasons),
+                               seconds=published.seconds,
+                               bytes_written=published.bytes_written, path=published.path)]
 
-    def _make_variants(self, group: list[NodeState], states: dict[str, NodeState],
-                       force: bool, device: str | None, reporter: Reporter
-                       ) -> list[NodeResult]:
-        """A sweep's stale variants, built in one pass over their shared parents.
+        return _Pending(unit, [spec.name], finish, lambda exc: [])
 
-        Variants already in the store (built before, or by another mergebuild) are reused;
-        variants whose recipes are identical (two points meaning the same merge) are built
-        once. Every key is built under its own lock, taken in key order.
-        """
+    # a sweep's stale variants ------------------------------------------------------------
+    def _start_variants(self, group: list[NodeState], states: dict[str, NodeState],
+                        force: bool, device: str | None, estimate: bool
+                        ) -> list[NodeResult] | _Pending:
+        """A sweep's stale variants: those already in the store (built before, or by another
+        mergebuild) reused at once; variants whose recipes are identical (two points meaning
+        the same merge) built once; the rest one unit, one pass over the shared parents."""
         results: dict[str, NodeResult] = {}
         todo: dict[str, list[tuple[MergeSpec, NodeState, dict[str, Any]]]] = {}
         for state in group:
@@ -248,45 +315,355 @@ class Maker:
             key = recipe_key(recipe)
             state.key, state.recipe = key, recipe
             todo.setdefault(key, []).append((spec, state, recipe))
-        with contextlib.ExitStack() as locks:
-            for key in sorted(todo):
-                found = None if force else self.store.lookup(key)
-                if found is None:
-                    name = todo[key][0][0].name
-                    locks.enter_context(self.store.lock(
-                        key, on_wait=lambda name=name: reporter.waiting(name)))
-                    found = None if force else self.store.lookup(key)
-                if found is not None:
-                    for spec, state, _ in todo.pop(key):
-                        state.status, state.digest, state.path = "fresh", found.digest, found.path
-                        self._record(spec, METHODS[spec.method], state)
-                        results[spec.name] = NodeResult(spec.name, "reused",
-                                                        "already built (same recipe)",
-                                                        path=found.path)
-            if todo:
-                t0 = time.monotonic()
-                built = self._build_variants([same[0] for same in todo.values()], states,
-                                             device, reporter)
-                seconds = time.monotonic() - t0
-                for (key, same), (path, written) in zip(todo.items(), built, strict=True):
-                    first = same[0][0].name
-                    for k, (spec, state, _) in enumerate(same):
-                        state.status, state.path = "fresh", path
-                        state.digest = same[0][1].digest
-                        self._record(spec, METHODS[spec.method], state)
-                        results[spec.name] = (
-                            NodeResult(spec.name, "built",
-                                       f"{'; '.join(state.reasons)}; one pass with "
-                                       f"{len(built)} variant(s)", seconds=seconds,
-                                       bytes_written=written, path=path) if k == 0 else
-                            NodeResult(spec.name, "reused", f"the same recipe as {first}",
-                                       path=path))
-        return [results[s.name] for s in group]
+        for key in sorted(todo):
+            found = None if force else self.store.lookup(key)
+            if found is not None:
+                self._reuse(todo.pop(key), found.digest, found.path, results)
+        if not todo:
+            return [results[s.name] for s in group]
+        lead = todo[next(iter(todo))][0][0]
+        reads = self._reads(lead, states)
+        for same in todo.values():
+            reads[same[0][0].name] = same[0][1]
+        unit = VariantsUnit(
+            label=f"{len(todo)} variant(s) of {lead.name.split('[', 1)[0]}",
+            mergefile=self.mergefile, graph=self.graph, store_root=self.store.root,
+            states=reads, keys=[(key, same[0][0].name, same[0][2]) for key, same in todo.items()],
+            force=force, device=device, allow_nonfinite=self.allow_nonfinite,
+            needs=self._needs(lead, reads, len(todo), device) if estimate
+            else UnitNeeds(memory=0))
 
-    def _build_variants(self, todo: list[tuple[MergeSpec, NodeState, dict[str, Any]]],
-                        states: dict[str, NodeState], device: str | None,
-                        reporter: Reporter) -> list[tuple[Path, int]]:
-        """Build variants over the same parents in one pass; publish each."""
+        def finish(published: list[Published]) -> list[NodeResult]:
+            built = sum(p.built for p in published)
+            for same, done in zip(todo.values(), published, strict=True):
+                if not done.built:
+                    self._reuse(same, done.digest, done.path, results)
+                    continue
+                first = same[0][0].name
+                for k, (spec, state, _) in enumerate(same):
+                    state.status, state.path, state.digest = "fresh", done.path, done.digest
+                    self._record(spec, METHODS[spec.method], state)
+                    results[spec.name] = (
+                        NodeResult(spec.name, "built",
+                                   f"{'; '.join(state.reasons)}; one pass with "
+                                   f"{built} variant(s)", seconds=done.seconds,
+                                   bytes_written=done.bytes_written, path=done.path)
+                        if k == 0 else
+                        NodeResult(spec.name, "reused", f"the same recipe as {first}",
+                                   path=done.path))
+            return [results[s.name] for s in group]
+
+        return _Pending(unit, [s.name for s in group], finish, lambda exc: [])
+
+    def _reuse(self, same: list[tuple[MergeSpec, NodeState, dict[str, Any]]], digest: str,
+               path: Path, results: dict[str, NodeResult]) -> None:
+        for spec, state, _ in same:
+            state.status, state.digest, state.path = "fresh", digest, path
+            self._record(spec, METHODS[spec.method], state)
+            results[spec.name] = NodeResult(spec.name, "reused", "already built (same recipe)",
+                                            path=path)
+
+    def _reads(self, spec: MergeSpec, states: dict[str, NodeState]) -> dict[str, NodeState]:
+        """The states a build of ``spec`` reads: its own, its parents', and the merge under
+        each adapted parent."""
+        reads = {spec.name: states[spec.name]}
+        for ref in spec.parent_refs():
+            reads[ref] = states[ref]
+            node = self.mergefile.nodes[ref]
+            if isinstance(node, AdaptedSpec):
+                reads[node.model] = states[node.model]
+        return reads
+
+    def _needs(self, spec: MergeSpec, states: dict[str, NodeState], variants: int,
+               device: str | None) -> UnitNeeds:
+        """The unit's peak memory, estimated from its parents' headers (sources generated or
+        read from disk here, hub parents' headers by range requests); a parent whose headers
+        cannot be read is left out (its build will say why)."""
+        try:
+            metadata = parent_metadata(self.mergefile, spec, states, self.store)
+        except MergebuildError:
+            metadata = {}
+        wanted = device or self.mergefile.defaults.device
+        return UnitNeeds(memory=estimate_peak_bytes({r: m.tensors for r, m in metadata.items()},
+                                                    variants),
+                         gpu=wanted != "cpu")
+
+    def _record(self, spec: MergeSpec, method: Method, state: NodeState) -> None:
+        previous = self.refs.read(spec.name)
+        if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
+            return
+        self.refs.write(spec.name, {
+            "key": state.key, "digest": state.digest, "recipe": state.recipe,
+            "parents": parent_names(spec, method),
+        })
+
+
+class _MakeRun:
+    """One make's loop: plan entries handled in order as soon as what they depend on is
+    settled, units handed to the executor as slots (and memory) allow, results reported in
+    plan order. With the local executor a unit finishes as it is submitted, so this is
+    exactly the serial loop."""
+
+    def __init__(self, maker: Maker, states: list[NodeState], targets: list[str], force: bool,
+                 keep_going: bool, device: str | None, reporter: Reporter,
+                 evaluations: Evaluations | None, executor: Executor) -> None:
+        self.maker, self.mergefile = maker, maker.mergefile
+        self.states = states
+        self.by_name = {s.name: s for s in states}
+        self.targets, self.force, self.keep_going = targets, force, keep_going
+        self.device, self.reporter, self.evaluations = device, reporter, evaluations
+        self.executor = executor
+        self.budget = (MemoryBudget.of_this_machine() if executor.limits_memory
+                       else MemoryBudget(None))
+        self.failed: set[str] = set()
+        self.settled: set[str] = set()  # variants built with the rest of their sweep
+        self.sweep_of = {v: n for n, node in self.mergefile.nodes.items()
+                         if isinstance(node, SweepSpec) for v in node.variants}
+        self.tickets: list[_Ticket] = []
+        self.reported = 0
+        self.queue: list[tuple[int, _Pending]] = []  # units waiting for a slot
+        self.running: dict[int, _Pending] = {}
+        self.busy: set[str] = set()  # nodes whose unit is queued or running
+        self.stopped = False  # a failure without --keep-going: start nothing more
+        self.error: MergebuildError | None = None
+        self.told_memory = False
+
+    # the loop ----------------------------------------------------------------------------
+    def loop(self) -> list[NodeResult]:
+        waiting = list(self.states)
+        unhandled = {s.name for s in waiting}
+        try:
+            while True:
+                for state in list(waiting):
+                    if self.stopped:
+                        break
+                    if self._blocked(state, unhandled):
+                        continue
+                    waiting.remove(state)
+                    unhandled.discard(state.name)
+                    self._handle(state)
+                    self._dispatch()
+                if self.stopped:
+                    self.queue.clear()
+                if not self.running:
+                    if self.queue:  # a unit alone always fits
+                        self._dispatch()
+                        continue
+                    break
+                self._collect(self.executor.wait())
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        if self.error is not None:
+            raise self.error
+        return [r for t in self.tickets for r in t.results or ()]
+
+    def _interrupted(self) -> None:
+        """Ctrl-C with units running: each turns it into BuildInterrupted and removes its
+        temp dir; wait for them so nothing is left half-written behind our back."""
+        if not self.running:
+            return
+        with contextlib.suppress(BaseException):
+            self.executor.close()
+        raise BuildInterrupted(f"interrupted; {len(self.running)} build(s) stopped, "
+                               "nothing of them published", node=None,
+                               hint="run make again to finish")
+
+    def _blocked(self, state: NodeState, unhandled: set[str]) -> bool:
+        spec = self.mergefile.nodes.get(state.name)
+        if isinstance(spec, SweepSpec):
+            needs = list(spec.variants)
+        elif isinstance(spec, AdaptedSpec):
+            needs = [spec.model]
+        elif isinstance(spec, MergeSpec):
+            needs = spec.parent_refs()
+        else:
+            return False
+        return any(n in self.busy or n in unhandled for n in needs)
+
+    # handling a plan entry ---------------------------------------------------------------
+    def _handle(self, state: NodeState) -> None:
+        maker, evaluations = self.maker, self.evaluations
+        if state.kind == "source":
+            if evaluations is not None:
+                self._guarded(lambda: maker._evaluate_source(state, evaluations))
+            return
+        if state.name in self.settled:
+            return
+        spec = self.mergefile.nodes[state.name]
+        if isinstance(spec, SweepSpec):
+            lost = [v for v in spec.variants if v in self.failed]
+            if lost:
+                self.failed.add(state.name)
+                self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+                                                          f"variant '{lost[0]}' failed")])
+            else:
+                state.status = "fresh"
+            return
+        if isinstance(spec, AdaptedSpec):
+            if spec.model in self.failed:
+                self.failed.add(state.name)
+                self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+                                                          f"parent '{spec.model}' failed")])
+            else:  # its merge is built now: the identity children's keys use
+                adapt(state, spec, self.by_name[spec.model])
+            return
+        assert isinstance(spec, MergeSpec)
+        blocked = [r for r in spec.parent_refs() if r in self.failed]
+        if blocked:
+            self.failed.add(state.name)
+            self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+                                                      f"parent '{blocked[0]}' failed")])
+            return
+        sweep = self.sweep_of.get(state.name)
+        forced = self.force and (state.name in self.targets or sweep in self.targets)
+        estimate = self.executor.remote
+        if sweep is not None and state.status != "fresh":
+            # Every stale variant of the sweep at once: they share their parents.
+            group = [self.by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
+                     if v in self.by_name and self.by_name[v].status != "fresh"]
+            self.settled.update(s.name for s in group)
+            names = [s.name for s in group]
+            self._start(lambda: maker._start_variants(group, self.by_name, forced,
+                                                      self.device, estimate), names)
+            return
+        self._start(lambda: maker._start_node(spec, state, self.by_name, forced, self.device,
+                                              evaluations, estimate), [state.name])
+
+    def _start(self, start: Callable[[], list[NodeResult] | NodeResult | _Pending],
+               names: list[str]) -> None:
+        """Run a node's (or group's) driver side; queue its unit, or settle it at once."""
+        ticket = self._ticket()
+        try:
+            started = start()
+        except MergebuildError as exc:
+            self._failed(ticket, names, exc)
+            return
+        if isinstance(started, _Pending):
+            self.busy.update(started.names)
+            self.queue.append((ticket, started))
+            return
+        results = started if isinstance(started, list) else [started]
+        self._settle(ticket, results)
+
+    def _settle(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = ()
+                ) -> None:
+        """A node's results, its checks judged (a single node with evals)."""
+        if len(results) == 1 and self.evaluations is not None and results[0].outcome in (
+                "fresh", "reused", "built") and self.sweep_of.get(results[0].name) is None:
+            state = self.by_name[results[0].name]
+            evaluations = self.evaluations
+            try:
+                results = [self.maker._gate(state, results[0], evaluations)]
+            except MergebuildError as exc:
+                self._failed(ticket, [state.name], exc, events)
+                return
+        for result in results:
+            if result.outcome == "failed":
+                self.failed.add(result.name)
+                if not self.keep_going:
+                    self.stopped = True
+        self._resolve(ticket, results, events)
+
+    def _failed(self, ticket: int, names: list[str], exc: MergebuildError,
+                events: tuple[Any, ...] = ()) -> None:
+        self.failed.update(names)
+        if not self.keep_going:
+            self.stopped = True
+            self.error = self.error or exc
+            self._resolve(ticket, [], events)
+            return
+        self._resolve(ticket, [NodeResult(n, "failed", str(exc)) for n in names], events)
+
+    def _guarded(self, work: Callable[[], None]) -> None:
+        """Driver-side work outside any node's result (a source's evaluation): its error
+        ends the make, as it always has, once the running units have finished."""
+        try:
+            work()
+        except MergebuildError as exc:
+            self.stopped = True
+            self.error = self.error or exc
+
+    # units -------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Hand queued units to the executor, in plan order, while slots and memory allow;
+        the local executor runs each as it is handed over."""
+        while self.queue and not self.stopped and len(self.running) < self.executor.slots:
+            ticket, pending = self.queue[0]
+            needs = pending.unit.needs.memory
+            if self.executor.limits_memory and not self.budget.fits(needs):
+                self._tell_memory(needs)
+                return
+            self.queue.pop(0)
+            self.budget.take(ticket, needs)
+            self.running[ticket] = pending
+            self.executor.submit(ticket, pending.unit, self.maker.store, self.reporter,
+                                 self.evaluations)
+            if not self.executor.remote:
+                self._collect(self.executor.wait())
+
+    def _tell_memory(self, needs: int) -> None:
+        if self.told_memory:
+            return
+        self.told_memory = True
+        assert self.budget.total is not None
+        self.reporter.note(
+            f"running {len(self.running)} build(s) at once, not {self.executor.slots}: the "
+            f"next needs about {needs / 2**30:.1f} GiB of memory and "
+            f"{self.budget.total / 2**30:.1f} GiB is available to builds")
+
+    def _collect(self, finished: list[Done]) -> None:
+        for done in finished:
+            pending = self.running.pop(done.ticket)
+            self.budget.give_back(done.ticket)
+            self.busy.difference_update(pending.names)
+            if self.evaluations is not None:
+                self.evaluations.runs += done.evaluations_run
+            if done.error is not None:
+                self._failed(done.ticket, pending.names, done.error, done.events)
+                continue
+            try:
+                results = pending.finish(done.outcome)
+            except MergebuildError as exc:
+                self._failed(done.ticket, pending.names, exc, done.events)
+                continue
+            self._settle(done.ticket, results, done.events)
+
+    # reporting in plan order -------------------------------------------------------------
+    def _ticket(self) -> int:
+        self.tickets.append(_Ticket())
+        return len(self.tickets) - 1
+
+    def _resolve(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = ()
+                 ) -> None:
+        self.tickets[ticket] = _Ticket(results=results, events=events)
+        while self.reported < len(self.tickets):
+            done = self.tickets[self.reported]
+            if done.results is None:
+                return
+            replay(done.events, self.reporter)
+            for result in done.results:
+                if result.outcome != "fresh":
+                    self.reporter.node_done(result)
+            self.reported += 1
+
+
+class Builder:
+    """The work under a key's lock, wherever it runs: assemble the job, check and fetch the
+    parents, build into ``tmp/``, write provenance, publish."""
+
+    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+                 allow_nonfinite: bool = False) -> None:
+        self.mergefile = mergefile
+        self.graph = graph
+        self.store = store
+        self.allow_nonfinite = allow_nonfinite
+
+    def build_variants(self, todo: list[tuple[MergeSpec, NodeState, dict[str, Any]]],
+                       states: dict[str, NodeState], device: str | None,
+                       reporter: Reporter) -> list[tuple[Path, int, str]]:
+        """Build variants over the same parents in one pass; publish each: its directory,
+        bytes written and digest."""
         from mergebuild.build.engine import run_builds
         from mergebuild.provenance.write import write_provenance
 
@@ -306,7 +683,7 @@ class Maker:
         reporter.node_start(NodeState(name=label, kind="merge", status="stale",
                                       method=lead.method))
         tmps = [self.store.new_tmp(state.key) for _, state, _ in todo]  # type: ignore[arg-type]
-        published: list[tuple[Path, int]] = []
+        published: list[tuple[Path, int, str]] = []
         started = utc_now()
         try:
             outputs = run_builds(jobs, tmps,
@@ -318,7 +695,8 @@ class Maker:
                                       states, state.key, recipe, output, started)  # type: ignore[arg-type]
                 write_provenance(tmp, record)
                 published.append((self.store.publish(tmp, state.key, output.digest,  # type: ignore[arg-type]
-                                                     output.xxh128), output.bytes_written))
+                                                     output.xxh128), output.bytes_written,
+                                  output.digest))
         except CorruptParentError as exc:
             for tmp in tmps[len(published):]:
                 self.store.abandon(tmp)
@@ -340,22 +718,14 @@ class Maker:
             raise
         return published
 
-    def _record(self, spec: MergeSpec, method: Method, state: NodeState) -> None:
-        previous = self.refs.read(spec.name)
-        if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
-            return
-        self.refs.write(spec.name, {
-            "key": state.key, "digest": state.digest, "recipe": state.recipe,
-            "parents": parent_names(spec, method),
-        })
-
-    def _build(self, spec: MergeSpec, method: Method, state: NodeState,
-               states: dict[str, NodeState], key: str, recipe: dict[str, Any],
-               device: str | None, reporter: Reporter,
-               evaluations: Evaluations | None = None) -> tuple[Path, int]:
+    def build(self, spec: MergeSpec, method: Method, states: dict[str, NodeState], key: str,
+              recipe: dict[str, Any], device: str | None, reporter: Reporter,
+              evaluations: Evaluations | None = None) -> tuple[Path, int, str]:
+        """Build ``spec`` and publish it: its directory, bytes written and digest."""
         from mergebuild.build.engine import run_build
         from mergebuild.provenance.write import write_provenance
 
+        state = states[spec.name]
         job = assemble_job(self.mergefile, spec, method, key, device, self.allow_nonfinite)
         # An incompatible recipe fails here, in seconds, before any weights are downloaded.
         check_before_fetch(job, self.mergefile, spec, states, self.store)
@@ -395,7 +765,7 @@ class Maker:
         except BaseException:
             self.store.abandon(tmp)
             raise
-        return path, output.bytes_written
+        return path, output.bytes_written, output.digest
 
     def _store_parents(self, spec: MergeSpec, states: dict[str, NodeState]) -> dict[str, str]:
         """Each parent read from a store object (a merge, or a merge read through a LoRA)
