@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import os
@@ -175,6 +176,8 @@ def _start_worker(indices: Any, gpus: int, device: str) -> None:
     Ctrl-C only for a running unit (an idle worker just waits to be shut down)."""
     os.environ.update(worker_environment(indices.get(), gpus, device))
     signal.signal(signal.SIGINT, _interrupt_running_unit)
+    importlib.import_module("mergebuild.build.engine")  # torch, once, before any build's clock
+    importlib.import_module("torch")
 
 
 class ProcessExecutor(Executor):

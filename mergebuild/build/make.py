@@ -419,7 +419,9 @@ class _MakeRun:
         self.settled: set[str] = set()  # variants built with the rest of their sweep
         self.sweep_of = {v: n for n, node in self.mergefile.nodes.items()
                          if isinstance(node, SweepSpec) for v in node.variants}
-        self.tickets: list[_Ticket] = []
+        # one per plan entry, in plan order: results are reported in that order
+        self.tickets = [_Ticket() for _ in states]
+        self.entry = {s.name: i for i, s in enumerate(states)}
         self.reported = 0
         self.queue: list[tuple[int, _Pending]] = []  # units waiting for a slot
         self.running: dict[int, _Pending] = {}
@@ -442,6 +444,9 @@ class _MakeRun:
                     waiting.remove(state)
                     unhandled.discard(state.name)
                     self._handle(state)
+                    if self.tickets[self.entry[state.name]].results is None and not any(
+                            state.name in p.names for p in self._pending()):
+                        self._resolve(self.entry[state.name], [])  # nothing to report
                     self._dispatch()
                 if self.stopped:
                     self.queue.clear()
@@ -454,9 +459,15 @@ class _MakeRun:
         except KeyboardInterrupt:
             self._interrupted()
             raise
+        for entry, ticket in enumerate(self.tickets):  # entries a failure left unhandled
+            if ticket.results is None:
+                self._resolve(entry, [])
         if self.error is not None:
             raise self.error
         return [r for t in self.tickets for r in t.results or ()]
+
+    def _pending(self) -> list[_Pending]:
+        return [p for _, p in self.queue] + list(self.running.values())
 
     def _interrupted(self) -> None:
         """Ctrl-C with units running: each turns it into BuildInterrupted and removes its
@@ -495,7 +506,7 @@ class _MakeRun:
             lost = [v for v in spec.variants if v in self.failed]
             if lost:
                 self.failed.add(state.name)
-                self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+                self._resolve(self.entry[state.name], [NodeResult(state.name, "skipped",
                                                           f"variant '{lost[0]}' failed")])
             else:
                 state.status = "fresh"
@@ -503,7 +514,7 @@ class _MakeRun:
         if isinstance(spec, AdaptedSpec):
             if spec.model in self.failed:
                 self.failed.add(state.name)
-                self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+                self._resolve(self.entry[state.name], [NodeResult(state.name, "skipped",
                                                           f"parent '{spec.model}' failed")])
             else:  # its merge is built now: the identity children's keys use
                 adapt(state, spec, self.by_name[spec.model])
@@ -512,7 +523,7 @@ class _MakeRun:
         blocked = [r for r in spec.parent_refs() if r in self.failed]
         if blocked:
             self.failed.add(state.name)
-            self._resolve(self._ticket(), [NodeResult(state.name, "skipped",
+            self._resolve(self.entry[state.name], [NodeResult(state.name, "skipped",
                                                       f"parent '{blocked[0]}' failed")])
             return
         sweep = self.sweep_of.get(state.name)
@@ -524,16 +535,18 @@ class _MakeRun:
                      if v in self.by_name and self.by_name[v].status != "fresh"]
             self.settled.update(s.name for s in group)
             names = [s.name for s in group]
-            self._start(lambda: maker._start_variants(group, self.by_name, forced,
-                                                      self.device, estimate), names)
+            self._start(state, lambda: maker._start_variants(group, self.by_name, forced,
+                                                             self.device, estimate), names)
             return
-        self._start(lambda: maker._start_node(spec, state, self.by_name, forced, self.device,
-                                              evaluations, estimate), [state.name])
+        self._start(state, lambda: maker._start_node(spec, state, self.by_name, forced,
+                                                     self.device, evaluations, estimate),
+                    [state.name])
 
-    def _start(self, start: Callable[[], list[NodeResult] | NodeResult | _Pending],
+    def _start(self, state: NodeState,
+               start: Callable[[], list[NodeResult] | NodeResult | _Pending],
                names: list[str]) -> None:
         """Run a node's (or group's) driver side; queue its unit, or settle it at once."""
-        ticket = self._ticket()
+        ticket = self.entry[state.name]
         try:
             started = start()
         except MergebuildError as exc:
@@ -621,19 +634,18 @@ class _MakeRun:
                 self.evaluations.runs += done.evaluations_run
             if done.error is not None:
                 self._failed(done.ticket, pending.names, done.error, done.events)
-                continue
-            try:
-                results = pending.finish(done.outcome)
-            except MergebuildError as exc:
-                self._failed(done.ticket, pending.names, exc, done.events)
-                continue
-            self._settle(done.ticket, results, done.events)
+            else:
+                try:
+                    results = pending.finish(done.outcome)
+                except MergebuildError as exc:
+                    self._failed(done.ticket, pending.names, exc, done.events)
+                else:
+                    self._settle(done.ticket, results, done.events)
+            for name in pending.names:  # a sweep's other variants: reported with the first
+                if self.tickets[self.entry[name]].results is None:
+                    self._resolve(self.entry[name], [])
 
     # reporting in plan order -------------------------------------------------------------
-    def _ticket(self) -> int:
-        self.tickets.append(_Ticket())
-        return len(self.tickets) - 1
-
     def _resolve(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = ()
                  ) -> None:
         self.tickets[ticket] = _Ticket(results=results, events=events)

@@ -20,6 +20,7 @@ PROCESS_BASELINE_BYTES = 512 * 2**20
 # CheckpointWriter's queue (4 tensors) plus the tensor being written, per output.
 _WRITER_TENSORS = 5
 _FUSED_QUEUE_FLOOR = 64 * 2**20  # engine._queued_budget's floor
+MEMINFO = Path("/proc/meminfo")
 # MemAvailable is what the kernel could give without swapping; leave the rest of the
 # machine (the driver, page cache for the mapped parents) a tenth.
 _AVAILABLE_SHARE = 0.9
@@ -68,11 +69,11 @@ def _size(dtype: str) -> int:
         return 4
 
 
-def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+def available_memory(meminfo: Path | None = None) -> int | None:
     """Bytes this machine can give new processes without swapping (``MemAvailable``; the
     free physical pages where there is no /proc), or None when unknown."""
     try:
-        for line in meminfo.read_text().splitlines():
+        for line in (meminfo or MEMINFO).read_text().splitlines():
             name, _, value = line.partition(":")
             if name == "MemAvailable":
                 number, _, unit = value.strip().partition(" ")
@@ -137,7 +138,7 @@ class MemoryBudget:
     running: dict[int, int] = field(default_factory=dict)  # ticket → its estimate
 
     @staticmethod
-    def of_this_machine(meminfo: Path = Path("/proc/meminfo")) -> MemoryBudget:
+    def of_this_machine(meminfo: Path | None = None) -> MemoryBudget:
         available = available_memory(meminfo)
         return MemoryBudget(None if available is None else int(available * _AVAILABLE_SHARE))
 
