@@ -300,3 +300,30 @@ def _no_ray_path(root: Path) -> Path:
     (shadow / "ray").mkdir(parents=True)
     (shadow / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     return shadow
+
+
+def test_j2_evaluates_in_the_workers_and_judges_checks_as_serially(tmp_path):
+    from mergebuild.api import Project
+    from mergebuild.provenance.statement import EVALUATION_FILE
+    from mergebuild.sources.skills import SKILL_DATA
+    from test_build_evaluation import CHAIN as EVAL_CHAIN
+    from test_build_evaluation import _first_lines
+
+    _first_lines(SKILL_DATA / "math.jsonl", tmp_path / "math.jsonl", 20)
+    _first_lines(SKILL_DATA / "code.jsonl", tmp_path / "code.jsonl", 20)
+    (tmp_path / "Mergefile").write_text(EVAL_CHAIN.format(retain=0.9))
+    runs = {}
+    for name, jobs in (("serial", 1), ("parallel", 2)):
+        project = Project(tmp_path / "Mergefile", tmp_path / name)
+        result = project.make(["s3", "after-lost"], device="cpu", jobs=jobs,
+                              keep_going=True)
+        runs[name] = (
+            {r.name: (r.outcome, [(c.describe(), c.passed) for c in r.checks])
+             for r in result.results},
+            result.evaluations_run,
+            {n: (project.path(n) / EVALUATION_FILE).read_text() for n in ("s1", "s3")},
+        )
+    assert runs["parallel"] == runs["serial"]
+    outcomes, evaluations_run, _ = runs["serial"]
+    assert outcomes["lost"][0] == "failed" and outcomes["after-lost"][0] == "skipped"
+    assert evaluations_run >= 2
