@@ -161,7 +161,8 @@ def test_j2_fails_and_keeps_going_as_a_serial_make_does(workspace):
 
 def test_a_memory_limit_runs_fewer_builds_at_once_and_says_so_once(workspace, serial,
                                                                    monkeypatch, tmp_path):
-    # 600 MB available: one build (512 MB of process and its tensors) fits, two do not.
+    # 600 MB available (540 MB for builds): one build (320 MB of process and its tiny
+    # tensors) fits, two do not.
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       8000000 kB\nMemAvailable:     600000 kB\n")
     monkeypatch.setattr(resources, "MEMINFO", meminfo)
@@ -202,13 +203,13 @@ def test_peak_estimate_follows_the_largest_tensor_parents_and_variants():
     two_parents = {p: {"big": ("BF16", (1024, 1024)), "small": ("F32", (16,))}
                    for p in ("a", "b")}
     one = estimate_peak_bytes(two_parents, 1)
-    # per parent: the tensor (2 MiB) and its float32 copy (4 MiB); the float32 result;
-    # five queued outputs of 2 MiB.
-    assert one == resources.PROCESS_BASELINE_BYTES + 2 * (2 + 4) * mib + 4 * mib + 5 * 2 * mib
+    # a float32 copy of the largest tensor (4 MiB) per parent; three outputs of 2 MiB
+    assert one == resources.PROCESS_BASELINE_BYTES + 2 * 4 * mib + 3 * 2 * mib
+    # six variants' outputs in flight at once, and the writers' shared 64 MB
     six = estimate_peak_bytes(two_parents, 6)
-    assert six == resources.PROCESS_BASELINE_BYTES + 12 * mib + 6 * 4 * mib + 64 * mib
+    assert six == resources.PROCESS_BASELINE_BYTES + 2 * 4 * mib + 6 * 2 * mib + 64 * mib
     three_parents = {**two_parents, "c": two_parents["a"]}
-    assert estimate_peak_bytes(three_parents, 1) - one == 6 * mib
+    assert estimate_peak_bytes(three_parents, 1) - one == 4 * mib
     assert estimate_peak_bytes({}, 1) == resources.PROCESS_BASELINE_BYTES
 
 

@@ -88,8 +88,12 @@ class Executor:
         """Block until at least one submitted unit has finished; those that have."""
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM reached the driver: stop the running units (each removes its
+        temp dir; a unit is published whole or not at all)."""
+
     def close(self) -> None:
-        """Release the workers (after waiting for running units when interrupted)."""
+        """Release the workers, after the running units have finished."""
 
 
 class LocalExecutor(Executor):
@@ -226,6 +230,12 @@ class ProcessExecutor(Executor):
                              result.evaluations_run))
         return done
 
+    def interrupt(self) -> None:
+        # A terminal's Ctrl-C reaches the workers too; a SIGTERM to the driver does not.
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(process.pid, signal.SIGINT)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -295,10 +305,12 @@ class RayExecutor(Executor):
                              result.evaluations_run))
         return done
 
-    def close(self) -> None:
+    def interrupt(self) -> None:
         for ref in list(self._running):
             with contextlib.suppress(Exception):
                 self._ray.cancel(ref)
+
+    def close(self) -> None:
         self._ray.shutdown()
 
 

@@ -470,14 +470,16 @@ class _MakeRun:
         return [p for _, p in self.queue] + list(self.running.values())
 
     def _interrupted(self) -> None:
-        """Ctrl-C with units running: each turns it into BuildInterrupted and removes its
-        temp dir; wait for them so nothing is left half-written behind our back."""
+        """Ctrl-C or SIGTERM with units running elsewhere: stop them (each turns it into
+        BuildInterrupted and removes its temp dir) and wait for them, so nothing is left
+        being written behind our back."""
         if not self.running:
             return
         with contextlib.suppress(BaseException):
+            self.executor.interrupt()
             self.executor.close()
-        raise BuildInterrupted(f"interrupted; {len(self.running)} build(s) stopped, "
-                               "nothing of them published", node=None,
+        raise BuildInterrupted(f"interrupted; the {len(self.running)} build(s) running were "
+                               "stopped (a build is published whole or not at all)",
                                hint="run make again to finish")
 
     def _blocked(self, state: NodeState, unhandled: set[str]) -> bool:

@@ -13,12 +13,14 @@ from mergebuild.build.compat import TensorShapes
 from mergebuild.io.dtypes import dtype_size
 
 # A build process before its first tensor: the interpreter, torch, the engine, the chunk
-# workspaces of the streamed kernels. Measured as the peak RSS of a worker that built a
-# demo merge (about 300 MB with torch 2.13 on CPU; benchmarks/executor_memory.py), rounded
-# up so that the estimate errs on the side of running fewer builds at once.
-PROCESS_BASELINE_BYTES = 512 * 2**20
-# CheckpointWriter's queue (4 tensors) plus the tensor being written, per output.
-_WRITER_TENSORS = 5
+# workspaces of the streamed kernels. A passthrough merge of the benchmark's small models
+# peaks at 320 MB, most of it this (benchmarks/README.md); benchmarks/executors.py measures
+# the estimate against real builds.
+PROCESS_BASELINE_BYTES = 320 * 2**20
+# The single writer's tensors in flight: the one being written, one queued behind it, the
+# one being computed (the queue holds four, but only the two largest tensors, embeddings and
+# head, are large, and they are not adjacent).
+_WRITER_TENSORS = 3
 _FUSED_QUEUE_FLOOR = 64 * 2**20  # engine._queued_budget's floor
 MEMINFO = Path("/proc/meminfo")
 # MemAvailable is what the kernel could give without swapping; leave the rest of the
@@ -39,10 +41,12 @@ def estimate_peak_bytes(parents: Mapping[str, TensorShapes], variants: int = 1) 
     ``variants`` outputs at once.
 
     The engine streams tensor by tensor, so the peak is set by the largest tensor, not the
-    model: each parent's copy of it mapped in and converted to float32 scratch, each
-    variant's float32 result, and the outputs queued in the writers (five tensors per
-    writer alone; a fused pass bounds all its writers together to two tensors, at least
-    64 MB), on top of the process's baseline.
+    model: a float32 copy of it per parent (the whole-tensor scratch of a method that is not
+    elementwise or streamed; those use less), and the outputs in flight: the single writer's
+    three, or a fused pass's every variant's tensor plus the writers' shared budget (two
+    tensors, at least 64 MB), on top of the process's baseline. Calibrated as an upper
+    bound (benchmarks/executors.py, the small models): a TIES build of four parents peaks
+    at 0.77 of it, a fused 4-variant TIES sweep at 0.73, SLERP at 0.59, linear at 0.56.
     """
     largest_elements = 0
     largest_stored = 0
@@ -51,15 +55,12 @@ def estimate_peak_bytes(parents: Mapping[str, TensorShapes], variants: int = 1) 
             elements = math.prod(shape)
             largest_elements = max(largest_elements, elements)
             largest_stored = max(largest_stored, elements * _size(dtype))
-    float32 = largest_elements * 4
-    count = max(1, len(parents))
-    inputs = count * (largest_stored + float32)
-    results = max(1, variants) * float32
+    inputs = max(1, len(parents)) * largest_elements * 4
     if variants > 1:
-        queued = max(2 * largest_stored, _FUSED_QUEUE_FLOOR)
+        outputs = variants * largest_stored + max(2 * largest_stored, _FUSED_QUEUE_FLOOR)
     else:
-        queued = _WRITER_TENSORS * largest_stored
-    return PROCESS_BASELINE_BYTES + inputs + results + queued
+        outputs = _WRITER_TENSORS * largest_stored
+    return PROCESS_BASELINE_BYTES + inputs + outputs
 
 
 def _size(dtype: str) -> int:
