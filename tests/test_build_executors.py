@@ -304,11 +304,12 @@ def _no_ray_path(root: Path) -> Path:
 
 
 def test_j2_evaluates_in_the_workers_and_judges_checks_as_serially(tmp_path):
+    from test_build_evaluation import CHAIN as EVAL_CHAIN
+    from test_build_evaluation import _first_lines
+
     from mergebuild.api import Project
     from mergebuild.provenance.statement import EVALUATION_FILE
     from mergebuild.sources.skills import SKILL_DATA
-    from test_build_evaluation import CHAIN as EVAL_CHAIN
-    from test_build_evaluation import _first_lines
 
     _first_lines(SKILL_DATA / "math.jsonl", tmp_path / "math.jsonl", 20)
     _first_lines(SKILL_DATA / "code.jsonl", tmp_path / "code.jsonl", 20)
@@ -328,3 +329,18 @@ def test_j2_evaluates_in_the_workers_and_judges_checks_as_serially(tmp_path):
     outcomes, evaluations_run, _ = runs["serial"]
     assert outcomes["lost"][0] == "failed" and outcomes["after-lost"][0] == "skipped"
     assert evaluations_run >= 2
+
+
+def test_j2_build_interrupted_in_a_worker_publishes_nothing_and_exits_130(tmp_path,
+                                                                          demo_models):
+    (tmp_path / "Mergefile").write_text(CHAIN.format(models=demo_models["base"].parent))
+    # Each worker's first tensor read is a Ctrl-C, in that worker.
+    run = run_python_m(["--cache-dir", "cache", "make", "-j", "2", "final-model"],
+                       cwd=tmp_path, env={"MERGEBUILD_FAULT": "engine.read_tensor:1:int"})
+    assert run.returncode == 130, run.stderr[-2000:]
+    lines = run.error_lines
+    assert len(lines) == 1 and lines[0].startswith("mergebuild: error: node '"), run.stderr
+    assert "interrupted; nothing was published" in lines[0]
+    # Whatever a worker finished before is whole; nothing else is in the store.
+    _assert_store_sound(tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "tmp").iterdir())  # each removed its temp dir

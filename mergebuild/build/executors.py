@@ -8,7 +8,9 @@ import importlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -175,10 +177,19 @@ def _interrupt_running_unit(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
 
-def _start_worker(indices: Any, gpus: int, device: str) -> None:
-    """A pool process's start: its index, its own GPU (before anything imports torch), and
-    Ctrl-C only for a running unit (an idle worker just waits to be shut down)."""
-    os.environ.update(worker_environment(indices.get(), gpus, device))
+def _start_worker(claims: str, workers: int, gpus: int, device: str) -> None:
+    """A pool process's start: its index (the first free one, claimed as a file: no
+    semaphores to leak when the driver leaves with os._exit), its own GPU (before anything
+    imports torch), and Ctrl-C only for a running unit (an idle worker waits for shutdown)."""
+    index = os.getpid() % workers
+    for candidate in range(workers):
+        try:
+            os.close(os.open(os.path.join(claims, str(candidate)), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        index = candidate
+        break
+    os.environ.update(worker_environment(index, gpus, device))
     signal.signal(signal.SIGINT, _interrupt_running_unit)
     importlib.import_module("mergebuild.build.engine")  # torch, once, before any build's clock
     importlib.import_module("torch")
@@ -195,13 +206,11 @@ class ProcessExecutor(Executor):
 
     def __init__(self, workers: int, gpus: int = 0, device: str = "auto") -> None:
         self.workers = workers
-        context = multiprocessing.get_context("spawn")
-        indices = context.Queue()
-        for index in range(workers):
-            indices.put(index)
-        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+        self._claims = tempfile.mkdtemp(prefix="mergebuild-workers-")
+        self._pool = ProcessPoolExecutor(max_workers=workers,
+                                         mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker,
-                                         initargs=(indices, gpus, device))
+                                         initargs=(self._claims, workers, gpus, device))
         self._running: dict[Future[Done], tuple[int, str]] = {}
 
     @property
@@ -238,6 +247,7 @@ class ProcessExecutor(Executor):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self._claims, ignore_errors=True)
 
 
 def _died(label: str) -> ExecutorError:
