@@ -156,7 +156,7 @@ class _Pending:
     unit: WorkUnit
     names: list[str]
     finish: Callable[[Any], list[NodeResult]]
-    fail: Callable[[MergebuildError], list[NodeResult]]
+    gated: bool  # a single node: its checks are judged once it is built (not a sweep group)
 
 
 @dataclass
@@ -295,7 +295,7 @@ class Maker:
                                seconds=published.seconds,
                                bytes_written=published.bytes_written, path=published.path)]
 
-        return _Pending(unit, [spec.name], finish, lambda exc: [])
+        return _Pending(unit, [spec.name], finish, gated=True)
 
     # a sweep's stale variants ------------------------------------------------------------
     def _start_variants(self, group: list[NodeState], states: dict[str, NodeState],
@@ -353,7 +353,7 @@ class Maker:
                                    path=done.path))
             return [results[s.name] for s in group]
 
-        return _Pending(unit, [s.name for s in group], finish, lambda exc: [])
+        return _Pending(unit, [s.name for s in group], finish, gated=False)
 
     def _reuse(self, same: list[tuple[MergeSpec, NodeState, dict[str, Any]]], digest: str,
                path: Path, results: dict[str, NodeResult]) -> None:
@@ -538,15 +538,16 @@ class _MakeRun:
             self.settled.update(s.name for s in group)
             names = [s.name for s in group]
             self._start(state, lambda: maker._start_variants(group, self.by_name, forced,
-                                                             self.device, estimate), names)
+                                                             self.device, estimate),
+                        names, gated=False)
             return
         self._start(state, lambda: maker._start_node(spec, state, self.by_name, forced,
                                                      self.device, evaluations, estimate),
-                    [state.name])
+                    [state.name], gated=True)
 
     def _start(self, state: NodeState,
                start: Callable[[], list[NodeResult] | NodeResult | _Pending],
-               names: list[str]) -> None:
+               names: list[str], gated: bool) -> None:
         """Run a node's (or group's) driver side; queue its unit, or settle it at once."""
         ticket = self.entry[state.name]
         try:
@@ -559,13 +560,12 @@ class _MakeRun:
             self.queue.append((ticket, started))
             return
         results = started if isinstance(started, list) else [started]
-        self._settle(ticket, results)
+        self._settle(ticket, results, gated=gated)
 
-    def _settle(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = ()
-                ) -> None:
-        """A node's results, its checks judged (a single node with evals)."""
-        if len(results) == 1 and self.evaluations is not None and results[0].outcome in (
-                "fresh", "reused", "built") and self.sweep_of.get(results[0].name) is None:
+    def _settle(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = (),
+                gated: bool = False) -> None:
+        """A node's (or a sweep group's) results; a single node's checks judged."""
+        if gated and self.evaluations is not None:
             state = self.by_name[results[0].name]
             evaluations = self.evaluations
             try:
@@ -642,7 +642,7 @@ class _MakeRun:
                 except MergebuildError as exc:
                     self._failed(done.ticket, pending.names, exc, done.events)
                 else:
-                    self._settle(done.ticket, results, done.events)
+                    self._settle(done.ticket, results, done.events, pending.gated)
             for name in pending.names:  # a sweep's other variants: reported with the first
                 if self.tickets[self.entry[name]].results is None:
                     self._resolve(self.entry[name], [])
