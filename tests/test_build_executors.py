@@ -314,21 +314,29 @@ def test_j2_evaluates_in_the_workers_and_judges_checks_as_serially(tmp_path):
     _first_lines(SKILL_DATA / "math.jsonl", tmp_path / "math.jsonl", 20)
     _first_lines(SKILL_DATA / "code.jsonl", tmp_path / "code.jsonl", 20)
     (tmp_path / "Mergefile").write_text(EVAL_CHAIN.format(retain=0.9))
-    runs = {}
-    for name, jobs in (("serial", 1), ("parallel", 2)):
-        project = Project(tmp_path / "Mergefile", tmp_path / name)
+
+    def make(store: str, jobs: int) -> tuple:
+        project = Project(tmp_path / "Mergefile", tmp_path / store)
         result = project.make(["s3", "after-lost"], device="cpu", jobs=jobs,
                               keep_going=True)
-        runs[name] = (
+        return (
             {r.name: (r.outcome, [(c.describe(), c.passed) for c in r.checks])
              for r in result.results},
             result.evaluations_run,
             {n: (project.path(n) / EVALUATION_FILE).read_text() for n in ("s1", "s3")},
         )
-    assert runs["parallel"] == runs["serial"]
-    outcomes, evaluations_run, _ = runs["serial"]
+
+    serial = make("serial", 1)
+    assert make("parallel", 2) == serial
+    outcomes, evaluations_run, _ = serial
     assert outcomes["lost"][0] == "failed" and outcomes["after-lost"][0] == "skipped"
     assert evaluations_run >= 2
+    # Edited eval data: sources and up-to-date nodes are scored again, in the workers.
+    _first_lines(SKILL_DATA / "math.jsonl", tmp_path / "math.jsonl", 10)
+    rescored = make("serial", 1)
+    assert rescored[1] >= 2  # at least math and s1
+    assert {n: o for n, (o, _) in rescored[0].items()}["s3"] == "fresh"
+    assert make("parallel", 2)[:2] == rescored[:2]
 
 
 def test_j2_build_interrupted_in_a_worker_publishes_nothing_and_exits_130(tmp_path,

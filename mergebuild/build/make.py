@@ -25,7 +25,12 @@ from mergebuild.build.events import MakeResult, NodeResult, Reporter
 from mergebuild.build.executors import Done, Executor, LocalExecutor, WorkUnit, replay
 from mergebuild.build.job import assemble_job, check_before_fetch, parent_metadata, with_parents
 from mergebuild.build.record import build_record, utc_now
-from mergebuild.build.resources import MemoryBudget, UnitNeeds, estimate_peak_bytes
+from mergebuild.build.resources import (
+    PROCESS_BASELINE_BYTES,
+    MemoryBudget,
+    UnitNeeds,
+    estimate_peak_bytes,
+)
 from mergebuild.errors import (
     BuildInterrupted,
     CorruptParentError,
@@ -38,7 +43,7 @@ from mergebuild.methods.registry import METHODS, Method
 from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
-from mergebuild.sources.resolve import materialize, resolve_adapter, resolve_source
+from mergebuild.sources.resolve import ResolvedSource, materialize, resolve_adapter, resolve_source
 from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
 from mergebuild.store.objects import Store
 
@@ -150,6 +155,34 @@ class VariantsUnit:
 
 
 @dataclass
+class EvaluationUnit:
+    """A model's pending evaluations outside a build: a scored source (generated or fetched
+    where it runs), or a fresh or reused node scored on an eval it has not been yet."""
+
+    label: str
+    mergefile: Mergefile
+    graph: nx.DiGraph
+    store_root: Path
+    digest: str
+    source: ResolvedSource | None  # a source's weights; else ``path``, a store object
+    path: Path | None
+    device: str | None
+    known: dict[str, str] = field(default_factory=dict)
+    needs: UnitNeeds = field(default_factory=lambda: UnitNeeds(memory=0))
+
+    def run(self, store: Store, reporter: Reporter, evaluations: Evaluations | None) -> None:
+        assert evaluations is not None
+        directory = materialize(self.source, store) if self.source is not None else self.path
+        evaluations.ensure(self.label, self.digest, directory)
+
+    def worker_evaluations(self, store: Store, reporter: Reporter) -> Evaluations | None:
+        evaluations = Evaluations(self.mergefile, self.graph, store, reporter, self.device)
+        for node, digest in self.known.items():
+            evaluations.know(node, digest)
+        return evaluations
+
+
+@dataclass
 class _Pending:
     """A handled node (or sweep group) whose unit has not finished: how to finish it."""
 
@@ -157,6 +190,7 @@ class _Pending:
     names: list[str]
     finish: Callable[[Any], list[NodeResult]]
     gated: bool  # a single node: its checks are judged once it is built (not a sweep group)
+    fatal: bool = False  # its error ends the make even with --keep-going (a source's eval)
 
 
 @dataclass
@@ -498,8 +532,17 @@ class _MakeRun:
     def _handle(self, state: NodeState) -> None:
         maker, evaluations = self.maker, self.evaluations
         if state.kind == "source":
-            if evaluations is not None:
-                self._guarded(lambda: maker._evaluate_source(state, evaluations))
+            if evaluations is None:
+                return
+            if self.executor.remote and any(t.status == "pending" for t in state.evaluations):
+                assert state.digest is not None
+                evaluations.know(state.name, state.digest)
+                self.busy.add(state.name)
+                self.queue.append((self.entry[state.name], _Pending(
+                    self._evaluation(state, state.source, None), [state.name],
+                    lambda _: [], gated=False, fatal=True)))
+                return
+            self._guarded(lambda: maker._evaluate_source(state, evaluations))
             return
         if state.name in self.settled:
             return
@@ -560,7 +603,26 @@ class _MakeRun:
             self.queue.append((ticket, started))
             return
         results = started if isinstance(started, list) else [started]
+        if (gated and self.executor.remote and self.evaluations is not None
+                and results[0].outcome != "failed"
+                and any(t.status == "pending" for t in state.evaluations)):
+            # Up to date but not yet scored on everything: the scoring is a unit too.
+            assert state.digest is not None
+            self.busy.update(names)
+            self.queue.append((ticket, _Pending(
+                self._evaluation(state, None, state.path), names,
+                lambda _: results, gated=True)))
+            return
         self._settle(ticket, results, gated=gated)
+
+    def _evaluation(self, state: NodeState, source: ResolvedSource | None,
+                    path: Path | None) -> EvaluationUnit:
+        assert state.digest is not None and self.evaluations is not None
+        return EvaluationUnit(
+            label=state.name, mergefile=self.mergefile, graph=self.maker.graph,
+            store_root=self.maker.store.root, digest=state.digest, source=source, path=path,
+            device=self.device, known=self.evaluations.known(),
+            needs=UnitNeeds(memory=PROCESS_BASELINE_BYTES))
 
     def _settle(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = (),
                 gated: bool = False) -> None:
@@ -634,7 +696,11 @@ class _MakeRun:
             self.busy.difference_update(pending.names)
             if self.evaluations is not None:
                 self.evaluations.runs += done.evaluations_run
-            if done.error is not None:
+            if done.error is not None and pending.fatal:
+                self.stopped = True
+                self.error = self.error or done.error
+                self._resolve(done.ticket, [], done.events)
+            elif done.error is not None:
                 self._failed(done.ticket, pending.names, done.error, done.events)
             else:
                 try:
