@@ -18,19 +18,27 @@ from mergebuild.errors import MergebuildError, MergefileError, StoreError, short
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
 from mergebuild.spec.graph import build_graph
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.spec.parse import load_mergefile
 from mergebuild.store.objects import Store
 
 if TYPE_CHECKING:
     from mergebuild.build.make import Maker
+    from mergebuild.plan.search import Study
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.audit_report import Evaluation, ReportTarget
+    from mergebuild.verbs.audit_report import Evaluation, ReportTarget, SweepRow
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
-    from mergebuild.verbs.metrics import NodeMetrics
+    from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
     from mergebuild.verbs.verify import VerifyReport
 
@@ -212,6 +220,18 @@ class Project:
         from mergebuild.verbs.reproduce import check_reproducible
 
         state = next(s for s in self.planner.plan([node]) if s.name == node)
+        if state.kind == "search" and (state.selection is None or state.digest is None):
+            raise StoreError("is a search with no selected trial yet: it has no build of its "
+                             "own", node=node, hint=f"run 'mergebuild make {node}' first")
+        if state.kind in ("sweep", "search"):  # no build of its own: check what it stands for
+            if state.selection is None or state.digest is None:
+                variants = self.mergefile.nodes[node].variants  # type: ignore[union-attr]
+                raise StoreError("is a sweep with no selected variant: it has no build of "
+                                 "its own", node=node,
+                                 hint=f"check one variant: mergebuild make --check "
+                                      f"'{variants[0]}'")
+            node = state.selection.winner
+            state = next(s for s in self.planner.plan([node]) if s.name == node)
         if (state.kind == "merge" and state.status == "stale" and state.key
                 and self.store.object_dir(state.key).is_dir()):
             # The current build fails the store's check (a damaged file): compare it anyway,
@@ -237,6 +257,33 @@ class Project:
         nodes = list(nodes) or scored_nodes(self.mergefile, self.graph)
         states = self.planner.plan(nodes) if nodes else []
         return collect_metrics(self.mergefile, self.graph, self.store, states, nodes)
+
+    def leaderboard(self, sweep: str) -> Leaderboard:
+        """``sweep``'s variants ranked by its ``select:`` from the stored scores, with the
+        selected one (once every variant is built and scored). Runs no evaluation."""
+        from mergebuild.verbs.metrics import leaderboard, search_leaderboard
+
+        self.planner.targets_or_default([sweep])
+        if self.is_search(sweep):  # its trials so far, ranked as its study ranks them
+            return search_leaderboard(self.mergefile, self.graph, self.store,
+                                      self.planner.plan([sweep]), sweep)
+        return leaderboard(self.mergefile, self.graph, self.store,
+                           self.planner.plan([sweep]), sweep)
+
+    def is_search(self, node: str) -> bool:
+        return isinstance(self.mergefile.nodes.get(node), SearchSpec)
+
+    def study(self, node: str) -> Study:
+        """Search ``node``'s study as far as the store has it: each trial built and scored,
+        in order, the best and why, and the next trial (replayed; nothing runs)."""
+        from mergebuild.plan.search import Study
+
+        spec = self.mergefile.nodes.get(node)
+        if not isinstance(spec, SearchSpec):
+            raise MergefileError(f"'{node}' is not a search", file=str(self.mergefile.path),
+                                 node=node, hint="name a node with search:")
+        state = next(s for s in self.planner.plan([node]) if s.name == node)
+        return state.study or Study(search=spec, trials=(), waiting=state.reasons[0])
 
     def retain_thresholds(self) -> dict[str, float]:
         """{node: its ``checks.retain``} for every node that has one."""
@@ -346,6 +393,8 @@ class Project:
         spec = self.mergefile.nodes[node]
         if isinstance(spec, AdaptedSpec):
             return self._licence(spec.model)
+        if isinstance(spec, SweepSpec):  # every variant has the same parents
+            return self._licence(spec.variants[0])
         if isinstance(spec, SourceSpec):
             if spec.license:
                 return spec.license
@@ -399,8 +448,25 @@ class Project:
                 signature=(f"signed ({', '.join(signatures)}); check the key with verify"
                            if signatures else "unsigned"),
                 card=split_front_matter(card.text)[0], licences=self.licences(name),
-                warnings=tuple(warnings), evaluations=self._report_evaluations(name)))
+                warnings=tuple(warnings), evaluations=self._report_evaluations(name),
+                sweeps=self._report_sweeps(name)))
         return out
+
+    def _report_sweeps(self, target: str) -> tuple[SweepRow, ...]:
+        """The leaderboard of every sweep with ``select:`` that ``target`` is or builds on."""
+        import networkx as nx
+
+        from mergebuild.verbs.audit_report import SweepRow
+
+        wanted = nx.ancestors(self.graph, target) | {target}
+        rows = []
+        for name, spec in self.mergefile.nodes.items():
+            if not (isinstance(spec, SweepSpec) and spec.select is not None and name in wanted):
+                continue
+            for row in self.leaderboard(name).rows:
+                rows.append(SweepRow(sweep=name, variant=row.variant, parameters=row.point,
+                                     score=row.value, selected=row.selected, place=row.place))
+        return tuple(rows)
 
     def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
         """The scores the store holds for ``target`` and its scored ancestors, with the
@@ -438,19 +504,21 @@ class Project:
 
     # the store ---------------------------------------------------------------------------
     @_uses_store(removes=True)
-    def collect_garbage(self, dry_run: bool = False) -> GcReport:
+    def collect_garbage(self, dry_run: bool = False, keep_variants: bool = False) -> GcReport:
         """Remove store objects no node reaches and leftovers of dead builds (see
-        ``store/gc.py``); with ``dry_run``, only list them."""
+        ``store/gc.py``); with ``dry_run``, only list them. The variants that lost a sweep's
+        selection are removed too (their scores stay) unless ``keep_variants``."""
         from mergebuild.sources.resolve import live_demo_dirs
         from mergebuild.store.gc import collect_garbage
 
         try:
-            keep = self.planner.live_keys()
+            keep, why_not_kept = self.planner.reachable(keep_variants=keep_variants)
         except MergebuildError as exc:
             raise StoreError(f"gc cannot work out what is reachable: {exc}; nothing was removed",
                              hint="fix the Mergefile or make its sources available") from None
         return collect_garbage(self.store, keep, mergefile=self.mergefile.path,
-                               live_demo=live_demo_dirs(self.store), dry_run=dry_run)
+                               live_demo=live_demo_dirs(self.store), dry_run=dry_run,
+                               why_not_kept=why_not_kept)
 
     @_uses_store()
     def pin(self, node: str, name: str | None = None, *, force: bool = False
@@ -470,10 +538,12 @@ class Project:
                       "path": source.get("path"), "pinned": utc_now()}
         else:
             state = self.planner.current(node)
-            if state.kind != "merge" or state.key is None:
+            if state.kind not in ("merge", "sweep", "search") or state.key is None:
                 raise StoreError("is a source, not a build; only builds can be pinned",
                                  node=node, hint="pin a merge node")
-            record = {"key": state.key, "digest": state.digest, "node": node,
+            # A sweep's build is the variant its select: chose: the pin names that variant.
+            built = state.selection.winner if state.selection is not None else node
+            record = {"key": state.key, "digest": state.digest, "node": built,
                       "mergefile": str(self.mergefile.path), "path": str(state.path),
                       "pinned": utc_now()}
         existing = self.store.read_pins().get(name)

@@ -169,7 +169,10 @@ def plan(ctx, targets, as_json, frozen=False):
              **({"uri": s.source.uri, "revision": s.source.revision,
                  "commit": s.source.commit} if s.source is not None else {}),
              **({"evaluations": [{"eval": t.eval, "status": t.status, "reasons": list(t.reasons)}
-                                 for t in s.evaluations]} if s.evaluations else {})}
+                                 for t in s.evaluations]} if s.evaluations else {}),
+             **({"selection": s.selection.as_json()}
+                if s.selection is not None and s.digest is not None else {}),
+             **({"study": s.study.as_json()} if s.study is not None else {})}
             for s in states]), indent=2))
         return
     rows = plan_rows(states)
@@ -353,25 +356,55 @@ def eval_command(ctx, nodes, device, as_json):
 @click.option("--diff", is_flag=True, help="Show each score's change since the node's "
               "previous build.")
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Also draw the retention chart into FILE.png or FILE.svg.")
+              help="Also draw the retention chart (for a sweep: its select value against "
+                   "each swept parameter) into FILE.png or FILE.svg.")
 @click.pass_context
 def metrics(ctx, nodes, as_json, diff, plot):
     """Show the stored scores of NODES (default: every scored node): nodes × evals, and what
-    each keeps of its ancestors' own evals (retention %). Runs no evaluation."""
-    from mergebuild.report import metrics_lines
-    from mergebuild.verbs.metrics import metrics_json, plot_retention
+    each keeps of its ancestors' own evals (retention %). A sweep shows its leaderboard:
+    its variants ranked by its select:; a search its study: every trial, best first. Runs
+    no evaluation."""
+    from mergebuild.report import leaderboard_lines, metrics_lines, study_lines
+    from mergebuild.spec.model import SearchSpec, SweepSpec
+    from mergebuild.verbs.metrics import (
+        leaderboard_json,
+        metrics_json,
+        plot_leaderboard,
+        plot_retention,
+    )
 
     if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg"):
         raise click.UsageError("--plot FILE must end in .png or .svg")
     project = _project(ctx)
-    table = project.metrics(list(nodes))
+    sweeps = [n for n in nodes if isinstance(project.mergefile.nodes.get(n), SweepSpec)]
+    searches = [n for n in nodes if isinstance(project.mergefile.nodes.get(n), SearchSpec)]
+    others = [n for n in nodes if n not in sweeps and n not in searches]
+    boards = [project.leaderboard(sweep) for sweep in sweeps]
+    studies = {search: project.study(search) for search in searches}
+    searched = {search: project.leaderboard(search) for search in searches}
+    table = project.metrics(others) if others or not (sweeps or searches) else []
     if as_json:
-        click.echo(json.dumps(metrics_json(table, diff=diff), indent=2))
+        click.echo(json.dumps([*map(leaderboard_json, boards),
+                               *({**leaderboard_json(searched[n]), "search": s.as_json()}
+                                 for n, s in studies.items()),
+                               *metrics_json(table, diff=diff)], indent=2))
     else:
-        for line in metrics_lines(table, diff=diff):
+        lines = [line for board in boards for line in (*leaderboard_lines(board), "")]
+        lines += [line for n, study in studies.items()
+                  for line in (*study_lines(study, searched[n]), "")]
+        if table or not (sweeps or searches):
+            lines += metrics_lines(table, diff=diff)
+        for line in lines[:-1] if lines and not lines[-1] else lines:
             click.echo(line)
+    boards += searched.values()  # a search's chart: the objective against each parameter
     if plot is not None:
-        plot_retention(table, Path(plot), project.retain_thresholds())
+        if boards and len(boards) + len(others) > 1:
+            raise click.UsageError("--plot draws one sweep's chart, or the retention chart "
+                                   "of nodes that are not sweeps: name one sweep")
+        if boards:
+            plot_leaderboard(boards[0], Path(plot))
+        else:
+            plot_retention(table, Path(plot), project.retain_thresholds())
         if not as_json:
             click.echo(f"wrote {plot}")
 
@@ -533,16 +566,19 @@ def inspect_command(ctx, nodes, base, merged, density, as_json, plot, device):
 
 @main.command()
 @click.option("-n", "--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--keep-variants", is_flag=True,
+              help="Keep every variant of a sweep, not only the one its select: chose.")
 @click.pass_context
-def gc(ctx, dry_run):
+def gc(ctx, dry_run, keep_variants):
     """Remove store objects the Mergefile cannot reach, and leftovers of dead builds.
 
     Kept: every node's current build and the last build of every node still in the
-    Mergefile (and builds recorded by other Mergefiles sharing the store).
+    Mergefile (and builds recorded by other Mergefiles sharing the store). Of a sweep with
+    select:, only the selected variant (the losers' scores stay; --keep-variants keeps all).
     """
     from mergebuild.report import format_size
 
-    report = _project(ctx).collect_garbage(dry_run=dry_run)
+    report = _project(ctx).collect_garbage(dry_run=dry_run, keep_variants=keep_variants)
     verb = "would remove" if dry_run else "removed"
     for item in report.removed:
         click.echo(f"{verb} {item.kind} {item.path} ({format_size(item.size)}, {item.why})")

@@ -8,12 +8,14 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
+from mergebuild.plan.selection import Selection
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
-    from mergebuild.verbs.metrics import NodeMetrics
+    from mergebuild.plan.search import Study
+    from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
 
 
@@ -48,6 +50,11 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
             pinned = f"@{a.revision or 'main'} → {a.commit[:12]}" if a.commit else ""
             lora = f"LoRA {a.uri}{pinned} ({_short(a.digest)})"
             rows.append((s.name, "lora", s.status, "; ".join([*s.reasons, lora])))
+        elif s.kind == "search":  # its progress even when done: how many trials, the best
+            why = "; ".join(s.reasons) or (s.study.progress() if s.study else "")
+            rows.append((s.name, f"search ({s.method})", s.status, why))
+        elif s.selection is not None and s.status == "fresh":
+            rows.append((s.name, s.method or "", s.status, selection_line(s.selection)))
         else:
             rows.append((s.name, s.method or "", s.status, "; ".join(s.reasons)))
         for task in s.evaluations:
@@ -55,6 +62,11 @@ def plan_rows(states: list[NodeState]) -> list[tuple[str, str, str, str]]:
                 rows.append((f"  {s.name}", f"eval {task.eval}", "pending",
                              "; ".join(task.reasons)))
     return rows
+
+
+def selection_line(selection: Selection) -> str:
+    """``→ blend[t=0.35] (maximize code-skill: 0.74, best of 10)``: a plan's sweep row."""
+    return selection.headline().removeprefix(f"{selection.sweep} ")
 
 
 def pending_evaluations(states: list[NodeState]) -> int:
@@ -127,6 +139,9 @@ class PlainReporter(Reporter):
     def eval_done(self, node: str, eval_name: str, metrics, seconds: float) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         self._print(f"evaluated {node} on {eval_name} in {seconds:.1f}s: {shown}")
+
+    def selected(self, selection: Selection) -> None:
+        self._print(f"selected {selection.headline()}: {selection.why()}")
 
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
@@ -375,4 +390,49 @@ def metrics_lines(table: list[NodeMetrics], diff: bool = False) -> list[str]:
             lines += ["", *retention_lines(m)]
         failed = [c for c in m.checks if not c.passed]
         lines += [f"check failed: {c.describe()}" for c in failed]
+    return lines
+
+
+def leaderboard_lines(board: Leaderboard) -> list[str]:
+    """``mergebuild metrics SWEEP``: what it selects by, then one row per variant (place,
+    swept values, the value ranked by, each score), the selected one starred."""
+    from mergebuild.spec.sweep import format_value
+
+    if board.goal is None:
+        head = f"{board.sweep}: {len(board.rows)} variants (no select:, grid order)"
+    elif board.selected is None:
+        head = (f"{board.sweep}: {board.goal} {board.metric}; not selected yet (every variant "
+                f"must be built and scored): ranking what is known")
+    else:
+        head = f"{board.sweep} → {board.selected} ({board.goal} {board.metric}): {board.why}"
+    columns: dict[tuple[str, str], None] = {}
+    for row in board.rows:
+        for name, metrics in row.scores.items():
+            for metric in metrics:
+                if metric not in ("n", "tokens"):
+                    columns.setdefault((name, metric))
+    retention = board.metric == "retention"
+    rows = [["#", "variant", *board.paths,
+             *(["objective"] if board.goal else []),
+             *(["min"] if retention else []),
+             *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e for e, m in columns)]]
+    for row in board.rows:
+        rows.append([str(row.place), ("* " if row.selected else "") + row.variant,
+                     *(format_value(row.point[path]) for path in board.paths),
+                     *([_value(row.value)] if board.goal else []),
+                     *([_value(row.worst)] if retention else []),
+                     *(_value(row.scores.get(e, {}).get(m)) for e, m in columns)])
+    return [head, *("  " + line for line in _table(rows))]
+
+
+def study_lines(study: Study, board: Leaderboard) -> list[str]:
+    """``mergebuild metrics SEARCH``: how far the study is (sampler, seed, trials done), its
+    trials as a leaderboard (``leaderboard_lines``), those kept out of the ranking and why,
+    and the next trial."""
+    search = study.search
+    head = f"{search.name}: {search.sampler} search (seed {search.seed}), {study.progress()}"
+    lines = [head, *leaderboard_lines(board)]
+    lines += [f"excluded {t.name}: {t.excluded}" for t in study.trials if t.excluded]
+    if study.next is not None:
+        lines.append(f"next: {study.next.name} ({study.waiting})")
     return lines

@@ -10,6 +10,9 @@ from mergebuild.spec.sweep import grid_points, variant_name
 
 SWEPT = """\
 version: 1
+evals:
+  code-skill: {{kind: accuracy, data: "demo://code.jsonl", max_new_tokens: 8}}
+  fluency: {{kind: perplexity, data: "demo://text.txt", window: 128, stride: 64}}
 models:
   chat: {{source: {models}/chat}}
   code: {{source: {models}/code}}
@@ -77,10 +80,22 @@ def test_select_is_parsed_and_children_need_it(workspace):
 
 @pytest.mark.parametrize("extra, message", [
     ("    select: {best: x}\n", "'select' must be"),
+    ("    select: {maximize: code-skil}\n", "unknown eval 'code-skil'"),
+    ("    select: {minimize: retention}\n", "can only maximize retention"),
+    ("    select: {maximize: retention}\n", "no ancestor declares evals"),
+    ("    select: {maximize: code-skill.acc}\n", "gives no metric 'acc'"),
+    ("    select: {maximize: code-skill.n}\n", "is a count, not a score"),
 ])
 def test_bad_select(workspace, extra, message):
-    with pytest.raises(MergefileError, match=message):
+    with pytest.raises(MergefileError, match=message) as info:
         load(workspace, extra)
+    if "code-skil}" in extra:
+        assert info.value.hint == "did you mean 'code-skill'?"
+
+
+def test_select_names_an_eval_or_one_of_its_metrics(workspace):
+    mf = load(workspace, "    select: {minimize: fluency.perplexity}\n")
+    assert mf.nodes["blend"].select == SelectSpec(goal="minimize", metric="fluency.perplexity")
 
 
 def test_bad_sweep_paths_name_the_problem(workspace):
@@ -106,3 +121,15 @@ def test_select_without_sweep_is_refused(workspace):
 
     with pytest.raises(MergefileError, match="has no 'sweep'"):
         load_mergefile(workspace.mergefile)
+
+
+def test_the_graph_tree_names_each_variant(workspace):
+    from rich.console import Console
+
+    from mergebuild.spec.graph import build_graph, render_tree
+
+    console = Console(width=200, record=True)
+    console.print(render_tree(build_graph(load(workspace))))
+    text = console.export_text()
+    assert "blend (sweep of 4 variants)" in text
+    assert "blend[lambda=0.35,code.weight=0.5] (task_arithmetic)" in text

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergebuild.plan.evaluations import CheckOutcome
+from mergebuild.plan.selection import Selection
 from mergebuild.plan.staleness import NodeState
 
 
@@ -56,3 +57,4 @@ class Reporter:
     def eval_progress(self, node: str, eval_name: str, done: int, total: int) -> None: ...
     def eval_done(self, node: str, eval_name: str, metrics: Mapping[str, float],
                   seconds: float) -> None: ...
+    def selected(self, selection: Selection) -> None: ...

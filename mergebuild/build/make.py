@@ -44,7 +44,14 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import ResolvedSource, materialize, resolve_adapter, resolve_source
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 from mergebuild.store.objects import Store
 
 
@@ -191,14 +198,18 @@ class _Pending:
     finish: Callable[[Any], list[NodeResult]]
     gated: bool  # a single node: its checks are judged once it is built (not a sweep group)
     fatal: bool = False  # its error ends the make even with --keep-going (a source's eval)
+    group: list[NodeState] | None = None  # a sweep's variants: scored once built
 
 
 @dataclass
 class _Ticket:
     """A handled plan entry's results, reported once every earlier entry's are."""
 
-    results: list[NodeResult] | None = None  # None: its unit has not finished
+    results: list[NodeResult] | None = None  # None: not settled yet
     events: tuple[Any, ...] = ()  # a remote unit's reporter events, replayed first
+    reports: list[NodeResult] = field(default_factory=list)  # what node_done is told
+    replayed: bool = False
+    sent: int = 0  # reports already told
 
 
 class Maker:
@@ -216,6 +227,7 @@ class Maker:
         self.store = store
         self.allow_nonfinite = False
         self.refs = store.refs_of(mergefile.path)  # this Mergefile's records, nobody else's
+        self._states: dict[str, NodeState] = {}  # the make's plan, by name
 
     def make(self, targets: list[str], *, force: bool = False, keep_going: bool = False,
              device: str | None = None, reporter: Reporter,
@@ -234,6 +246,7 @@ class Maker:
         states = self.planner.plan(targets, force=force)
         reporter.plan(states)
         self.lock.update(states)
+        self._states = {s.name: s for s in states}
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
                        if self.mergefile.evals else None)
         if evaluations is not None:
@@ -245,6 +258,57 @@ class Maker:
                              evaluations_run=evaluations.runs if evaluations else 0)
         reporter.summary(outcome)
         return outcome
+
+    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations
+                       ) -> NodeResult:
+        """A variant built in a sweep's pass: scored on the evals it needs (its selection's
+        among them, each once per digest) and judged by its checks."""
+        assert state.digest is not None
+        evaluations.know(state.name, state.digest)
+        evaluations.ensure(state.name, state.digest, state.path)
+        return self._gate(state, result, evaluations)
+
+    def _select(self, spec: SweepSpec, state: NodeState, states: dict[str, NodeState],
+                device: str | None, reporter: Reporter, evaluations: Evaluations) -> None:
+        """Resolve the sweep's ``select:`` from its variants' scores: from here on the sweep
+        is its selected variant (digest, key, directory) for its children."""
+        from mergebuild.errors import EvaluationError
+        from mergebuild.plan.selection import choose
+
+        selection = choose(self.mergefile, self.graph, spec.name, evaluations.scores)
+        if selection.value is None:
+            raise EvaluationError(
+                f"no variant has a value of {spec.select.metric}", node=spec.name,  # type: ignore[union-attr]
+                hint="see 'mergebuild metrics " + spec.name + "' for what each variant scored")
+        winner = states[selection.winner]
+        if winner.status == "dropped":  # selected again after gc removed it: build it back
+            variant = self.mergefile.nodes[winner.name]
+            assert isinstance(variant, MergeSpec)
+            winner.reasons = [f"selected by {spec.name}; removed by gc"]
+            result = self._make_node(variant, winner, states, False, device, reporter)
+            reporter.node_done(result)
+        state.selection = selection
+        state.digest, state.key, state.path = winner.digest, winner.key, winner.path
+        state.status, state.reasons = "fresh", []
+        evaluations.know(spec.name, winner.digest)  # children's retain checks read it
+        reporter.selected(selection)
+
+    def make_trial(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str | None, reporter: Reporter,
+                   evaluations: Evaluations | None) -> NodeResult:
+        """One trial of a search, built (and scored on its evals) like any merge node."""
+        return self._make_node(spec, state, states, force, device, reporter, evaluations)
+
+    def _make_node(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
+                   force: bool, device: str | None, reporter: Reporter,
+                   evaluations: Evaluations | None = None) -> NodeResult:
+        """One merge node made here and now (a search's trial, a selected variant gc had
+        removed): what the loop hands an executor, run in this process."""
+        started = self._start_node(spec, state, states, force, device, evaluations,
+                                   estimate=False)
+        if isinstance(started, NodeResult):
+            return started
+        return started.finish(started.unit.run(self.store, reporter, evaluations))[0]
 
     def _evaluate_source(self, state: NodeState, evaluations: Evaluations) -> None:
         """Score a source on its pending evals (materialising it only then)."""
@@ -426,9 +490,13 @@ class Maker:
         previous = self.refs.read(spec.name)
         if previous and previous.get("key") == state.key and self.refs.migrated(spec.name):
             return
+        selected = {ref: self._states[ref].selection.winner  # type: ignore[union-attr]
+                    for ref in spec.parent_refs()
+                    if ref in self._states and self._states[ref].selection is not None}
         self.refs.write(spec.name, {
             "key": state.key, "digest": state.digest, "recipe": state.recipe,
             "parents": parent_names(spec, method),
+            **({"selected": selected} if selected else {}),
         })
 
 
@@ -520,6 +588,8 @@ class _MakeRun:
         spec = self.mergefile.nodes.get(state.name)
         if isinstance(spec, SweepSpec):
             needs = list(spec.variants)
+        elif isinstance(spec, SearchSpec):
+            needs = spec.template.parent_refs()
         elif isinstance(spec, AdaptedSpec):
             needs = [spec.model]
         elif isinstance(spec, MergeSpec):
@@ -544,15 +614,29 @@ class _MakeRun:
                 return
             self._guarded(lambda: maker._evaluate_source(state, evaluations))
             return
-        if state.name in self.settled:
+        if (state.name in self.settled
+                or self.maker.graph.nodes[state.name].get("trial_of") in self.by_name):
+            return  # a search's trials are built by its study, in its order
+        if state.status == "dropped":  # lost its sweep's selection; its scores are known
+            if evaluations is not None:
+                evaluations.know(state.name, state.digest)
             return
         spec = self.mergefile.nodes[state.name]
+        if isinstance(spec, SearchSpec):
+            self._search(state, spec)
+            return
         if isinstance(spec, SweepSpec):
             lost = [v for v in spec.variants if v in self.failed]
             if lost:
                 self.failed.add(state.name)
                 self._resolve(self.entry[state.name], [NodeResult(state.name, "skipped",
                                                           f"variant '{lost[0]}' failed")])
+            elif spec.select is not None and evaluations is not None:
+                try:
+                    maker._select(spec, state, self.by_name, self.device, self.reporter,
+                                  evaluations)
+                except MergebuildError as exc:
+                    self._failed(self.entry[state.name], [state.name], exc)
             else:
                 state.status = "fresh"
             return
@@ -582,15 +666,45 @@ class _MakeRun:
             names = [s.name for s in group]
             self._start(state, lambda: maker._start_variants(group, self.by_name, forced,
                                                              self.device, estimate),
-                        names, gated=False)
+                        names, gated=False, group=group)
             return
         self._start(state, lambda: maker._start_node(spec, state, self.by_name, forced,
                                                      self.device, evaluations, estimate),
                     [state.name], gated=True)
 
+    def _search(self, state: NodeState, spec: SearchSpec) -> None:
+        """A search's study, here and now: one trial at a time, each built in this process
+        (the study asks for the next from the scores of those before it)."""
+        from mergebuild.build.search import make_search
+
+        ticket = self.entry[state.name]
+        blocked = [r for r in spec.template.parent_refs() if r in self.failed]
+        try:
+            if blocked:
+                raise MergebuildError(f"parent '{blocked[0]}' failed", node=spec.name)
+            found = make_search(self.maker, spec, state, self.by_name,
+                                force=self.force and state.name in self.targets,
+                                device=self.device, reporter=self.reporter,
+                                evaluations=self.evaluations)  # type: ignore[arg-type]
+        except MergebuildError as exc:
+            if not self.keep_going:
+                self.failed.add(state.name)
+                self.stopped = True
+                self.error = self.error or exc
+                self._resolve(ticket, [])
+                return
+            found = [NodeResult(state.name, "skipped" if blocked else "failed", exc.message)]
+        if found[-1].outcome in ("failed", "skipped"):
+            self.failed.add(state.name)
+            if not self.keep_going:
+                self.stopped = True
+        self._resolve(ticket, found,
+                      reports=[found[-1]] if found[-1].outcome != "fresh" else [])
+
     def _start(self, state: NodeState,
                start: Callable[[], list[NodeResult] | NodeResult | _Pending],
-               names: list[str], gated: bool) -> None:
+               names: list[str], gated: bool, group: list[NodeState] | None = None
+               ) -> None:
         """Run a node's (or group's) driver side; queue its unit, or settle it at once."""
         ticket = self.entry[state.name]
         try:
@@ -599,6 +713,7 @@ class _MakeRun:
             self._failed(ticket, names, exc)
             return
         if isinstance(started, _Pending):
+            started.group = group
             self.busy.update(started.names)
             self.queue.append((ticket, started))
             return
@@ -613,7 +728,7 @@ class _MakeRun:
                 self._evaluation(state, None, state.path), names,
                 lambda _: results, gated=True)))
             return
-        self._settle(ticket, results, gated=gated)
+        self._settle(ticket, results, gated=gated, group=group)
 
     def _evaluation(self, state: NodeState, source: ResolvedSource | None,
                     path: Path | None) -> EvaluationUnit:
@@ -625,8 +740,9 @@ class _MakeRun:
             needs=UnitNeeds(memory=PROCESS_BASELINE_BYTES))
 
     def _settle(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = (),
-                gated: bool = False) -> None:
-        """A node's (or a sweep group's) results; a single node's checks judged."""
+                gated: bool = False, group: list[NodeState] | None = None) -> None:
+        """A node's (or a sweep group's) results; a single node's checks judged; a group's
+        variants scored and judged once all of them are reported."""
         if gated and self.evaluations is not None:
             state = self.by_name[results[0].name]
             evaluations = self.evaluations
@@ -635,12 +751,35 @@ class _MakeRun:
             except MergebuildError as exc:
                 self._failed(ticket, [state.name], exc, events)
                 return
+        later: list[NodeResult] = []  # told after the group's results: failed scoring
+        if group is not None and self.evaluations is not None:
+            self._report(ticket, results, events)
+            scored = []
+            for variant, result in zip(group, results, strict=True):
+                if result.outcome != "failed":
+                    try:
+                        result = self.maker._score_variant(variant, result, self.evaluations)
+                    except MergebuildError as exc:
+                        if not self.keep_going:
+                            self.failed.add(variant.name)
+                            self.stopped = True
+                            self.error = self.error or exc
+                            self._resolve(ticket, [], reports=[])
+                            return
+                        result = NodeResult(variant.name, "failed", str(exc))
+                    if result.outcome == "failed":  # its checks, or its evaluation
+                        later.append(result)
+                scored.append(result)
+            results = scored
         for result in results:
             if result.outcome == "failed":
                 self.failed.add(result.name)
                 if not self.keep_going:
                     self.stopped = True
-        self._resolve(ticket, results, events)
+        if group is not None and self.evaluations is not None:
+            self._resolve(ticket, results, reports=later)
+        else:
+            self._resolve(ticket, results, events)
 
     def _failed(self, ticket: int, names: list[str], exc: MergebuildError,
                 events: tuple[Any, ...] = ()) -> None:
@@ -708,23 +847,45 @@ class _MakeRun:
                 except MergebuildError as exc:
                     self._failed(done.ticket, pending.names, exc, done.events)
                 else:
-                    self._settle(done.ticket, results, done.events, pending.gated)
+                    self._settle(done.ticket, results, done.events, pending.gated,
+                                 pending.group)
             for name in pending.names:  # a sweep's other variants: reported with the first
                 if self.tickets[self.entry[name]].results is None:
                     self._resolve(self.entry[name], [])
 
     # reporting in plan order -------------------------------------------------------------
-    def _resolve(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = ()
-                 ) -> None:
-        self.tickets[ticket] = _Ticket(results=results, events=events)
+    def _report(self, ticket: int, reports: list[NodeResult], events: tuple[Any, ...] = ()
+                ) -> None:
+        """Tell ``reports`` of an entry not settled yet, as soon as it is its turn."""
+        entry = self.tickets[ticket]
+        entry.events = entry.events or events
+        entry.reports.extend(r for r in reports if r.outcome != "fresh")
+        self._flush()
+
+    def _resolve(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = (),
+                 reports: list[NodeResult] | None = None) -> None:
+        """Settle an entry: its results, and what node_done is told of them (by default each
+        that is not fresh)."""
+        entry = self.tickets[ticket]
+        entry.results = results
+        entry.events = entry.events or events
+        entry.reports.extend([r for r in results if r.outcome != "fresh"]
+                             if reports is None else reports)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Report, in plan order, every entry whose turn it is."""
         while self.reported < len(self.tickets):
-            done = self.tickets[self.reported]
-            if done.results is None:
+            entry = self.tickets[self.reported]
+            if not entry.replayed and (entry.events or entry.reports
+                                       or entry.results is not None):
+                replay(entry.events, self.reporter)
+                entry.replayed = True
+            for result in entry.reports[entry.sent:]:
+                self.reporter.node_done(result)
+            entry.sent = len(entry.reports)
+            if entry.results is None:
                 return
-            replay(done.events, self.reporter)
-            for result in done.results:
-                if result.outcome != "fresh":
-                    self.reporter.node_done(result)
             self.reported += 1
 
 
@@ -854,7 +1015,7 @@ class Builder:
         for ref in spec.parent_refs():
             node = self.mergefile.nodes[ref]
             built = states[node.model] if isinstance(node, AdaptedSpec) else states[ref]
-            if built.kind == "merge" and built.key is not None:
+            if built.kind in ("merge", "sweep", "search") and built.key is not None:
                 keys[ref] = built.key
         return keys
 

@@ -72,9 +72,16 @@ def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, metho
             ))
         else:
             assert p.path is not None
+            # A sweep is the variant its select: chose; the record says which, and why.
+            selection = p.selection.as_json() if p.selection is not None else None
+            if selection is not None and p.study is not None:  # a search: its whole study
+                selection["study"] = p.study.as_json()
+            built_by = (states[p.selection.winner].method if p.selection is not None
+                        else p.method)
             parents.append(ParentRef(
                 name=ref, role=roles[ref], kind="node", uri=f"mergebuild:node/{ref}",
-                digest=p.digest or "", statement=read_statement(p.path), method=p.method,
+                digest=p.digest or "", statement=read_statement(p.path), method=built_by,
+                selection=selection,
             ))
     return BuildRecord(
         node=spec.name, key=key, digest=output.digest, method=method.name, recipe=recipe,

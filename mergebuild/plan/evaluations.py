@@ -15,7 +15,15 @@ import networkx as nx
 
 from mergebuild.errors import EvaluationError, MergefileError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION, EvalDefinition
-from mergebuild.spec.model import Bound, MergeSpec, Mergefile, SourceSpec
+from mergebuild.spec.model import (
+    Bound,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
+from mergebuild.spec.sweep import RETENTION, split_select_metric
 from mergebuild.store.results import ResultStore
 
 __all__ = [
@@ -29,6 +37,7 @@ __all__ = [
     "required_evals",
     "retention",
     "score_metrics",
+    "selection_evals",
 ]
 
 # scores(node) -> {eval name: {metric: value}} of the node's current model (what is known).
@@ -109,12 +118,17 @@ class CheckOutcome:
 
 
 def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
-    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'."""
+    """The evals ``node`` is scored on by its own declaration: ``evals:`` and its bounds'
+    (a sweep's: its variants', written once for all of them)."""
     spec = mergefile.nodes[node]
     if isinstance(spec, SourceSpec):
         return spec.evals
+    if isinstance(spec, SearchSpec):  # it stands for its best trial, scored as they are
+        spec = spec.template
     if isinstance(spec, MergeSpec):
         return tuple(dict.fromkeys([*spec.evals, *(b.eval for b in spec.checks.bounds)]))
+    if isinstance(spec, SweepSpec) and spec.select is not None:
+        return declared_evals(mergefile, spec.variants[0])
     return ()
 
 
@@ -124,17 +138,46 @@ def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> li
     spec = mergefile.nodes[node]
     if not (isinstance(spec, MergeSpec) and spec.checks.retain is not None):
         return []
-    ancestors = nx.ancestors(graph, node)
-    order = [n for n in nx.topological_sort(graph) if n in ancestors]
-    return [a for a in order if declared_evals(mergefile, a)]
+    return _ancestors_with_evals(mergefile, graph, node)
 
 
 def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
-    """Every eval ``node`` must be scored on: its own, and with ``retain``, each retained
-    ancestor's own evals (a merge is held to its parents' skills)."""
+    """Every eval ``node`` must be scored on: its own, with ``retain`` each retained
+    ancestor's own evals (a merge is held to its parents' skills), and as a variant of a
+    sweep with ``select:`` the evals the selection reads."""
     names = list(declared_evals(mergefile, node))
     for ancestor in retained_ancestors(mergefile, graph, node):
         names += declared_evals(mergefile, ancestor)
+    names += selection_evals(mergefile, graph, node)
+    return tuple(dict.fromkeys(names))
+
+
+def selection_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
+    """The evals a sweep's ``select:`` reads of ``node``, one of its variants: the named eval,
+    or for retention every eval its scored ancestors declare (none when not a variant). A
+    search is scored on what its trials are (it stands for the best one)."""
+    names: list[str] = []
+    own = mergefile.nodes.get(node)
+    if isinstance(own, SearchSpec):
+        if own.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                if graph.nodes[ancestor].get("trial_of") != node:
+                    names += declared_evals(mergefile, ancestor)
+        elif (target := split_select_metric(own.select.metric, mergefile.evals)) is not None:
+            names.append(target[0])
+    for sweep in graph.succ[node] if node in graph else ():
+        spec = mergefile.nodes[sweep]
+        if isinstance(spec, SearchSpec) and graph.nodes[node].get("trial_of") != sweep:
+            continue  # a parent of the search, not one of its trials
+        if not (isinstance(spec, SweepSpec | SearchSpec) and spec.select is not None):
+            continue
+        if spec.select.metric == RETENTION:
+            for ancestor in _ancestors_with_evals(mergefile, graph, node):
+                names += declared_evals(mergefile, ancestor)
+            continue
+        target = split_select_metric(spec.select.metric, mergefile.evals)
+        if target is not None:
+            names.append(target[0])
     return tuple(dict.fromkeys(names))
 
 
@@ -234,8 +277,13 @@ def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
 
 
 def _ancestors_with_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
-    """Without a retain check, the table still compares a node with its scored ancestors."""
+    """The ancestors that declare evals, in build order. Below a sweep with ``select:`` the
+    sweep stands for its selected variant: its variants are not ancestors of their own."""
     ancestors = nx.ancestors(graph, node)
+    for name in [node, *ancestors]:
+        spec = mergefile.nodes[name]
+        if isinstance(spec, SweepSpec) and spec.select is not None:
+            ancestors.difference_update(spec.variants)
     return [a for a in nx.topological_sort(graph)
             if a in ancestors and declared_evals(mergefile, a)]
 

@@ -297,6 +297,8 @@ def _dependency_node(dep: Mapping[str, Any], built: Mapping[str, LineageNode]) -
         "commit": annotations.get("commit"),
     }
     if upstream is not None:
+        if isinstance(annotations.get("selection"), Mapping):
+            common["name"] = upstream.name  # a sweep: the variant its select: chose
         return LineageNode(**common, method=upstream.method, params=upstream.params,
                            key=upstream.key, children=upstream.children)
     return LineageNode(**common, method=annotations.get("method"))

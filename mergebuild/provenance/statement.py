@@ -110,6 +110,8 @@ class ParentRef:
     adapter: str | None = None
     applies_to: str | None = None
     adapted_digest: str | None = None
+    # A sweep parent: which variant its select: chose, every variant's value, and why.
+    selection: Mapping | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,8 @@ def _dependency(parent: ParentRef, statement_ids: Mapping[str, str]) -> dict[str
         annotations["appliesTo"] = parent.applies_to
     if parent.adapted_digest is not None:
         annotations["adaptedDigest"] = parent.adapted_digest
+    if parent.selection is not None:
+        annotations["selection"] = parent.selection
     dependency = {"name": parent.name, "uri": parent.uri, "digest": digest}
     if not digest:
         del dependency["digest"]

@@ -8,7 +8,14 @@ import heapq
 import networkx as nx
 
 from mergebuild.errors import GraphError
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec, SweepSpec
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 
 
 def build_graph(mf: Mergefile) -> nx.DiGraph:
@@ -17,8 +24,9 @@ def build_graph(mf: Mergefile) -> nx.DiGraph:
     for name, node in mf.nodes.items():
         g.add_node(name, spec=node)
     for name, node in mf.nodes.items():
-        if isinstance(node, MergeSpec):
-            for ref in node.parent_refs():
+        if isinstance(node, MergeSpec | SearchSpec):
+            merge = node.template if isinstance(node, SearchSpec) else node
+            for ref in merge.parent_refs():
                 if ref == name:
                     raise GraphError(f"node '{name}' uses itself as a parent", file=str(mf.path),
                                      line=node.line, node=name,
@@ -81,7 +89,8 @@ def default_targets(g: nx.DiGraph) -> list[str]:
     """Merge nodes and sweeps that no other node uses (the chain's final models)."""
     return sorted(
         n for n in g.nodes
-        if g.out_degree(n) == 0 and isinstance(g.nodes[n]["spec"], MergeSpec | SweepSpec)
+        if g.out_degree(n) == 0
+        and isinstance(g.nodes[n]["spec"], MergeSpec | SweepSpec | SearchSpec)
     )
 
 
@@ -94,18 +103,21 @@ def _label(g: nx.DiGraph, name: str) -> str:
         return f"{name} (LoRA {adapter} on {spec.model})"
     if isinstance(spec, SweepSpec):
         return f"{name} (sweep of {len(spec.variants)} variants)"
+    if isinstance(spec, SearchSpec):
+        return f"{name} (search: {spec.sampler}, {spec.trials} trials of {spec.template.method})"
     return f"{name} ({spec.method})"
 
 
 def render_tree(g: nx.DiGraph, roots: list[str] | None = None):
     """A rich Tree per root: each node with its parents below it."""
+    from rich.markup import escape
     from rich.tree import Tree
 
     roots = roots or default_targets(g) or sorted(g.nodes)
     top = Tree("[bold]Mergefile[/bold]")
 
     def add(tree, name: str, seen: tuple[str, ...]) -> None:
-        branch = tree.add(_label(g, name))
+        branch = tree.add(escape(_label(g, name)))  # a variant's [t=0.5] is not markup
         if name in seen:
             return
         for parent in sorted(g.predecessors(name)):

@@ -23,7 +23,7 @@ SourceKind = Literal["local", "hub", "demo"]
 # What a tokenizer source does to the vocabulary: keep the base's, take the union, or take
 # one named model's ("model"; which model is the recipe's donor).
 TokenizerPolicy = Literal["base", "union", "model"]
-NodeKind = Literal["source", "merge", "adapted", "sweep"]
+NodeKind = Literal["source", "merge", "adapted", "sweep", "search"]
 
 
 def _uri_kind(uri: str) -> SourceKind:
@@ -267,7 +267,41 @@ class SweepSpec:
     line: int
 
 
-Node = SourceSpec | MergeSpec | AdaptedSpec | SweepSpec
+SamplerName = Literal["tpe", "cmaes", "random"]
+SAMPLERS: tuple[SamplerName, ...] = get_args(SamplerName)
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    """One axis of a search space: a float or int range (inclusive), or a list of choices."""
+
+    path: str  # as in a sweep: ``density``, ``parameters.t``, ``models.math.weight``
+    kind: Literal["float", "int", "categorical"]
+    low: float | int | None = None
+    high: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A merge written once with a space to search: Optuna proposes each trial's values.
+
+    Every trial is an ordinary merge node named ``tuned[density=0.4137,math.weight=0.62]``,
+    registered with the graph as the study reaches it (its values depend on the scores of
+    the trials before it). ``select`` ranks the trials; ``tuned`` stands for the best one.
+    """
+
+    name: str
+    template: MergeSpec  # the node as written; a trial sets its point's values on it
+    sampler: SamplerName
+    trials: int
+    seed: int
+    space: tuple[SearchDimension, ...]
+    select: SelectSpec
+    line: int
+
+
+Node = SourceSpec | MergeSpec | AdaptedSpec | SweepSpec | SearchSpec
 
 
 @dataclass(frozen=True)

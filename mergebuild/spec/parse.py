@@ -21,6 +21,8 @@ from mergebuild.spec.model import (
     MergeSpec,
     Node,
     ParentSpec,
+    SearchSpec,
+    SelectSpec,
     SliceSourceSpec,
     SliceSpec,
     SourceSpec,
@@ -28,7 +30,14 @@ from mergebuild.spec.model import (
     TokenEmbeddingSpec,
     TokenizerSpec,
 )
-from mergebuild.spec.sweep import apply_point, grid_points, parse_select
+from mergebuild.spec.search import longest_trial_name, parse_search
+from mergebuild.spec.sweep import (
+    RETENTION,
+    apply_point,
+    grid_points,
+    parse_select,
+    split_select_metric,
+)
 from mergebuild.spec.validate import (
     DEFAULT_KEYS,
     MERGE_KEYS,
@@ -234,8 +243,15 @@ class _Builder:
                 body.line_of("description"), name, "write a paragraph, not a pasted file")
         if "source" in body:
             self.nodes[name] = self._source(name, body)
+        elif "merge_method" in body and "sweep" in body and "search" in body:
+            raise self.error("a node has either 'sweep' (a grid) or 'search' (a study), "
+                             "not both", body.line_of("search"), name,
+                             "keep sweep: to build every point, or search: to let a sampler "
+                             "choose the points")
         elif "merge_method" in body and "sweep" in body:
             self._sweep(name, body)
+        elif "merge_method" in body and "search" in body:
+            self._search(name, body)
         elif "merge_method" in body:
             self.nodes[name] = self._merge(name, body)
         else:
@@ -371,12 +387,98 @@ class _Builder:
         select = None
         if body.get("select") is not None:
             select = parse_select(body["select"], self.file, body.line_of("select"), name)
+            self.check_select_eval(select, body.line_of("select"), name)
         self.nodes[name] = SweepSpec(name=name, variants=tuple(variants),
                                      points=tuple(variants.values()), select=select,
                                      line=body.line)
 
+    def _search(self, name: str, body: LineDict) -> None:
+        """A merge with ``search:``: the node stands for the best of its trials, which the
+        study creates as it runs (see spec/search.py)."""
+        template = self._merge(name, body, validate=False)
+        if not self.evals:
+            raise self.error("a search ranks its trials by evaluations, and this Mergefile "
+                             "has no 'evals:'", body.line_of("search"), name,
+                             "define the evals select reads (see Mergefile.example)")
+        select = None
+        if body.get("select") is not None:
+            select = parse_select(body["select"], self.file, body.line_of("select"), name)
+            self.check_select_eval(select, body.line_of("select"), name)
+        spec, warnings = parse_search(body["search"], template, select, self.file,
+                                      body.line_of("search"))
+        longest = longest_trial_name(spec)
+        if longest > MAX_NODE_NAME:  # a trial's record is a file named for it, as a node's
+            raise self.error(f"its trials' names would be up to {longest} characters long",
+                             body.line_of("search"), name,
+                             f"node names stay within {MAX_NODE_NAME}: search fewer "
+                             "parameters, or give the node a shorter name")
+        self.warnings.extend(w for w in warnings if w not in self.warnings)
+        self.nodes[name] = spec
+
+    def check_select_eval(self, select: SelectSpec, line: int, node: str) -> None:
+        """``select`` names a defined eval (``EVAL`` or ``EVAL.METRIC``) and a score it gives."""
+        if select.metric == RETENTION:
+            return  # its ancestors' evals are checked once every node is read
+        target = split_select_metric(select.metric, self.evals)
+        if target is None:
+            raise self.error(
+                f"select: unknown eval '{select.metric}'", line, node,
+                did_you_mean(select.metric, [*self.evals, RETENTION]) or (
+                    f"define it under the top-level 'evals:' "
+                    f"({', '.join(self.evals) or 'none yet'}), or select retention"))
+        name, metric = target
+        if metric is None:
+            return
+        try:
+            direction = self.evals[name].definition.higher_is_better(metric)
+        except KeyError:
+            raise self.error(f"select: eval '{name}' gives no metric '{metric}'", line, node,
+                             f"write select: {{{select.goal}: {name}}} for its one score"
+                             ) from None
+        if direction is None:
+            raise self.error(f"select: '{metric}' of eval '{name}' is a count, not a score",
+                             line, node, f"write select: {{{select.goal}: {name}}}")
+
+    def check_select_retention(self) -> None:
+        """``select: {maximize: retention}`` needs an ancestor of the sweep that declares evals
+        (retention is a variant's score on them as a share of that ancestor's)."""
+        for sweep in self.nodes.values():
+            if not (isinstance(sweep, SweepSpec | SearchSpec) and sweep.select is not None
+                    and sweep.select.metric == RETENTION):
+                continue
+            seen: set[str] = set()
+            todo = (sweep.template.parent_refs() if isinstance(sweep, SearchSpec) else
+                    [r for v in sweep.variants for r in self.nodes[v].parent_refs()])  # type: ignore[union-attr]
+            scored = []
+            while todo:
+                ref = todo.pop()
+                if ref in seen or ref not in self.nodes:
+                    continue
+                seen.add(ref)
+                parent = self.nodes[ref]
+                if isinstance(parent, SourceSpec) and parent.evals:
+                    scored.append(ref)
+                elif isinstance(parent, MergeSpec):
+                    if parent.evals or parent.checks.bounds:
+                        scored.append(ref)
+                    todo.extend(parent.parent_refs())
+                elif isinstance(parent, SweepSpec):
+                    todo.extend(parent.variants)
+                elif isinstance(parent, SearchSpec):
+                    if parent.template.evals or parent.template.checks.bounds:
+                        scored.append(ref)
+                    todo.extend(parent.template.parent_refs())
+                elif isinstance(parent, AdaptedSpec):
+                    todo.append(parent.model)
+            if not scored:
+                raise self.error(
+                    f"select: retention compares '{sweep.name}' with its ancestors' own evals, "
+                    "and no ancestor declares evals", sweep.line, sweep.name,
+                    "add evals: [...] to a parent, or select {maximize: EVAL}")
+
     def check_sweep_children(self) -> None:
         """A child of a sweep needs the sweep to say which variant it stands for."""
+        self.check_select_retention()
         for node in self.nodes.values():
             if not isinstance(node, MergeSpec):
                 continue
@@ -397,9 +499,10 @@ class _Builder:
                 "method and parameters; use filters such as {filter: vision_tower, value: ...} "
                 "for per-module values) or use mergekit for per-module slices")
         check_keys(body, MERGE_KEYS, "a merge node", self.file, name)
-        if "select" in body and "sweep" not in body:
-            raise self.error("'select' chooses among a sweep's variants; this node has no "
-                             "'sweep'", body.line_of("select"), name,
+        if "select" in body and "sweep" not in body and "search" not in body:
+            raise self.error("'select' chooses among a sweep's variants or a search's "
+                             "trials; this node has no 'sweep' or 'search'",
+                             body.line_of("select"), name,
                              "add sweep: {PARAMETER: [values...]} or remove select")
         method_name = body["merge_method"]
         line = body.line_of("merge_method")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -89,6 +89,9 @@ def apply_point(spec: MergeSpec, point: Mapping[str, Any], file: str, line: int)
                    models=tuple(models))
 
 
+RETENTION = "retention"
+
+
 def parse_select(value: Any, file: str, line: int, node: str) -> SelectSpec:
     """``{maximize: METRIC}`` or ``{minimize: METRIC}`` (``retention`` is a metric too)."""
     if (not isinstance(value, Mapping) or len(value) != 1
@@ -98,4 +101,24 @@ def parse_select(value: Any, file: str, line: int, node: str) -> SelectSpec:
                              file=file, line=line, node=node,
                              hint="select: {maximize: code-skill} or {maximize: retention}")
     goal, metric = next(iter(value.items()))
+    if metric == RETENTION and goal != "maximize":
+        raise MergefileError("'select' can only maximize retention (1.0 keeps every "
+                             "ancestor's score)", file=file, line=line, node=node,
+                             hint="select: {maximize: retention}")
     return SelectSpec(goal=goal, metric=metric)
+
+
+def split_select_metric(metric: str, evals: Collection[str]) -> tuple[str, str | None] | None:
+    """``EVAL`` → (EVAL, None: its one score); ``EVAL.METRIC`` → (EVAL, METRIC); None when
+    ``metric`` names no eval of ``evals`` (an eval's own name wins over a dotted split).
+
+    Example:
+        >>> split_select_metric("harness.acc", ["harness", "code-skill"])
+        ('harness', 'acc')
+    """
+    if metric in evals:
+        return metric, None
+    head, dot, tail = metric.rpartition(".")
+    if dot and head in evals and tail:
+        return head, tail
+    return None

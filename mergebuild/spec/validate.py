@@ -32,10 +32,12 @@ MERGE_KEYS = (
     "checks",
     "card",
     "sweep",
+    "search",
     "select",
     "allow_nonfinite",
 )
 SELECT_KEYS = ("maximize", "minimize")
+SEARCH_KEYS = ("sampler", "trials", "seed", "space")
 PARENT_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 SLICE_SOURCE_KEYS = ("model", "layer_range", "parameters")

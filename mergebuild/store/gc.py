@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,17 @@ def _same_file(path: Path, resolved: Path) -> bool:
 
 
 def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: set[str],
-                 lock_grace: float = LOCK_GRACE_SECONDS) -> tuple[list[Garbage], int]:
+                 lock_grace: float = LOCK_GRACE_SECONDS,
+                 why_not_kept: Mapping[str, str] | None = None) -> tuple[list[Garbage], int]:
     """Everything ``gc`` would remove, and how many objects it keeps.
 
     Args:
         keep: the keys ``mergefile`` reaches (see the module docstring).
         live_demo: the names of the demo directories the current generator writes.
+        why_not_kept: {key: why} for objects the Mergefile names but does not keep (a
+            variant that lost its sweep's selection); the rest are "not reachable".
     """
+    why_not_kept = why_not_kept or {}
     keep = reachable_keys(store, keep, mergefile)
     garbage: list[Garbage] = []
     kept = 0
@@ -92,8 +97,8 @@ def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: se
         if path.name in keep:
             kept += 1
         else:
-            garbage.append(Garbage(path, "object", _tree_size(path),
-                                   "not reachable from the Mergefile"))
+            garbage.append(Garbage(path, "object", _tree_size(path), why_not_kept.get(
+                path.name, "not reachable from the Mergefile")))
     for path in store.dead_tmp_dirs():
         garbage.append(Garbage(path, "temp", _tree_size(path), "left by an interrupted build"))
     removed = {g.path.name for g in garbage if g.kind == "object"}
@@ -117,13 +122,14 @@ def find_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: se
 
 
 def collect_garbage(store: Store, keep: set[str], *, mergefile: Path, live_demo: set[str],
-                    dry_run: bool = False, lock_grace: float = LOCK_GRACE_SECONDS) -> GcReport:
+                    dry_run: bool = False, lock_grace: float = LOCK_GRACE_SECONDS,
+                    why_not_kept: Mapping[str, str] | None = None) -> GcReport:
     """Remove (or with ``dry_run`` only list) everything :func:`find_garbage` finds.
 
     The caller holds the store's use lock, exclusively unless ``dry_run``.
     """
     garbage, kept = find_garbage(store, keep, mergefile=mergefile, live_demo=live_demo,
-                                 lock_grace=lock_grace)
+                                 lock_grace=lock_grace, why_not_kept=why_not_kept)
     if not dry_run:
         for item in garbage:
             _remove(store, item)

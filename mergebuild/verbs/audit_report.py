@@ -43,6 +43,7 @@ class SweepRow:
     parameters: Mapping[str, Any]
     score: float | None
     selected: bool = False
+    place: int | None = None  # its rank by the sweep's select: (None: ranked by score)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ def _sweeps(rows: Iterable[SweepRow]) -> str:
     for row in rows:
         by_sweep.setdefault(row.sweep, []).append(row)
     for sweep, entries in by_sweep.items():
-        ranked = sorted(entries, key=lambda r: (r.score is None, -(r.score or 0.0)))
+        ranked = sorted(entries, key=lambda r: (r.place is None, r.place or 0,
+                                                r.score is None, -(r.score or 0.0)))
         body = [[str(i + 1), ("&#9733; " if r.selected else "") + _e(r.variant),
                  _e(format_parameters(r.parameters)), _num(r.score)]
                 for i, r in enumerate(ranked)]

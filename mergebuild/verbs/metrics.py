@@ -23,15 +23,19 @@ from mergebuild.plan.evaluations import (
     retained_ancestors,
     retention,
 )
+from mergebuild.plan.selection import choose, rank, retention_range
+from mergebuild.plan.selection import measure as measure_of
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.lineage import LineageNode
 from mergebuild.sources.resolve import materialize
-from mergebuild.spec.model import Mergefile
+from mergebuild.spec.model import Mergefile, SearchSpec, SweepSpec
+from mergebuild.spec.sweep import format_value
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
 
-__all__ = ["NodeMetrics", "collect_metrics", "evaluate_nodes", "metrics_json", "plot_retention",
-           "with_scores"]
+__all__ = ["Leaderboard", "LeaderboardRow", "NodeMetrics", "collect_metrics", "evaluate_nodes",
+           "leaderboard", "leaderboard_json", "metrics_json", "plot_leaderboard",
+           "plot_retention", "with_scores"]
 
 Scores = dict[str, dict[str, float]]
 
@@ -61,8 +65,8 @@ class _Known:
 
     def digest(self, node: str) -> str | None:
         state = self.states.get(node)
-        return state.digest if state is not None and state.status in ("source", "fresh") \
-            else None
+        return state.digest if state is not None and state.status in (
+            "source", "fresh", "dropped") else None
 
     def at(self, digest: str | None, names: Mapping[str, str]) -> Scores:
         """{eval: metrics} stored for model ``digest``, for eval ``names`` {name: digest}."""
@@ -76,6 +80,9 @@ class _Known:
         return out
 
     def scores(self, node: str) -> Scores:
+        state = self.states.get(node)
+        if state is not None and state.selection is not None and state.digest is not None:
+            node = state.selection.winner  # a sweep is scored as the variant it selected
         names = required_evals(self.mergefile, self.graph, node)
         return self.at(self.digest(node), {n: self.digests[n] for n in names})
 
@@ -124,6 +131,157 @@ def metrics_json(table: list[NodeMetrics], diff: bool = False) -> list[dict[str,
             row["previous"] = {"digest": m.previous_digest, "scores": m.previous}
         rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    """One variant of a sweep: its place, swept values, the value its sweep's ``select:``
+    ranks by (``worst``: retention's lowest share), and every stored score."""
+
+    place: int
+    variant: str
+    point: Mapping[str, Any]  # swept path as written → value
+    value: float | None
+    worst: float | None
+    scores: Scores
+    selected: bool
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    """A sweep's variants ranked by its ``select:`` (grid order without one).
+
+    ``selected`` is the variant the sweep stands for once every variant is built and
+    scored (None until then: the ranking is of what is known so far).
+    """
+
+    sweep: str
+    goal: str | None  # "maximize" | "minimize"
+    metric: str | None  # as written: an eval, EVAL.METRIC or retention
+    measure: str | None  # what the value is, e.g. "code-skill accuracy"
+    rows: tuple[LeaderboardRow, ...]
+    selected: str | None
+    why: str | None
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.rows[0].point) if self.rows else []
+
+
+def leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+                states: list[NodeState], sweep: str) -> Leaderboard:
+    """``sweep``'s leaderboard from the store's scores (``states``: a plan of the sweep)."""
+    spec = mergefile.nodes[sweep]
+    assert isinstance(spec, SweepSpec)
+    by_name = {s.name: s for s in states}
+    known = _Known(mergefile, graph, store, by_name)
+    points = dict(zip(spec.variants, spec.points, strict=True))
+    state = by_name.get(sweep)
+    resolved = state.selection if state is not None and state.digest is not None else None
+    if spec.select is None:
+        rows = tuple(LeaderboardRow(place=i, variant=v, point=points[v], value=None,
+                                    worst=None, scores=known.scores(v), selected=False)
+                     for i, v in enumerate(spec.variants, start=1))
+        return Leaderboard(sweep, None, None, None, rows, None, None)
+    selection = choose(mergefile, graph, sweep, known.scores)
+    rows = []
+    for ranked in selection.ranking:
+        worst = None
+        if spec.select.metric == "retention":
+            found = retention_range(mergefile, graph, ranked.variant, known.scores)
+            worst = None if found is None else found[1]
+        rows.append(LeaderboardRow(
+            place=ranked.place, variant=ranked.variant, point=points[ranked.variant],
+            value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
+            selected=resolved is not None and resolved.winner == ranked.variant))
+    return Leaderboard(sweep, spec.select.goal, spec.select.metric, selection.measure,
+                       tuple(rows), resolved.winner if resolved else None,
+                       resolved.why() if resolved else None)
+
+
+def search_leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+                       states: list[NodeState], search: str) -> Leaderboard:
+    """A search's trials as a sweep's leaderboard (``states``: a plan of the search, whose
+    state holds the study): ranked by the values told to the sampler, ties to the earlier
+    trial; a trial kept out of the ranking (a failed check) is last, without a value."""
+    by_name = {s.name: s for s in states}
+    state = by_name[search]
+    spec = mergefile.nodes[search]
+    assert isinstance(spec, SearchSpec)
+    known = _Known(mergefile, graph, store, by_name)
+    study = state.study
+    trials = {t.name: t for t in study.trials} if study is not None else {}
+    resolved = state.selection if state.digest is not None else None
+    values = {name: t.value for name, t in trials.items()}
+    rows = []
+    for ranked in rank(spec.select, list(trials), values):
+        worst = None
+        if spec.select.metric == "retention" and ranked.value is not None:
+            found = retention_range(mergefile, graph, ranked.variant, known.scores)
+            worst = None if found is None else found[1]
+        rows.append(LeaderboardRow(
+            place=ranked.place, variant=ranked.variant, point=trials[ranked.variant].point,
+            value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
+            selected=resolved is not None and resolved.winner == ranked.variant))
+    measure = measure_of(mergefile, spec.select, list(trials), known.scores)
+    return Leaderboard(search, spec.select.goal, spec.select.metric, measure, tuple(rows),
+                       resolved.winner if resolved else None,
+                       resolved.why() if resolved else None)
+
+
+def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
+    """The leaderboard as plain JSON (``mergebuild metrics SWEEP --json``)."""
+    return {
+        "node": board.sweep, "select": ({"goal": board.goal, "metric": board.metric,
+                                          "measure": board.measure} if board.goal else None),
+        "selected": board.selected, "why": board.why,
+        "leaderboard": [{"place": r.place, "variant": r.variant, "point": dict(r.point),
+                         "value": r.value, "min": r.worst, "selected": r.selected,
+                         "scores": r.scores} for r in board.rows],
+    }
+
+
+def plot_leaderboard(board: Leaderboard, path: Path) -> Path:
+    """The select objective against each swept parameter, one subplot per swept path (the
+    selected variant ringed); PNG or SVG by ``path``'s suffix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in board.rows if r.value is not None]
+    if board.goal is None or not shown:
+        raise MergebuildError(f"nothing to plot: no variant of '{board.sweep}' has a value of "
+                              "its select: yet" if board.goal else
+                              f"nothing to plot: '{board.sweep}' has no select:",
+                              node=board.sweep,
+                              hint=f"run 'mergebuild make {board.sweep}'" if board.goal
+                              else "add select: {maximize: EVAL} to the sweep")
+    paths = board.paths
+    fig, axes = plt.subplots(1, len(paths), figsize=(max(5.5, 4.2 * len(paths)), 3.8), squeeze=False)
+    for ax, swept in zip(axes[0], paths, strict=True):
+        values = [r.point[swept] for r in shown]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = [float(v) for v in values]
+        else:  # categories, in the order the grid lists them
+            order = list(dict.fromkeys(format_value(r.point[swept]) for r in board.rows))
+            xs = [float(order.index(format_value(v))) for v in values]
+            ax.set_xticks(range(len(order)), order)
+        ax.scatter(xs, [r.value for r in shown], color="tab:blue")
+        for x, row in zip(xs, shown, strict=True):
+            if row.selected:
+                ax.scatter([x], [row.value], s=160, facecolors="none", edgecolors="tab:red",
+                           linewidths=2, label=f"selected: {row.variant}")
+        ax.set_xlabel(swept)
+        ax.set_ylabel(str(board.measure))
+        if any(r.selected for r in shown):
+            ax.legend(fontsize="small")
+    fig.suptitle(f"{board.sweep}: {board.goal} {board.measure}", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def evaluate_nodes(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
