@@ -352,3 +352,25 @@ def test_j2_build_interrupted_in_a_worker_publishes_nothing_and_exits_130(tmp_pa
     # Whatever a worker finished before is whole; nothing else is in the store.
     _assert_store_sound(tmp_path / "cache")
     assert not any((tmp_path / "cache" / "tmp").iterdir())  # each removed its temp dir
+
+
+def test_j2_selects_the_same_variant_and_builds_the_child_on_it(tmp_path):
+    from test_build_sweep import SELECTED
+
+    from mergebuild.api import Project
+    from mergebuild.sources.skills import SKILL_DATA
+
+    for name, count in (("chat.jsonl", 20), ("code.jsonl", 20), ("text.txt", 12)):
+        lines = (SKILL_DATA / name).read_text().splitlines()[:count]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    (tmp_path / "Mergefile").write_text(SELECTED.format(grid="[0.0, 0.5, 1.0]",
+                                                        goal="maximize", metric="code-skill"))
+    made = {}
+    for store, jobs in (("serial", 1), ("parallel", 2)):
+        project = Project(tmp_path / "Mergefile", tmp_path / store)
+        reporter = Recording()
+        result = project.make(["final"], device="cpu", jobs=jobs, reporter=reporter)
+        made[store] = ({r.name: r.outcome for r in result.results}, result.evaluations_run,
+                       reporter.done, project.lineage("blend").name, _files(project.path("final")))
+    assert made["parallel"] == made["serial"]
+    assert made["serial"][0]["final"] == "built"

@@ -462,14 +462,17 @@ class Maker:
                                             path=path)
 
     def _reads(self, spec: MergeSpec, states: dict[str, NodeState]) -> dict[str, NodeState]:
-        """The states a build of ``spec`` reads: its own, its parents', and the merge under
-        each adapted parent."""
+        """The states a build of ``spec`` reads: its own, its parents', the merge under each
+        adapted parent and the variant each sweep or search parent chose."""
         reads = {spec.name: states[spec.name]}
         for ref in spec.parent_refs():
             reads[ref] = states[ref]
             node = self.mergefile.nodes[ref]
             if isinstance(node, AdaptedSpec):
                 reads[node.model] = states[node.model]
+            selection = states[ref].selection
+            if selection is not None:  # a sweep or search: the variant it chose
+                reads[selection.winner] = states[selection.winner]
         return reads
 
     def _needs(self, spec: MergeSpec, states: dict[str, NodeState], variants: int,
