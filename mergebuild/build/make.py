@@ -546,18 +546,17 @@ class _MakeRun:
                         break
                     if self._blocked(state, unhandled):
                         continue
-                    waiting.remove(state)
-                    unhandled.discard(state.name)
-                    self._handle(state)
-                    if self.tickets[self.entry[state.name]].results is None and not any(
-                            state.name in p.names for p in self._pending()):
-                        self._resolve(self.entry[state.name], [])  # nothing to report
-                    self._dispatch()
+                    self._take(state, waiting, unhandled)
                 if self.stopped:
                     self.queue.clear()
                 if not self.running:
                     if self.queue:  # a unit alone always fits
                         self._dispatch()
+                        continue
+                    if waiting and not self.stopped:
+                        # Blocked on nothing that runs: the plan's order is the serial
+                        # loop's, so handle the next entry as it would.
+                        self._take(waiting[0], waiting, unhandled)
                         continue
                     break
                 self._collect(self.executor.wait())
@@ -570,6 +569,17 @@ class _MakeRun:
         if self.error is not None:
             raise self.error
         return [r for t in self.tickets for r in t.results or ()]
+
+    def _take(self, state: NodeState, waiting: list[NodeState], unhandled: set[str]
+              ) -> None:
+        """Handle a plan entry, then start what the executor has room for."""
+        waiting.remove(state)
+        unhandled.discard(state.name)
+        self._handle(state)
+        if self.tickets[self.entry[state.name]].results is None and not any(
+                state.name in p.names for p in self._pending()):
+            self._resolve(self.entry[state.name], [])  # nothing to report
+        self._dispatch()
 
     def _pending(self) -> list[_Pending]:
         return [p for _, p in self.queue] + list(self.running.values())
