@@ -75,7 +75,9 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
     it and blocks until killed (MERGEBUILD_FAULT hold=, armed on the worker nodes)."""
     root = Path(tempfile.mkdtemp(prefix="mbray", dir="/tmp"))  # short: Ray's socket paths
     hold = root / "hold"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+    # A loaded machine (the full suite, beside other work) can take more than Ray's default
+    # 30 s to register a raylet: wait longer rather than fail.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_raylet_start_wait_time_s": "240",
            "MERGEBUILD_FAULT": f"engine.read_tensor:1:hold={hold}"}
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -86,12 +88,12 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         nodes.append((_ray_start(["--head", f"--port={port}", "--num-cpus=0",
                                   "--include-dashboard=false", f"--temp-dir={root / 'ray'}"],
                                  head_log, env), head_log))
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         _wait_started(nodes, deadline)
-        for n in range(2):
-            log = root / f"worker{n}.log"
+        for n in range(2):  # one after the other: two raylets registering at once from
+            log = root / f"worker{n}.log"  # one address can take each other's node info
             nodes.append((_ray_start([f"--address={address}", "--num-cpus=1"], log, env), log))
-        _wait_started(nodes[1:], deadline)
+            _wait_started(nodes[-1:], deadline)
         yield address, hold
     finally:
         for process, _ in nodes:
