@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mergebuild.build.events import MakeResult, Reporter
-from mergebuild.build.record import excerpt, utc_now
+from mergebuild.build.record import excerpt, selected_variants, utc_now
 from mergebuild.errors import MergebuildError, MergefileError, StoreError, shorten
 from mergebuild.plan.lockfile import LockedResolver, SourceLock
 from mergebuild.plan.staleness import NodeState, Planner
-from mergebuild.spec.graph import build_graph
+from mergebuild.spec.graph import ancestors, build_graph
 from mergebuild.spec.model import (
     AdaptedSpec,
     Mergefile,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from mergebuild.plan.search import Study
     from mergebuild.provenance.lineage import LineageNode
     from mergebuild.store.gc import GcReport
-    from mergebuild.verbs.audit_report import Evaluation, ReportTarget, SweepRow
+    from mergebuild.verbs.audit_report import Evaluation, ReportTarget, SearchStudy, SweepRow
     from mergebuild.verbs.card import PresentedCard
     from mergebuild.verbs.export import ExportResult, Protected
     from mergebuild.verbs.inspect import InspectReport
@@ -181,8 +181,10 @@ class Project:
         return pin_name, record
 
     def excerpt(self, node: str) -> str:
-        """The YAML of ``node`` and its ancestors: enough to rebuild it."""
-        return excerpt(self.mergefile, self.graph, node)
+        """The YAML of ``node`` and its ancestors: enough to rebuild it (each sweep it builds
+        on written as the variant it selects, as planned now)."""
+        states = {s.name: s for s in self.plan([node])}
+        return excerpt(self.mergefile, self.graph, node, selected_variants(states))
 
     # building ----------------------------------------------------------------------------
     @_uses_store(create=True)
@@ -449,36 +451,52 @@ class Project:
                            if signatures else "unsigned"),
                 card=split_front_matter(card.text)[0], licences=self.licences(name),
                 warnings=tuple(warnings), evaluations=self._report_evaluations(name),
-                sweeps=self._report_sweeps(name)))
+                sweeps=self._report_sweeps(name), searches=self._report_searches(name)))
         return out
 
     def _report_sweeps(self, target: str) -> tuple[SweepRow, ...]:
         """The leaderboard of every sweep with ``select:`` that ``target`` is or builds on."""
-        import networkx as nx
-
         from mergebuild.verbs.audit_report import SweepRow
 
-        wanted = nx.ancestors(self.graph, target) | {target}
+        wanted = ancestors(self.graph, target) | {target}
         rows = []
         for name, spec in self.mergefile.nodes.items():
             if not (isinstance(spec, SweepSpec) and spec.select is not None and name in wanted):
                 continue
             for row in self.leaderboard(name).rows:
                 rows.append(SweepRow(sweep=name, variant=row.variant, parameters=row.point,
-                                     score=row.value, selected=row.selected, place=row.place))
+                                     score=row.value, selected=row.selected, place=row.place,
+                                     failed=row.failed))
         return tuple(rows)
+
+    def _report_searches(self, target: str) -> tuple[SearchStudy, ...]:
+        """The study of every search ``target`` is or builds on: its trials in the order
+        the sampler asked for them, the selected one marked."""
+        from mergebuild.verbs.audit_report import SearchStudy, SearchTrial
+
+        wanted = ancestors(self.graph, target) | {target}
+        studies = []
+        for name, spec in list(self.mergefile.nodes.items()):
+            if not (isinstance(spec, SearchSpec) and name in wanted):
+                continue
+            study, board = self.study(name), self.leaderboard(name)
+            rows = tuple(SearchTrial(number=t.number, name=t.name, parameters=t.point,
+                                     objective=t.value, selected=t.name == board.selected,
+                                     failed=t.excluded) for t in study.trials)
+            studies.append(SearchStudy(
+                search=name, sampler=spec.sampler, seed=spec.seed, trials=spec.trials,
+                select=f"{spec.select.goal} {spec.select.metric}", rows=rows, why=board.why))
+        return tuple(studies)
 
     def _report_evaluations(self, target: str) -> tuple[Evaluation, ...]:
         """The scores the store holds for ``target`` and its scored ancestors, with the
         target's retention of each ancestor's own evals and its checks (none without evals)."""
-        import networkx as nx
-
         from mergebuild.verbs.audit_report import Evaluation
         from mergebuild.verbs.metrics import scored_nodes
 
         if not self.mergefile.evals:
             return ()
-        wanted = set(nx.ancestors(self.graph, target)) | {target}
+        wanted = ancestors(self.graph, target) | {target}
         nodes = [n for n in scored_nodes(self.mergefile, self.graph) if n in wanted]
         rows: list[Evaluation] = []
         for metrics in self.metrics(nodes) if nodes else []:

@@ -14,6 +14,7 @@ from mergebuild.provenance.secrets import scrub_text
 from mergebuild.provenance.statement import short_digest
 
 if TYPE_CHECKING:
+    from mergebuild.plan.evaluations import CheckOutcome
     from mergebuild.plan.search import Study
     from mergebuild.verbs.metrics import Leaderboard, NodeMetrics
     from mergebuild.verbs.reproduce import ReproReport
@@ -143,6 +144,13 @@ class PlainReporter(Reporter):
     def selected(self, selection: Selection) -> None:
         self._print(f"selected {selection.headline()}: {selection.why()}")
 
+    def excluded(self, name: str, group: str, checks: list[CheckOutcome]) -> None:
+        failed = [c for c in checks if not c.passed]
+        print(scrub_text(f"excluded {name} from {group}'s selection: {len(failed)} check"
+                         f"{'s' * (len(failed) != 1)} failed"), file=sys.stderr, flush=True)
+        for check in failed:
+            print(f"check failed: {check.describe()}", file=sys.stderr, flush=True)
+
     def waiting(self, name: str) -> None:
         self._print(f"waiting: another mergebuild is building {name}")
 
@@ -268,6 +276,10 @@ class RichReporter(PlainReporter):
     def node_done(self, result: NodeResult) -> None:
         self._stop()
         super().node_done(result)
+
+    def excluded(self, name: str, group: str, checks: list[CheckOutcome]) -> None:
+        self._stop()
+        super().excluded(name, group, checks)
 
     def eval_start(self, node: str, eval_name: str) -> None:
         self._stop()
@@ -400,6 +412,8 @@ def leaderboard_lines(board: Leaderboard) -> list[str]:
 
     if board.goal is None:
         head = f"{board.sweep}: {len(board.rows)} variants (no select:, grid order)"
+    elif board.refused is not None:
+        head = f"{board.sweep}: {board.goal} {board.metric}; {board.refused}"
     elif board.selected is None:
         head = (f"{board.sweep}: {board.goal} {board.metric}; not selected yet (every variant "
                 f"must be built and scored): ranking what is known")
@@ -412,27 +426,29 @@ def leaderboard_lines(board: Leaderboard) -> list[str]:
                 if metric not in ("n", "tokens"):
                     columns.setdefault((name, metric))
     retention = board.metric == "retention"
+    checked = any(row.failed for row in board.rows)  # last: a failed check's verdict is long
     rows = [["#", "variant", *board.paths,
              *(["objective"] if board.goal else []),
              *(["min"] if retention else []),
-             *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e for e, m in columns)]]
+             *(f"{e}/{m}" if m not in ("accuracy", "perplexity") else e for e, m in columns),
+             *(["checks"] if checked else [])]]
     for row in board.rows:
         rows.append([str(row.place), ("* " if row.selected else "") + row.variant,
                      *(format_value(row.point[path]) for path in board.paths),
                      *([_value(row.value)] if board.goal else []),
                      *([_value(row.worst)] if retention else []),
-                     *(_value(row.scores.get(e, {}).get(m)) for e, m in columns)])
+                     *(_value(row.scores.get(e, {}).get(m)) for e, m in columns),
+                     *([row.failed or "passed"] if checked else [])])
     return [head, *("  " + line for line in _table(rows))]
 
 
 def study_lines(study: Study, board: Leaderboard) -> list[str]:
     """``mergebuild metrics SEARCH``: how far the study is (sampler, seed, trials done), its
-    trials as a leaderboard (``leaderboard_lines``), those kept out of the ranking and why,
-    and the next trial."""
+    trials as a leaderboard (``leaderboard_lines``: those kept out of the ranking are
+    marked with the check they failed), and the next trial."""
     search = study.search
     head = f"{search.name}: {search.sampler} search (seed {search.seed}), {study.progress()}"
     lines = [head, *leaderboard_lines(board)]
-    lines += [f"excluded {t.name}: {t.excluded}" for t in study.trials if t.excluded]
     if study.next is not None:
         lines.append(f"next: {study.next.name} ({study.waiting})")
     return lines

@@ -10,12 +10,14 @@ status is the real one: ``-9`` when it was SIGKILLed, 130 after SIGINT, and so o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,5 +131,40 @@ def run_python_m(argv: list[str], *, cwd: Path, env: dict[str, str] | None = Non
     full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_FAULT"}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "mergebuild.cli", *argv], check=False, cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    return Run(list(argv), proc.returncode, proc.stdout, proc.stderr)
+
+
+# Bind-mounts the store ($0) read-only over itself, then runs the rest. Inside a private mount
+# namespace the mount is seen by that process alone and goes away with it.
+_READ_ONLY = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+
+
+@functools.cache
+def _private_mount_namespace() -> tuple[str, ...]:
+    """unshare's arguments for a private mount namespace in which a read-only bind mount can
+    be made: root's own (CAP_SYS_ADMIN, as in this container and CI's), else one inside a new
+    user namespace (whose root may mount), for a container that withholds CAP_SYS_ADMIN."""
+    for prefix in (("unshare", "--mount", "--propagation", "private"),
+                   ("unshare", "--user", "--map-root-user", "--mount", "--propagation",
+                    "private")):
+        with tempfile.TemporaryDirectory() as probe:
+            tried = subprocess.run([*prefix, "sh", "-c", _READ_ONLY, probe, "true"],
+                                   check=False, capture_output=True)
+        if tried.returncode == 0:
+            return prefix
+    raise AssertionError("no private mount namespace with mounts here (unshare, mount): a "
+                         "read-only store cannot be made for the test")
+
+
+def run_read_only(store: Path, argv: list[str], *, cwd: Path, python: str | None = None,
+                  timeout: float = 300) -> Run:
+    """``python -m mergebuild.cli ARGV`` (or ``python -c PYTHON``) as a plain subprocess
+    that sees ``store`` on a read-only file system: a real EROFS, which root gets too, where
+    chmod stops every user but root."""
+    program = ["-c", python] if python is not None else ["-m", "mergebuild.cli"]
+    full_env = {k: v for k, v in os.environ.items() if k != "MERGEBUILD_FAULT"}
+    proc = subprocess.run([*_private_mount_namespace(), "sh", "-c", _READ_ONLY, str(store),
+                           sys.executable, *program, *argv], check=False, cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     return Run(list(argv), proc.returncode, proc.stdout, proc.stderr)

@@ -57,6 +57,15 @@ def render() -> str:
             "`node 'X': build failed: no space left on the device holding <store> (free space "
             "or pass --cache-dir ...)`, exit 4, nothing published, temp dir removed; the next "
             "make succeeds |"),
+            ("| the store on a read-only file system (a read-only bind mount in a private "
+            "mount namespace: a real EROFS, which root gets too) | `make` with something to "
+            "build: one line `cannot build 2 nodes: the store <store> is on a read-only file "
+            "system (pass --cache-dir DIR on a writable disk, or remount the store "
+            "read-write)`, exit 4, before any build; without write access (EACCES) `permission "
+            "denied in the store <store>`, same form. `plan`, `path`, `verify`, `lineage`, "
+            "`metrics` and a `make` with nothing to build work and change nothing: the use "
+            "lock is taken on a read-only descriptor, the stat cache is read without being "
+            "written (no weights re-hashed) |"),
             ("| a parent's weights rewritten in place (same size) or grown while being read | "
             "the engine re-stats parents after the last tensor: `the weights of 'b' changed on "
             "disk while being merged`, exit 3, nothing published |"),

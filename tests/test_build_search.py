@@ -4,6 +4,7 @@ evaluations counted, never timed); every trial an ordinary build; children get t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -157,10 +158,39 @@ def test_trials_are_ordinary_builds_and_children_get_the_best(searched):
     # pin and make --check take the search for its best trial
     assert project.pin("tuned", "best")[1]["key"] == paths[best.name].name
     assert project.check("tuned", device="cpu").ok
-    # a trial's excerpt (in its provenance) is the merge it is: its values, no search
-    written = yaml.safe_load(project.excerpt(best.name))["models"][best.name]
-    assert "search" not in written
+    # a trial's excerpt (in its provenance) is the merge it is, under the search's name: its
+    # values, no search; a child's holds the best trial so, and rebuilds the child's bytes
+    written = yaml.safe_load(project.excerpt(best.name))["models"]["tuned"]
+    assert "search" not in written and "select" not in written
     assert written["models"][0]["parameters"]["weight"] == best.point["models.math.weight"]
+    child = yaml.safe_load(project.excerpt("after"))
+    assert sorted(child["models"]) == ["after", "code", "math", "tuned"]
+    assert child["models"]["tuned"] == written
+    again = searched.root / "c-again"
+    again.mkdir()
+    (again / "Mergefile").write_text(yaml.safe_dump(child, sort_keys=False))
+    rebuilt = Project(again / "Mergefile", again / "cache")
+    assert rebuilt.make(["after"], device="cpu").ok
+    assert (read_statement(rebuilt.path("after"))["predicate"]["buildDefinition"]
+            ["internalParameters"]["digest"]) == (read_statement(project.path("after"))
+                                                  ["predicate"]["buildDefinition"]
+                                                  ["internalParameters"]["digest"])
+    # the release-review page shows the study: every trial in the order asked, the winner
+    page = searched.root / "c" / "report.html"
+    assert cli.invoke(["-f", str(project.mergefile.path), "--cache-dir",
+                       str(searched.root / "c" / "cache"), "report", "after", "-o",
+                       str(page), "--no-scan"]) == 0
+    html = page.read_text()
+    assert ('<p data-search="tuned"><b>tuned</b>: tpe sampler, seed 0, 3 of 3 trials done; '
+            "maximize math-skill<br>") in html
+    table = re.search(r'<table data-table="search">.*?<tbody>(.*?)</tbody>', html, re.DOTALL)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)
+             for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table.group(1))]
+    assert [(c[0], c[1].removeprefix("&#9733; "), c[3]) for c in cells] == [
+        (str(t.number), t.name, f"{t.value:.4g}") for t in study.trials]
+    assert [c[1].startswith("&#9733; ") for c in cells] == [
+        t.name == best.name for t in study.trials]
+    assert f"<tr class=selected><td>{best.number}</td><td>&#9733; {best.name}</td>" in html
     # the child's provenance carries the whole study: why this trial, what else was tried
     selection = dependency["annotations"]["selection"]
     assert selection["selected"] == best.name
@@ -238,11 +268,17 @@ def test_trials_failing_their_checks_are_not_ranked(searched):
     made = project.make(["tuned"], device="cpu", keep_going=True)
     assert _built(made) == 2 and not made.ok
     failed = next(r for r in made.results if r.name == "tuned")
-    assert failed.outcome == "failed" and "no trial can be ranked" in failed.detail
+    # refused as a sweep none of whose variants passes: the best failing trial named
+    assert failed.outcome == "failed"
+    assert failed.detail.startswith("no trial passed its checks; the best failing is tuned[")
     study = project.study("tuned")
     assert study.complete and study.best is None
-    assert all(t.value is None and t.excluded.startswith("failed check tuned[")
-               for t in study.trials)
+    # each trial keeps its value (shown), and why it is out of the ranking
+    assert all(t.value is not None and t.excluded == f"failed: math-skill accuracy "
+               f"{t.value:.4g} < 2 (min)" for t in study.trials)
     state = next(s for s in project.plan(["tuned"]) if s.name == "tuned")
-    assert state.status == "stale" and state.reasons[0].startswith("no trial can be ranked")
+    assert state.status == "stale" and state.reasons == [failed.detail]
     assert _built(project.make(["tuned"], device="cpu", keep_going=True)) == 0
+    board = project.leaderboard("tuned")
+    assert board.selected is None and board.refused == failed.detail
+    assert {r.failed for r in board.rows} == {t.excluded for t in study.trials}

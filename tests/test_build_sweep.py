@@ -465,3 +465,132 @@ def test_a_removed_loser_selected_again_is_rebuilt_without_evaluating(selecting)
     assert outcomes(result) == {loser: "built", winner: "fresh", "final": "built"}
     assert result.evaluations_run == 0
     assert flipped.path("blend") == flipped.path(loser)
+
+
+def _with_checks(selecting, checks: str):
+    """The SELECTED Mergefile with ``checks:`` on the sweep (each variant's own gates)."""
+    project = selecting()
+    mergefile = selecting.root / "Mergefile"
+    mergefile.write_text(mergefile.read_text().replace(
+        "    select: {maximize: code-skill}\n",
+        f"    select: {{maximize: code-skill}}\n    checks: {checks}\n"))
+    from mergebuild.api import Project
+
+    return Project(mergefile, project.store.root)
+
+
+def test_a_variant_failing_its_checks_is_not_ranked_and_the_best_passing_one_is_selected(
+        selecting, capsys):
+    from mergebuild.build.events import Reporter
+    from mergebuild.report import PlainReporter, leaderboard_lines
+
+    # code (t=1.0) writes code best but keeps no chat skill: its check keeps it out.
+    project = _with_checks(selecting, "{chat-skill: {min: 0.5}}")
+    result = project.make(["final"], device="cpu", reporter=PlainReporter(show_plan=False))
+    assert result.ok
+    assert outcomes(result) == {"blend[t=0.0]": "built", "blend[t=1.0]": "built",
+                                "final": "built"}
+    assert project.scores("blend[t=1.0]")["code-skill"]["accuracy"] > \
+        project.scores("blend[t=0.0]")["code-skill"]["accuracy"]
+    assert project.path("blend") == project.path("blend[t=0.0]")
+    err = capsys.readouterr().err
+    chat = project.scores("blend[t=1.0]")["chat-skill"]["accuracy"]
+    # reported as failed checks are, one line each, and the make goes on
+    assert "excluded blend[t=1.0] from blend's selection: 1 check failed" in err
+    assert (f"check failed: blend[t=1.0]: chat-skill accuracy {chat:.4g} < 0.5 (min)"
+            in err.splitlines())
+    assert "failed blend" not in err
+
+    state = next(s for s in project.plan(["final"]) if s.name == "blend")
+    assert state.status == "fresh" and state.selection.winner == "blend[t=0.0]"
+    assert state.selection.why().endswith("best of 1; 1 failed its checks")
+    board = project.leaderboard("blend")
+    assert [(r.variant, r.selected, r.failed) for r in board.rows] == [
+        ("blend[t=0.0]", True, None),
+        ("blend[t=1.0]", False, f"failed: chat-skill accuracy {chat:.4g} < 0.5 (min)")]
+    lines = leaderboard_lines(board)
+    assert lines[1].split()[-1] == "checks"
+    assert lines[2].split()[-1] == "passed"
+    assert lines[3].endswith(f"failed: chat-skill accuracy {chat:.4g} < 0.5 (min)")
+    (target,) = project.report(["final"], scan=False)  # the page marks it too
+    assert [(r.variant, r.selected, r.failed) for r in target.sweeps] == [
+        (r.variant, r.selected, r.failed) for r in board.rows]
+    again = project.make(["final"], device="cpu", reporter=Reporter())
+    assert again.ok and again.count("built") == 0 and again.evaluations_run == 0
+
+
+def test_a_sweep_none_of_whose_variants_passes_fails_naming_the_best_failing_one(selecting):
+    from cli_process import run_cli
+
+    selecting().make(["blend"], device="cpu")
+    project = _with_checks(selecting, "{code-skill: {min: 0.95}}")
+    best = project.scores("blend[t=1.0]")["code-skill"]["accuracy"]
+    refused = (f"no variant passed its checks; the best failing is blend[t=1.0] (code-skill "
+               f"accuracy {best:.4g}, failed: code-skill accuracy {best:.4g} < 0.95 (min))")
+    state = next(s for s in project.plan(["final"]) if s.name == "blend")
+    assert (state.status, state.reasons) == ("stale", [refused])
+
+    made = run_cli(["make", "final", "--device", "cpu"], cwd=selecting.root, timeout=300)
+    assert made.returncode == 1
+    assert [line for line in made.stderr.splitlines() if line.startswith("failed ")] == [
+        f"failed blend: {refused}"]
+    assert "final" not in made.stdout
+    kept_going = project.make(["final"], device="cpu", keep_going=True)
+    assert {n: o for n, o in outcomes(kept_going).items() if o != "fresh"} == {
+        "blend": "failed", "final": "skipped"}
+    assert kept_going.evaluations_run == 0 and kept_going.count("built") == 0
+
+
+def _card_rebuild(build) -> tuple[dict, str]:
+    """The excerpt and the command of a build's card's "How to rebuild"."""
+    import re
+
+    import yaml
+
+    card = (build / "README.md").read_text()
+    excerpt = re.search(r"excerpt holds this node.*?```yaml\n(.*?)```", card, re.DOTALL)
+    command = re.search(r"Then run:\s*```sh\n(.*?)\n```", card, re.DOTALL)
+    return yaml.safe_load(excerpt.group(1)), command.group(1)
+
+
+def test_the_excerpts_of_a_variant_and_of_a_child_rebuild_them(selecting, tmp_path):
+    import yaml
+
+    from mergebuild.api import Project
+    from mergebuild.provenance.statement import read_statement
+
+    project = selecting()
+    project.make(["final"], device="cpu")
+    winner = project.plan(["blend"])[-1].selection.winner
+    (loser,) = [v for v in project.mergefile.nodes["blend"].variants if v != winner]
+
+    def digest(build) -> str:
+        return read_statement(build)["predicate"]["buildDefinition"]["internalParameters"][
+            "digest"]
+
+    # A variant's excerpt is the merge it is, under the sweep's name: its t set, no grid.
+    written, command = _card_rebuild(project.path(loser))
+    assert command == "mergebuild -f Mergefile make blend"
+    t = project.mergefile.nodes["blend"].points[
+        project.mergefile.nodes["blend"].variants.index(loser)]["t"]
+    assert sorted(written["models"]) == ["blend", "chat", "code"]
+    assert written["models"]["blend"] == {"merge_method": "slerp", "base_model": "chat",
+                                          "models": [{"model": "chat"}, {"model": "code"}],
+                                          "parameters": {"t": t}}
+    # A child's: the variant its sweep selected, under the sweep's name its child reads.
+    child, command = _card_rebuild(project.path("final"))
+    assert command == "mergebuild -f Mergefile make final"
+    assert sorted(child["models"]) == ["blend", "chat", "code", "final"]
+    assert child["models"]["blend"]["parameters"] == {
+        "t": project.mergefile.nodes["blend"].points[
+            project.mergefile.nodes["blend"].variants.index(winner)]["t"]}
+    assert yaml.safe_load(project.excerpt("final")) == child  # the API's, from a plan
+    # Following each excerpt in an empty directory gives the very same bytes.
+    for name, excerpt, build in (("blend", written, project.path(loser)),
+                                 ("final", child, project.path("final"))):
+        folder = tmp_path / f"again-{name}"
+        folder.mkdir()
+        (folder / "Mergefile").write_text(yaml.safe_dump(excerpt, sort_keys=False))
+        again = Project(folder / "Mergefile", folder / "cache")
+        assert again.make([name], device="cpu").ok
+        assert digest(again.path(name)) == digest(build)

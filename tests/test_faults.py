@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_process import run_cli, start_cli
+from cli_process import run_cli, run_python_m, run_read_only, start_cli
 from conftest import CHAIN
 
 from mergebuild.faults import POINTS
@@ -154,6 +154,80 @@ def test_full_disk_fails_cleanly_naming_the_node_and_the_store_stays_usable(chai
     assert not any((store / "tmp").iterdir())
     assert run_cli(argv, cwd=chain_dir).returncode == 0
     assert _outputs(store) == reference
+
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime: what a writer would change."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+# Digests a source file through the store's stat cache with reading files forbidden: the
+# cache of a read-only store must still answer.
+_DIGEST_FROM_CACHE = """
+import sys
+from pathlib import Path
+import mergebuild.io.hashing as hashing
+def no_reading(path):
+    raise AssertionError(f"re-hashed {path}")
+hashing.file_xxh128 = no_reading
+print(hashing.StatCache(Path(sys.argv[1])).digest(Path(sys.argv[2])))
+"""
+
+
+def test_read_only_store_make_fails_in_one_line_and_reading_verbs_work(chain_dir, demo_models):
+    """A store on a read-only file system (a read-only bind mount in a private mount
+    namespace: a real EROFS, which root gets too). `make` with something to build fails at
+    once in one line naming the store and what to do; plan, path, verify, lineage, metrics
+    and a make with nothing to build work, without the write lock, the stat cache's write
+    access or a refs migration, and change nothing in the store."""
+    store = chain_dir / "store-read-only"
+    assert run_cli(["--cache-dir", store.name, "make", "base-instruct"],
+                   cwd=chain_dir).returncode == 0
+    # A plain process that never imports torch closes the stat cache: no -wal/-shm is left,
+    # so the read-only cache must be opened without them.
+    assert run_python_m(["--cache-dir", store.name, "plan"], cwd=chain_dir).returncode == 0
+    assert not list(store.glob("state.db-*"))
+    before = _tree(store)
+    ref = json.loads(next((store / "refs").glob("*/base-instruct.json")).read_text())
+    built = Store(store).object_dir(ref["key"])
+
+    make = run_read_only(store, ["--cache-dir", store.name, "make", "final-model"],
+                         cwd=chain_dir)
+    assert make.returncode == 4, make.stderr
+    assert make.error_lines == [(
+        f"mergebuild: error: cannot build 2 nodes: the store {store} is on a read-only file "
+        "system (pass --cache-dir DIR on a writable disk, or remount the store read-write)")]
+    assert "Traceback" not in make.stderr
+
+    plan = run_read_only(store, ["--cache-dir", store.name, "plan"], cwd=chain_dir)
+    assert plan.returncode == 0, plan.stderr
+    status = {line.split()[0]: line.split()[2] for line in plan.stdout.splitlines()[:-1]}
+    assert status["base-instruct"] == "fresh" and status["final-model"] == "stale"
+    assert plan.stdout.splitlines()[-1] == "2 to build"
+    path = run_read_only(store, ["--cache-dir", store.name, "path", "base-instruct"],
+                         cwd=chain_dir)
+    assert (path.returncode, path.stdout) == (0, f"{built}\n"), path.stderr
+    verify = run_read_only(store, ["--cache-dir", store.name, "verify", "base-instruct"],
+                           cwd=chain_dir)
+    assert verify.returncode == 0 and verify.stdout.startswith("verified "), verify.stderr
+    lineage = run_read_only(store, ["--cache-dir", store.name, "lineage", "base-instruct"],
+                            cwd=chain_dir)
+    assert lineage.returncode == 0 and lineage.stdout.startswith("base-instruct "), (
+        lineage.stderr)
+    metrics = run_read_only(store, ["--cache-dir", store.name, "metrics"], cwd=chain_dir)
+    assert metrics.returncode == 0 and "no scores yet" in metrics.stdout, metrics.stderr
+    again = run_read_only(store, ["--cache-dir", store.name, "make", "base-instruct"],
+                          cwd=chain_dir)
+    assert (again.returncode, again.stdout) == (0, f"base-instruct: {built}\n"), again.stderr
+
+    weights = demo_models["base"] / "model.safetensors"
+    cached = run_read_only(store, [str(store / "state.db"), str(weights)], cwd=chain_dir,
+                           python=_DIGEST_FROM_CACHE)
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout.strip().startswith("xxh128:")
+    assert _tree(store) == before
 
 
 # --- parents and objects changed underneath -------------------------------------------------

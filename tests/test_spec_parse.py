@@ -116,3 +116,71 @@ def test_ten_thousand_nodes_parse_and_order_in_a_fraction_of_the_old_time(tmp_pa
     assert order[:3] == ["base", "instruct", "m0"]
     assert mf.nodes["m9997"].line == 4 + 9997 * 7 + 2  # its body, below "  m9997:"
     assert cpu < 4.0, f"{cpu:.2f} s CPU"
+
+
+# Runs `mergebuild plan` counting, through audit hooks, the directories it lists and the
+# files it opens in the store; then says which heavy modules it imported.
+_COUNTING_PLAN = """
+import json, sys
+store, out = sys.argv[1], sys.argv[2]
+listed, opened = [], []
+def count(event, args):
+    if event in ("os.listdir", "os.scandir"):
+        listed.append(str(args[0]))
+    elif event == "open" and isinstance(args[0], str) and args[0].startswith(store):
+        opened.append(args[0])
+sys.addaudithook(count)
+from mergebuild.cli import invoke
+code = invoke(sys.argv[3:])
+with open(out, "w") as f:
+    json.dump({"code": code, "listed": listed, "opened": opened,
+               "modules": [m for m in ("torch", "networkx") if m in sys.modules]}, f)
+"""
+
+
+def test_a_plan_reads_the_store_the_same_few_times_for_20_or_2000_nodes(tmp_path, demo_models):
+    """The plan path at scale: one listing of the refs (new and old layout) whatever the
+    number of nodes, the records that exist opened and no others, and neither torch nor
+    networkx imported (benchmarks/plan_10k.py times the 10,000-node plan)."""
+    import json
+    import subprocess
+    import sys
+
+    from mergebuild.store.objects import Store
+
+    models = demo_models["base"].parent
+    seen = {}
+    for nodes in (20, 2000):
+        root = tmp_path / str(nodes)
+        root.mkdir()
+        lines = ["version: 1", "models:", f"  base: {{source: {models}/base}}",
+                 f"  instruct: {{source: {models}/instruct}}"]
+        for i in range(nodes - 2):
+            parent = "instruct" if i == 0 else f"m{(i - 1) // 2}"
+            lines += [f"  m{i}:", "    merge_method: linear", "    models:",
+                      "      - {model: base, parameters: {weight: 0.5}}",
+                      f"      - {{model: {parent}, parameters: {{weight: 0.5}}}}"]
+        mergefile = root / "Mergefile"
+        mergefile.write_text("\n".join(lines) + "\n")
+        store = Store(root / "cache")
+        for node in ("m0", "m1", "m7"):  # built once, under another recipe
+            store.refs_of(mergefile.resolve()).write(node, {"key": "0" * 64, "digest": None})
+        (store.refs / "m3.json").write_text(json.dumps({"key": "1" * 64}))  # the old layout
+        out = root / "counts.json"
+        argv = ["-f", str(mergefile), "--cache-dir", str(store.root), "plan"]
+        result = subprocess.run([sys.executable, "-c", _COUNTING_PLAN, str(store.root), str(out),
+                                 *argv], capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr
+        counts = json.loads(out.read_text())
+        assert counts["code"] == 0 and counts["modules"] == []
+        assert result.stdout.splitlines()[-1] == f"{nodes - 2} to build"
+        in_store = sorted(p for p in counts["listed"] if p.startswith(str(tmp_path)))
+        assert in_store == sorted([str(store.refs), str(store.refs_of(mergefile.resolve()).dir)])
+        refs = sorted(Path(p).name for p in counts["opened"] if p.startswith(str(store.refs)))
+        assert refs == ["m0.json", "m1.json", "m3.json", "m7.json"]
+        # m0 is the one node both of whose parents are sources: its key is looked up.
+        others = [p for p in counts["opened"] if not p.startswith(str(store.refs))]
+        assert [Path(p).relative_to(store.objects).parts[2] for p in others] == [
+            "provenance.json"]
+        seen[nodes] = len(counts["listed"])
+    assert seen[20] == seen[2000]

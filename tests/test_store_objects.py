@@ -10,6 +10,9 @@ import sys
 import threading
 import time
 
+import pytest
+
+from mergebuild.errors import StoreError
 from mergebuild.io.hashing import StatCache, file_xxh128
 from mergebuild.store.objects import Store
 
@@ -69,6 +72,59 @@ def test_full_disk_maps_to_one_line_store_error(tmp_path):
     err = store.os_error(OSError(errno.ENOSPC, "No space left on device"), "writing x", node="n")
     assert str(err).startswith("node 'n': writing x: no space left on the device holding")
     assert err.exit_code == 4
+
+
+@pytest.mark.parametrize(("error", "why", "hint"), [
+    (PermissionError(errno.EACCES, "Permission denied"), "permission denied in the store {root}",
+     "pass --cache-dir DIR where you can write, or give this user write access to the store"),
+    (PermissionError(errno.EPERM, "Operation not permitted"),
+     "permission denied in the store {root}",
+     "pass --cache-dir DIR where you can write, or give this user write access to the store"),
+    (OSError(errno.EROFS, "Read-only file system"), "the store {root} is on a read-only file system",
+     "pass --cache-dir DIR on a writable disk, or remount the store read-write"),
+], ids=["EACCES", "EPERM", "EROFS"])
+def test_a_store_make_cannot_write_is_one_line_naming_it_and_what_to_do(tmp_path, monkeypatch,
+                                                                         error, why, hint):
+    """A non-root user without write access (EACCES; tests run as root, whom chmod does not
+    stop, so the error is raised here) reads as the read-only mount does (EROFS, made real in
+    test_faults.py): the store, why, and what to do; nothing is left behind."""
+    store = Store(tmp_path / "cache")
+    store.root.mkdir()
+
+    def refuse(path, flags, mode=0o777):
+        raise error
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(StoreError) as info:
+        store.require_writable("cannot build 2 nodes")
+    monkeypatch.undo()
+    assert str(info.value) == f"cannot build 2 nodes: {why.format(root=store.root)} ({hint})"
+    assert info.value.exit_code == 4
+    assert list(store.root.iterdir()) == []
+    store.require_writable("cannot build 2 nodes")  # writable: no error, no probe left
+    assert list(store.root.iterdir()) == []
+
+
+def test_a_reader_that_cannot_write_the_use_lock_still_holds_it(tmp_path, monkeypatch):
+    """A read-only verb in a store it cannot write takes the shared use lock on a read-only
+    descriptor: a gc run by the store's owner still finds it in use."""
+    store = Store(tmp_path / "cache")
+    store.root.mkdir()
+    (store.root / "use.lock").touch()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with store.in_use():
+        monkeypatch.undo()
+        with pytest.raises(StoreError, match="another mergebuild"), Store(store.root).exclusive():
+            pass
+    with Store(store.root).exclusive():  # released with the command
+        pass
 
 
 def test_a_same_size_edit_with_its_mtime_put_back_is_still_seen(tmp_path, demo_models):

@@ -20,6 +20,8 @@ from mergebuild.provenance.lineage import LineageNode
 from mergebuild.verbs.audit_report import (
     Evaluation,
     ReportTarget,
+    SearchStudy,
+    SearchTrial,
     SweepRow,
     nonfinite_tensors,
     render_report,
@@ -130,7 +132,13 @@ def test_failed_verification_nan_warnings_evaluations_and_sweeps_render(workspac
                                 False)),
         sweeps=(SweepRow("chat-code", "chat-code[t=0.2]", {"t": 0.2}, 0.55),
                 SweepRow("chat-code", "chat-code[t=0.4]", {"t": 0.4}, 0.62, selected=True),
-                SweepRow("chat-code", "chat-code[t=0.6]", {"t": 0.6}, 0.58)))
+                SweepRow("chat-code", "chat-code[t=0.6]", {"t": 0.6}, 0.58)),
+        searches=(SearchStudy(
+            "tuned", "tpe", 7, 4, "maximize code-skill", why="trial 1 has the highest", rows=(
+                SearchTrial(0, "tuned[t=0.31]", {"t": 0.31}, 0.5),
+                SearchTrial(1, "tuned[t=0.52]", {"t": 0.52}, 0.66, selected=True),
+                SearchTrial(2, "tuned[t=0.9]", {"t": 0.9}, 0.7,
+                            failed="failed: chat-skill accuracy 0.1 < 0.5 (min)"))),))
     page = tmp_path / "report.html"
     page.write_text(render_report([target], title="review", generated="now"))
     dom = browse(page, tmp_path / "report-failures.png")
@@ -141,6 +149,13 @@ def test_failed_verification_nan_warnings_evaluations_and_sweeps_render(workspac
     assert "★ chat-code[t=0.4]" in board[0] and 'class="selected"' in dom
     assert [re.search(r"t=([\d.]+)", r).group(1) for r in board] == ["0.4", "0.6", "0.2"]
     assert "non-finite values in model.norm.weight: 1 NaN, 0 Inf" in dom
+    # a search's study: in the order asked, the winner starred, a failed check said
+    assert "tuned</b>: tpe sampler, seed 7, 3 of 4 trials done; maximize code-skill" in dom
+    trials = rows(dom, "search")
+    assert [re.search(r"tuned\[t=([\d.]+)\]", r).group(1) for r in trials] == [
+        "0.31", "0.52", "0.9"]
+    assert "★ tuned[t=0.52]" in trials[1] and "passed" in trials[1]
+    assert "FAIL" in trials[2] and "chat-skill accuracy 0.1 &lt; 0.5 (min)" in trials[2]
 
 
 def test_a_tampered_build_fails_the_report(workspace, tmp_path):

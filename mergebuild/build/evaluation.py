@@ -9,8 +9,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild.build.events import Reporter
 from mergebuild.errors import EvaluationError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION
@@ -22,6 +20,7 @@ from mergebuild.plan.evaluations import (
     required_evals,
 )
 from mergebuild.plan.staleness import NodeState
+from mergebuild.spec.graph import Dag
 from mergebuild.spec.model import Mergefile
 from mergebuild.store.objects import Store
 from mergebuild.store.results import ResultStore
@@ -43,7 +42,7 @@ class Evaluations:
     ``runs`` counts evaluator runs (each loads the model once); a no-op make leaves it at 0.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  reporter: Reporter, device: str | None = None) -> None:
         self.mergefile = mergefile
         self.graph = graph

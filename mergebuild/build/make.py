@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild import faults
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import MakeResult, NodeResult, Reporter
@@ -44,6 +42,7 @@ from mergebuild.plan.lockfile import SourceLock
 from mergebuild.plan.recipe import build_recipe, parent_names
 from mergebuild.plan.staleness import NodeState, Planner, adapt
 from mergebuild.sources.resolve import ResolvedSource, materialize, resolve_adapter, resolve_source
+from mergebuild.spec.graph import Dag
 from mergebuild.spec.model import (
     AdaptedSpec,
     Mergefile,
@@ -75,7 +74,7 @@ class NodeUnit:
 
     label: str
     mergefile: Mergefile
-    graph: nx.DiGraph
+    graph: Dag
     store_root: Path
     states: dict[str, NodeState]  # the node and the parents its build reads
     key: str
@@ -119,7 +118,7 @@ class VariantsUnit:
 
     label: str
     mergefile: Mergefile
-    graph: nx.DiGraph
+    graph: Dag
     store_root: Path
     states: dict[str, NodeState]  # one variant per key, and their parents
     keys: list[tuple[str, str, dict[str, Any]]]  # (key, the variant built for it, recipe)
@@ -168,7 +167,7 @@ class EvaluationUnit:
 
     label: str
     mergefile: Mergefile
-    graph: nx.DiGraph
+    graph: Dag
     store_root: Path
     digest: str
     source: ResolvedSource | None  # a source's weights; else ``path``, a store object
@@ -207,7 +206,8 @@ class _Ticket:
 
     results: list[NodeResult] | None = None  # None: not settled yet
     events: tuple[Any, ...] = ()  # a remote unit's reporter events, replayed first
-    reports: list[NodeResult] = field(default_factory=list)  # what node_done is told
+    # what the reporter is told: node_done of a NodeResult, or (method, arguments)
+    reports: list[Any] = field(default_factory=list)
     replayed: bool = False
     sent: int = 0  # reports already told
 
@@ -218,7 +218,7 @@ class Maker:
     The caller holds the store's use lock; each key is built under its own lock.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, planner: Planner,
+    def __init__(self, mergefile: Mergefile, graph: Dag, planner: Planner,
                  lock: SourceLock, store: Store) -> None:
         self.mergefile = mergefile
         self.graph = graph
@@ -245,6 +245,10 @@ class Maker:
         self._import_torch_early(force)
         states = self.planner.plan(targets, force=force)
         reporter.plan(states)
+        # A stale search builds its trials; a sweep is built as its variants (merges).
+        to_build = sum(1 for s in states if s.kind in ("merge", "search") and s.status == "stale")
+        if to_build:
+            self.store.require_writable(f"cannot build {to_build} node{'s' * (to_build != 1)}")
         self.lock.update(states)
         self._states = {s.name: s for s in states}
         evaluations = (Evaluations(self.mergefile, self.graph, self.store, reporter, device)
@@ -259,26 +263,33 @@ class Maker:
         reporter.summary(outcome)
         return outcome
 
-    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations
-                       ) -> NodeResult:
+    def _score_variant(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+                       ranked: bool) -> NodeResult:
         """A variant built in a sweep's pass: scored on the evals it needs (its selection's
         among them, each once per digest) and judged by its checks."""
         assert state.digest is not None
         evaluations.know(state.name, state.digest)
         evaluations.ensure(state.name, state.digest, state.path)
-        return self._gate(state, result, evaluations)
+        return self._gate(state, result, evaluations, ranked)
 
     def _select(self, spec: SweepSpec, state: NodeState, states: dict[str, NodeState],
-                device: str | None, reporter: Reporter, evaluations: Evaluations) -> None:
+                device: str | None, reporter: Reporter, evaluations: Evaluations
+                ) -> NodeResult | None:
         """Resolve the sweep's ``select:`` from its variants' scores: from here on the sweep
-        is its selected variant (digest, key, directory) for its children."""
+        is its selected variant (digest, key, directory) for its children. When no variant
+        passed its checks, the sweep's failed result says so (naming the best failing one).
+        """
         from mergebuild.errors import EvaluationError
         from mergebuild.plan.selection import choose
 
         selection = choose(self.mergefile, self.graph, spec.name, evaluations.scores)
-        if selection.value is None:
+        state.selection = selection
+        refused = selection.refused()
+        if refused is not None and selection.ranking[0].failed is not None:
+            return NodeResult(spec.name, "failed", refused)
+        if refused is not None:
             raise EvaluationError(
-                f"no variant has a value of {spec.select.metric}", node=spec.name,  # type: ignore[union-attr]
+                refused, node=spec.name,
                 hint="see 'mergebuild metrics " + spec.name + "' for what each variant scored")
         winner = states[selection.winner]
         if winner.status == "dropped":  # selected again after gc removed it: build it back
@@ -292,6 +303,8 @@ class Maker:
         state.status, state.reasons = "fresh", []
         evaluations.know(spec.name, winner.digest)  # children's retain checks read it
         reporter.selected(selection)
+        return None
+
 
     def make_trial(self, spec: MergeSpec, state: NodeState, states: dict[str, NodeState],
                    force: bool, device: str | None, reporter: Reporter,
@@ -318,10 +331,12 @@ class Maker:
             directory = materialize(state.source, self.store)
             evaluations.ensure(state.name, state.digest, directory)
 
-    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations
-              ) -> NodeResult:
+    def _gate(self, state: NodeState, result: NodeResult, evaluations: Evaluations,
+              ranked: bool = False) -> NodeResult:
         """Score a node that is up to date (its pending evals only) and judge its checks; a
-        failed check fails the node: its build stays in the store, its children wait."""
+        failed check fails the node: its build stays in the store, its children wait. A
+        ``ranked`` variant (its sweep selects) only carries its verdicts: its sweep's
+        selection keeps it out of the ranking (see plan/selection.judge)."""
         assert state.digest is not None
         evaluations.know(state.name, state.digest)
         if result.outcome != "built":
@@ -330,11 +345,12 @@ class Maker:
         checks = evaluations.checks(state.name)
         result = dataclasses.replace(result, checks=checks)
         failures = result.failed_checks
-        if failures:
+        if failures and not ranked:
             return dataclasses.replace(
                 result, outcome="failed",
                 detail=f"{len(failures)} check{'s' * (len(failures) != 1)} failed")
         return result
+
 
     def _import_torch_early(self, force: bool) -> None:
         """Import torch on a thread while the plan hashes sources, when a merge node has never
@@ -534,6 +550,7 @@ class _MakeRun:
         self.stopped = False  # a failure without --keep-going: start nothing more
         self.error: MergebuildError | None = None
         self.told_memory = False
+        self.ranked: dict[str, bool] = {}  # variants whose sweep selects
 
     # the loop ----------------------------------------------------------------------------
     def loop(self) -> list[NodeResult]:
@@ -646,10 +663,13 @@ class _MakeRun:
                                                           f"variant '{lost[0]}' failed")])
             elif spec.select is not None and evaluations is not None:
                 try:
-                    maker._select(spec, state, self.by_name, self.device, self.reporter,
-                                  evaluations)
+                    refused = maker._select(spec, state, self.by_name, self.device,
+                                            self.reporter, evaluations)
                 except MergebuildError as exc:
                     self._failed(self.entry[state.name], [state.name], exc)
+                    return
+                if refused is not None:  # no variant passed its checks
+                    self._settle(self.entry[state.name], [refused])
             else:
                 state.status = "fresh"
             return
@@ -671,6 +691,10 @@ class _MakeRun:
         sweep = self.sweep_of.get(state.name)
         forced = self.force and (state.name in self.targets or sweep in self.targets)
         estimate = self.executor.remote
+        # A variant ranked by its sweep's select: failing its checks is kept out of the
+        # ranking (reported), not failed: the sweep selects the best that passes.
+        self.ranked[state.name] = (sweep is not None
+                                   and self.mergefile.nodes[sweep].select is not None)  # type: ignore[union-attr]
         if sweep is not None and state.status != "fresh":
             # Every stale variant of the sweep at once: they share their parents.
             group = [self.by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
@@ -756,22 +780,30 @@ class _MakeRun:
                 gated: bool = False, group: list[NodeState] | None = None) -> None:
         """A node's (or a sweep group's) results; a single node's checks judged; a group's
         variants scored and judged once all of them are reported."""
+        reports: list[Any] | None = None  # default: every result that is not fresh
         if gated and self.evaluations is not None:
             state = self.by_name[results[0].name]
             evaluations = self.evaluations
             try:
-                results = [self.maker._gate(state, results[0], evaluations)]
+                results = [self.maker._gate(state, results[0], evaluations,
+                                            self.ranked.get(state.name, False))]
             except MergebuildError as exc:
                 self._failed(ticket, [state.name], exc, events)
                 return
-        later: list[NodeResult] = []  # told after the group's results: failed scoring
+            result = results[0]
+            reports = [] if result.outcome == "fresh" else [result]
+            if result.outcome not in ("fresh", "failed") and result.failed_checks:
+                sweep = self.sweep_of.get(state.name)
+                reports.append(("excluded", (state.name, sweep or state.name, result.checks)))
+        later: list[Any] = []  # told after the group's results: failed scoring, exclusions
         if group is not None and self.evaluations is not None:
             self._report(ticket, results, events)
             scored = []
             for variant, result in zip(group, results, strict=True):
                 if result.outcome != "failed":
                     try:
-                        result = self.maker._score_variant(variant, result, self.evaluations)
+                        result = self.maker._score_variant(variant, result, self.evaluations,
+                                                           self.ranked.get(variant.name, False))
                     except MergebuildError as exc:
                         if not self.keep_going:
                             self.failed.add(variant.name)
@@ -782,6 +814,9 @@ class _MakeRun:
                         result = NodeResult(variant.name, "failed", str(exc))
                     if result.outcome == "failed":  # its checks, or its evaluation
                         later.append(result)
+                    elif result.failed_checks:
+                        later.append(("excluded", (variant.name, self.sweep_of[variant.name],
+                                                   result.checks)))
                 scored.append(result)
             results = scored
         for result in results:
@@ -792,7 +827,7 @@ class _MakeRun:
         if group is not None and self.evaluations is not None:
             self._resolve(ticket, results, reports=later)
         else:
-            self._resolve(ticket, results, events)
+            self._resolve(ticket, results, events, reports)
 
     def _failed(self, ticket: int, names: list[str], exc: MergebuildError,
                 events: tuple[Any, ...] = ()) -> None:
@@ -876,7 +911,7 @@ class _MakeRun:
         self._flush()
 
     def _resolve(self, ticket: int, results: list[NodeResult], events: tuple[Any, ...] = (),
-                 reports: list[NodeResult] | None = None) -> None:
+                 reports: list[Any] | None = None) -> None:
         """Settle an entry: its results, and what node_done is told of them (by default each
         that is not fresh)."""
         entry = self.tickets[ticket]
@@ -894,8 +929,11 @@ class _MakeRun:
                                        or entry.results is not None):
                 replay(entry.events, self.reporter)
                 entry.replayed = True
-            for result in entry.reports[entry.sent:]:
-                self.reporter.node_done(result)
+            for report in entry.reports[entry.sent:]:
+                if isinstance(report, NodeResult):
+                    self.reporter.node_done(report)
+                else:  # (a Reporter method, its arguments)
+                    getattr(self.reporter, report[0])(*report[1])
             entry.sent = len(entry.reports)
             if entry.results is None:
                 return
@@ -906,7 +944,7 @@ class Builder:
     """The work under a key's lock, wherever it runs: assemble the job, check and fetch the
     parents, build into ``tmp/``, write provenance, publish."""
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  allow_nonfinite: bool = False) -> None:
         self.mergefile = mergefile
         self.graph = graph

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import platform
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import yaml
 
 from mergebuild import ENGINE_VERSION, __version__
@@ -20,15 +20,22 @@ from mergebuild.plan.lockfile import adapter_entry
 from mergebuild.plan.recipe import global_parameters, parent_parameters
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.secrets import portable_uri
-from mergebuild.spec.graph import build_order
-from mergebuild.spec.model import AdaptedSpec, Mergefile, MergeSpec, SourceSpec
+from mergebuild.spec.graph import Dag, build_order
+from mergebuild.spec.model import (
+    AdaptedSpec,
+    Mergefile,
+    MergeSpec,
+    SearchSpec,
+    SourceSpec,
+    SweepSpec,
+)
 
 if TYPE_CHECKING:
     from mergebuild.build.engine import BuildOutput
     from mergebuild.provenance.statement import BuildRecord
 
 
-def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, method: Method,
+def build_record(mergefile: Mergefile, graph: Dag, spec: MergeSpec, method: Method,
                  states: dict[str, NodeState], key: str, recipe: dict[str, Any],
                  output: BuildOutput, started: str) -> BuildRecord:
     """What ``spec``'s provenance records of the build that produced ``output``."""
@@ -86,14 +93,17 @@ def build_record(mergefile: Mergefile, graph: nx.DiGraph, spec: MergeSpec, metho
     return BuildRecord(
         node=spec.name, key=key, digest=output.digest, method=method.name, recipe=recipe,
         spec=user_spec(mergefile, spec, method), mergefile_digest=mergefile_digest(mergefile),
-        mergefile_excerpt=excerpt(mergefile, graph, spec.name), parents=tuple(parents),
+        mergefile_excerpt=excerpt(mergefile, graph, spec.name, selected_variants(states)),
+        parents=tuple(parents),
         outputs=output.files,
         builder={"mergebuild": __version__, "torch": torch.__version__,
                  "safetensors": safetensors.__version__,
                  "python": platform.python_version()},
         device=output.device, engine_version=ENGINE_VERSION, started=started,
         finished=utc_now(), invocation_id=secrets.token_hex(8),
-        rebuild_command=f"mergebuild -f {mergefile.path.name} make {spec.name}",
+        # With the excerpt: a variant is written there under its sweep's name.
+        rebuild_command=(f"mergebuild -f {mergefile.path.name} make "
+                         f"{group_of(mergefile, spec.name) or spec.name}"),
     )
 
 
@@ -124,9 +134,20 @@ def mergefile_digest(mergefile: Mergefile) -> str:
     return "sha256:" + hashlib.sha256(mergefile.text.encode()).hexdigest()
 
 
-def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
+def excerpt(mergefile: Mergefile, graph: Dag, node: str,
+            selected: Mapping[str, str] | None = None) -> str:
     """The YAML of ``node`` and its ancestors, with the ``defaults:`` they are built with:
-    enough to rebuild it, to the same digest, in an empty directory."""
+    enough to rebuild it, to the same digest, in an empty directory.
+
+    A sweep's variant (a search's trial) is written as the merge it is — its values set, no
+    ``sweep:``/``search:``/``select:`` — under the sweep's name, which its children name
+    (``blend[t=0.35]`` is not a name a Mergefile can hold): ``node`` itself when it is one,
+    and for each sweep it builds on, the variant ``selected`` maps it to; the other variants
+    are left out. Evals and checks judge a build and do not make it: they are left out too.
+    """
+    chosen = {variant: group for group, variant in (selected or {}).items()}
+    if (group := group_of(mergefile, node)) is not None:
+        chosen[node] = group
     names = build_order(graph, [node])
     models: dict[str, Any] = {}
     for name in names:
@@ -135,13 +156,35 @@ def excerpt(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> str:
             if not spec.implicit:
                 models[name] = {"source": _display_uri(spec, mergefile.directory)}
         elif isinstance(spec, MergeSpec):  # an adapted reference is written in its child
+            if group_of(mergefile, name) is not None and name not in chosen:
+                continue  # a variant its sweep did not select
             # The card is presentation, kept beside the object: the weights' record omits it.
-            models[name] = {k: v for k, v in spec.plain().items() if k != "card"}
+            models[chosen.get(name, name)] = {k: v for k, v in spec.plain().items()
+                                              if k not in _NOT_BUILT}
     # libyaml's dumper when present: an excerpt grows with the chain's depth.
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     defaults = mergefile.defaults.plain()
     document = {"version": 1, **({"defaults": defaults} if defaults else {}), "models": models}
     return yaml.dump(document, Dumper=dumper, sort_keys=False)
+
+
+# A node's keys that say how a build is presented or judged, not what it is.
+_NOT_BUILT = ("card", "evals", "checks")
+
+
+def group_of(mergefile: Mergefile, node: str) -> str | None:
+    """The sweep whose variant (the search whose trial) ``node`` is; None for other nodes."""
+    group = mergefile.nodes.get(node.split("[", 1)[0]) if "[" in node else None
+    if isinstance(group, SearchSpec) or (isinstance(group, SweepSpec)
+                                         and node in group.variants):
+        return group.name
+    return None
+
+
+def selected_variants(states: Mapping[str, NodeState]) -> dict[str, str]:
+    """{sweep or search: the variant it stands for} of every resolved one in ``states``."""
+    return {name: s.selection.winner for name, s in states.items()
+            if s.selection is not None and s.digest is not None}
 
 
 def _display_uri(spec: SourceSpec, base: Path) -> str:

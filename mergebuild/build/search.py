@@ -38,6 +38,8 @@ def make_search(maker: Maker, spec: SearchSpec, state: NodeState,
         evaluations.know(trial.name, planned.digest)
         evaluations.ensure(trial.name, planned.digest, planned.path)
         judged = judge_trial(maker.mergefile, maker.graph, spec, planned, evaluations.scores)
+        if judged is not None and judged.excluded is not None and planned.name in made:
+            reporter.excluded(planned.name, spec.name, evaluations.checks(planned.name))
         if judged is None:
             raise MergebuildError(f"trial {trial.name} was scored, and select "
                                   f"'{spec.select.metric}' finds no value in its scores",
@@ -53,15 +55,18 @@ def make_search(maker: Maker, spec: SearchSpec, state: NodeState,
         if result.outcome != "fresh":
             results.append(result)
             reporter.node_done(result)
+            made.add(result.name)
             work["builds"] += result.outcome == "built"
 
     forced: set[str] = set()
+    made: set[str] = set()  # trials built (or reused) by this make: their exclusion is news
     study: Study = run_study(maker.mergefile, spec, outcome)  # type: ignore[arg-type]
     best = study.best
     state.study = study
-    if best is None:
-        return [*results, NodeResult(spec.name, "failed", f"no trial can be ranked: "
-                                     f"{study.why()}")]
+    if best is None:  # every trial failed its checks: refused as a sweep's selection is
+        refused = study_selection(maker.mergefile, maker.graph, study,
+                                  evaluations.scores).refused()
+        return [*results, NodeResult(spec.name, "failed", refused or study.why())]
     chosen = states[best.name]
     if chosen.status != "fresh" or chosen.path is None:  # selected after gc removed it
         chosen.status, chosen.reasons = "stale", [f"selected by {spec.name}; removed by gc"]

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import xxhash
 
@@ -86,23 +87,54 @@ class StatCache:
     def _conn(self) -> sqlite3.Connection | None:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            try:
-                self.db_path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.db_path, timeout=_FIRST_TRY_SECONDS,
-                                       isolation_level=None)
-            except (OSError, sqlite3.Error):
-                return None  # a read-only or broken store still works, just slower
-            try:
-                self._run(conn, "PRAGMA journal_mode=WAL")
-                # files: the old table without ctime, left for older mergebuilds to read.
-                self._run(conn, "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY "
-                          "KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,"
-                          " digest TEXT)")
-            except sqlite3.Error:
-                conn.close()
-                return None
+            conn = self._connect() or self._connect_read_only()
+            if conn is None:
+                return None  # a broken store (or one without a cache) works, just slower
             self._local.conn = conn
         return conn
+
+    def _connect(self) -> sqlite3.Connection | None:
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.db_path, timeout=_FIRST_TRY_SECONDS,
+                                   isolation_level=None)
+        except (OSError, sqlite3.Error):
+            return None
+        try:
+            self._run(conn, "PRAGMA journal_mode=WAL")
+            # files: the old table without ctime, left for older mergebuilds to read.
+            self._run(conn, "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY "
+                      "KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,"
+                      " digest TEXT)")
+        except sqlite3.Error:
+            conn.close()
+            return None
+        return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection | None:
+        """The cache of a store this process cannot write (a read-only mount, another
+        user's store), read and never written, so a plan there still reads no weights. A
+        WAL database needs its -shm file, which a read-only directory cannot get: on a
+        read-only file system it is then opened as immutable (no locks, no WAL), nothing
+        being able to change it through this mount."""
+        if not self.db_path.is_file():
+            return None
+        uri = f"file:{quote(str(self.db_path))}?mode=ro"
+        for immutable in (False, True):
+            if immutable and not _on_read_only_file_system(self.db_path):
+                return None
+            try:
+                conn = sqlite3.connect(uri + "&immutable=1" * immutable, uri=True,
+                                       timeout=_FIRST_TRY_SECONDS, isolation_level=None)
+            except sqlite3.Error:
+                continue
+            try:
+                conn.execute("SELECT 1 FROM file_digests LIMIT 1").fetchall()
+            except sqlite3.Error:
+                conn.close()
+                continue
+            return conn
+        return None
 
     def _run(self, conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
         """Execute ``sql``; while the database is locked, wait (saying so once), bounded."""
@@ -170,6 +202,13 @@ class StatCache:
 
 
 _FIRST_TRY_SECONDS = 0.5  # a lock held this briefly (another mergebuild writing) is no news
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _locked(exc: sqlite3.OperationalError) -> bool:

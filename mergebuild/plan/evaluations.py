@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 
-import networkx as nx
-
 from mergebuild.errors import EvaluationError, MergefileError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION, EvalDefinition
+from mergebuild.spec.graph import Dag, ancestors, topological_order
 from mergebuild.spec.model import (
     Bound,
     Mergefile,
@@ -104,17 +103,20 @@ class CheckOutcome:
 
     def describe(self) -> str:
         """One line naming node, eval, value, threshold and (for retain) the ancestor."""
+        return f"{self.node}: {self.condition()}"
+
+    def condition(self) -> str:
+        """What was compared, without the node: ``code-skill accuracy 0.4 < 0.5 (min)``."""
         shown = "not evaluated" if self.value is None else f"{self.value:.4g}"
         if self.rule == "retain":
             sign = {(True, True): ">=", (True, False): "<", (False, True): "<=",
                     (False, False): ">"}[(self.higher_is_better, self.passed)]
-            return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} "
-                    f"{self.threshold:.4g} (retain {self.retain:.0%} of {self.ancestor}'s "
+            return (f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
+                    f"(retain {self.retain:.0%} of {self.ancestor}'s "
                     f"{self.ancestor_value:.4g})")
         sign = {("min", True): ">=", ("min", False): "<", ("max", True): "<=",
                 ("max", False): ">"}[(self.rule, self.passed)]
-        return (f"{self.node}: {self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} "
-                f"({self.rule})")
+        return f"{self.eval} {self.metric} {shown} {sign} {self.threshold:.4g} ({self.rule})"
 
 
 def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
@@ -132,7 +134,7 @@ def declared_evals(mergefile: Mergefile, node: str) -> tuple[str, ...]:
     return ()
 
 
-def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
+def retained_ancestors(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
     """The ancestors (any number of stages up) whose own evals ``node``'s retain check keeps,
     in build order: every ancestor that declares evals."""
     spec = mergefile.nodes[node]
@@ -141,7 +143,7 @@ def retained_ancestors(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> li
     return _ancestors_with_evals(mergefile, graph, node)
 
 
-def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
+def required_evals(mergefile: Mergefile, graph: Dag, node: str) -> tuple[str, ...]:
     """Every eval ``node`` must be scored on: its own, with ``retain`` each retained
     ancestor's own evals (a merge is held to its parents' skills), and as a variant of a
     sweep with ``select:`` the evals the selection reads."""
@@ -152,7 +154,7 @@ def required_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[
     return tuple(dict.fromkeys(names))
 
 
-def selection_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> tuple[str, ...]:
+def selection_evals(mergefile: Mergefile, graph: Dag, node: str) -> tuple[str, ...]:
     """The evals a sweep's ``select:`` reads of ``node``, one of its variants: the named eval,
     or for retention every eval its scored ancestors declare (none when not a variant). A
     search is scored on what its trials are (it stands for the best one)."""
@@ -210,7 +212,7 @@ def _digest(definition: EvalDefinition) -> str:
     return _digest_cached(definition, tuple(stamp))
 
 
-def plan_evaluations(mergefile: Mergefile, graph: nx.DiGraph, node: str,
+def plan_evaluations(mergefile: Mergefile, graph: Dag, node: str,
                      model_digest: str | None, results: ResultStore,
                      digests: Mapping[str, str]) -> list[EvalTask]:
     """The evaluations ``node`` needs, cached or pending with why (``model_digest`` None: the
@@ -256,7 +258,7 @@ def _direction(definition: EvalDefinition, metric: str) -> bool | None:
         return None
 
 
-def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def retention(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
               ) -> list[RetentionRow]:
     """For each retained ancestor's own eval and score metric: what ``node`` keeps of it."""
     rows = []
@@ -276,19 +278,19 @@ def retention(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
     return rows
 
 
-def _ancestors_with_evals(mergefile: Mergefile, graph: nx.DiGraph, node: str) -> list[str]:
+def _ancestors_with_evals(mergefile: Mergefile, graph: Dag, node: str) -> list[str]:
     """The ancestors that declare evals, in build order. Below a sweep with ``select:`` the
     sweep stands for its selected variant: its variants are not ancestors of their own."""
-    ancestors = nx.ancestors(graph, node)
-    for name in [node, *ancestors]:
+    above = ancestors(graph, node)
+    for name in [node, *above]:
         spec = mergefile.nodes[name]
         if isinstance(spec, SweepSpec) and spec.select is not None:
-            ancestors.difference_update(spec.variants)
-    return [a for a in nx.topological_sort(graph)
-            if a in ancestors and declared_evals(mergefile, a)]
+            above.difference_update(spec.variants)
+    return [a for a in topological_order(graph)
+            if a in above and declared_evals(mergefile, a)]
 
 
-def apply_checks(mergefile: Mergefile, graph: nx.DiGraph, node: str, scores: Scores
+def apply_checks(mergefile: Mergefile, graph: Dag, node: str, scores: Scores
                  ) -> list[CheckOutcome]:
     """Every gate of ``node``: its retain check per ancestor eval metric, then its bounds."""
     spec = mergefile.nodes[node]

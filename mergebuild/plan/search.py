@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
-
 from mergebuild.errors import MergefileError
 from mergebuild.plan.evaluations import Scores
 from mergebuild.plan.selection import Selection, measure, rank, retention_range
+from mergebuild.spec.graph import Dag
 from mergebuild.spec.model import Mergefile, SearchDimension, SearchSpec
 from mergebuild.spec.search import SIGNIFICANT_DIGITS, rounded
 from mergebuild.spec.sweep import RETENTION, variant_name
@@ -33,8 +32,8 @@ __all__ = ["Study", "Trial", "TrialOutcome", "run_study", "study_selection"]
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """What one trial gave: its build and the objective (None: not rankable, ``excluded``
-    says why, e.g. a failed check)."""
+    """What one trial gave: its build and the objective (None: not a finite value), and why
+    it is kept out of the ranking (``excluded``: a failed check; its value is still shown)."""
 
     key: str
     digest: str
@@ -76,9 +75,10 @@ class Study:
 
     @property
     def ranked(self) -> list[Trial]:
-        """Rankable trials, best first; equal values keep trial order (the earlier wins)."""
+        """Rankable trials (a value, no failed check), best first; equal values keep trial
+        order (the earlier wins)."""
         sign = -1.0 if self.search.select.goal == "maximize" else 1.0
-        scored = [t for t in self.trials if t.value is not None]
+        scored = [t for t in self.trials if t.value is not None and t.excluded is None]
         return sorted(scored, key=lambda t: (sign * t.value, t.number))  # type: ignore[operator]
 
     @property
@@ -156,9 +156,10 @@ def run_study(mergefile: Mergefile, search: SearchSpec, outcome: Outcome) -> Stu
             if isinstance(result, str):
                 return Study(search=search, trials=tuple(done), next=trial, waiting=result)
             value = result.value
-            if value is None or not math.isfinite(value):
-                study.tell(asked, state=optuna.trial.TrialState.FAIL)
+            if value is not None and not math.isfinite(value):
                 value = None
+            if value is None or result.excluded is not None:
+                study.tell(asked, state=optuna.trial.TrialState.FAIL)
             else:
                 study.tell(asked, value)
             done.append(Trial(number=number, name=trial.name, point=point, key=result.key,
@@ -166,13 +167,15 @@ def run_study(mergefile: Mergefile, search: SearchSpec, outcome: Outcome) -> Stu
     return Study(search=search, trials=tuple(done))
 
 
-def study_selection(mergefile: Mergefile, graph: nx.DiGraph, study: Study,
+def study_selection(mergefile: Mergefile, graph: Dag, study: Study,
                     scores: Scores) -> Selection:
     """A finished study as a sweep's selection is told (a child's record, ``plan``, ``make``):
-    its trials ranked by their told values, ties to the earlier trial, as the study ranks."""
+    its trials ranked by their told values, ties to the earlier trial, as the study ranks;
+    a trial that failed its checks after the rest, as a sweep's variant (see `judge`)."""
     select = study.search.select
     names = list(dict.fromkeys(t.name for t in study.trials))
     values = {t.name: t.value for t in study.trials}
+    failed = {t.name: t.excluded for t in study.trials if t.excluded is not None}
     worst: dict[str, float] = {}
     if select.metric == RETENTION:
         for name in names:
@@ -181,7 +184,8 @@ def study_selection(mergefile: Mergefile, graph: nx.DiGraph, study: Study,
                 worst[name] = found[1]
     return Selection(sweep=study.search.name, select=select,
                      measure=measure(mergefile, select, names, scores),
-                     ranking=tuple(rank(select, names, values)), worst=worst)
+                     ranking=tuple(rank(select, names, values, failed)), worst=worst,
+                     noun="trial")
 
 
 def load_optuna(mergefile: Mergefile, search: SearchSpec) -> Any:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import networkx as nx
 
 from mergebuild.errors import MergefileError, StoreError
 from mergebuild.evaluate.definition import EVALUATOR_VERSION
@@ -16,19 +13,18 @@ from mergebuild.methods.registry import METHODS
 from mergebuild.plan.evaluations import (
     EvalTask,
     Scores,
-    apply_checks,
     declared_evals,
     eval_digests,
     plan_evaluations,
     required_evals,
-    selection_evals,
+    retained_ancestors,
 )
 from mergebuild.plan.lockfile import LockedResolver, adapter_entry
 from mergebuild.plan.recipe import build_recipe, parent_names, recipe_changes
 from mergebuild.plan.search import Study, Trial, TrialOutcome, run_study, study_selection
-from mergebuild.plan.selection import Selection, choose, objective
+from mergebuild.plan.selection import Selection, choose, judge
 from mergebuild.sources.resolve import ResolvedSource, adapted_digest
-from mergebuild.spec.graph import build_order, check_targets, default_targets
+from mergebuild.spec.graph import Dag, ancestors, build_order, check_targets, default_targets
 from mergebuild.spec.model import (
     AdaptedSpec,
     Mergefile,
@@ -73,7 +69,7 @@ class Planner:
     through the store's metadata. Imports no torch.
     """
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  sources: LockedResolver) -> None:
         self.mergefile = mergefile
         self.graph = graph
@@ -200,7 +196,7 @@ class Planner:
                 or self.store.object_dir(state.key).exists()):
             return
         state.digest = str(previous["digest"])
-        needed = selection_evals(self.mergefile, self.graph, name)
+        needed = required_evals(self.mergefile, self.graph, name)  # its checks' too
         if all(n in scores(name) for n in needed):
             state.status = "dropped"
             state.reasons = ["lost the selection and was removed by gc (scores kept)"]
@@ -218,12 +214,14 @@ class Planner:
             state.reasons = [f"{state.reasons[0]}; then selects by {goal}"]
             return
         scores = self.stored_scores(states)
+        # Every eval the ranking reads: the selection's, and the variants' own checks'.
         missing = sum(1 for v in spec.variants
-                      for n in selection_evals(self.mergefile, self.graph, v)
+                      for n in required_evals(self.mergefile, self.graph, v)
                       if n not in scores(v))
-        ancestors = nx.ancestors(self.graph, spec.variants[0]) if select.metric == "retention" \
-            else set()
-        missing += sum(1 for a in ancestors for n in declared_evals(self.mergefile, a)
+        above = set(retained_ancestors(self.mergefile, self.graph, spec.variants[0]))
+        if select.metric == "retention":
+            above |= ancestors(self.graph, spec.variants[0])
+        missing += sum(1 for a in above for n in declared_evals(self.mergefile, a)
                        if n not in scores(a))
         if missing:
             state.status = "pending"
@@ -232,9 +230,10 @@ class Planner:
             return
         selection = choose(self.mergefile, self.graph, spec.name, scores)
         state.selection = selection
-        if selection.value is None:
-            state.status = "pending"
-            state.reasons = [f"no variant has a value of {select.metric}"]
+        refused = selection.refused()
+        if refused is not None:  # none passed its checks: stale, as a failed node is
+            state.status = "pending" if selection.value is None else "stale"
+            state.reasons = [refused]
             return
         winner = states[selection.winner]
         if winner.status == "dropped":  # selected again after gc removed it: build it back
@@ -267,12 +266,11 @@ class Planner:
             state.reasons = [study.progress() + (
                 f"; next: {study.next.name} ({study.waiting})" if study.next else "")]
             return state
-        if best is None:
-            state.reasons = ["no trial can be ranked: " + "; ".join(
-                sorted({t.excluded or "no score" for t in study.trials}))]
-            return state
         state.selection = study_selection(self.mergefile, self.graph, study,
                                           self.stored_scores(states))
+        if best is None:
+            state.reasons = [state.selection.refused() or study.why()]
+            return state
         winner = states[best.name]
         if winner.status != "fresh":  # selected after gc removed it: built back by make
             winner.status, winner.reasons = "stale", [f"selected by {spec.name}; removed by gc"]
@@ -469,19 +467,20 @@ def adapt(state: NodeState, spec: AdaptedSpec, model: NodeState) -> None:
     state.reasons = [r for r in state.reasons if r != waiting]
 
 
-def judge_trial(mergefile: Mergefile, graph: nx.DiGraph, spec: SearchSpec, state: NodeState,
-                scores: Callable[[str], Scores]) -> TrialOutcome | None:
-    """A built trial's objective under ``select:`` from ``scores`` (None: not all known). A
-    trial that fails its checks (the template's ``checks:``) is kept out of the ranking."""
+def judge_trial(mergefile: Mergefile, graph: Dag, spec: SearchSpec, state: NodeState,
+                scores: Scores) -> TrialOutcome | None:
+    """A built trial's objective under ``select:`` from ``scores`` (None: not all known),
+    judged as a sweep's variant is (`judge`): one failing its checks is kept out of the
+    ranking."""
     assert state.key is not None and state.digest is not None
-    value = objective(mergefile, graph, spec.select, state.name, scores)
-    if value is None:
+    known = scores(state.name)
+    if any(name not in known for name in required_evals(mergefile, graph, state.name)):
         return None
-    failed = [c for c in apply_checks(mergefile, graph, state.name, scores) if not c.passed]
-    if failed:
-        return TrialOutcome(key=state.key, digest=state.digest, value=None,
-                            excluded=f"failed check {failed[0].describe()}")
-    return TrialOutcome(key=state.key, digest=state.digest, value=value)
+    judged = judge(mergefile, graph, spec.select, state.name, scores)
+    if judged.value is None:
+        return None
+    return TrialOutcome(key=state.key, digest=state.digest, value=judged.value,
+                        excluded=judged.failed)
 
 
 def sweep_state(spec: SweepSpec, states: dict[str, NodeState]) -> NodeState:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
-
-import networkx as nx
 
 from mergebuild.errors import MergefileError, shorten
 from mergebuild.methods.registry import METHODS
+from mergebuild.spec.graph import Dag
 from mergebuild.spec.model import (
     SAMPLERS,
     Mergefile,
@@ -151,34 +149,14 @@ def rounded(dimension: SearchDimension, value: Any) -> Any:
 
 def trial_spec(mergefile: Mergefile, search: SearchSpec, point: Mapping[str, Any]) -> MergeSpec:
     """The merge node of one trial: the template with the point's values, named for them,
-    written (for its provenance's Mergefile excerpt) as the merge it is, without search."""
+    written (for its provenance's Mergefile excerpt) as the merge it is, without search, as
+    a sweep's variant is (`apply_point`)."""
     spec = apply_point(search.template, point, str(mergefile.path), search.line)
     assert spec.name == variant_name(search.name, point)
-    return replace(spec, written=_written(search.template, point))
+    return spec
 
 
-def _written(template: MergeSpec, point: Mapping[str, Any]) -> dict[str, Any]:
-    """``template`` as written, less ``search``/``select``, with ``point``'s values set."""
-    body = {k: v for k, v in template.plain().items() if k not in ("search", "select")}
-    for path, value in point.items():
-        if path.startswith("models."):
-            ref, _, param = path.removeprefix("models.").rpartition(".")
-            entries = []
-            for entry in body.get("models") or []:
-                if isinstance(entry, str):
-                    entry = {"model": entry}
-                if str(entry.get("model", "")).strip() == ref:
-                    entry = {**entry, "parameters": {**(entry.get("parameters") or {}),
-                                                     param: value}}
-                entries.append(entry)
-            body["models"] = entries
-        else:
-            name = path.removeprefix("parameters.")
-            body["parameters"] = {**(body.get("parameters") or {}), name: value}
-    return body
-
-
-def register_trial(mergefile: Mergefile, graph: nx.DiGraph, search: SearchSpec,
+def register_trial(mergefile: Mergefile, graph: Dag, search: SearchSpec,
                    trial: MergeSpec) -> None:
     """Make ``trial`` a node of the Mergefile and its graph (parents → trial → search), as a
     sweep's variants are from the start: a search's trials exist once the study reaches

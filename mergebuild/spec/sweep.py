@@ -10,6 +10,7 @@ from typing import Any
 from mergebuild.errors import MergefileError
 from mergebuild.spec.model import MergeSpec, ParentSpec, SelectSpec
 from mergebuild.spec.validate import SELECT_KEYS, did_you_mean
+from mergebuild.spec.yaml_lines import LineDict, plain
 
 _PREFIX_PARAMETERS = "parameters."
 _PREFIX_MODELS = "models."
@@ -86,7 +87,39 @@ def apply_point(spec: MergeSpec, point: Mapping[str, Any], file: str, line: int)
                     hint="sweep a node parameter (t) or a model's (models.code.weight)")
             parameters[name] = value
     return replace(spec, name=variant_name(spec.name, point), parameters=parameters,
-                   models=tuple(models))
+                   models=tuple(models), written=written_at(spec.written, point))
+
+
+# What makes a merge a sweep or a search, and which variant it stands for: a variant is written
+# without them (its provenance's Mergefile excerpt rebuilds that one merge, not the grid).
+_GROUP_KEYS = ("sweep", "search", "select")
+
+
+def written_at(written: Mapping[str, Any], point: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A merge node as written (``sweep:``/``search:``/``select:`` dropped) with ``point``'s
+    values set where a user would write them: ``t`` in ``parameters``, ``models.REF.PARAM``
+    in the parameters of the models entry of ``REF``. Line numbers are kept."""
+    body = {k: v for k, v in plain(written).items() if k not in _GROUP_KEYS}
+    for path, value in point.items():
+        if path.startswith(_PREFIX_MODELS):
+            ref, _, param = path.removeprefix(_PREFIX_MODELS).rpartition(".")
+            entries = []
+            for entry in body.get("models") or []:
+                if isinstance(entry, str):
+                    entry = {"model": entry}
+                if str(entry.get("model", "")).strip() == ref:
+                    entry = {**entry, "parameters": {**(entry.get("parameters") or {}),
+                                                     param: value}}
+                entries.append(entry)
+            body["models"] = entries
+        else:
+            name = path.removeprefix(_PREFIX_PARAMETERS)
+            body["parameters"] = {**(body.get("parameters") or {}), name: value}
+    out = LineDict(body)
+    out.line = getattr(written, "line", 0)
+    out.key_lines = dict(getattr(written, "key_lines", {}))
+    out.key_texts = dict(getattr(written, "key_texts", {}))
+    return out
 
 
 RETENTION = "retention"

@@ -88,15 +88,17 @@ def load_yaml_documents(text: str, file: str) -> list[Any]:
 class _Open:
     """A mapping or list being filled, with what it has read so far."""
 
-    __slots__ = ("anchor", "key", "key_line", "key_text", "merges", "size", "value")
+    __slots__ = ("anchor", "key", "key_line", "key_lines", "key_text", "merges", "start",
+                 "value")
 
-    def __init__(self, value: Any, anchor: str | None, is_map: bool):
+    def __init__(self, value: Any, anchor: str | None, start: int, is_map: bool):
         self.value = value
         self.anchor = anchor
-        self.size = 1  # nodes once every alias below is expanded
+        self.start = start  # nodes read before it: its size is the count at its end less this
         # A list has neither a pending key nor merges (None): the fast path appends to it.
         self.key: Any = _NO_KEY if is_map else None
         self.key_line = 0
+        self.key_lines: dict | None = value.key_lines if is_map else None
         self.key_text: str | None = None
         self.merges: list[tuple[Any, int]] | None = [] if is_map else None
 
@@ -136,70 +138,83 @@ class _Builder:
                 dispose()
 
     def document(self, parser: Any) -> Any:
+        """One document's value. The hot loop of a large Mergefile (~20 events a node): the
+        common cases (a plain string key, a value for the pending key, a list item) are
+        handled inline; sizes come from one running count of nodes, aliases expanded."""
         stack: list[_Open] = []
+        top: _Open | None = None
         result: Any = None
         get_event = parser.get_event
+        anchors = self.anchors
+        # Plain scalars that YAML resolves (numbers, booleans, null) repeat: each text is
+        # constructed once. Every such value is immutable (a datetime too).
+        resolved: dict[str, Any] = {}
+        count = 0  # nodes read so far in this document, each alias counted as what it adds
         while True:
             event = get_event()
             kind = type(event)
             if kind is ScalarEvent:  # most events: checked first, strings without a call
+                count += 1
                 text = event.value
-                if (event.tag is None and event.anchor is None
-                        and (not event.implicit[0] or text[:1] not in _IMPLICIT)):
-                    value = text
+                if event.tag is None and event.anchor is None:
+                    if not event.implicit[0] or text[:1] not in _IMPLICIT:
+                        value = text
+                    elif text in resolved:
+                        value = resolved[text]
+                    else:
+                        value = resolved[text] = self.scalar(event)
                 else:
                     value = self.scalar(event)
                     if event.anchor is not None:
-                        self.anchors[event.anchor] = (value, 1)
-                size = 1
+                        anchors[event.anchor] = (value, 1)
             elif kind is MappingStartEvent or kind is SequenceStartEvent:
-                self.open(stack, event, kind is MappingStartEvent)
+                if len(stack) >= MAX_DEPTH:
+                    raise self.error(f"YAML nested more than {MAX_DEPTH} levels deep", event,
+                                     "a Mergefile needs a handful of levels")
+                is_map = kind is MappingStartEvent
+                if event.tag is not None and event.tag not in ("!", _MAP if is_map else _SEQ):
+                    raise self.error(f"unsupported YAML tag {shorten(event.tag)}", event,
+                                     "write plain YAML mappings and lists")
+                if is_map:
+                    mapping = LineDict()
+                    mapping.line, mapping.key_lines, mapping.key_texts = (
+                        event.start_mark.line + 1, {}, {})
+                    top = _Open(mapping, event.anchor, count, True)
+                else:
+                    top = _Open([], event.anchor, count, False)
+                count += 1
+                stack.append(top)
                 continue
             elif kind is MappingEndEvent or kind is SequenceEndEvent:
                 done = stack.pop()
+                top = stack[-1] if stack else None
                 if done.merges:
                     self.merge_keys(done)
-                value, size = done.value, done.size
+                value, size = done.value, count - done.start
                 if done.anchor is not None:
-                    self.anchors[done.anchor] = (value, size)
+                    anchors[done.anchor] = (value, size)
             elif kind is AliasEvent:
                 value, size = self.alias(event)
+                count += size
             elif kind is DocumentEndEvent:
                 return result
             else:
                 raise self.error("unexpected YAML event", event)
-            if not stack:
+            if top is None:
                 result = value
-                continue
-            parent = stack[-1]
-            if parent.merges is None:  # a list
-                parent.size += size
-                parent.value.append(value)
-            elif type(parent.key) is str and parent.key not in parent.value:  # a key's value
-                key = parent.key
-                parent.size += size
-                parent.value[key] = value
-                parent.value.key_lines[key] = parent.key_line
-                if parent.key_text is not None:
-                    parent.value.key_texts[key] = parent.key_text
-                parent.key = _NO_KEY
-            else:  # a key, or anything unusual (duplicate, merge key, a number as key)
-                self.add(parent, value, size, event)
-
-    def open(self, stack: list[_Open], event: Any, is_map: bool) -> None:
-        if len(stack) >= MAX_DEPTH:
-            raise self.error(f"YAML nested more than {MAX_DEPTH} levels deep", event,
-                             "a Mergefile needs a handful of levels")
-        if event.tag not in (None, "!", _MAP if is_map else _SEQ):
-            raise self.error(f"unsupported YAML tag {shorten(event.tag)}", event,
-                             "write plain YAML mappings and lists")
-        if is_map:
-            mapping = LineDict()
-            mapping.line, mapping.key_lines, mapping.key_texts = (
-                event.start_mark.line + 1, {}, {})
-            stack.append(_Open(mapping, event.anchor, is_map=True))
-        else:
-            stack.append(_Open([], event.anchor, is_map=False))
+            elif top.merges is None:  # a list
+                top.value.append(value)
+            elif top.key is _NO_KEY and type(value) is str:  # a plain key
+                top.key, top.key_line, top.key_text = value, event.start_mark.line + 1, None
+            elif type(top.key) is str and top.key not in top.value:  # a key's value
+                key = top.key
+                top.value[key] = value
+                top.key_lines[key] = top.key_line  # type: ignore[index]
+                if top.key_text is not None:
+                    top.value.key_texts[key] = top.key_text
+                top.key = _NO_KEY
+            else:  # anything unusual: a key that is not a string, a duplicate, a merge key
+                self.add(top, value, event)
 
     def alias(self, event: Any) -> tuple[Any, int]:
         if event.anchor not in self.anchors:
@@ -212,8 +227,7 @@ class _Builder:
                              event, "write the values out instead of nesting aliases")
         return value, size
 
-    def add(self, parent: _Open, value: Any, size: int, event: Any) -> None:
-        parent.size += size
+    def add(self, parent: _Open, value: Any, event: Any) -> None:
         mapping: LineDict = parent.value
         if parent.key is _NO_KEY:  # this value is a key
             line = event.start_mark.line + 1

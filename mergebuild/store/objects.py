@@ -35,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -247,7 +248,10 @@ class Store:
         """Hold the per-key build lock; blocks (calling ``on_wait`` once) while another holds it."""
         self._mkdir(self.locks)
         path = self.locks / f"{key}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self.os_error(exc, f"cannot lock {key[:12]} for building") from None
         try:
             _flock_waiting(fd, fcntl.LOCK_EX, on_wait)
             os.ftruncate(fd, 0)
@@ -264,8 +268,10 @@ class Store:
         (make, make --check, verify, export, push): ``gc`` takes it exclusively, so it never
         removes an object that a running command has just published, reused or is reading.
         Blocks (calling ``on_wait`` once) while a ``gc`` runs. A store that does not exist
-        yet (unless ``create``: make is about to write it) or cannot be written has nothing
-        to protect and is not locked."""
+        yet (unless ``create``: make is about to write it) has nothing to protect and is not
+        locked; in one this process cannot write (a read-only mount, another user's store)
+        the lock is taken on a read-only descriptor (flock needs no write access), so a
+        ``gc`` run by whoever can write it still waits for this reader."""
         fd = self._open_use_lock(create=create)
         if fd is None:
             yield
@@ -304,7 +310,23 @@ class Store:
         try:
             return os.open(self.root / USE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
-            return None  # a read-only store: nothing can remove objects from it either
+            pass
+        try:  # a store this process cannot write: a shared lock needs only to read the file
+            return os.open(self.root / USE_LOCK, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file, and none can be made: nobody can remove objects here
+
+    def require_writable(self, what: str) -> None:
+        """A one-line StoreError (the store, why, what to do) unless a file can be created
+        in the store: ``make`` asks before building anything, instead of failing on the
+        first lock or temp dir it cannot create."""
+        probe = self.root / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            raise self.os_error(exc, what) from None
 
     def new_tmp(self, key: str) -> Path:
         self._mkdir(self.tmp)
@@ -490,9 +512,14 @@ class Store:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return StoreError(f"{what}: no space left on the device holding {self.root}",
                               node=node, hint="free space or pass --cache-dir on a larger disk")
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return StoreError(f"{what}: permission denied in {self.root}", node=node,
-                              hint="check the store's permissions or pass --cache-dir")
+        if exc.errno == errno.EROFS:
+            return StoreError(f"{what}: the store {self.root} is on a read-only file system",
+                              node=node, hint="pass --cache-dir DIR on a writable disk, or "
+                                              "remount the store read-write")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return StoreError(f"{what}: permission denied in the store {self.root}", node=node,
+                              hint="pass --cache-dir DIR where you can write, or give this "
+                                   "user write access to the store")
         return StoreError(f"{what}: {exc.strerror or exc}", node=node)
 
 
@@ -504,8 +531,13 @@ def mergefile_id(mergefile: Path) -> str:
     return hashlib.sha256(str(Path(mergefile).resolve()).encode()).hexdigest()[:24]
 
 
+# A file name keeps a node name's letters, digits and "._-" (str.isalnum's letters and digits:
+# \w is those and "_"), everything else becoming "_".
+_UNSAFE_IN_NAME = re.compile(r"[^\w.-]")
+
+
 def _safe_name(node: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in node)
+    return _UNSAFE_IN_NAME.sub("_", node)
 
 
 class Refs:
@@ -521,6 +553,7 @@ class Refs:
         self.mergefile = mergefile
         self.dir = store.refs / mergefile_id(mergefile)
         self._names: set[str] | None = None
+        self._legacy_names: set[str] | None = None
 
     def _path(self, node: str) -> Path:
         return self.dir / f"{_safe_name(node)}.json"
@@ -532,30 +565,33 @@ class Refs:
         """The file names in this Mergefile's refs dir, listed once: a plan of 10,000 nodes
         then opens only the records that exist."""
         if self._names is None:
-            try:
-                self._names = set(os.listdir(self.dir))
-            except OSError:
-                self._names = set()
+            self._names = _listing(self.dir)
         return self._names
+
+    def _known_legacy(self) -> set[str]:
+        """The names in the refs dir itself (old flat records), listed once, as :meth:`_known`."""
+        if self._legacy_names is None:
+            self._legacy_names = _listing(self.store.refs)
+        return self._legacy_names
 
     def read(self, node: str) -> dict[str, Any] | None:
         """``node``'s record; None when there is none, or when the file is not a record (not
         JSON, nested too deeply, the wrong shape): bookkeeping to rewrite, not to crash on."""
-        path = self._path(node)
-        if path.name in self._known():
-            record = _read_json(path)
+        name = f"{_safe_name(node)}.json"
+        if name in self._known():
+            record = _read_json(self.dir / name)
             if _is_record(record):
                 return record
-        if not self.store.refs.is_dir():
+        if name not in self._known_legacy():
             return None
-        record = _read_json(self._legacy(node))
+        record = _read_json(self.store.refs / name)
         if _is_record(record) and self._ours(record):
             return record
         return None
 
     def migrated(self, node: str) -> bool:
         """Whether ``node``'s record is in this Mergefile's own directory (not the old layout)."""
-        return self._path(node).name in self._known()
+        return f"{_safe_name(node)}.json" in self._known()
 
     def _ours(self, record: dict[str, Any]) -> bool:
         named = record.get("mergefile")
@@ -583,6 +619,7 @@ class Refs:
         if isinstance(old, dict) and self._ours(old):
             with contextlib.suppress(OSError):
                 legacy.unlink()
+                self._known_legacy().discard(legacy.name)
 
 
 class _ScratchRefs(Refs):
@@ -638,6 +675,14 @@ def lock_held(lock: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _listing(directory: Path) -> set[str]:
+    """The names in ``directory``; none when it is missing or unreadable."""
+    try:
+        return set(os.listdir(directory))
+    except OSError:
+        return set()
 
 
 def _is_record(record: Any) -> bool:

@@ -17,7 +17,8 @@ from mergebuild.io.dtypes import FLOAT_CODES
 from mergebuild.provenance.lineage import LineageNode, format_parameters, hub_id, iter_lineage
 from mergebuild.provenance.statement import short_digest
 
-__all__ = ["Evaluation", "ReportTarget", "SweepRow", "nonfinite_tensors", "render_report"]
+__all__ = ["Evaluation", "ReportTarget", "SearchStudy", "SearchTrial", "SweepRow",
+           "nonfinite_tensors", "render_report"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,32 @@ class SweepRow:
     score: float | None
     selected: bool = False
     place: int | None = None  # its rank by the sweep's select: (None: ranked by score)
+    failed: str | None = None  # the checks it failed (kept out of the ranking)
+
+
+@dataclass(frozen=True)
+class SearchTrial:
+    """One trial of a search's study, in the order the sampler asked for it."""
+
+    number: int
+    name: str
+    parameters: Mapping[str, Any]
+    objective: float | None
+    selected: bool = False
+    failed: str | None = None  # the checks it failed (kept out of the ranking)
+
+
+@dataclass(frozen=True)
+class SearchStudy:
+    """A search's study as the report shows it: how it was run, and every trial done."""
+
+    search: str
+    sampler: str
+    seed: int
+    trials: int  # asked for
+    select: str  # e.g. "maximize math-skill"
+    rows: tuple[SearchTrial, ...]
+    why: str | None = None  # why the selected trial won (None: none selected yet)
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,7 @@ class ReportTarget:
         warnings: licence warnings, non-finite tensors, anything a reviewer must read.
         evaluations: scores (when the Mergefile declares evaluations).
         sweeps: leaderboard rows (when a sweep chose a variant).
+        searches: the studies of the searches the target is or builds on.
     """
 
     name: str
@@ -75,6 +103,7 @@ class ReportTarget:
     warnings: tuple[str, ...]
     evaluations: tuple[Evaluation, ...] = field(default=())
     sweeps: tuple[SweepRow, ...] = field(default=())
+    searches: tuple[SearchStudy, ...] = field(default=())
 
 
 def nonfinite_tensors(directory: Path) -> list[str]:
@@ -173,6 +202,8 @@ def _target_section(t: ReportTarget) -> str:
         parts += ["<h3>Evaluation</h3>", _evaluations(t.evaluations)]
     if t.sweeps:
         parts += ["<h3>Sweep leaderboards</h3>", _sweeps(t.sweeps)]
+    if t.searches:
+        parts += ["<h3>Search studies</h3>", _searches(t.searches)]
     parts += ["<h3>Warnings</h3>", _warnings(t.warnings), "</section>"]
     return "".join(parts)
 
@@ -217,13 +248,41 @@ def _sweeps(rows: Iterable[SweepRow]) -> str:
     for sweep, entries in by_sweep.items():
         ranked = sorted(entries, key=lambda r: (r.place is None, r.place or 0,
                                                 r.score is None, -(r.score or 0.0)))
+        checked = any(r.failed for r in ranked)
         body = [[str(i + 1), ("&#9733; " if r.selected else "") + _e(r.variant),
-                 _e(format_parameters(r.parameters)), _num(r.score)]
+                 _e(format_parameters(r.parameters)), _num(r.score),
+                 *([_verdict(r.failed)] if checked else [])]
                 for i, r in enumerate(ranked)]
         out.append(f"<p><b>{_e(sweep)}</b></p>" + _table(
-            ["#", "Variant", "Parameters", "Score"], body, "sweep", numeric={3},
-            selected={i for i, r in enumerate(ranked) if r.selected}))
+            ["#", "Variant", "Parameters", "Score", *(["Checks"] if checked else [])], body,
+            "sweep", numeric={3}, selected={i for i, r in enumerate(ranked) if r.selected}))
     return "".join(out)
+
+
+def _searches(studies: Iterable[SearchStudy]) -> str:
+    """Each study: its sampler, seed and trials, then every trial in the order asked, the
+    selected one starred, a trial kept out of the ranking with the check it failed."""
+    out = []
+    for study in studies:
+        checked = any(r.failed for r in study.rows)
+        body = [[str(r.number), ("&#9733; " if r.selected else "") + _e(r.name),
+                 _e(format_parameters(r.parameters)), _num(r.objective),
+                 *([_verdict(r.failed)] if checked else [])] for r in study.rows]
+        head = (f"<p data-search=\"{_e(study.search)}\"><b>{_e(study.search)}</b>: "
+                f"{_e(study.sampler)} sampler, seed {study.seed}, {len(study.rows)} of "
+                f"{study.trials} trials done; {_e(study.select)}"
+                + (f"<br><span class=\"muted\">{_e(study.why)}</span>" if study.why else "")
+                + "</p>")
+        out.append(head + _table(
+            ["Trial", "Name", "Parameters", "Objective", *(["Checks"] if checked else [])],
+            body, "search", numeric={3},
+            selected={i for i, r in enumerate(study.rows) if r.selected}))
+    return "".join(out)
+
+
+def _verdict(failed: str | None) -> str:
+    return _badge("passed", "ok") if failed is None else (
+        f'{_badge("FAIL", "bad")} {_e(failed)}')
 
 
 def _warnings(warnings: Sequence[str]) -> str:

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
-
 from mergebuild.build.evaluation import Evaluations
 from mergebuild.build.events import Reporter
 from mergebuild.errors import MergebuildError
@@ -28,6 +26,7 @@ from mergebuild.plan.selection import measure as measure_of
 from mergebuild.plan.staleness import NodeState
 from mergebuild.provenance.lineage import LineageNode
 from mergebuild.sources.resolve import materialize
+from mergebuild.spec.graph import Dag, topological_order
 from mergebuild.spec.model import Mergefile, SearchSpec, SweepSpec
 from mergebuild.spec.sweep import format_value
 from mergebuild.store.objects import Store
@@ -57,7 +56,7 @@ class NodeMetrics:
 class _Known:
     """Scores by node from the store, for the digests the plan gives."""
 
-    def __init__(self, mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+    def __init__(self, mergefile: Mergefile, graph: Dag, store: Store,
                  states: Mapping[str, NodeState]) -> None:
         self.mergefile, self.graph, self.states = mergefile, graph, states
         self.results = ResultStore(store)
@@ -95,13 +94,13 @@ class _Known:
         return None, {}
 
 
-def scored_nodes(mergefile: Mergefile, graph: nx.DiGraph) -> list[str]:
+def scored_nodes(mergefile: Mergefile, graph: Dag) -> list[str]:
     """The nodes that are scored on something, in build order."""
-    return [n for n in nx.topological_sort(graph)
+    return [n for n in topological_order(graph)
             if n in mergefile.nodes and required_evals(mergefile, graph, n)]
 
 
-def collect_metrics(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def collect_metrics(mergefile: Mergefile, graph: Dag, store: Store,
                     states: list[NodeState], nodes: list[str]) -> list[NodeMetrics]:
     """Each node's `NodeMetrics` (``states``: a plan covering the nodes and their ancestors)."""
     known = _Known(mergefile, graph, store, {s.name: s for s in states})
@@ -136,7 +135,8 @@ def metrics_json(table: list[NodeMetrics], diff: bool = False) -> list[dict[str,
 @dataclass(frozen=True)
 class LeaderboardRow:
     """One variant of a sweep: its place, swept values, the value its sweep's ``select:``
-    ranks by (``worst``: retention's lowest share), and every stored score."""
+    ranks by (``worst``: retention's lowest share), every stored score, and the checks it
+    failed (``failed``: it is kept out of the ranking, placed after those that passed)."""
 
     place: int
     variant: str
@@ -145,6 +145,7 @@ class LeaderboardRow:
     worst: float | None
     scores: Scores
     selected: bool
+    failed: str | None = None  # e.g. "failed: code-skill accuracy 0.4 < 0.5 (min)"
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,14 @@ class Leaderboard:
     rows: tuple[LeaderboardRow, ...]
     selected: str | None
     why: str | None
+    refused: str | None = None  # why nothing is selected: no variant passed its checks
 
     @property
     def paths(self) -> list[str]:
         return list(self.rows[0].point) if self.rows else []
 
 
-def leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
                 states: list[NodeState], sweep: str) -> Leaderboard:
     """``sweep``'s leaderboard from the store's scores (``states``: a plan of the sweep)."""
     spec = mergefile.nodes[sweep]
@@ -186,24 +188,22 @@ def leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
     selection = choose(mergefile, graph, sweep, known.scores)
     rows = []
     for ranked in selection.ranking:
-        worst = None
-        if spec.select.metric == "retention":
-            found = retention_range(mergefile, graph, ranked.variant, known.scores)
-            worst = None if found is None else found[1]
         rows.append(LeaderboardRow(
             place=ranked.place, variant=ranked.variant, point=points[ranked.variant],
-            value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
-            selected=resolved is not None and resolved.winner == ranked.variant))
+            value=ranked.value, worst=selection.worst.get(ranked.variant),
+            scores=known.scores(ranked.variant),
+            selected=resolved is not None and resolved.winner == ranked.variant,
+            failed=ranked.failed))
     return Leaderboard(sweep, spec.select.goal, spec.select.metric, selection.measure,
                        tuple(rows), resolved.winner if resolved else None,
-                       resolved.why() if resolved else None)
+                       resolved.why() if resolved else None, _refused(state))
 
 
-def search_leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def search_leaderboard(mergefile: Mergefile, graph: Dag, store: Store,
                        states: list[NodeState], search: str) -> Leaderboard:
     """A search's trials as a sweep's leaderboard (``states``: a plan of the search, whose
     state holds the study): ranked by the values told to the sampler, ties to the earlier
-    trial; a trial kept out of the ranking (a failed check) is last, without a value."""
+    trial; a trial kept out of the ranking (a failed check) after the rest, marked."""
     by_name = {s.name: s for s in states}
     state = by_name[search]
     spec = mergefile.nodes[search]
@@ -213,8 +213,9 @@ def search_leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
     trials = {t.name: t for t in study.trials} if study is not None else {}
     resolved = state.selection if state.digest is not None else None
     values = {name: t.value for name, t in trials.items()}
+    failed = {name: t.excluded for name, t in trials.items() if t.excluded is not None}
     rows = []
-    for ranked in rank(spec.select, list(trials), values):
+    for ranked in rank(spec.select, list(trials), values, failed):
         worst = None
         if spec.select.metric == "retention" and ranked.value is not None:
             found = retention_range(mergefile, graph, ranked.variant, known.scores)
@@ -222,11 +223,19 @@ def search_leaderboard(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
         rows.append(LeaderboardRow(
             place=ranked.place, variant=ranked.variant, point=trials[ranked.variant].point,
             value=ranked.value, worst=worst, scores=known.scores(ranked.variant),
-            selected=resolved is not None and resolved.winner == ranked.variant))
+            selected=resolved is not None and resolved.winner == ranked.variant,
+            failed=ranked.failed))
     measure = measure_of(mergefile, spec.select, list(trials), known.scores)
     return Leaderboard(search, spec.select.goal, spec.select.metric, measure, tuple(rows),
                        resolved.winner if resolved else None,
-                       resolved.why() if resolved else None)
+                       resolved.why() if resolved else None, _refused(state))
+
+
+def _refused(state: NodeState | None) -> str | None:
+    """Why a sweep or search planned with its scores all known selects nothing."""
+    if state is None or state.selection is None or state.digest is not None:
+        return None
+    return state.selection.refused()
 
 
 def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
@@ -234,10 +243,10 @@ def leaderboard_json(board: Leaderboard) -> dict[str, Any]:
     return {
         "node": board.sweep, "select": ({"goal": board.goal, "metric": board.metric,
                                           "measure": board.measure} if board.goal else None),
-        "selected": board.selected, "why": board.why,
+        "selected": board.selected, "why": board.why, "refused": board.refused,
         "leaderboard": [{"place": r.place, "variant": r.variant, "point": dict(r.point),
                          "value": r.value, "min": r.worst, "selected": r.selected,
-                         "scores": r.scores} for r in board.rows],
+                         "failed": r.failed, "scores": r.scores} for r in board.rows],
     }
 
 
@@ -284,7 +293,7 @@ def plot_leaderboard(board: Leaderboard, path: Path) -> Path:
     return path
 
 
-def evaluate_nodes(mergefile: Mergefile, graph: nx.DiGraph, store: Store,
+def evaluate_nodes(mergefile: Mergefile, graph: Dag, store: Store,
                    states: list[NodeState], nodes: list[str], reporter: Reporter,
                    device: str | None = None) -> Evaluations:
     """Run each node's pending evals on its current model (a built node or an available
