@@ -550,7 +550,6 @@ class _MakeRun:
         self.stopped = False  # a failure without --keep-going: start nothing more
         self.error: MergebuildError | None = None
         self.told_memory = False
-        self.ranked: dict[str, bool] = {}  # variants whose sweep selects
 
     # the loop ----------------------------------------------------------------------------
     def loop(self) -> list[NodeResult]:
@@ -691,10 +690,6 @@ class _MakeRun:
         sweep = self.sweep_of.get(state.name)
         forced = self.force and (state.name in self.targets or sweep in self.targets)
         estimate = self.executor.remote
-        # A variant ranked by its sweep's select: failing its checks is kept out of the
-        # ranking (reported), not failed: the sweep selects the best that passes.
-        self.ranked[state.name] = (sweep is not None
-                                   and self.mergefile.nodes[sweep].select is not None)  # type: ignore[union-attr]
         if sweep is not None and state.status != "fresh":
             # Every stale variant of the sweep at once: they share their parents.
             group = [self.by_name[v] for v in self.mergefile.nodes[sweep].variants  # type: ignore[union-attr]
@@ -786,7 +781,7 @@ class _MakeRun:
             evaluations = self.evaluations
             try:
                 results = [self.maker._gate(state, results[0], evaluations,
-                                            self.ranked.get(state.name, False))]
+                                            self._ranked(state.name))]
             except MergebuildError as exc:
                 self._failed(ticket, [state.name], exc, events)
                 return
@@ -803,7 +798,7 @@ class _MakeRun:
                 if result.outcome != "failed":
                     try:
                         result = self.maker._score_variant(variant, result, self.evaluations,
-                                                           self.ranked.get(variant.name, False))
+                                                           self._ranked(variant.name))
                     except MergebuildError as exc:
                         if not self.keep_going:
                             self.failed.add(variant.name)
@@ -828,6 +823,12 @@ class _MakeRun:
             self._resolve(ticket, results, reports=later)
         else:
             self._resolve(ticket, results, events, reports)
+
+    def _ranked(self, name: str) -> bool:
+        """A variant ranked by its sweep's select: failing its checks keeps it out of the
+        ranking (reported), it does not fail: the sweep selects the best that passes."""
+        sweep = self.sweep_of.get(name)
+        return sweep is not None and self.mergefile.nodes[sweep].select is not None  # type: ignore[union-attr]
 
     def _failed(self, ticket: int, names: list[str], exc: MergebuildError,
                 events: tuple[Any, ...] = ()) -> None:
