@@ -190,17 +190,29 @@ class Project:
     @_uses_store(create=True)
     def make(self, targets: list[str] | tuple[str, ...] = (), *, force: bool = False,
              keep_going: bool = False, device: str | None = None,
-             reporter: Reporter | None = None, allow_nonfinite: bool = False) -> MakeResult:
+             reporter: Reporter | None = None, allow_nonfinite: bool = False,
+             jobs: int = 1, executor: str = "local", ray_address: str | None = None
+             ) -> MakeResult:
         """Build every stale node the targets need; reuse the rest.
 
         A node whose parents were rebuilt is looked up again with their new digests: when a
         parent's bytes did not change, the child is reused (early cutoff). A parent tensor
         holding NaN or Inf fails the build (naming node, parent and tensor) unless
         ``allow_nonfinite`` or the node's ``allow_nonfinite: true``.
+
+        ``jobs`` > 1 builds independent nodes (and sweeps) at once in that many processes;
+        ``executor="ray"`` hands them to the Ray cluster at ``ray_address`` (default: the
+        one this machine belongs to). The outputs are byte for byte a serial make's.
         """
-        return self._maker(self.store).make(list(targets), force=force, keep_going=keep_going,
-                                            device=device, reporter=reporter or Reporter(),
-                                            allow_nonfinite=allow_nonfinite)
+        from mergebuild.build.executors import open_executor
+
+        with open_executor(executor, jobs, ray_address,
+                           device or self.mergefile.defaults.device) as runner:
+            return self._maker(self.store).make(list(targets), force=force,
+                                                keep_going=keep_going, device=device,
+                                                reporter=reporter or Reporter(),
+                                                allow_nonfinite=allow_nonfinite,
+                                                executor=runner)
 
     @_uses_store()
     def check(self, node: str, device: str | None = None,

@@ -123,9 +123,18 @@ def _node_or_directory(ctx: click.Context, target_or_dir: str):
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge parents holding NaN/Inf instead of failing (as a node's "
                    "allow_nonfinite: true does).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Build up to N independent nodes or sweeps at once, each in its own "
+                   "process (one per GPU with GPUs; fewer when memory is short).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="Where builds run: this machine, or a Ray cluster (pip install "
+                   "'mergebuild[ray]'; the store must be on a file system every node mounts).")
+@click.option("--ray-address", default=None, metavar="auto|HOST:PORT",
+              help="The Ray cluster to use with --executor ray [default: auto].")
 @click.pass_context
 def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
-         allow_nonfinite):
+         allow_nonfinite, jobs, executor, ray_address):
     """Build TARGETS (default: every final node) and their stale ancestors."""
     ctx.obj["quiet"] = ctx.obj["quiet"] or quiet
     if check:
@@ -139,7 +148,8 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
     project = _project(ctx, frozen=frozen)
     result = project.make(list(targets), force=force, keep_going=keep_going, device=device,
                           reporter=make_reporter(ctx.obj["quiet"]),
-                          allow_nonfinite=allow_nonfinite)
+                          allow_nonfinite=allow_nonfinite, jobs=jobs, executor=executor,
+                          ray_address=ray_address)
     built = [(name, r.path) for name in project.targets_or_default(list(targets))
              for r in result.results if r.name == name and r.path]
     if not ctx.obj["quiet"]:

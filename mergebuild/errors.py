@@ -8,6 +8,7 @@
     ├── IncompatibleModelsError     parents that cannot be merged (names, shapes, vocab)
     ├── StoreError                  store locked, full disk, corrupt object
     ├── EvaluationError             an evaluation cannot run or its output is unusable
+    ├── ExecutorError               a build worker died; an executor cannot start
     └── BuildInterrupted            Ctrl-C / SIGTERM during a build
 
 The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
@@ -58,6 +59,17 @@ class MergebuildError(Exception):
         where = f"node '{self.node}': " if self.node else ""
         hint = f" ({self.hint})" if self.hint else ""
         return _capped(f"{where}{self.message}{hint}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross process boundaries (make -j, Ray workers): rebuilt from their
+        # attributes, whatever arguments a subclass's __init__ requires.
+        return (_restore, (type(self), self.args), self.__dict__)
+
+
+def _restore(cls: type[MergebuildError], args: tuple[Any, ...]) -> MergebuildError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    return error
 
 
 class MergefileError(MergebuildError):
@@ -130,6 +142,10 @@ class SigningError(MergebuildError):
     """A signing key cannot be read, or a signature does not verify against the given key."""
 
     exit_code = 5
+
+
+class ExecutorError(MergebuildError):
+    """A build worker died (its build published nothing), or an executor cannot start."""
 
 
 class BuildInterrupted(MergebuildError):

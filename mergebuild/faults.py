@@ -13,6 +13,9 @@ in this process) performs ``action``:
     append=P    append one byte to file P (a parent changing size while it is read)
     flip=P      flip the last byte of file P in place (same size, new mtime)
     sleep=S     sleep S seconds (widens a race window, e.g. while holding a build lock)
+    hold=P      if file P exists, take it (rename it to P.<pid>: one process of many wins) and
+                block until killed: the test kills that pid, as a worker dies mid-build; a
+                retry in a new process finds nothing to take and carries on
 
 Every point is listed in ``POINTS``; ``tests/test_faults.py`` kills a make at each of them.
 """
@@ -102,5 +105,15 @@ def _hit(plan: _Plan, name: str) -> None:
         import time
 
         time.sleep(float(action.split("=", 1)[1]))
+    elif action.startswith("hold="):
+        import time
+
+        path = action.split("=", 1)[1]
+        try:
+            os.rename(path, f"{path}.{os.getpid()}")
+        except FileNotFoundError:
+            return  # taken by another process, or never armed
+        while True:
+            time.sleep(1)
     else:
         raise ValueError(f"MERGEBUILD_FAULT: unknown action {action!r}")

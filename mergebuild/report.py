@@ -157,6 +157,9 @@ class PlainReporter(Reporter):
     def store_busy(self) -> None:
         self._print("waiting: mergebuild gc is cleaning this store")
 
+    def note(self, message: str) -> None:
+        self._print(f"note: {message}")
+
     def download(self, node: str, label: str, done: int, total: int) -> None:
         now = time.monotonic()
         key = f"download:{label}"

@@ -26,7 +26,7 @@ _PRELOAD = ["torch", "safetensors", "safetensors.torch", "numpy", "yaml", "click
 _CTX = None
 # The lines mergebuild.report.PlainReporter prints while a make runs.
 PROGRESS_PREFIXES = ("stale ", "building ", "built ", "reused ", "waiting: ", "downloading ",
-                     "done in ", "nothing to do", "  ")
+                     "done in ", "nothing to do", "note: ", "  ")
 
 
 @dataclass

@@ -119,6 +119,11 @@ class Evaluations:
         if digest is not None:
             self._digest_of.setdefault(node, digest)
 
+    def known(self) -> dict[str, str]:
+        """Every node's model digest learned so far (a build elsewhere judges checks that
+        read its ancestors' scores with them)."""
+        return {node: digest for node, digest in self._digest_of.items() if digest is not None}
+
     def checks(self, node: str) -> list[CheckOutcome]:
         return apply_checks(self.mergefile, self.graph, node, self.scores)
 

@@ -18,6 +18,7 @@ from mergebuild.spec.validate import participants, slice_base
 from mergebuild.store.objects import Store
 
 if TYPE_CHECKING:
+    from mergebuild.build.compat import ModelMetadata
     from mergebuild.build.engine import BuildJob
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -71,8 +72,18 @@ def check_before_fetch(job: BuildJob, mergefile: Mergefile, spec: MergeSpec,
                        states: dict[str, NodeState], store: Store) -> None:
     """Check the parents fit from configs and headers alone: hub metadata comes from the
     cache or by range requests, local and built parents' headers from disk."""
-    from mergebuild.build.compat import ModelMetadata, check_compatibility, directory_metadata
+    from mergebuild.build.compat import check_compatibility
     from mergebuild.build.vocab import harmonize_metadata
+
+    metadata = parent_metadata(mergefile, spec, states, store)
+    check_compatibility(job, harmonize_metadata(job, metadata))
+
+
+def parent_metadata(mergefile: Mergefile, spec: MergeSpec, states: dict[str, NodeState],
+                    store: Store) -> dict[str, ModelMetadata]:
+    """Each parent's config and tensor table (no tensor data read): a hub parent's from the
+    cache or by range requests, a local, generated or built parent's from its directory."""
+    from mergebuild.build.compat import ModelMetadata, directory_metadata
     from mergebuild.sources.hub import read_metadata
 
     metadata = {}
@@ -92,7 +103,7 @@ def check_before_fetch(job: BuildJob, mergefile: Mergefile, spec: MergeSpec,
         except CheckpointError as exc:
             exc.node = exc.node or ref  # name the parent whose weights are unusable
             raise
-    check_compatibility(job, harmonize_metadata(job, metadata))
+    return metadata
 
 
 def with_parents(job: BuildJob, mergefile: Mergefile, spec: MergeSpec,
