@@ -9,8 +9,8 @@ Uses the models of ``benchmarks/run.py`` (generated once under ``benchmarks/.wor
 timed run is a fresh process that builds through the engine (``run_builds``) into fresh
 directories: one variant, then N variants in one pass (and with ``--separate`` the N variants
 one after another, what a sweep cost before the fused pass). Wall time is the child's, torch
-import included; peak RSS is the child's ``ru_maxrss``. The ratios N-variant / one-variant are
-what README quotes (CPU time, user + system, beside them: on a loaded machine wall
+import included; peak RSS is the child's own VmHWM (its ``ru_maxrss`` would include the
+driver's). The ratios N-variant / one-variant are what README quotes (CPU time, user + system, beside them: on a loaded machine wall
 time mostly measures the load); runs alternate (1, N, 1, N, …) so load drifts hit both alike,
 and the first pair is a warm-up (page cache, bytecode) left out of the medians.
 
@@ -86,6 +86,10 @@ def child(method: str, count: int, mode: str, size: str, out_root: Path) -> None
     else:
         for job, out in zip(jobs, outs, strict=True):
             run_build(job, out)
+    # The peak of this process's own memory: ru_maxrss would also count the driver's pages
+    # (Linux carries the high-water mark of the forked copy across exec).
+    status = Path("/proc/self/status").read_text()
+    print(f"PEAK_RSS_KB {status.split('VmHWM:')[1].split()[0]}")
 
 
 def io_floor(inputs: list[Path], out_bytes: int, count: int, hashed: bool) -> float:
@@ -152,7 +156,8 @@ def measure(method: str, count: int, mode: str, size: str) -> tuple[float, int, 
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.decode()[-3000:]}")
     shutil.rmtree(out_root, ignore_errors=True)
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    peak_kb = int(out.decode().rsplit("PEAK_RSS_KB ", 1)[1].split()[0])
+    return wall, peak_kb * 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:

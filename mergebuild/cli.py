@@ -137,6 +137,12 @@ def make(ctx, targets, dry_run, force, keep_going, device, quiet, check, frozen,
          allow_nonfinite, jobs, executor, ray_address):
     """Build TARGETS (default: every final node) and their stale ancestors."""
     ctx.obj["quiet"] = ctx.obj["quiet"] or quiet
+    # A flag that would be ignored is refused: the user meant something by it.
+    if executor == "ray" and jobs > 1:
+        raise click.UsageError("-j sets this machine's worker processes; with --executor ray "
+                               "the cluster's resources decide how many builds run: drop -j")
+    if ray_address is not None and executor != "ray":
+        raise click.UsageError("--ray-address applies to --executor ray: add --executor ray")
     if check:
         _make_check(ctx, targets, device)
         return

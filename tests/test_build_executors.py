@@ -374,3 +374,15 @@ def test_j2_selects_the_same_variant_and_builds_the_child_on_it(tmp_path):
                        reporter.done, project.lineage("blend").name, _files(project.path("final")))
     assert made["parallel"] == made["serial"]
     assert made["serial"][0]["final"] == "built"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["make", "--executor", "ray", "-j", "2"], "drop -j"),
+    (["make", "--ray-address", "127.0.0.1:6379"], "add --executor ray"),
+])
+def test_a_flag_the_executor_would_ignore_is_refused(workspace, argv, says):
+    workspace.chain()
+    run = run_python_m(argv, cwd=workspace.root)
+    assert run.returncode == 2, run.stderr
+    assert says in run.stderr
+    assert not (workspace.root / "cache" / "objects").exists()
