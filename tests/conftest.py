@@ -41,6 +41,19 @@ models:
         parameters: {{weight: 0.2, density: 0.5}}
 """
 
+# A 6-variant TIES sweep over the demo models (the executors' tests build it locally and on Ray).
+TIES_SWEEP = """\
+  blend:
+    merge_method: ties
+    base_model: base
+    models:
+      - {{model: code, parameters: {{weight: 0.5, density: 0.5}}}}
+      - {{model: math, parameters: {{weight: 0.5, density: 0.5}}}}
+    sweep:
+      models.code.density: [0.3, 0.5, 0.7]
+      lambda: [0.8, 1.0]
+"""
+
 
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict[str, Path]:

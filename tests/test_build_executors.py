@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import run_python_m, start_cli
-from conftest import CHAIN
+from conftest import CHAIN, TIES_SWEEP
 
 from mergebuild.build import resources
 from mergebuild.build.events import NodeResult, Reporter
@@ -32,17 +32,7 @@ from mergebuild.provenance.integrity import verify_directory
 from mergebuild.store.objects import Store
 
 # The chain (two independent merges under a third) and a 6-variant sweep beside it.
-SWEEP = CHAIN + """\
-  blend:
-    merge_method: ties
-    base_model: base
-    models:
-      - {{model: code, parameters: {{weight: 0.5, density: 0.5}}}}
-      - {{model: math, parameters: {{weight: 0.5, density: 0.5}}}}
-    sweep:
-      models.code.density: [0.3, 0.5, 0.7]
-      lambda: [0.8, 1.0]
-"""
+SWEEP = CHAIN + TIES_SWEEP
 MERGES = ("base-instruct", "chat-code", "final-model")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import run_python_m
+from conftest import TIES_SWEEP
 
 from mergebuild.provenance.integrity import verify_directory
 from mergebuild.store.objects import Store
@@ -30,16 +31,7 @@ models:
   base: {{source: {models}/base}}
   code: {{source: {models}/code}}
   math: {{source: {models}/math}}
-  blend:
-    merge_method: ties
-    base_model: base
-    models:
-      - {{model: code, parameters: {{weight: 0.5, density: 0.5}}}}
-      - {{model: math, parameters: {{weight: 0.5, density: 0.5}}}}
-    sweep:
-      models.code.density: [0.3, 0.5, 0.7]
-      lambda: [0.8, 1.0]
-"""
+""" + TIES_SWEEP
 STARTED = "Ray runtime started"
 MEMORY = str(80 * 2**20)  # each node's object store: small, nothing large travels through it
 
