@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 import logging
@@ -70,7 +71,7 @@ class Done:
     evaluations_run: int = 0
 
 
-class Executor:
+class Executor(abc.ABC):
     """Runs units; the driver submits a unit only when its parents are published, at most
     ``slots`` at once, and waits for finished ones."""
 
@@ -82,13 +83,14 @@ class Executor:
     def slots(self) -> int:
         return 1
 
+    @abc.abstractmethod
     def submit(self, ticket: int, unit: WorkUnit, store: Store, reporter: Reporter,
                evaluations: Evaluations | None) -> None:
-        raise NotImplementedError
+        """Start ``unit`` (or, in process, run it); its result comes back from ``wait``."""
 
+    @abc.abstractmethod
     def wait(self) -> list[Done]:
         """Block until at least one submitted unit has finished; those that have."""
-        raise NotImplementedError
 
     def interrupt(self) -> None:
         """Ctrl-C or SIGTERM reached the driver: stop the running units (each removes its
