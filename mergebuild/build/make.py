@@ -105,10 +105,17 @@ class NodeUnit:
     def worker_evaluations(self, store: Store, reporter: Reporter) -> Evaluations | None:
         if not self.evaluates:
             return None
-        evaluations = Evaluations(self.mergefile, self.graph, store, reporter, self.device)
-        for node, digest in self.known.items():
-            evaluations.know(node, digest)
-        return evaluations
+        return _evaluations_knowing(self.known, self.mergefile, self.graph, store, reporter,
+                                    self.device)
+
+
+def _evaluations_knowing(known: dict[str, str], mergefile: Mergefile, graph, store: Store,
+                         reporter: Reporter, device: str | None) -> Evaluations:
+    """A worker's evaluations, told the digests the driver already knows (node → digest)."""
+    evaluations = Evaluations(mergefile, graph, store, reporter, device)
+    for node, digest in known.items():
+        evaluations.know(node, digest)
+    return evaluations
 
 
 @dataclass
@@ -182,10 +189,8 @@ class EvaluationUnit:
         evaluations.ensure(self.label, self.digest, directory)
 
     def worker_evaluations(self, store: Store, reporter: Reporter) -> Evaluations | None:
-        evaluations = Evaluations(self.mergefile, self.graph, store, reporter, self.device)
-        for node, digest in self.known.items():
-            evaluations.know(node, digest)
-        return evaluations
+        return _evaluations_knowing(self.known, self.mergefile, self.graph, store, reporter,
+                                    self.device)
 
 
 @dataclass
