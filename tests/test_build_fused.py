@@ -257,3 +257,54 @@ def test_outputs_over_the_budget_are_computed_in_groups(parents, tmp_path, monke
     assert engine._groups([largest] * 4, 2 * largest) == [[0, 1], [2, 3]]
     separate, fused = _separate_and_fused(jobs, tmp_path)
     assert [f for _, f in fused] == [f for _, f in separate]
+
+
+@pytest.mark.parametrize("variant", ["linear", "slerp", "ties/streamed"])
+def test_large_outputs_are_checked_on_the_merge_threads(variant, parents, tmp_path,
+                                                        monkeypatch):
+    """Outputs that the chunked and streamed paths write are checked for NaN/Inf span by
+    span as they are written (every element once), not read again whole afterwards."""
+    method_name = variant.split("/")[0]
+    models, per_parent, globals_ = VARIANTS[variant]
+    jobs = [make_job(method_name, parents, f"c{i}", models, pp, g)
+            for i, (pp, g) in enumerate(zip(per_parent, globals_, strict=True))]
+    verdicts: list[tuple[int, bool]] = []
+    real = engine._OutputChecks.finite
+
+    def finite(self, k, out):
+        flat = self.flats[k]
+        verdicts.append((out.numel(), flat is not None and self.covered[k] == flat.numel()))
+        return real(self, k, out)
+
+    monkeypatch.setattr(engine._OutputChecks, "finite", finite)
+    if method_name == "linear":  # a lone build's tensors of 65,536 elements (these models'
+        # largest) take the parallel chunked path too
+        monkeypatch.setattr(engine, "_STREAM_CHUNK", 1 << 14)
+    for fused in (False, True):
+        verdicts.clear()
+        if fused:
+            run_builds(jobs, [tmp_path / f"f{i}" for i in range(len(jobs))])
+        else:
+            run_build(jobs[0], tmp_path / "alone")
+        large = [spanned for numel, spanned in verdicts
+                 if numel >= engine._STREAM_MIN_ELEMENTS]
+        assert large and all(large)
+
+
+def test_a_variant_that_overflows_stops_the_fused_pass(parents, tmp_path):
+    """A variant whose arithmetic overflows is caught on the merge threads and named; the
+    same variant with allow_nonfinite builds, with the Inf written."""
+    from dataclasses import replace
+
+    from mergebuild.errors import IncompatibleModelsError
+
+    ok = make_job("linear", parents, "ok", THREE,
+                  [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {})
+    bad = replace(make_job("linear", parents, "bad", THREE,
+                           [{"weight": 3e38}, {"weight": 3e38}, {"weight": 3e38}],
+                           {"normalize": False}), node="blend[w=3e38]")
+    with pytest.raises(IncompatibleModelsError, match="produced NaN or Inf") as caught:
+        run_builds([ok, bad], [tmp_path / "ok", tmp_path / "bad"])
+    assert caught.value.node == "blend[w=3e38]"
+    allowed = replace(bad, allow_nonfinite=True)
+    run_builds([ok, allowed], [tmp_path / "ok2", tmp_path / "bad2"])

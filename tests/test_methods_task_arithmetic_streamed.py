@@ -102,3 +102,111 @@ def test_not_streamable_della_and_magnitude_l1():
     assert not METHODS["della"].streamable(p)
     l1 = TensorParams(tensor_name="t", globals={"rescale": "l1"}, parents=p.parents)
     assert not METHODS["ties"].streamable(l1) and METHODS["dare_ties"].streamable(l1)
+
+
+def _parts(seed: int) -> tuple[list[torch.Tensor], list[float]]:
+    """Weighted, sparsified parts with every sign of zero, exact cancellations and NaN-free
+    extremes: what makes the sign election's bits subtle."""
+    g = torch.Generator().manual_seed(seed)
+    n = 4099
+    parts = []
+    for _ in range(3):
+        p = (torch.randn(n, generator=g) * 0.01).round(decimals=3)
+        p[torch.rand(n, generator=g) < 0.3] = 0.0
+        p[torch.rand(n, generator=g) < 0.1] = -0.0
+        parts.append(p)
+    parts[1][:50] = -parts[0][:50]  # sums of exactly zero
+    return parts, [0.5, -0.2, 0.3]
+
+
+@pytest.mark.parametrize("consensus", ["sum", "count", None])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("lam", [1.0, 0.7])
+def test_mix_with_shared_signs_and_constants_gives_the_same_bits(consensus, normalize, lam):
+    from mergebuild.methods.task_arithmetic.whole import mix_
+
+    for seed in range(3):
+        parts, weights = _parts(seed)
+        kept = [p.clone() for p in parts]
+        plain = mix_(parts, weights, consensus, normalize, lam).clone()
+        n = parts[0].numel()
+        fast = mix_(parts, weights, consensus, normalize, lam,
+                    signs=[torch.sign(parts[0]), None, torch.sign(parts[2])],
+                    ones=torch.ones(n + 7), zeros=torch.zeros(n + 7))
+        assert torch.equal(plain.view(torch.int32), fast.view(torch.int32))
+        # The parts are read, never written: a sweep's variants share them.
+        assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+                   for a, b in zip(parts, kept))
+
+
+def test_the_plain_vote_leaves_the_parts_as_they_are():
+    from mergebuild.methods.task_arithmetic.whole import mix_
+
+    parts, weights = _parts(7)
+    parts[2][3] = float("inf")  # a sum that is not finite takes the plain formulation
+    kept = [p.clone() for p in parts]
+    mix_(parts, weights, "sum", True, 1.0)
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32))
+               for a, b in zip(parts, kept))
+
+
+def test_masking_into_a_buffer_equals_masking_in_place():
+    from mergebuild.methods.task_arithmetic.streamed import _keep_between_, _keep_between_into
+    from mergebuild.methods.task_arithmetic.topk import abs_bits
+
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn(5000, generator=g) * 0.01
+    src[::17] = -0.0
+    bits = abs_bits(src, torch.empty(5000, dtype=torch.int32))
+    points = sorted(bits[torch.randint(0, 5000, (4,), generator=g)].tolist())
+    bounds = [(0, 1 << 31), (0, points[2]), (points[1], 1 << 31), (points[0], points[3]),
+              (points[3], points[0]), (1, 1 << 31), ((1 << 31) - 1, 1 << 31)]
+    for low, high in bounds:
+        expected = src.clone()
+        _keep_between_(expected, bits, low, high, torch.empty(5000, dtype=torch.int32))
+        out = torch.full((5000,), 7.0)
+        _keep_between_into(out, src, bits, low, high, torch.empty(5000, dtype=torch.int32))
+        assert torch.equal(out.view(torch.int32), expected.view(torch.int32)), (low, high)
+
+
+def test_variants_share_a_parent_part_only_when_it_is_the_same():
+    """Parents whose keep and cut agree across variants are masked once per chunk; DARE's
+    draws follow each variant's seed, so its parts are never shared. Either way every variant
+    equals its own single-variant merge."""
+    base, xs = models(True)
+    cases = {
+        "ties": [[{"weight": 0.5, "density": d}, {"weight": 0.3, "density": 0.6},
+                  {"weight": 0.2, "density": 0.5}] for d in (0.2, 0.5, 0.2)],
+        "dare_ties": [[{"weight": 0.5, "density": d}, {"weight": 0.3, "density": 0.6},
+                       {"weight": 0.2, "density": 0.5}] for d in (0.2, 0.5, 0.2)],
+    }
+    from mergebuild.methods.task_arithmetic import streamed as module
+
+    for method, rows in cases.items():
+        params = [TensorParams("t", {}, tuple(r)) for r in rows]
+        seeds = [11, 12, 13]
+        made: list[int] = []
+        real = module._part_key
+
+        def counting(p, _real=real):
+            key = _real(p)
+            made.append(key is not None)
+            return key
+
+        module._part_key = counting
+        try:
+            workspace = ChunkWorkspace(2, 2**16)
+            outs = [torch.empty(N, dtype=torch.bfloat16) for _ in rows]
+            METHODS[method].load_streamed_many()(xs, base, params, seeds, outs, workspace)
+            workspace.close()
+        finally:
+            module._part_key = real
+        assert any(made) == (method == "ties")
+        for row, seed, out in zip(params, seeds, outs, strict=True):
+            alone = torch.empty(N, dtype=torch.bfloat16)
+            workspace = ChunkWorkspace(2, 2**16)
+            METHODS[method].load_streamed()(xs, base, row, seed, alone, workspace)
+            workspace.close()
+            assert torch.equal(out.view(torch.int16), alone.view(torch.int16))
+        if method == "ties":  # the first and last variants are the same recipe
+            assert torch.equal(outs[0].view(torch.int16), outs[2].view(torch.int16))

@@ -504,13 +504,14 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
         for g, members in enumerate(groups):
             last_group = g == len(groups) - 1
             together = None
+            checks = _OutputChecks(torch, [not jobs[j].allow_nonfinite for j in members])
             if len(members) > 1:
                 _wait_for_room(writers, members[-1],
                                sum(_nbytes(tables[j][i]) for j in members), budget)
                 streams[members[0]].drops = last_group
                 together = _compute_together(
                     [jobs[j] for j in members], [tables[j][i] for j in members], readers,
-                    [funcs[j] for j in members], [streams[j] for j in members])
+                    [funcs[j] for j in members], [streams[j] for j in members], checks)
             for k, j in enumerate(members):
                 job, task, stream, writer = jobs[j], tables[j][i], streams[j], writers[j]
                 stream.drops = last_group and k == len(members) - 1
@@ -518,8 +519,9 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
                     out = together[k]
                     together[k] = None
                 else:
-                    out = _compute(job, task, readers, funcs[j], device, torch, stream)
-                if not job.allow_nonfinite and not _all_finite(torch, out):
+                    out = _compute(job, task, readers, funcs[j], device, torch, stream,
+                                   checks, k)
+                if not checks.finite(k, out):
                     raise IncompatibleModelsError(
                         f"{job.method.name} produced NaN or Inf in {task.name} from finite "
                         "parents (its arithmetic overflowed)", node=job.node,
@@ -552,11 +554,13 @@ def _groups(sizes: list[int], budget: int | None) -> list[list[int]]:
     return groups
 
 
-def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) -> list | None:
+def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams,
+                      checks: _OutputChecks) -> list | None:
     """Every job's output for one tensor from a single read of its inputs, when the jobs
     share the method and the inputs and the method can do that: an elementwise method
     (inputs converted once per chunk, the kernel run per job on copies) or one with a
-    ``streamed_many`` kernel. None: each job computes its tensor alone."""
+    ``streamed_many`` kernel. None: each job computes its tensor alone. The outputs are
+    checked for NaN/Inf span by span as they are written (``checks``)."""
     if len(jobs) < 2:
         return None
     lead, task = streams[0], tasks[0]
@@ -570,11 +574,11 @@ def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams) ->
     load = partial(_load, readers, lead,
                    checked_for=None if all(j.allow_nonfinite for j in jobs) else jobs[0].node)
     if lead.elementwise:
-        return lead.compute_chunked_many(jobs, tasks, load, funcs, params)
+        return lead.compute_chunked_many(jobs, tasks, load, funcs, params, checks)
     many = lead.merge_streamed_many
     if many is not None and all(s.streams(t, p) for s, t, p in zip(streams, tasks, params,
                                                                      strict=True)):
-        return lead.compute_streamed_many(jobs, tasks, load, many, params)
+        return lead.compute_streamed_many(jobs, tasks, load, many, params, checks)
     return None
 
 
@@ -712,6 +716,67 @@ def _all_finite(torch, tensor: Any) -> bool:
         if int(torch.bitwise_and(bits[s:e], magnitude, out=scratch[:e - s]).max()) >= exponent:
             return False
     return True
+
+
+def _span_finite(torch, span: Any, scratch) -> bool:
+    """``_all_finite`` of one contiguous CPU span that fits ``scratch(dtype)`` (a reused
+    buffer of at least its length): for the merge threads, which check what they just wrote
+    while it is still in cache."""
+    layout = _EXPONENT_BITS.get(str(span.dtype).removeprefix("torch."))
+    if layout is None:
+        return bool(torch.isfinite(span).all())
+    int_dtype, magnitude, exponent = layout
+    itype = getattr(torch, int_dtype)
+    out = scratch(itype)[: span.numel()]
+    return int(torch.bitwise_and(span.view(itype), magnitude, out=out).max()) < exponent
+
+
+class _OutputChecks:
+    """The NaN/Inf check of one tensor's outputs (one per job of a group), made where it is
+    cheapest.
+
+    A path that merges by spans on worker threads ``watch``es its outputs and calls ``span``
+    on the worker right after every watched output's span [s, e) is written: the check then
+    reads bytes still in cache, on every core, instead of the whole tensor again from memory
+    on the main thread (~1 s of an 8-variant linear sweep's 10). ``finite`` gives that
+    verdict when the spans covered the whole output, and otherwise checks the output whole.
+    """
+
+    def __init__(self, torch, wanted: Sequence[bool]):
+        self.torch, self.wanted = torch, list(wanted)
+        self.flats: list[Any] = [None] * len(self.wanted)
+        self.bad = [False] * len(self.wanted)
+        self.covered = [0] * len(self.wanted)
+        self.lock = threading.Lock()
+
+    def watch(self, k: int, flat: Any) -> None:
+        """Check output ``k`` (its flat view) span by span."""
+        if self.wanted[k] and flat.device.type == "cpu" and flat.is_contiguous():
+            self.flats[k] = flat
+
+    def span(self, s: int, e: int, workspace) -> None:
+        """Elements [s, e) of every watched output are written: check them (on the calling
+        worker thread, with its scratch; ``e - s`` is at most the workspace's chunk)."""
+        scratch = partial(_finite_scratch, workspace)
+        for k, flat in enumerate(self.flats):
+            if flat is None:
+                continue
+            if not self.bad[k] and not _span_finite(self.torch, flat[s:e], scratch):
+                self.bad[k] = True
+            with self.lock:
+                self.covered[k] += e - s
+
+    def finite(self, k: int, out: Any) -> bool:
+        """Whether output ``k`` holds no NaN or Inf (always true where it was not wanted)."""
+        if not self.wanted[k]:
+            return True
+        if self.flats[k] is not None and self.covered[k] == self.flats[k].numel():
+            return not self.bad[k]
+        return _all_finite(self.torch, out)
+
+
+def _finite_scratch(workspace, dtype: Any) -> Any:
+    return workspace.buffer(("finite", dtype), dtype)
 
 
 def _nbytes(task: TensorTask) -> int:
@@ -1027,15 +1092,26 @@ class _Streaming:
                 and math.prod(task.shape) >= _STREAM_MIN_ELEMENTS
                 and self.job.method.streamable(params))
 
-    def compute_streamed(self, task: TensorTask, load, params: TensorParams) -> Any:
-        """The method's streamed kernel over chunks of the mmapped parents, on every core."""
+    def _consumed(self, task: TensorTask, checks: _OutputChecks, ws, s: int, e: int) -> None:
+        """A streamed kernel's ``consumed(s, e)``: [s, e) of the inputs is read for the last
+        time and of every output written (the kernels call it after writing the span):
+        check the outputs' span while it is in cache, then drop the inputs' pages."""
+        checks.span(s, e, ws)
+        self.drop_spans(task, s, e)
+
+    def compute_streamed(self, task: TensorTask, load, params: TensorParams,
+                         checks: _OutputChecks, k: int) -> Any:
+        """The method's streamed kernel over chunks of the mmapped parents, on every core;
+        the output is checked (``checks``, as job ``k``) span by span as it is written."""
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1)
         out = self.shared.outputs.empty(task.shape, self.out_dtype[task.dtype])
         seed = tensor_seed(self.job.key, task.name) if self.job.method.randomized else None
+        ws = self.chunk_workspace()
+        checks.watch(k, out.view(-1))
         try:
-            self.merge_streamed(srcs, base, params, seed, out.view(-1), self.chunk_workspace(),
-                                partial(self.drop_spans, task))
+            self.merge_streamed(srcs, base, params, seed, out.view(-1), ws,
+                                partial(self._consumed, task, checks, ws))
         except ValueError as exc:
             raise IncompatibleModelsError(
                 f"{self.job.method.name} failed on {task.name}: {exc}", node=self.job.node,
@@ -1043,8 +1119,9 @@ class _Streaming:
         return out
 
     def compute_streamed_many(self, jobs, tasks: list[TensorTask], load, many,
-                              params: list[TensorParams]) -> list:
-        """Every job's tensor through the method's ``streamed_many`` kernel, in one pass."""
+                              params: list[TensorParams], checks: _OutputChecks) -> list:
+        """Every job's tensor through the method's ``streamed_many`` kernel, in one pass,
+        checked span by span (``checks``)."""
         task = tasks[0]
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1)
@@ -1052,9 +1129,12 @@ class _Streaming:
                 for _ in jobs]
         seeds = [tensor_seed(job.key, t.name) if job.method.randomized else None
                  for job, t in zip(jobs, tasks, strict=True)]
+        ws = self.chunk_workspace()
+        for k, o in enumerate(outs):
+            checks.watch(k, o.view(-1))
         try:
-            many(srcs, base, params, seeds, [o.view(-1) for o in outs], self.chunk_workspace(),
-                 partial(self.drop_spans, task))
+            many(srcs, base, params, seeds, [o.view(-1) for o in outs], ws,
+                 partial(self._consumed, task, checks, ws))
         except ValueError as exc:
             raise IncompatibleModelsError(
                 f"{self.job.method.name} failed on {task.name}: {exc}",
@@ -1062,11 +1142,12 @@ class _Streaming:
         return outs
 
     def compute_chunked_many(self, jobs, tasks: list[TensorTask], load, funcs,
-                             params: list[TensorParams]) -> list:
+                             params: list[TensorParams], checks: _OutputChecks) -> list:
         """An elementwise method for several jobs: each chunk of the inputs converted to
         float32 once, then every job's result written into its output from it, by the
         method's ``elementwise_many`` kernel (which leaves the chunks as they are) or else
-        by each job's kernel on its own copy (kernels may work in place)."""
+        by each job's kernel on its own copy (kernels may work in place); each chunk of the
+        outputs is checked for NaN/Inf right after it is written (``checks``)."""
         torch = self.torch
         task = tasks[0]
         srcs = [load(info).reshape(-1) for info in task.inputs]
@@ -1078,6 +1159,8 @@ class _Streaming:
         ws = self.chunk_workspace()
         last = len(tasks) - 1
         many = self.merge_elementwise_many
+        for k, flat in enumerate(flats):
+            checks.watch(k, flat)
 
         def one(span: tuple[int, int]) -> None:
             s, e = span
@@ -1094,6 +1177,7 @@ class _Streaming:
                     raise IncompatibleModelsError(
                         f"{self.job.method.name} failed on {task.name}: {exc}",
                         node=", ".join(job.node for job in jobs)) from None
+                checks.span(s, e, ws)
                 return
             for j, (t, func, p, flat) in enumerate(zip(tasks, funcs, params, flats,
                                                         strict=True)):
@@ -1111,12 +1195,15 @@ class _Streaming:
                         f"{self.job.method.name} failed on {t.name}: {exc}",
                         node=self.job.node) from None
                 flat[s:e].copy_(r)
+            checks.span(s, e, ws)
 
         ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
         return outs
 
-    def compute_chunked(self, task: TensorTask, load, func, params: TensorParams) -> Any:
-        """An elementwise method over cache-sized chunks, written into one output tensor."""
+    def compute_chunked(self, task: TensorTask, load, func, params: TensorParams,
+                        checks: _OutputChecks, k: int) -> Any:
+        """An elementwise method over cache-sized chunks, written into one output tensor
+        (on the CPU checked chunk by chunk, as job ``k`` of ``checks``)."""
         torch = self.torch
         srcs = [load(info).reshape(-1) for info in task.inputs]
         base = load(task.base).reshape(-1) if task.base else None
@@ -1128,7 +1215,8 @@ class _Streaming:
         n = flat.numel()
         slot_base = len(srcs)
         if self.device == "cpu" and n > _STREAM_CHUNK:
-            self._chunks_in_parallel(task, srcs, base, flat, func, params)
+            checks.watch(k, flat)
+            self._chunks_in_parallel(task, srcs, base, flat, func, params, checks)
             return out
         for s in range(0, n, _CHUNK_ELEMENTS):
             e = min(n, s + _CHUNK_ELEMENTS)
@@ -1152,7 +1240,7 @@ class _Streaming:
 
 
     def _chunks_in_parallel(self, task: TensorTask, srcs, base, flat, func,
-                            params: TensorParams) -> None:
+                            params: TensorParams, checks: _OutputChecks) -> None:
         """``compute_chunked`` on the CPU, its chunks spread over the workspace's threads
         (an elementwise method's result does not depend on how it is chunked)."""
         torch = self.torch
@@ -1166,6 +1254,7 @@ class _Streaming:
             b = (ws.buffer(("in", len(srcs)), torch.float32)[: e - s].copy_(base[s:e])
                  if base is not None else None)
             self._merge_span(task, parents, b, s, e, func, params, flat)
+            checks.span(s, e, ws)
 
         ws.run(one, [(s, min(n, s + ws.chunk)) for s in range(0, n, ws.chunk)])
 
@@ -1188,7 +1277,9 @@ def _load(readers, stream: _Streaming, info: TensorInfo, checked_for: str | None
 
 
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
-             stream: _Streaming) -> Any:
+             stream: _Streaming, checks: _OutputChecks, k: int) -> Any:
+    """Job's output tensor for ``task`` alone; the chunked and streamed paths check it for
+    NaN/Inf as they write it (as job ``k`` of ``checks``)."""
     load = partial(_load, readers, stream,
                    checked_for=None if job.allow_nonfinite else job.node)
 
@@ -1206,9 +1297,9 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
     if task.dtype not in ARITHMETIC_CODES:
         return load(task.inputs[0] if task.inputs else task.base).clone()
     if stream.elementwise and task.remap is None:
-        return stream.compute_chunked(task, load, func, _resolve_params(job, task))
+        return stream.compute_chunked(task, load, func, _resolve_params(job, task), checks, k)
     if stream.streams(task, _resolve_params(job, task)):
-        return stream.compute_streamed(task, load, _resolve_params(job, task))
+        return stream.compute_streamed(task, load, _resolve_params(job, task), checks, k)
     # Copies into reused scratch: the methods' in-place arithmetic is safe there too.
     parents = [stream.load_float32(k, info, load(info)) for k, info in enumerate(task.inputs)]
     base = (stream.load_float32(len(task.inputs), task.base, load(task.base)) if task.base

@@ -60,8 +60,11 @@ SINGLE_FILE_NAME = "model.safetensors"
 # The reference implementation refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100 * 2**20
 _ALIGN = 8
-# Large tensors are written and hashed in slices so one syscall never exceeds Linux's 2 GiB cap.
-_IO_CHUNK = 64 * 2**20
+# Tensors are hashed and written in 1 MB slices: a slice is read from memory once, by sha256,
+# and xxh128 and pwrite find it in cache (64 MB slices read every byte from memory three
+# times; writing 577 MB this way took 0.63 s of CPU against 1.30 s). It also keeps one
+# syscall far below Linux's 2 GiB cap.
+_IO_CHUNK = 1 * 2**20
 
 _DTYPE_RANK = {name: rank for rank, name in enumerate(DTYPE_SIZES)}
 
@@ -812,9 +815,9 @@ class CheckpointWriter:
             faults.point("writer.mid_tensor")
         for begin in range(0, slot.nbytes, _IO_CHUNK):
             chunk = view[begin : begin + _IO_CHUNK]
-            _write_all(shard.fd, chunk, slot.offset + begin)
             shard.sha256.update(chunk)
             shard.xxh128.update(chunk)
+            _write_all(shard.fd, chunk, slot.offset + begin)
 
 
 class _Aborted(Exception):

@@ -22,7 +22,9 @@ The streamed kernel (``streamed``), one signature for every method that has one:
 
 reads flat parents of any float dtype (mmap views, say) a chunk at a time and writes the
 flat ``out``, bit for bit the whole-tensor kernel's result cast to ``out``'s dtype;
-``consumed(start, stop)`` is called once a span of the inputs is read for the last time.
+``consumed(start, stop)`` is called once a span of the inputs is read for the last time and
+the same span of ``out`` (of every ``outs[i]`` below) is written: the engine then checks that
+span of the output for NaN/Inf while it is in cache, and drops the inputs' pages.
 
 The streamed kernel for several variants (``streamed_many``), for sweeps built in one pass::
 

@@ -52,7 +52,7 @@ from mergebuild.methods.task_arithmetic.topk import (
     low_histogram,
     select_from_top,
 )
-from mergebuild.methods.task_arithmetic.whole import mix_into_
+from mergebuild.methods.task_arithmetic.whole import mix_
 
 
 @dataclass
@@ -123,6 +123,40 @@ def _keep_between_(d: torch.Tensor, bits: torch.Tensor, low: int, high: int,
     if high < 1 << 31:
         torch.sub(bits, high, out=mask).bitwise_right_shift_(31)
         d.view(torch.int32).bitwise_and_(mask)
+
+
+def _keep_between_into(d: torch.Tensor, src: torch.Tensor, bits: torch.Tensor, low: int,
+                       high: int, mask: torch.Tensor) -> None:
+    """``d`` = ``src`` zeroed outside keep ∖ drop: ``_keep_between_``'s bits, written from
+    the shared ``src`` without copying it first. −1 where ``bits >= low`` is
+    ``(low − 1 − bits) >> 31`` (no overflow: bits in [0, 2³¹), low in [1, 2³¹))."""
+    if low >= high:
+        d.zero_()
+        return
+    first = True
+    out = d.view(torch.int32)
+    if low > 0:
+        torch.sub(torch.tensor(low - 1, dtype=torch.int32), bits, out=mask)
+        torch.bitwise_and(src.view(torch.int32), mask.bitwise_right_shift_(31), out=out)
+        first = False
+    if high < 1 << 31:
+        torch.sub(bits, high, out=mask).bitwise_right_shift_(31)
+        if first:
+            torch.bitwise_and(src.view(torch.int32), mask, out=out)
+            first = False
+        else:
+            out.bitwise_and_(mask)
+    if first:
+        d.copy_(src)
+
+
+def _part_key(p: _Parent) -> Any:
+    """What makes parent p's part the same in two variants (None: never shared): its keep
+    and cuts; DARE's draws follow each variant's seed."""
+    if p.keep.mode in ("random", "della"):
+        return None
+    cuts = tuple((c.k, c.threshold, c.ties_kept) for c in (p.top, p.outliers) if c is not None)
+    return (p.keep, cuts)
 
 
 @dataclass
@@ -319,54 +353,93 @@ def merge_many(
                 for counts in per_chunk:
                     cut.ties_before.append(cut.ties_before[-1] + counts.get(low_bits, 0))
 
-    # Pass 3: the merges.
+    # Pass 3: the merges. A parent whose part (task vector, masked, rescaled, weighted) is
+    # the same in several variants (same keep and cut; DARE's draws differ by seed, so never)
+    # is made once per chunk and read by each, with its signs; the others are masked
+    # straight from the shared task vector into the variant's buffer.
     n_parents = len(parents)
     ranked = sorted({p.index for plans, _, _ in variants for p in plans
                      if p.keep.mode == "ranks"})
+    keys = [[_part_key(p) for p in plans] for plans, _, _ in variants]
+    uses: dict[Any, int] = {}
+    for row in keys:
+        for key in row:
+            if key is not None:
+                uses[key] = uses.get(key, 0) + 1
+    slots = {key: k for k, key in enumerate(sorted((k for k, c in uses.items() if c > 1),
+                                                   key=repr))}
+
+    def part_into(d: torch.Tensor, p: _Parent, v: int, index: int, src: torch.Tensor,
+                  pbits: torch.Tensor | None, seed: int | None) -> torch.Tensor:
+        """Parent p's part for variant v over chunk ``index``, made from the shared task
+        vector ``src`` (left as it is) into ``d``."""
+        s, e = spans[index]
+        keep = p.keep
+        if keep.mode == "zero":
+            d.zero_()
+        elif keep.mode == "ranks":
+            low, high = p.top.bound(index), p.outliers.bound(index)
+            if low is not None and high is not None:
+                _keep_between_into(d, src, pbits, low, high,
+                                   ws.buffer("keys", torch.int32)[: e - s])
+            else:
+                d.copy_(src)
+                inside = (pbits >= low if low is not None
+                          else p.top.member(pbits, index))
+                if high is None:
+                    inside &= ~p.outliers.member(pbits, index)
+                elif high < 1 << 31:
+                    inside &= pbits < high
+                keep_only_(d, inside)
+            if keep.rescale == "inverse_density":
+                d.div_(keep.density)
+        elif keep.mode == "random":
+            d.copy_(src)
+            packed = drawn.pop((v, p.index, s), None)
+            keep_only_(d, keep_draws(seed, p.index, s, e, keep.density)
+                       if packed is None
+                       else torch.from_numpy(np.unpackbits(packed, count=e - s)
+                                             .view(np.bool_)))
+            if keep.rescale == "l1":
+                if p.factor is not None:
+                    d.mul_(p.factor)
+            elif keep.rescale == "inverse_density":
+                d.div_(keep.density)
+        else:
+            d.copy_(src)
+        return d.mul_(keep.weight)
 
     def pass3(index: int) -> None:
         s, e = spans[index]
         shared_b, shared = deltas(s, e, list(range(n_parents)))
         bits = {i: abs_bits(shared[i], ws.buffer(("pbits", i), torch.int32)[: e - s])
                 for i in ranked}
+        made: dict[Any, torch.Tensor] = {}  # shared parts of this chunk, by key
+        signs: dict[Any, torch.Tensor] = {}
+        ones = zeros = None
         for v, (plans, mix, seed) in enumerate(variants):
-            b = own("vbase", shared_b, v)
-            ds = [own(("vdelta", p.index), shared[p.index], v) for p in plans]
-            for p, d in zip(plans, ds):
-                keep = p.keep
-                if keep.mode == "zero":
-                    d.zero_()
-                elif keep.mode == "ranks":
-                    pbits = bits[p.index]
-                    low, high = p.top.bound(index), p.outliers.bound(index)
-                    if low is not None and high is not None:
-                        _keep_between_(d, pbits, low, high,
-                                       ws.buffer("keys", torch.int32)[: e - s])
-                    else:
-                        inside = (pbits >= low if low is not None
-                                  else p.top.member(pbits, index))
-                        if high is None:
-                            inside &= ~p.outliers.member(pbits, index)
-                        elif high < 1 << 31:
-                            inside &= pbits < high
-                        keep_only_(d, inside)
-                    if keep.rescale == "inverse_density":
-                        d.div_(keep.density)
-                elif keep.mode == "random":
-                    packed = drawn.pop((v, p.index, s), None)
-                    keep_only_(d, keep_draws(seed, p.index, s, e, keep.density)
-                               if packed is None
-                               else torch.from_numpy(np.unpackbits(packed, count=e - s)
-                                                     .view(np.bool_)))
-                    if keep.rescale == "l1":
-                        if p.factor is not None:
-                            d.mul_(p.factor)
-                    elif keep.rescale == "inverse_density":
-                        d.div_(keep.density)
-                d.mul_(keep.weight)
-            mix_into_(b, ds, [p.keep.weight for p in plans], mix.consensus, mix.normalize,
-                      mix.lam, ws.buffer)
-            outs[v][s:e].copy_(b)
+            ds, sign_of = [], []
+            for p, key in zip(plans, keys[v]):
+                slot = slots.get(key)
+                if slot is None:
+                    ds.append(part_into(ws.buffer(("vdelta", p.index), torch.float32)[: e - s],
+                                        p, v, index, shared[p.index], bits.get(p.index), seed))
+                    sign_of.append(None)
+                    continue
+                if key not in made:
+                    made[key] = part_into(ws.buffer(("spart", slot), torch.float32)[: e - s],
+                                          p, v, index, shared[p.index], bits.get(p.index), seed)
+                if mix.consensus == "sum" and key not in signs:
+                    signs[key] = torch.sign(made[key],
+                                            out=ws.buffer(("ssign", slot), torch.float32)[: e - s])
+                ds.append(made[key])
+                sign_of.append(signs.get(key))
+            if mix.consensus == "sum" and ones is None:
+                ones = ws.buffer("ones", torch.float32)[: e - s].fill_(1.0)
+                zeros = ws.buffer("zeros", torch.float32)[: e - s].zero_()
+            mixed = mix_(ds, [p.keep.weight for p in plans], mix.consensus, mix.normalize,
+                         mix.lam, ws.buffer, signs=sign_of, ones=ones, zeros=zeros)
+            outs[v][s:e].copy_(torch.add(shared_b, mixed, out=mixed))
         if consumed is not None:
             consumed(s, e)
 

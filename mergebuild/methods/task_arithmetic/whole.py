@@ -157,6 +157,9 @@ def merge(
     return base
 
 
+_ONE_BITS = 0x3F80_0000  # 1.0 as float32
+
+
 def mix_into_(
     out: torch.Tensor,
     parts: list[torch.Tensor],
@@ -166,19 +169,38 @@ def mix_into_(
     lam: float,
     scratch=None,
 ) -> None:
-    """``out += λ·mix(parts)`` elementwise: the weighted, sparsified task vectors of one span
-    (modified in place) → optional sign consensus → sum → optional normalise.
+    """``out += λ·mix(parts)`` elementwise (``mix_``; the parts are not modified)."""
+    out.add_(mix_(parts, weights, consensus, normalize, lam, scratch))
 
-    ``scratch(name, dtype)``, if given, returns a reused buffer of at least ``out.numel()``
-    elements. The "sum" consensus runs on sign bits (no bool tensors, which are slow to make
+
+def mix_(
+    parts: list[torch.Tensor],
+    weights: list[float],
+    consensus: str | None,
+    normalize: bool,
+    lam: float,
+    scratch=None,
+    *,
+    signs: list[torch.Tensor | None] | None = None,
+    ones: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``λ·mix(parts)`` elementwise: the weighted, sparsified task vectors of one span
+    (read, never modified: a sweep's variants may share them) → optional sign consensus →
+    sum → optional normalise → × λ, in a buffer of ``scratch``.
+
+    ``scratch(name, dtype)``, if given, returns a reused buffer of at least the span's
+    length. The "sum" consensus runs on sign bits (no bool tensors, which are slow to make
     on CPU); it gives the same bits as the plain formulation (``_mix_reference_``), which
-    handles spans whose sum is not finite (NaN and inf votes).
+    handles spans whose sum is not finite (NaN and inf votes). ``signs[i]``, where given,
+    is ``torch.sign(parts[i])`` already made (shared by variants), and ``ones`` and
+    ``zeros`` spans of 1.0 and +0.0 at least as long: the same bits with fewer passes.
     """
-    n = out.numel()
+    n = parts[0].numel()
 
     def buffer(name: str, dtype: torch.dtype) -> torch.Tensor:
         if scratch is None:
-            return torch.empty(n, dtype=dtype, device=out.device)
+            return torch.empty(n, dtype=dtype, device=parts[0].device)
         return scratch(name, dtype)[:n]
 
     total_weight = sum(weights)
@@ -196,25 +218,45 @@ def mix_into_(
         # elected = +1 where Σ ≥ 0 else −1, as copysign(1, Σ) (a −0.0 sum only arises when
         # every part is ±0, and a zero part agrees with neither sign); agree = relu(sign(p)·e)
         # is 1.0 where sign(p) equals it, else 0.0; p·agree keeps p or gives ±0.
-        elected = buffer("elected", torch.float32).fill_(1.0)
-        torch.copysign(elected, mixed, out=elected)
-        kept = buffer("kept", torch.float32).zero_()
-        divisor = buffer("divisor", torch.float32).zero_() if normalize else None
+        elected = buffer("elected", torch.float32)
+        if ones is None:
+            elected.fill_(1.0)
+            torch.copysign(elected, mixed, out=elected)
+        else:
+            torch.copysign(ones[:n], mixed, out=elected)
+        kept = buffer("kept", torch.float32)
+        divisor = buffer("divisor", torch.float32) if normalize else None
+        if zeros is None:
+            kept.zero_()
+            if divisor is not None:
+                divisor.zero_()
         agree = buffer("agree", torch.float32)
-        for p, w in zip(parts, weights):
-            torch.sign(p, out=agree).mul_(elected).clamp_min_(0.0)
+        for i, (p, w) in enumerate(zip(parts, weights)):
+            sign = signs[i] if signs is not None else None
+            if sign is None:
+                torch.sign(p, out=agree).mul_(elected).clamp_min_(0.0)
+            else:
+                torch.mul(sign, elected, out=agree).clamp_min_(0.0)
+            if i == 0 and zeros is not None:  # +0.0 + p·agree, as on a zeroed buffer
+                torch.addcmul(zeros[:n], p, agree, out=kept)
+                if divisor is not None:
+                    torch.add(zeros[:n], agree, alpha=w, out=divisor)
+                continue
             kept.addcmul_(p, agree)
             if divisor is not None:
                 divisor.add_(agree, alpha=w)
         if divisor is not None:
-            zero = buffer("zero", torch.bool)
-            torch.eq(divisor, 0, out=zero)
-            divisor.add_(agree.copy_(zero))  # 0 → 1, the rest unchanged
+            # 0 → 1, the rest unchanged: add 1.0 where |divisor| is 0 and +0.0 elsewhere
+            # (the bits of 1.0 where (|bits| − 1) >> 31 is −1); bool tensors are slow to make.
+            one_where_zero = buffer("zero", torch.int32)
+            torch.bitwise_and(divisor.view(torch.int32), 0x7FFF_FFFF, out=one_where_zero)
+            one_where_zero.sub_(1).bitwise_right_shift_(31).bitwise_and_(_ONE_BITS)
+            divisor.add_(one_where_zero.view(torch.float32))
             kept.div_(divisor)
         mixed = kept
     if lam != 1:
         mixed.mul_(lam)
-    out.add_(mixed)
+    return mixed
 
 
 def _mix_reference_(
@@ -230,7 +272,7 @@ def _mix_reference_(
     divisor = torch.zeros_like(total)
     for p, w in zip(parts, weights):
         agrees = torch.sign(p) == elected
-        mixed.add_(keep_only_(p, agrees))
+        mixed.add_(torch.where(agrees, p, 0.0))  # keep_only_'s bits, p left as it is
         divisor.add_(agrees, alpha=w)
     if normalize:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
