@@ -200,9 +200,9 @@ def test_fused_pass_reads_each_parent_tensor_once(parents, tmp_path, monkeypatch
     loads: list[str] = []
     real_load = engine._load
 
-    def counting_load(readers, stream, info, checked_for=None):
+    def counting_load(readers, stream, info, checked_for=None, finite=None):
         loads.append((info.name, info.numel))
-        return real_load(readers, stream, info, checked_for)
+        return real_load(readers, stream, info, checked_for, finite)
 
     dropped_by: list[bool] = []
     real_drop = engine._Streaming.drop_pages
@@ -257,6 +257,30 @@ def test_outputs_over_the_budget_are_computed_in_groups(parents, tmp_path, monke
     assert engine._groups([largest] * 4, 2 * largest) == [[0, 1], [2, 3]]
     separate, fused = _separate_and_fused(jobs, tmp_path)
     assert [f for _, f in fused] == [f for _, f in separate]
+
+
+def test_each_parent_tensor_is_checked_once_whatever_the_groups(parents, tmp_path,
+                                                                monkeypatch):
+    """When a tensor's variants are computed in several groups (their outputs exceed the
+    writers' budget), each group reads the parent tensors again but checks them once."""
+    from mergebuild.io.checkpoint import CheckpointReader
+
+    checked: list[int] = []
+    real = engine._all_finite
+
+    def counting(torch, tensor):
+        checked.append(tensor.data_ptr())
+        return real(torch, tensor)
+
+    models, per_parent, globals_ = VARIANTS["linear"]
+    jobs = [make_job("linear", parents, f"g{i}", models, per_parent[i % 3], globals_[i % 3])
+            for i in range(4)]
+    largest = max(info.nbytes for info in CheckpointReader(parents["base"]).tensors.values())
+    monkeypatch.setattr(engine, "_queued_budget", lambda tables: 2 * largest)
+    monkeypatch.setattr(engine, "_all_finite", counting)
+    run_builds(jobs, [tmp_path / f"o{i}" for i in range(4)])
+    inputs = sum(len(CheckpointReader(parents[m]).tensors) for m in models)
+    assert len(checked) == inputs  # 2 groups for the largest tensors, one check each
 
 
 @pytest.mark.parametrize("variant", ["linear", "slerp", "ties/streamed"])
