@@ -109,27 +109,13 @@ class _Cut:
         return inside
 
 
-def _keep_between_(d: torch.Tensor, bits: torch.Tensor, low: int, high: int,
-                   mask: torch.Tensor) -> None:
-    """Zero ``d`` outside keep ∖ drop with int32 masks (bool tensors are slow to make):
-    −1 where ``bits >= low`` is ``~((bits − low) >> 31)``; bits lie in [0, 2³¹) and a bound
-    used here in [1, 2³¹), so the difference cannot overflow."""
-    if low >= high:
-        d.zero_()
-        return
-    if low > 0:
-        torch.sub(bits, low, out=mask).bitwise_right_shift_(31).bitwise_not_()
-        d.view(torch.int32).bitwise_and_(mask)
-    if high < 1 << 31:
-        torch.sub(bits, high, out=mask).bitwise_right_shift_(31)
-        d.view(torch.int32).bitwise_and_(mask)
-
-
 def _keep_between_into(d: torch.Tensor, src: torch.Tensor, bits: torch.Tensor, low: int,
                        high: int, mask: torch.Tensor) -> None:
-    """``d`` = ``src`` zeroed outside keep ∖ drop: ``_keep_between_``'s bits, written from
-    the shared ``src`` without copying it first. −1 where ``bits >= low`` is
-    ``(low − 1 − bits) >> 31`` (no overflow: bits in [0, 2³¹), low in [1, 2³¹))."""
+    """``d`` = ``src`` zeroed (+0.0) outside keep ∖ drop, i.e. where ``bits < low`` or
+    ``bits >= high``, written from the shared ``src`` without copying it first, with int32
+    masks (bool tensors are slow to make): −1 where ``bits >= low`` is
+    ``(low − 1 − bits) >> 31`` and −1 where ``bits < high`` is ``(bits − high) >> 31``; bits
+    lie in [0, 2³¹) and the bounds used here in [1, 2³¹), so nothing overflows."""
     if low >= high:
         d.zero_()
         return
@@ -360,9 +346,9 @@ def merge_many(
     n_parents = len(parents)
     ranked = sorted({p.index for plans, _, _ in variants for p in plans
                      if p.keep.mode == "ranks"})
-    keys = [[_part_key(p) for p in plans] for plans, _, _ in variants]
+    part_keys = [[_part_key(p) for p in plans] for plans, _, _ in variants]
     uses: dict[Any, int] = {}
-    for row in keys:
+    for row in part_keys:
         for key in row:
             if key is not None:
                 uses[key] = uses.get(key, 0) + 1
@@ -419,7 +405,7 @@ def merge_many(
         ones = zeros = None
         for v, (plans, mix, seed) in enumerate(variants):
             ds, sign_of = [], []
-            for p, key in zip(plans, keys[v]):
+            for p, key in zip(plans, part_keys[v]):
                 slot = slots.get(key)
                 if slot is None:
                     ds.append(part_into(ws.buffer(("vdelta", p.index), torch.float32)[: e - s],
