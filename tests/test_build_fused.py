@@ -332,3 +332,27 @@ def test_a_variant_that_overflows_stops_the_fused_pass(parents, tmp_path):
     assert caught.value.node == "blend[w=3e38]"
     allowed = replace(bad, allow_nonfinite=True)
     run_builds([ok, allowed], [tmp_path / "ok2", tmp_path / "bad2"])
+
+
+def test_a_fused_pass_writes_one_tensor_per_core_at_a_time(parents, tmp_path, monkeypatch):
+    """The writers of a fused pass share one lane of as many tensors as there are cores; a
+    lone build's writer has none."""
+    from mergebuild.io import checkpoint
+
+    lanes: list[Any] = []
+    real = checkpoint.CheckpointWriter.__init__
+
+    def recording(self, *args, lane=None, **kwargs):
+        lanes.append(lane)
+        real(self, *args, lane=lane, **kwargs)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "__init__", recording)
+    models, per_parent, globals_ = VARIANTS["linear"]
+    jobs = [make_job("linear", parents, f"l{i}", models, pp, g)
+            for i, (pp, g) in enumerate(zip(per_parent, globals_, strict=True))]
+    run_builds(jobs, [tmp_path / f"o{i}" for i in range(len(jobs))])
+    assert len(lanes) == len(jobs) and len({id(lane) for lane in lanes}) == 1
+    assert lanes[0]._value == engine._cores()
+    lanes.clear()
+    run_build(jobs[0], tmp_path / "alone")
+    assert lanes == [None]

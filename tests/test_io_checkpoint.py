@@ -577,3 +577,43 @@ def test_writer_starts_each_tensors_writeback_as_it_is_written(tmp_path, monkeyp
     assert calls == [(header, 60, 2), (header + 60, 28, 2)]  # the empty tensor writes nothing
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
+
+
+def test_writers_sharing_a_lane_write_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Writers given one lane (a fused pass's outputs) hash and write no more tensors at once
+    than the lane allows, and each still writes its own file intact."""
+    import threading
+    import time
+
+    from mergebuild.io import checkpoint
+
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real = checkpoint.CheckpointWriter._write_slot
+
+    def slow(self, slot, tensor):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.02)  # long enough for the other writers' threads to try meanwhile
+        try:
+            return real(self, slot, tensor)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "_write_slot", slow)
+    lane = threading.Semaphore(1)
+    tensors = {f"t{i}": torch.full((4, 4), float(i)) for i in range(4)}
+    layout = [(name, "F32", (4, 4)) for name in tensors]
+    writers = [checkpoint.CheckpointWriter(tmp_path / f"w{k}", layout, lane=lane)
+               for k in range(3)]
+    for name, t in tensors.items():
+        for writer in writers:
+            writer.write(name, t)
+    for writer in writers:
+        writer.finish()
+    assert most[0] == 1
+    for k in range(3):
+        loaded = load_file(tmp_path / f"w{k}" / "model.safetensors")
+        assert all(torch.equal(loaded[name], t) for name, t in tensors.items())

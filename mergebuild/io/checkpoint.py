@@ -9,6 +9,7 @@ hosts are not supported (safetensors data is little-endian and is mapped as-is).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -563,7 +564,8 @@ class CheckpointWriter:
     once per tensor in layout order. Bytes are written and hashed by a background thread
     (bounded queue of `queue_size` tensors) so computation overlaps I/O; `on_written`, if
     given, is called with each tensor once its bytes are written and hashed (on that
-    thread), so its memory may be reused. The writer keeps a
+    thread), so its memory may be reused. Writers given the same `lane` (a semaphore) hash
+    and write at most that many tensors at once between them. The writer keeps a
     reference to each tensor until its bytes are on their way to disk: do not modify a tensor
     in place after passing it to `write` (pass a fresh tensor, or call `drain()` first).
 
@@ -583,6 +585,7 @@ class CheckpointWriter:
         background: bool = True,
         queue_size: int = 4,
         on_written: Callable[[torch.Tensor], None] | None = None,
+        lane: threading.Semaphore | None = None,
     ):
         self.directory = Path(directory)
         layout = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
@@ -624,6 +627,7 @@ class CheckpointWriter:
         self._pending_lock = threading.Lock()
         self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
         self._on_written = on_written
+        self._lane = lane
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._slots:
@@ -783,7 +787,8 @@ class CheckpointWriter:
                     return
                 if self._error is None:
                     try:
-                        self._write_slot(*item)
+                        with self._lane or contextlib.nullcontext():
+                            self._write_slot(*item)
                         if self._on_written is not None:
                             self._on_written(item[1])
                     except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
