@@ -26,6 +26,7 @@ Chunks are spread over the workspace's threads; each worker has its own scratch.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,15 +264,18 @@ def merge_many(
             p.after = [0.0] * n_blocks
 
     # Pass 1: high histograms, l1 block sums.
+    highs = {i: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for i in histogram_of}
+    adding = threading.Lock()
     if histogram_of or l1_of:
         def pass1(span):
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
-            hists = {}
             _, ds = deltas(s, e, sorted({*histogram_of, *l1_of}))
             for i in histogram_of:
-                hists[i] = high_histogram(abs_bits(ds[i], bits), keys)
+                h = high_histogram(abs_bits(ds[i], bits), keys)
+                with adding:  # summed as they come: not one 256 KB histogram per chunk kept
+                    highs[i] += h
             block0 = s // REDUCE_BLOCK
             for i in l1_of:
                 sums = l1_blocks(ds[i])
@@ -285,12 +289,8 @@ def merge_many(
                     keep_only_(d, mask)
                     sums = l1_blocks(d)
                     p.after[block0 : block0 + len(sums)] = sums
-            return hists
 
-        highs = {i: torch.zeros(HIGH_BUCKETS, dtype=torch.int64) for i in histogram_of}
-        for hists in ws.run(pass1, spans):
-            for i, h in hists.items():
-                highs[i] += h
+        ws.run(pass1, spans)
         for ps in l1_parents:
             for p in ps:
                 p.before = before[p.index]
@@ -306,27 +306,33 @@ def merge_many(
     all_cuts = [(p.index, c) for ps in cut_parents for p in ps for c in p.cuts()]
     buckets = sorted({(i, c.bucket) for i, c in all_cuts})  # (parent, bucket), each once
     if buckets:
+        totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in buckets]
+
         def pass2(span):
             s, e = span
             keys = ws.buffer("keys", torch.int32)
             bits = ws.buffer("bits", torch.int32)
-            lows = []
+            sparse_lows = []
             _, ds = deltas(s, e, sorted({i for i, _ in buckets}))
             done = -1
-            for i, bucket in buckets:
+            for k, (i, bucket) in enumerate(buckets):
                 if i != done:
                     b = abs_bits(ds[i], bits)
                     done = i
-                lows.append(low_histogram(b, bucket, keys))
-            return lows
-
-        totals = [torch.zeros(LOW_BINS, dtype=torch.int64) for _ in buckets]
-        sparse: list[list[dict[int, int]]] = [[] for _ in buckets]
-        for lows in ws.run(pass2, spans):
-            for t, h, per_chunk in zip(totals, lows, sparse):
-                t += h
+                h = low_histogram(b, bucket, keys)
+                with adding:
+                    totals[k] += h
+                # Kept sparse, made here on the worker: a dense histogram per chunk and
+                # bucket (512 KB) held until the pass ends took ~600 MB for an 8-variant
+                # sweep's embeddings, and making them sparse afterwards was serial work.
                 inside = h[1:-1].nonzero().reshape(-1)
-                per_chunk.append(dict(zip(inside.tolist(), h[1:-1][inside].tolist())))
+                sparse_lows.append(dict(zip(inside.tolist(), h[1:-1][inside].tolist())))
+            return sparse_lows
+
+        sparse: list[list[dict[int, int]]] = [[] for _ in buckets]
+        for sparse_lows in ws.run(pass2, spans):
+            for counts, per_chunk in zip(sparse_lows, sparse):
+                per_chunk.append(counts)
         where = {key: k for k, key in enumerate(buckets)}
         for i, cut in all_cuts:
             k = where[(i, cut.bucket)]
