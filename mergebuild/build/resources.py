@@ -21,7 +21,8 @@ PROCESS_BASELINE_BYTES = 320 * 2**20
 # one being computed (the queue holds four, but only the two largest tensors, embeddings and
 # head, are large, and they are not adjacent).
 _WRITER_TENSORS = 3
-_FUSED_QUEUE_FLOOR = 64 * 2**20  # engine._queued_budget's floor
+_FUSED_QUEUE_TENSORS = 4  # engine._queued_budget: four of the largest tensors ...
+_FUSED_QUEUE_FLOOR = 64 * 2**20  # ... at least 64 MB
 MEMINFO = Path("/proc/meminfo")
 # MemAvailable is what the kernel could give without swapping; leave the rest of the
 # machine (the driver, page cache for the mapped parents) a tenth.
@@ -43,8 +44,9 @@ def estimate_peak_bytes(parents: Mapping[str, TensorShapes], variants: int = 1) 
     The engine streams tensor by tensor, so the peak is set by the largest tensor, not the
     model: a float32 copy of it per parent (the whole-tensor scratch of a method that is not
     elementwise or streamed; those use less), and the outputs in flight: the single writer's
-    three, or a fused pass's every variant's tensor plus the writers' shared budget (two
-    tensors, at least 64 MB), on top of the process's baseline. Calibrated as an upper
+    three, or a fused pass's group of variants being computed (at most the writers' shared
+    budget: four of the largest tensors, at least 64 MB) plus that budget queued, on top of
+    the process's baseline. Calibrated as an upper
     bound (benchmarks/executors.py, the small models): a TIES build of four parents peaks
     at 0.77 of it, a fused 4-variant TIES sweep at 0.73, SLERP at 0.59, linear at 0.56.
     """
@@ -57,7 +59,8 @@ def estimate_peak_bytes(parents: Mapping[str, TensorShapes], variants: int = 1) 
             largest_stored = max(largest_stored, elements * _size(dtype))
     inputs = max(1, len(parents)) * largest_elements * 4
     if variants > 1:
-        outputs = variants * largest_stored + max(2 * largest_stored, _FUSED_QUEUE_FLOOR)
+        budget = max(_FUSED_QUEUE_TENSORS * largest_stored, _FUSED_QUEUE_FLOOR)
+        outputs = min(variants * largest_stored, budget) + budget
     else:
         outputs = _WRITER_TENSORS * largest_stored
     return PROCESS_BASELINE_BYTES + inputs + outputs
