@@ -3,7 +3,7 @@
 One command::
 
     python benchmarks/sweep.py [--size medium] [--methods linear,slerp,ties,dare_ties]
-                               [--variants 8] [--repeat 3] [--separate]
+                               [--variants 8] [--repeat 3] [--separate] [--memory warm]
 
 Uses the models of ``benchmarks/run.py`` (generated once under ``benchmarks/.work/``). Each
 timed run is a fresh process that builds through the engine (``run_builds``) into fresh
