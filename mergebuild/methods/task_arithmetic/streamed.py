@@ -15,7 +15,7 @@ into reused float32 scratch, in up to three passes:
 
 Both schedules apply one plan (``keep.plan``), so the results are bit for bit those of
 ``whole.merge`` (same total order for the top k, ties by flat index; same DARE draws and l1
-block sums; the same ``mix_into_`` per element), whatever the chunk size (a multiple of
+block sums; the same ``mix_`` per element), whatever the chunk size (a multiple of
 ``REDUCE_BLOCK``) or worker count: the histograms are integer sums, the l1 sums are per fixed
 block, and the one order-dependent state — how many threshold ties earlier chunks kept — is
 handed from chunk to chunk. A magnitude cut with an l1 rescale and DELLA need whole tensors

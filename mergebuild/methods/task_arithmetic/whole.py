@@ -152,25 +152,12 @@ def merge(
     out = base.view(-1)
     for s in range(0, out.numel(), CHUNK_ELEMENTS):
         parts = [d[s : s + CHUNK_ELEMENTS] for d in deltas]
-        mix_into_(out[s : s + CHUNK_ELEMENTS], parts, weights, mix.consensus, mix.normalize,
-                  mix.lam)
+        out[s : s + CHUNK_ELEMENTS].add_(mix_(parts, weights, mix.consensus, mix.normalize,
+                                              mix.lam))
     return base
 
 
 _ONE_BITS = 0x3F80_0000  # 1.0 as float32
-
-
-def mix_into_(
-    out: torch.Tensor,
-    parts: list[torch.Tensor],
-    weights: list[float],
-    consensus: str | None,
-    normalize: bool,
-    lam: float,
-    scratch=None,
-) -> None:
-    """``out += λ·mix(parts)`` elementwise (``mix_``; the parts are not modified)."""
-    out.add_(mix_(parts, weights, consensus, normalize, lam, scratch))
 
 
 def mix_(
