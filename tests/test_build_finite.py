@@ -36,3 +36,14 @@ def test_non_contiguous_and_integer_tensors():
     assert _all_finite(torch, x[:, ::2].T) is True
     assert _all_finite(torch, x.T) is False
     assert _all_finite(torch, torch.tensor([-1, 2**31 - 1], dtype=torch.int32)) is True
+
+
+def test_a_span_longer_than_its_scratch_is_still_checked_whole():
+    from mergebuild.build.engine import _span_finite
+
+    x = torch.zeros(1000, dtype=torch.bfloat16)
+    x[999] = float("inf")
+    small = {torch.int16: torch.empty(10, dtype=torch.int16)}
+    assert _span_finite(torch, x, small.__getitem__) is False
+    assert _span_finite(torch, x[:999], small.__getitem__) is True
+    assert _span_finite(torch, x[990:], small.__getitem__) is False

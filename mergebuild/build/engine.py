@@ -730,15 +730,18 @@ def _all_finite(torch, tensor: Any) -> bool:
 
 
 def _span_finite(torch, span: Any, scratch) -> bool:
-    """``_all_finite`` of one contiguous CPU span that fits ``scratch(dtype)`` (a reused
-    buffer of at least its length): for the merge threads, which check what they just wrote
-    while it is still in cache."""
+    """``_all_finite`` of one contiguous CPU span, with ``scratch(dtype)`` a reused buffer
+    (a span longer than it is checked by ``_all_finite``): for the merge threads, which check
+    what they just wrote while it is still in cache."""
     layout = _EXPONENT_BITS.get(str(span.dtype).removeprefix("torch."))
     if layout is None:
         return bool(torch.isfinite(span).all())
     int_dtype, magnitude, exponent = layout
     itype = getattr(torch, int_dtype)
-    out = scratch(itype)[: span.numel()]
+    buffer = scratch(itype)
+    if buffer.numel() < span.numel():  # a span longer than the workspace's chunk
+        return _all_finite(torch, span)
+    out = buffer[: span.numel()]
     return int(torch.bitwise_and(span.view(itype), magnitude, out=out).max()) < exponent
 
 
