@@ -134,16 +134,21 @@ def weight_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix == ".safetensors")
 
 
-def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
-    """Read every input weight file once + write ``out_bytes`` once with fsync."""
-    buf = bytearray(64 * 2**20)
-    view = memoryview(buf)
-    t0 = time.perf_counter()
+def read_weights(inputs: list[Path], view: memoryview) -> None:
+    """Read every weight file of the model directories ``inputs`` once, through ``view``."""
     for directory in inputs:
         for path in weight_files(directory):
             with open(path, "rb", buffering=0) as f:
                 while f.readinto(view):
                     pass
+
+
+def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
+    """Read every input weight file once + write ``out_bytes`` once with fsync."""
+    buf = bytearray(64 * 2**20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    read_weights(inputs, view)
     fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         left = out_bytes

@@ -100,7 +100,7 @@ def io_floor(inputs: list[Path], out_bytes: int, count: int, hashed: bool) -> fl
     from concurrent.futures import ThreadPoolExecutor
 
     import xxhash
-    from run import weight_files
+    from run import read_weights
 
     scratch = WORK / "sweep-floor"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -124,11 +124,7 @@ def io_floor(inputs: list[Path], out_bytes: int, count: int, hashed: bool) -> fl
             os.close(fd)
 
     t0 = time.perf_counter()
-    for directory in inputs:
-        for path in weight_files(directory):
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(read):
-                    pass
+    read_weights(inputs, read)
     with ThreadPoolExecutor(count) as pool:
         list(pool.map(write, range(count)))
     wall = time.perf_counter() - t0
