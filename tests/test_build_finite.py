@@ -47,3 +47,32 @@ def test_a_span_longer_than_its_scratch_is_still_checked_whole():
     assert _span_finite(torch, x, small.__getitem__) is False
     assert _span_finite(torch, x[:999], small.__getitem__) is True
     assert _span_finite(torch, x[990:], small.__getitem__) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32,
+                                   torch.float64])
+def test_magnitude_is_the_largest_absolute_value_read_off_the_check(dtype):
+    from mergebuild.build.engine import _magnitude
+
+    x = torch.linspace(-1, 1, 3 * _FINITE_CHUNK + 7, dtype=torch.float64).to(dtype)
+    x[2 * _FINITE_CHUNK + 1] = -7.25  # the largest |x| is negative, in a later chunk
+    assert _magnitude(torch, x) == 7.25
+    tiny = torch.tensor([0.0, -torch.finfo(dtype).smallest_normal / 4], dtype=dtype)
+    assert _magnitude(torch, tiny) == float(tiny.abs().max())  # a subnormal
+    assert _magnitude(torch, torch.zeros(5, dtype=dtype)) == 0.0
+    assert _magnitude(torch, torch.full((3,), torch.finfo(dtype).max, dtype=dtype)) == (
+        torch.finfo(dtype).max)
+    for special in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[_FINITE_CHUNK] = special
+        assert _magnitude(torch, y) == float("inf")
+
+
+def test_magnitude_where_the_bit_patterns_cannot_be_read():
+    from mergebuild.build.engine import _magnitude
+
+    x = torch.ones(4, 6, dtype=torch.bfloat16)
+    assert _magnitude(torch, x[:, ::2]) is None  # finite, its largest |x| not worked out
+    x[1, 2] = float("nan")
+    assert _magnitude(torch, x[:, ::2]) == float("inf")
+    assert _magnitude(torch, torch.tensor([-5, 3])) == 0.0  # not floating: nothing to bound

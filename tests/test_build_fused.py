@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,7 @@ def test_each_parent_tensor_is_checked_once_whatever_the_groups(parents, tmp_pat
     from mergebuild.io.checkpoint import CheckpointReader
 
     checked: list[int] = []
-    real = engine._all_finite
+    real = engine._magnitude
 
     def counting(torch, tensor):
         checked.append(tensor.data_ptr())
@@ -277,7 +278,7 @@ def test_each_parent_tensor_is_checked_once_whatever_the_groups(parents, tmp_pat
             for i in range(4)]
     largest = max(info.nbytes for info in CheckpointReader(parents["base"]).tensors.values())
     monkeypatch.setattr(engine, "_queued_budget", lambda tables: 2 * largest)
-    monkeypatch.setattr(engine, "_all_finite", counting)
+    monkeypatch.setattr(engine, "_magnitude", counting)
     run_builds(jobs, [tmp_path / f"o{i}" for i in range(4)])
     inputs = sum(len(CheckpointReader(parents[m]).tensors) for m in models)
     assert len(checked) == inputs  # 2 groups for the largest tensors, one check each
@@ -304,6 +305,8 @@ def test_large_outputs_are_checked_on_the_merge_threads(variant, parents, tmp_pa
     if method_name == "linear":  # a lone build's tensors of 65,536 elements (these models'
         # largest) take the parallel chunked path too
         monkeypatch.setattr(engine, "_STREAM_CHUNK", 1 << 14)
+    # The methods' bounds would prove these outputs finite (and spare the check): not asked.
+    monkeypatch.setattr(Method, "load_bound", lambda self: None)
     for fused in (False, True):
         verdicts.clear()
         if fused:
@@ -356,3 +359,40 @@ def test_a_fused_pass_writes_one_tensor_per_core_at_a_time(parents, tmp_path, mo
     lanes.clear()
     run_build(jobs[0], tmp_path / "alone")
     assert lanes == [None]
+
+
+def test_outputs_a_bound_proves_finite_are_not_checked(parents, tmp_path, monkeypatch):
+    """Linear's bound (Σ|w|·max|x|, over |Σw| when normalised) proves ordinary variants
+    finite from the parents' magnitudes, which the parents' own check yields: their outputs
+    are not checked at all, alone or fused, and the bytes are the same."""
+
+    spans: list[int] = []
+    real = engine._span_finite
+
+    def counting(torch, span, scratch):
+        spans.append(span.numel())
+        return real(torch, span, scratch)
+
+    monkeypatch.setattr(engine, "_span_finite", counting)
+    models, per_parent, globals_ = VARIANTS["linear"]
+    jobs = [make_job("linear", parents, f"p{i}", models, per_parent[i], globals_[i])
+            for i in range(3)]
+    separate, fused = _separate_and_fused(jobs, tmp_path)
+    assert [f for _, f in fused] == [f for _, f in separate]
+    assert spans == []  # nothing checked: every output was proven finite
+    # A variant its bound cannot prove (here: a bound that gives up on a weight of 0.7) is
+    # checked, every element of its output once.
+    from mergebuild.methods import linear
+
+    real_bound = linear.linear_bound
+
+    def doubting(parents_, base, params):
+        return math.inf if params.parents[0]["weight"] == 0.7 else real_bound(parents_, base,
+                                                                              params)
+
+    monkeypatch.setattr(linear, "linear_bound", doubting)
+    unsure = make_job("linear", parents, "unsure", models,
+                      [{"weight": 0.7}, {"weight": 0.2}, {"weight": 0.1}], {})
+    run_builds([jobs[0], unsure], [tmp_path / "h0", tmp_path / "h1"])
+    written = engine.CheckpointReader(tmp_path / "h1").tensors.values()
+    assert spans and sum(spans) == sum(math.prod(info.shape) for info in written)

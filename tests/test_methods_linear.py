@@ -92,3 +92,26 @@ def test_many_is_bit_for_bit_each_variant_alone_and_leaves_the_inputs():
     with pytest.raises(ValueError, match="sum to zero"):
         merge_linear_many(parents[:2], None, [TensorParams(
             NAME, {}, ({"weight": 1.0}, {"weight": -1.0}))], [out], torch.empty(4099))
+
+
+def test_linear_bound_covers_every_value_the_kernel_computes():
+    from mergebuild.methods.linear import linear_bound
+
+    p = TensorParams("w", {}, ({"weight": 0.2}, {"weight": 0.3}))
+    assert linear_bound([3.0, 4.0], None, p) == pytest.approx(1.8 / 0.5)  # over |Σw|
+    raw = TensorParams("w", {"normalize": False}, ({"weight": 2.0}, {"weight": -0.5}))
+    assert linear_bound([3.0, 4.0], None, raw) == 8.0
+    tiny = TensorParams("w", {}, ({"weight": 0.5}, {"weight": 0.5}))
+    assert linear_bound([3.0, 4.0], None, tiny) == 3.5  # the partial sums, not the mean
+    for seed in range(20):  # against the kernel itself
+        g = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(1000, generator=g) * 10 ** float(torch.rand(1, generator=g) * 6)
+              for _ in range(3)]
+        w = [{"weight": float(v)} for v in torch.randn(3, generator=g)]
+        params = TensorParams("w", {}, tuple(w))
+        out = merge_linear([x.clone() for x in xs], None, params)
+        assert float(out.abs().max()) <= linear_bound(
+            [float(x.abs().max()) for x in xs], None, params) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="sum to zero"):
+        linear_bound([1.0, 1.0], None, TensorParams("w", {}, ({"weight": 1.0},
+                                                              {"weight": -1.0})))

@@ -98,7 +98,7 @@ def test_streamed_slerp_is_bit_for_bit_the_whole_tensor_slerp(workers, kind):
     """The engine's chunked SLERP (bf16 parents read a chunk at a time, dot products per
     chunk on worker threads) gives the bytes of merge_slerp on whole float32 tensors."""
     from mergebuild.methods.chunks import ChunkWorkspace
-    from mergebuild.methods.slerp import CHUNK_ELEMENTS, merge_slerp_streamed
+    from mergebuild.methods.slerp import _MIX_ELEMENTS, CHUNK_ELEMENTS, merge_slerp_streamed
 
     n = 3 * CHUNK_ELEMENTS + 12345  # several chunks and a ragged tail
     base = randn(n, seed=3).bfloat16()
@@ -118,6 +118,30 @@ def test_streamed_slerp_is_bit_for_bit_the_whole_tensor_slerp(workers, kind):
     finally:
         workspace.close()
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
-    assert sorted(seen) == [(s, min(n, s + CHUNK_ELEMENTS)) for s in range(0, n, CHUNK_ELEMENTS)]
+    # consumed(s, e) once per span of the mix, which covers the whole tensor once
+    assert sorted(seen) == [(s, min(n, s + _MIX_ELEMENTS)) for s in range(0, n, _MIX_ELEMENTS)]
     with pytest.raises(ValueError, match="chunk must be"):
         merge_slerp_streamed([other], base, t037, None, out, ChunkWorkspace(1, 1 << 16))
+
+
+def test_slerp_bound_covers_every_value_the_kernel_computes():
+    """Against the kernel, on nearly collinear, orthogonal and nearly opposite tensors (where
+    the spherical coefficients are largest), t inside and outside [0, 1]."""
+    from mergebuild.methods.slerp import _DOT_THRESHOLD, slerp_bound
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g)
+    noise = torch.randn(4096, generator=g)
+    for other in (a + 0.001 * noise, noise, -a + 0.03 * noise, -a + 0.05 * noise):
+        cos = float(torch.dot(a, other) / (a.norm() * other.norm()))
+        for t in (-0.5, 0.0, 0.3, 0.5, 1.0, 1.7):
+            params = TensorParams("w", {"t": t}, ({},))
+            out = merge_slerp([other.clone()], a.clone(), params)
+            bound = slerp_bound([float(other.abs().max())], float(a.abs().max()), params)
+            assert float(out.abs().max()) <= bound, (cos, t)
+            assert bound < 1e9  # the dot products': 2^20 · max|x|², far from overflow
+    assert -_DOT_THRESHOLD < cos < -0.99  # the last pair: spherical, nearly opposite
+    with pytest.raises(ValueError, match="exactly one other model"):
+        slerp_bound([1.0], None, TensorParams("w", {"t": 0.5}, ({},)))
+    with pytest.raises(ValueError, match="'t'"):
+        slerp_bound([1.0], 1.0, TensorParams("w", {}, ({},)))

@@ -505,7 +505,8 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
     for i in range(count):
         streams[0].prefetch(i + 1)
         groups = _groups([_nbytes(t[i]) for t in tables], budget)
-        finite: set[int] = set()  # parent tensors of this index found finite (by info id)
+        # The parent tensors of this index found finite (by info id) → their largest |x|.
+        finite: dict[int, float | None] = {}
         for g, members in enumerate(groups):
             last_group = g == len(groups) - 1
             together = None
@@ -526,7 +527,7 @@ def _stream_tensors(jobs, tables, readers, funcs, device: str, torch, streams, w
                     together[k] = None
                 else:
                     out = _compute(job, task, readers, funcs[j], device, torch, stream,
-                                   checks, k)
+                                   checks, k, finite)
                 if not checks.finite(k, out):
                     raise IncompatibleModelsError(
                         f"{job.method.name} produced NaN or Inf in {task.name} from finite "
@@ -561,7 +562,7 @@ def _groups(sizes: list[int], budget: int | None) -> list[list[int]]:
 
 
 def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams,
-                      checks: _OutputChecks, finite: set[int]) -> list | None:
+                      checks: _OutputChecks, finite: dict[int, float | None]) -> list | None:
     """Every job's output for one tensor from a single read of its inputs, when the jobs
     share the method and the inputs and the method can do that: an elementwise method
     (inputs converted once per chunk, the kernel run per job on copies) or one with a
@@ -580,6 +581,8 @@ def _compute_together(jobs, tasks: list[TensorTask], readers, funcs, streams,
     load = partial(_load, readers, lead,
                    checked_for=None if all(j.allow_nonfinite for j in jobs) else jobs[0].node,
                    finite=finite)
+    for k, (t, p) in enumerate(zip(tasks, params, strict=True)):
+        checks.proof(k, partial(_bound_proves_finite, lead, t, p, finite))
     if lead.elementwise:
         return lead.compute_chunked_many(jobs, tasks, load, funcs, params, checks)
     many = lead.merge_streamed_many
@@ -708,25 +711,45 @@ _EXPONENT_BITS = {
 
 
 def _all_finite(torch, tensor: Any) -> bool:
-    """Whether a floating tensor holds no NaN or Inf (other dtypes always do), checked in
-    chunks as it streams by: on the bit patterns where the dtype's are IEEE's, else with
-    ``isfinite``."""
+    """Whether a floating tensor holds no NaN or Inf (other dtypes always do)."""
+    largest = _magnitude(torch, tensor)
+    return largest is None or largest < math.inf
+
+
+def _magnitude(torch, tensor: Any) -> float | None:
+    """The largest |x| of a floating tensor (0.0 for other dtypes), inf when it holds NaN or
+    Inf, None when it is finite but its largest |x| was not worked out; checked in chunks as
+    it streams by: on the bit patterns where the dtype's are IEEE's (where the pattern
+    without the sign orders the values by magnitude, so its maximum is the largest |x| for
+    free), else with ``isfinite``."""
     if not tensor.is_floating_point():
-        return True
+        return 0.0
     flat = tensor.reshape(-1)
     n = flat.numel()
     layout = _EXPONENT_BITS.get(str(tensor.dtype).removeprefix("torch."))
     if layout is None or tensor.device.type != "cpu" or not flat.is_contiguous():
-        return all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all())
-                   for s in range(0, n, _FINITE_CHUNK))
+        finite = all(bool(torch.isfinite(flat[s:s + _FINITE_CHUNK]).all())
+                     for s in range(0, n, _FINITE_CHUNK))
+        return None if finite else math.inf
     int_dtype, magnitude, exponent = layout
     bits = flat.view(getattr(torch, int_dtype))
     scratch = torch.empty(min(n, _FINITE_CHUNK), dtype=bits.dtype)
+    largest = 0
     for s in range(0, n, _FINITE_CHUNK):
         e = min(n, s + _FINITE_CHUNK)
-        if int(torch.bitwise_and(bits[s:e], magnitude, out=scratch[:e - s]).max()) >= exponent:
-            return False
-    return True
+        top = int(torch.bitwise_and(bits[s:e], magnitude, out=scratch[:e - s]).max())
+        if top >= exponent:
+            return math.inf
+        largest = max(largest, top)
+    return float(torch.tensor([largest], dtype=bits.dtype).view(tensor.dtype)[0])
+
+
+# The largest finite value of each output dtype. A method's ``bound`` on the exact values
+# of a merge (every intermediate and the result) proves its output finite when twice the
+# bound stays below the output's largest value (and float32's: the arithmetic's): the
+# rounding of the float32 operations, 2^-24 relative each, cannot cover that factor of 2.
+_LARGEST = {"bfloat16": 3.3895313892515355e38, "float16": 65504.0,
+            "float32": 3.4028234663852886e38, "float64": 3.4028234663852886e38}
 
 
 def _span_finite(torch, span: Any, scratch) -> bool:
@@ -754,6 +777,8 @@ class _OutputChecks:
     reads bytes still in cache, on every core, instead of the whole tensor again from memory
     on the main thread (~1 s of an 8-variant linear sweep's 10). ``finite`` gives that
     verdict when the spans covered the whole output, and otherwise checks the output whole.
+    An output its method's bound proves finite from the parents' magnitudes (``proof``) is
+    not checked at all.
     """
 
     def __init__(self, torch, wanted: Sequence[bool]):
@@ -761,12 +786,25 @@ class _OutputChecks:
         self.flats: list[Any] = [None] * len(self.wanted)
         self.bad = [False] * len(self.wanted)
         self.covered = [0] * len(self.wanted)
+        self.proofs: list[Callable[[], bool] | None] = [None] * len(self.wanted)
         self.lock = threading.Lock()
 
     def watch(self, k: int, flat: Any) -> None:
-        """Check output ``k`` (its flat view) span by span."""
+        """Check output ``k`` (its flat view) span by span, unless it is proven finite."""
+        self._settle(k)
         if self.wanted[k] and flat.device.type == "cpu" and flat.is_contiguous():
             self.flats[k] = flat
+
+    def proof(self, k: int, proves: Callable[[], bool]) -> None:
+        """``proves()`` may prove output ``k`` finite (a method's bound, once the parents'
+        magnitudes are known: it is asked when the output is watched or judged, after the
+        parents were loaded); a proven output is not checked."""
+        self.proofs[k] = proves
+
+    def _settle(self, k: int) -> None:
+        proves, self.proofs[k] = self.proofs[k], None
+        if proves is not None and self.wanted[k] and proves():
+            self.wanted[k] = False
 
     def span(self, s: int, e: int, workspace) -> None:
         """Elements [s, e) of every watched output are written: check them (on the calling
@@ -781,7 +819,9 @@ class _OutputChecks:
                 self.covered[k] += e - s
 
     def finite(self, k: int, out: Any) -> bool:
-        """Whether output ``k`` holds no NaN or Inf (always true where it was not wanted)."""
+        """Whether output ``k`` holds no NaN or Inf (always true where it was not wanted or
+        is proven finite)."""
+        self._settle(k)
         if not self.wanted[k]:
             return True
         if self.flats[k] is not None and self.covered[k] == self.flats[k].numel():
@@ -1015,6 +1055,7 @@ class _Streaming:
         self.merge_streamed = method.load_streamed() if streamed else None
         self.merge_streamed_many = method.load_streamed_many() if streamed else None
         self.merge_elementwise_many = method.load_elementwise_many() if self.elementwise else None
+        self.bound = method.load_bound()
         self.drops = True  # whether this job reads a tensor last (and may drop its pages)
 
     def _mapped(self, info: TensorInfo):
@@ -1274,11 +1315,13 @@ class _Streaming:
 
 
 def _load(readers, stream: _Streaming, info: TensorInfo, checked_for: str | None = None,
-          finite: set[int] | None = None):
+          finite: dict[int, float | None] | None = None):
     """A parent tensor as a view of its mapped file; with ``checked_for`` (the node being
     built) one holding NaN or Inf stops the build, naming node, parent and tensor. ``finite``
-    holds the ids of the tensor infos already found finite in this pass (a fused pass's
-    groups read the same parent tensor again): those are not checked twice."""
+    maps the ids of the tensor infos already found finite in this pass (a fused pass's
+    groups read the same parent tensor again) to their largest |x| (``_magnitude``): those
+    are not checked twice, and the magnitudes feed the methods' bounds
+    (``_bound_proves_finite``)."""
     # By identity first: "base" and "base+lora" share files but not readers.
     reader = next((r for r in readers.values() if r.tensors.get(info.name) is info),
                   None) or readers[stream.by_file[str(info.file)]]
@@ -1286,23 +1329,48 @@ def _load(readers, stream: _Streaming, info: TensorInfo, checked_for: str | None
     faults.point("engine.read_tensor")
     if checked_for is None or finite is not None and id(info) in finite:
         return tensor
-    if not _all_finite(stream.torch, tensor):
+    largest = _magnitude(stream.torch, tensor)
+    if largest == math.inf:
         parent = next((n for n, r in readers.items() if r is reader), "?")
         raise CheckpointError(
             f"parent '{parent}' holds NaN or Inf in {info.name}; merging would spread it",
             node=checked_for, hint="fix the parent, or set allow_nonfinite: true on the node "
                                    "(or make --allow-nonfinite) to merge it anyway")
     if finite is not None:
-        finite.add(id(info))
+        finite[id(info)] = largest
     return tensor
 
 
+def _bound_proves_finite(stream: _Streaming, task: TensorTask, params: TensorParams,
+                         finite: dict[int, float | None]) -> bool:
+    """Whether ``task``'s method's ``bound`` on the merge's values, given its parents' largest
+    |x| (recorded by ``_load`` as it checked them), proves the output finite (see
+    ``_LARGEST``). A method without a bound, a parent of unknown magnitude or parameters the
+    bound rejects prove nothing."""
+    if stream.bound is None or task.remap is not None:
+        return False
+    infos = (*task.inputs, *((task.base,) if task.base else ()))
+    largest = [finite.get(id(info)) for info in infos]
+    if any(m is None for m in largest):
+        return False
+    try:
+        bound = stream.bound(largest[:len(task.inputs)],
+                             largest[-1] if task.base else None, params)
+    except ValueError:
+        return False  # the kernel reports the parameters' problem itself
+    limit = min(_LARGEST.get(str(stream.out_dtype[task.dtype]).removeprefix("torch."), 0.0),
+                _LARGEST["float32"])
+    return bound is not None and 2 * bound < limit
+
+
 def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
-             stream: _Streaming, checks: _OutputChecks, k: int) -> Any:
+             stream: _Streaming, checks: _OutputChecks, k: int,
+             finite: dict[int, float | None]) -> Any:
     """Job's output tensor for ``task`` alone; the chunked and streamed paths check it for
-    NaN/Inf as they write it (as job ``k`` of ``checks``)."""
+    NaN/Inf as they write it (as job ``k`` of ``checks``), unless its method's bound proves
+    it finite (``_bound_proves_finite``)."""
     load = partial(_load, readers, stream,
-                   checked_for=None if job.allow_nonfinite else job.node)
+                   checked_for=None if job.allow_nonfinite else job.node, finite=finite)
 
     if (len(task.inputs) == 1 and task.base is None and task.remap is None
             and job.method.passes_through):
@@ -1317,6 +1385,8 @@ def _compute(job: BuildJob, task: TensorTask, readers, func, device: str, torch,
 
     if task.dtype not in ARITHMETIC_CODES:
         return load(task.inputs[0] if task.inputs else task.base).clone()
+    checks.proof(k, partial(_bound_proves_finite, stream, task, _resolve_params(job, task),
+                            finite))
     if stream.elementwise and task.remap is None:
         return stream.compute_chunked(task, load, func, _resolve_params(job, task), checks, k)
     if stream.streams(task, _resolve_params(job, task)):

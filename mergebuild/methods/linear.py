@@ -68,6 +68,23 @@ def merge_linear_many(
         out.copy_(result)
 
 
+def linear_bound(parents: list[float], base: float | None, params: TensorParams) -> float:
+    """A bound on every value ``merge_linear`` computes, from each parent's largest |x|:
+    Σ|w_i|·max|x_i| bounds the products and the partial sums, that over |Σ w| the result.
+
+    Raises:
+        ValueError: as ``merge_linear``, for weights it rejects.
+
+    Example:
+        >>> p = TensorParams("w", {}, ({"weight": 1.0}, {"weight": 3.0}))
+        >>> linear_bound([2.0, 4.0], None, p)
+        14.0
+    """
+    weights, normalize, total = _weights(len(parents), params)
+    summed = sum(abs(w) * m for w, m in zip(weights, parents, strict=True))
+    return max(summed, summed / abs(total)) if normalize else summed
+
+
 def _weights(count: int, params: TensorParams) -> tuple[list[float], bool, float]:
     """The checked weights of ``count`` parents, whether to normalise, and their sum."""
     if not count:

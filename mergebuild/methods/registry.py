@@ -170,6 +170,10 @@ class Method:
     the same chunks (None: the engine runs ``kernel`` once per variant, on copies).
     ``passes_through``: the result is the one parent's tensor times its ``scale``, so the
     engine hands unscaled tensors to the writer as they are.
+    ``bound``: ``bound(parents, base, params)``, given the largest |x| of each parent's
+    tensor (and the base's, or None), a bound on the magnitude of every value the kernel
+    computes, intermediates included, in exact arithmetic (None: no bound for these
+    parameters). The engine skips the NaN/Inf check of an output it proves finite.
     ``settings``: a family member's knobs, read by the family's kernels.
     """
 
@@ -189,6 +193,7 @@ class Method:
     elementwise: bool = False
     elementwise_many: str | None = None  # "module:function": several variants per chunk
     passes_through: bool = False
+    bound: str | None = None  # "module:function": a bound on the merge's magnitudes
     settings: TaskVectorSettings | None = None
 
     def param(self, name: str) -> Param | None:
@@ -223,6 +228,10 @@ class Method:
     def load_elementwise_many(self) -> Callable[..., Any] | None:
         """The elementwise kernel for several variants over the same chunks, if any."""
         return self._import(self.elementwise_many) if self.elementwise_many else None
+
+    def load_bound(self) -> Callable[..., Any] | None:
+        """The method's bound on its values from the parents' magnitudes, if it has one."""
+        return self._import(self.bound) if self.bound else None
 
     def _import(self, path: str) -> Callable[..., Any]:
         module, _, attr = path.partition(":")
@@ -331,6 +340,7 @@ register(Method(
     kernel="mergebuild.methods.linear:merge_linear",
     elementwise=True,
     elementwise_many="mergebuild.methods.linear:merge_linear_many",
+    bound="mergebuild.methods.linear:linear_bound",
     params=(
         _core_weight(),
         Param("normalize", "bool", default=True, help="divide by the sum of the weights"),
@@ -344,6 +354,7 @@ register(Method(
     streamed="mergebuild.methods.slerp:merge_slerp_streamed",
     streamed_many="mergebuild.methods.slerp:merge_slerp_streamed_many",
     stream_chunk=1 << 20,  # slerp.CHUNK_ELEMENTS: the chunks its dot products are taken over
+    bound="mergebuild.methods.slerp:slerp_bound",
     base="required",
     params=(Param("t", "float", help="interpolation factor; 0 is the base_model"),),
     min_parents=1,
