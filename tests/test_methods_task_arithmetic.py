@@ -479,3 +479,45 @@ def test_della_keep_probabilities_match_mergekit(mergekit_methods):
         / runs
     )
     assert_close(rate, della_probabilities(x, 0.5, 0.2), atol=0.04, rtol=0)
+
+
+FAMILY = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+          "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_the_family_bound_covers_every_value_the_kernel_computes(name):
+    """Against the whole-tensor kernel, on parents of very different magnitudes, with the
+    member's rescales, normalisation, λ and negative weights; where the bound gives up it
+    says so (None) instead of a number that could be exceeded."""
+    from mergebuild.methods.task_arithmetic.whole import bound
+
+    method = METHODS[name]
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(64, 96, generator=g)
+    sparse = method.settings.sparsifier is not None
+    settings = [({}, [0.7, 0.5, 0.3]), ({"lambda": 1.7}, [0.2, 0.9, 0.4]),
+                ({"normalize": True}, [1.0, -0.4, 0.6]), ({"normalize": False}, [0.5, 0.5, 2.0])]
+    if sparse:
+        settings += [({"rescale": "inverse_density"}, [0.6, 0.3, 0.1]),
+                     ({"rescale": "none", "normalize": True}, [0.3, 0.3, 0.3]),
+                     ({"rescale": "l1"}, [0.5, 0.5, 0.5])]
+    proven = 0
+    for trial, (globals_, weights) in enumerate(settings):
+        parents = [base + torch.randn(64, 96, generator=g) * 10.0 ** k for k in (-2, 0, 1)]
+        per_parent = [{"weight": w, **({"density": d} if sparse else {})}
+                      for w, d in zip(weights, (0.3, 0.6, 0.8), strict=True)]
+        params = TensorParams("w", globals_, tuple(per_parent))
+        limit = bound([float(p.abs().max()) for p in parents], float(base.abs().max()), params,
+                      method=method)
+        out = method.load()([p.clone() for p in parents], base.clone(), params,
+                            seeded(trial))
+        if limit is None:
+            assert globals_.get("rescale", method.value(globals_, "rescale")
+                                if sparse else "none") in ("l1", True) or min(weights) < 0
+            continue
+        proven += 1
+        assert float(out.abs().max()) <= limit, (globals_, weights)
+    assert proven >= 2  # members rescaling by l1 by default (DARE's, DELLA) prove less
+    with pytest.raises(ValueError, match="needs a base model"):
+        bound([1.0], None, TensorParams("w", {}, ({"weight": 1.0},)), method=method)

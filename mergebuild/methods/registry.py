@@ -279,6 +279,7 @@ def _core_density() -> Param:
 _FAMILY_WHOLE = "mergebuild.methods.task_arithmetic.whole:merge"
 _FAMILY_STREAMED = "mergebuild.methods.task_arithmetic.streamed:merge"
 _FAMILY_STREAMED_MANY = "mergebuild.methods.task_arithmetic.streamed:merge_many"
+_FAMILY_BOUND = "mergebuild.methods.task_arithmetic.whole:bound"
 
 
 def _task_vector_member(
@@ -324,6 +325,7 @@ def _task_vector_member(
         # DELLA ranks each row and draws torch's generator row block by row block: whole only.
         streamed=None if sparsifier == "della" else _FAMILY_STREAMED,
         streamed_many=None if sparsifier == "della" else _FAMILY_STREAMED_MANY,
+        bound=_FAMILY_BOUND,
         # Without a sparsifier each output element depends only on the same inputs' elements.
     elementwise=sparsifier is None,
         base="required",

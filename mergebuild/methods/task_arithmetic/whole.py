@@ -264,3 +264,45 @@ def _mix_reference_(
     if normalize:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return mixed
+
+
+def bound(parents: list[float], base: float | None, params: TensorParams, *,
+          method: Method) -> float | None:
+    """A bound on every value the family's kernels compute, from the largest |x| of each
+    parent's tensor and of the base's: |δ_i| ≤ max|x_i| + max|b|; a kept element is
+    rescaled by at most 1/density (``inverse_density``; DELLA: 1/(density − ε), its lowest
+    keep probability) and weighted; their sum bounds the mix, which normalising divides by
+    |Σ w| (or, with sign consensus and no negative weight, turns into a weighted mean of
+    the agreeing parts: at most the largest rescaled |δ_i|); then × |λ|, + max|b|.
+
+    None where no bound holds: an ``l1`` rescale (its factor ‖δ‖₁/‖kept‖₁ is unbounded) or
+    a consensus normalised by weights of both signs (the agreeing ones may nearly cancel).
+
+    Raises:
+        ValueError: as the kernels, for a missing base or parameters they reject.
+    """
+    if base is None:
+        raise ValueError(f"{method.name} needs a base model")
+    keeps, mix = plan(method, params, 1 << 40)  # any size: the rescales do not depend on it
+    deltas = [largest + base for largest in parents]
+    rescaled = []
+    for keep, delta in zip(keeps, deltas, strict=True):
+        if keep.mode == "zero":
+            rescaled.append(0.0)
+        elif keep.mode == "all" or keep.rescale == "none":
+            rescaled.append(delta)
+        elif keep.rescale == "inverse_density":
+            rescaled.append(delta / (keep.density - keep.epsilon))
+        else:
+            return None
+    summed = sum(abs(k.weight) * r for k, r in zip(keeps, rescaled, strict=True))
+    if not mix.normalize:
+        mixed = summed
+    elif mix.consensus is None:
+        total = sum(k.weight for k in keeps)
+        mixed = summed / (abs(total) if abs(total) >= 1e-8 else 1.0)
+    elif all(k.weight >= 0 for k in keeps):
+        mixed = max(rescaled, default=0.0)
+    else:
+        return None
+    return max(*deltas, summed, mixed, abs(mix.lam) * mixed + base)
