@@ -69,29 +69,30 @@ def test_matches_mergekit():
 
 
 def test_many_is_bit_for_bit_each_variant_alone_and_leaves_the_inputs():
-    from mergebuild.methods.linear import merge_linear_many
+    from mergebuild.methods.linear import _MANY_SPAN, merge_linear_many
 
     g = torch.Generator().manual_seed(3)
-    parents = [torch.randn(4099, generator=g) * 10 ** k for k in (-3, 0, 2)]
+    n = _MANY_SPAN + 4099  # two sub-spans, the second ragged
+    parents = [torch.randn(n, generator=g) * 10 ** k for k in (-3, 0, 2)]
     variants = [([0.1, 0.3, 0.2], {}), ([1.0, -0.7, 0.25], {"normalize": False}),
                 ([0.5, 0.5, 1e-3], {}), ([3.0, 0.0, -1.0], {})]
     params = [TensorParams(NAME, g_, tuple({"weight": w} for w in ws)) for ws, g_ in variants]
     before = [p.clone() for p in parents]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        outs = [torch.empty(4099, dtype=dtype) for _ in variants]
-        merge_linear_many(parents, None, params, outs, torch.empty(4099))
+        outs = [torch.empty(n, dtype=dtype) for _ in variants]
+        merge_linear_many(parents, None, params, outs, torch.empty(n))
         for out, p in zip(outs, params, strict=True):
             alone = merge_linear([x.clone() for x in parents], None, p, None).to(dtype)
             assert torch.equal(out.view(torch.uint8), alone.view(torch.uint8))
         assert all(torch.equal(a, b) for a, b in zip(parents, before, strict=True))
     # The same tensor twice (the one parent listed twice) is no in-place hazard either.
     twice = TensorParams(NAME, {}, ({"weight": 2.0}, {"weight": 1.0}))
-    out = torch.empty(4099)
-    merge_linear_many([parents[1], parents[1]], None, [twice], [out], torch.empty(4099))
+    out = torch.empty(n)
+    merge_linear_many([parents[1], parents[1]], None, [twice], [out], torch.empty(n))
     assert torch.equal(out, merge_linear([parents[1], parents[1]], None, twice, None))
     with pytest.raises(ValueError, match="sum to zero"):
         merge_linear_many(parents[:2], None, [TensorParams(
-            NAME, {}, ({"weight": 1.0}, {"weight": -1.0}))], [out], torch.empty(4099))
+            NAME, {}, ({"weight": 1.0}, {"weight": -1.0}))], [out], torch.empty(n))
 
 
 def test_linear_bound_covers_every_value_the_kernel_computes():
