@@ -46,8 +46,19 @@ gets one float32 chunk of each input (shared by the variants: never modified) an
 into ``outs[i]`` (same length, any dtype) what the whole-tensor kernel returns for
 ``params[i]``, cast, bit for bit; ``scratch`` is a float32 buffer of the chunk's length.
 
+A method's bound on its values (``bound``), from the magnitudes of its inputs::
+
+    def bound(parents: list[float], base: float | None, params: TensorParams) -> float | None
+
+gets the largest |x| of each parent's tensor (and of the base's, or None) and returns a
+number that no value the kernels compute for ``params`` exceeds in exact arithmetic,
+intermediates included, or None where it knows none (it raises ValueError for parameters the
+kernels reject). The engine reads the parents' magnitudes off their own NaN/Inf check, for
+free, and skips the check of an output whose bound, doubled, stays below the output dtype's
+largest finite value and float32's (the doubling covers the float32 rounding).
+
 A family member (a method with ``settings``) gets its declaration as the keyword argument
-``method`` of both kernels, and reads its knobs from ``method.settings``.
+``method`` of its kernels and of its bound, and reads its knobs from ``method.settings``.
 """
 
 from __future__ import annotations
