@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -57,8 +58,8 @@ def _coefficients(sums: list[tuple[float, float, float]], t: float) -> tuple[flo
     return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
-def _t(base: torch.Tensor | None, parents: list[torch.Tensor], params: TensorParams) -> float:
-    """The interpolation factor, once the inputs are checked."""
+def _t(base: object | None, parents: Sequence[object], params: TensorParams) -> float:
+    """The interpolation factor, once the inputs (tensors, or their magnitudes) are checked."""
     if base is None or len(parents) != 1:
         raise ValueError("slerp needs a base model and exactly one other model")
     t = params.globals.get("t")
@@ -81,12 +82,7 @@ def slerp_bound(parents: list[float], base: float | None, params: TensorParams) 
         >>> slerp_bound([2.0], 1.0, TensorParams("w", {"t": 0.5}, ({},)))  # the dots'
         4194304.0
     """
-    if base is None or len(parents) != 1:
-        raise ValueError("slerp needs a base model and exactly one other model")
-    t = params.globals.get("t")
-    if t is None:
-        raise ValueError("slerp: missing required parameter 't'")
-    t, other = float(t), parents[0]
+    t, other = _t(base, parents, params), parents[0]
     spherical = 1.0 / _SIN_FLOOR
     mixed = max(abs(1.0 - t), spherical) * base + max(abs(t), spherical) * other
     return max(mixed, _CHUNK_ELEMENTS * max(base, other) ** 2)

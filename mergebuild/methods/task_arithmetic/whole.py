@@ -190,8 +190,7 @@ def mix_(
             return torch.empty(n, dtype=dtype, device=parts[0].device)
         return scratch(name, dtype)[:n]
 
-    total_weight = sum(weights)
-    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+    plain_divisor = _plain_divisor(weights)
     mixed = buffer("mix", torch.float32)
     torch.add(parts[0], parts[1], out=mixed) if len(parts) > 1 else mixed.copy_(parts[0])
     for p in parts[2:]:
@@ -244,6 +243,12 @@ def mix_(
     if lam != 1:
         mixed.mul_(lam)
     return mixed
+
+
+def _plain_divisor(weights: list[float]) -> float:
+    """What normalising without consensus divides by: Σ w, or 1 where it is ~0."""
+    total = sum(weights)
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 def _mix_reference_(
@@ -299,8 +304,7 @@ def bound(parents: list[float], base: float | None, params: TensorParams, *,
     if not mix.normalize:
         mixed = summed
     elif mix.consensus is None:
-        total = sum(k.weight for k in keeps)
-        mixed = summed / (abs(total) if abs(total) >= 1e-8 else 1.0)
+        mixed = summed / abs(_plain_divisor([k.weight for k in keeps]))
     elif all(k.weight >= 0 for k in keeps):
         mixed = max(rescaled, default=0.0)
     else:
