@@ -361,6 +361,33 @@ def test_a_fused_pass_writes_one_tensor_per_core_at_a_time(parents, tmp_path, mo
     assert lanes == [None]
 
 
+def test_a_fused_pass_writes_its_outputs_with_direct_io(parents, tmp_path, monkeypatch):
+    """Each output weight file of a fused pass is opened with O_DIRECT (the page cache is
+    left to the parents); a lone build's goes through the page cache. Same bytes: the
+    byte-for-byte tests above compare the two."""
+    import os
+
+    from mergebuild.io import checkpoint
+
+    opened: list[tuple[str, bool]] = []
+    real = checkpoint.os.open
+
+    def recording(path, flags, *args):
+        if str(path).endswith(".safetensors") and flags & os.O_WRONLY:
+            opened.append((Path(path).parent.name, bool(flags & os.O_DIRECT)))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", recording)
+    models, per_parent, globals_ = VARIANTS["linear"]
+    jobs = [make_job("linear", parents, f"l{i}", models, pp, g)
+            for i, (pp, g) in enumerate(zip(per_parent, globals_, strict=True))]
+    run_builds(jobs, [tmp_path / f"o{i}" for i in range(len(jobs))])
+    assert sorted(opened) == [(f"o{i}", True) for i in range(len(jobs))]
+    opened.clear()
+    run_build(jobs[0], tmp_path / "alone")
+    assert opened == [("alone", False)]
+
+
 def test_outputs_a_bound_proves_finite_are_not_checked(parents, tmp_path, monkeypatch):
     """Linear's bound (Σ|w|·max|x|, over |Σw| when normalised) proves ordinary variants
     finite from the parents' magnitudes, which the parents' own check yields: their outputs

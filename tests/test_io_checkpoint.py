@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -617,3 +619,176 @@ def test_writers_sharing_a_lane_write_one_tensor_at_a_time(tmp_path, monkeypatch
     for k in range(3):
         loaded = load_file(tmp_path / f"w{k}" / "model.safetensors")
         assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
+
+
+# --------------------------------------------------------------------------- direct writes
+
+
+def _direct_tensors() -> dict[str, torch.Tensor]:
+    """The sample tensors plus ones that span several small staging buffers."""
+    gen = torch.Generator().manual_seed(1)
+    return {**_sample_tensors(),
+            "big": torch.randn(3001, generator=gen),
+            "odd": torch.randn(1237, generator=gen).to(torch.bfloat16)}
+
+
+def _written_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 2**30, 4000])
+def test_direct_writer_writes_the_same_files_and_digests(tmp_path, monkeypatch, shard_bytes):
+    """Through O_DIRECT (staging buffers of two blocks here, so every file crosses several
+    of them and ends in a padded partial block) the files, sha256 and xxh128 are those of
+    the ordinary writer, sharded or not."""
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 2 * checkpoint._DirectFile._BLOCK)
+    tensors = _direct_tensors()
+    plain = CheckpointWriter(tmp_path / "plain", _layout(tensors), max_shard_bytes=shard_bytes)
+    direct = CheckpointWriter(tmp_path / "direct", _layout(tensors),
+                              max_shard_bytes=shard_bytes, direct=True)
+    for writer in (plain, direct):
+        for name, t in tensors.items():
+            writer.write(name, t)
+    assert direct.finish() == plain.finish()
+    assert direct.xxh128 == plain.xxh128
+    assert _written_files(tmp_path / "direct") == _written_files(tmp_path / "plain")
+    assert direct._io is None  # the direct writes' thread is gone
+
+
+def test_direct_writer_bypasses_the_page_cache_with_aligned_writes(tmp_path, monkeypatch):
+    """Every weight file is opened with O_DIRECT and written in whole aligned blocks from
+    aligned memory (the last one padded), then cut to its length; nothing else is written."""
+    import fcntl
+
+    block = checkpoint._DirectFile._BLOCK
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 2 * block)
+    writes: list[tuple[int, int, int]] = []
+    real_pwrite = checkpoint.os.pwrite
+
+    def pwrite(fd, data, offset):
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        address = ctypes.addressof(ctypes.c_char.from_buffer(data)) if isinstance(
+            data, memoryview) and not data.readonly else None
+        writes.append((offset, len(data), address))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", pwrite)
+    tensors = _direct_tensors()
+    _write(tmp_path, tensors, direct=True)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert writes and all(o % block == 0 and n % block == 0 for o, n, _ in writes)
+    assert all(a is not None and a % block == 0 for _, _, a in writes)
+    assert sorted(o for o, _, _ in writes) == list(range(0, size + block - 1, block * 2))[
+        :len(writes)]
+    assert sum(n for _, n, _ in writes) == -(-size // block) * block  # once each, padded
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(loaded[name], t) for name, t in tensors.items())
+
+
+def test_direct_writer_falls_back_where_the_filesystem_refuses_direct_io(tmp_path, monkeypatch):
+    """A filesystem that refuses O_DIRECT at open (tmpfs before Linux 6.6), or refuses a
+    direct write, gets ordinary writes: the same file, no error."""
+    import fcntl
+
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 2 * checkpoint._DirectFile._BLOCK)
+    tensors = _direct_tensors()
+    expected = _write(tmp_path / "plain", tensors)
+    real_open, real_pwrite = checkpoint.os.open, checkpoint.os.pwrite
+
+    def refusing_open(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(checkpoint.os, "open", refusing_open)
+    assert _write(tmp_path / "at-open", tensors, direct=True) == expected
+    monkeypatch.setattr(checkpoint.os, "open", real_open)
+
+    refused = []
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", refusing_pwrite)
+    assert _write(tmp_path / "at-write", tensors, direct=True) == expected
+    assert refused == [0]  # refused once; the rest of the file went through the cache
+    for name in ("at-open", "at-write"):
+        assert _written_files(tmp_path / name) == _written_files(tmp_path / "plain")
+
+
+def test_direct_writer_disk_full_propagates_and_frees_its_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 2 * checkpoint._DirectFile._BLOCK)
+    live = []
+    real_init, real_release = checkpoint._DirectFile.__init__, checkpoint._DirectFile.release
+    monkeypatch.setattr(checkpoint._DirectFile, "__init__",
+                        lambda self, *a: (live.append(self), real_init(self, *a))[1])
+    monkeypatch.setattr(checkpoint._DirectFile, "release",
+                        lambda self: (live.remove(self), real_release(self))[1])
+
+    def full_disk(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "pwrite", full_disk)
+    tensors = _direct_tensors()
+    writer = CheckpointWriter(tmp_path, _layout(tensors), direct=True)
+    with pytest.raises(OSError) as caught:
+        for name, t in tensors.items():
+            writer.write(name, t)
+        writer.finish()
+    assert caught.value.errno == errno.ENOSPC
+    writer.abort()
+    assert live == [] and writer._io is None
+    assert all(shard.fd == -1 for shard in writer._shards)
+
+
+def test_direct_writer_holds_one_files_buffers_at_a_time(tmp_path, monkeypatch):
+    """A sharded model's finished files give their staging buffers back as the next opens."""
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 2 * checkpoint._DirectFile._BLOCK)
+    live, most = [], [0]
+    real_init, real_release = checkpoint._DirectFile.__init__, checkpoint._DirectFile.release
+
+    def init(self, *args):
+        live.append(self)
+        most[0] = max(most[0], len(live))
+        real_init(self, *args)
+
+    monkeypatch.setattr(checkpoint._DirectFile, "__init__", init)
+    monkeypatch.setattr(checkpoint._DirectFile, "release",
+                        lambda self: (live.remove(self), real_release(self))[1])
+    tensors = {f"t{i}": torch.full((700,), float(i)) for i in range(6)}
+    _write(tmp_path, tensors, max_shard_bytes=3000, direct=True)
+    assert len(json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"]) == 6
+    assert most[0] == 1 and live == []
+
+
+def test_direct_writer_stopped_mid_tensor_has_written_only_true_bytes(tmp_path, monkeypatch):
+    """The reliability tests' mid-tensor stop: through O_DIRECT the whole blocks staged so
+    far reach the file (what a crash there leaves), every byte of them the true one."""
+    monkeypatch.setattr(checkpoint._DirectFile, "_SIZE", 4 * checkpoint._DirectFile._BLOCK)
+
+    class Stop(Exception):
+        pass
+
+    def point(name):
+        if name == "writer.mid_tensor":
+            raise Stop
+
+    monkeypatch.setattr(checkpoint.faults, "ARMED", True)
+    monkeypatch.setattr(checkpoint.faults, "point", point)
+    tensors = {"a": torch.randn(5000), "b": torch.randn(10)}
+    writer = CheckpointWriter(tmp_path / "direct", _layout(tensors), background=False,
+                              direct=True)
+    with pytest.raises(Stop):
+        writer.write("a", tensors["a"])
+    writer.abort()
+    monkeypatch.setattr(checkpoint.faults, "ARMED", False)
+    _write(tmp_path / "plain", tensors)
+    partial = (tmp_path / "direct" / "model.safetensors").read_bytes()
+    whole = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(whole[:8], "little")
+    block = checkpoint._DirectFile._BLOCK
+    assert len(partial) == (header + 2500 * 4) // block * block
+    assert partial == whole[:len(partial)]

@@ -22,6 +22,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -542,6 +543,7 @@ class _Shard:
     fd: int = -1
     sha256: Any = None
     xxh128: Any = None  # for the store's publish record: checked cheaply when read back
+    direct: _DirectFile | None = None  # the file's staged O_DIRECT writes, when in use
 
 
 @dataclass(frozen=True)
@@ -565,9 +567,11 @@ class CheckpointWriter:
     (bounded queue of `queue_size` tensors) so computation overlaps I/O; `on_written`, if
     given, is called with each tensor once its bytes are written and hashed (on that
     thread), so its memory may be reused. Writers given the same `lane` (a semaphore) hash
-    and write at most that many tensors at once between them. The writer keeps a
-    reference to each tensor until its bytes are on their way to disk: do not modify a tensor
-    in place after passing it to `write` (pass a fresh tensor, or call `drain()` first).
+    and write at most that many tensors at once between them. With `direct`, the files are
+    written with O_DIRECT, bypassing the page cache (same bytes; a filesystem that refuses
+    it gets ordinary writes). The writer keeps a reference to each tensor until its bytes
+    are on their way to disk: do not modify a tensor in place after passing it to `write`
+    (pass a fresh tensor, or call `drain()` first).
 
     Example:
         >>> writer = CheckpointWriter(out, [("w", "BF16", (2, 2))])
@@ -586,6 +590,7 @@ class CheckpointWriter:
         queue_size: int = 4,
         on_written: Callable[[torch.Tensor], None] | None = None,
         lane: threading.Semaphore | None = None,
+        direct: bool = False,
     ):
         self.directory = Path(directory)
         layout = [(name, dtype, tuple(shape)) for name, dtype, shape in layout]
@@ -628,6 +633,8 @@ class CheckpointWriter:
         self.xxh128: dict[str, str] = {}  # file name → "xxh128:<hex>", filled by finish()
         self._on_written = on_written
         self._lane = lane
+        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._io: ThreadPoolExecutor | None = None  # the direct writes' thread
 
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._slots:
@@ -717,11 +724,15 @@ class CheckpointWriter:
             digests: dict[str, str] = {}
             faults.point("writer.before_fsync")
             for shard in self._shards:
+                if shard.direct is not None:
+                    shard.direct.close()
+                    shard.direct = None
                 os.fsync(shard.fd)
                 os.close(shard.fd)
                 shard.fd = -1
                 digests[shard.path.name] = shard.sha256.hexdigest()
                 self.xxh128[shard.path.name] = "xxh128:" + shard.xxh128.hexdigest()
+            self._close_io()
             if len(self._shards) > 1:
                 index = {
                     "metadata": {"total_size": self.total_size},
@@ -755,9 +766,13 @@ class CheckpointWriter:
             self._error = _Aborted()
         self._stop_thread()
         for shard in self._shards:
+            if shard.direct is not None:
+                shard.direct.release()
+                shard.direct = None
             if shard.fd >= 0:
                 os.close(shard.fd)
                 shard.fd = -1
+        self._close_io()
 
     def __enter__(self) -> Self:
         return self
@@ -778,6 +793,11 @@ class CheckpointWriter:
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
+
+    def _close_io(self) -> None:
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
 
     def _drain_queue(self) -> None:
         while True:
@@ -800,12 +820,34 @@ class CheckpointWriter:
                 self._queue.task_done()
 
     def _open_shard(self, index: int) -> None:
+        if index and self._shards[index - 1].direct is not None:
+            # The previous file is complete (tensors come in layout order): write its
+            # staged tail now, so at most one file's buffers are held at once.
+            previous = self._shards[index - 1]
+            previous.direct.close()
+            previous.direct = None
         shard = self._shards[index]
-        shard.fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        shard.fd = -1
+        if self._direct:
+            try:
+                shard.fd = os.open(shard.path, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:  # a filesystem without direct I/O: write through the cache
+                if exc.errno != errno.EINVAL:
+                    raise
+        if shard.fd < 0:
+            shard.fd = os.open(shard.path, flags, 0o644)
+        else:
+            if self._io is None:  # one thread writes the staged buffers of this writer
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="mergebuild-direct")
+            shard.direct = _DirectFile(shard.fd, self._io)
         self._opened = index
         shard.sha256 = hashlib.sha256(shard.header)
         shard.xxh128 = xxhash.xxh3_128(shard.header)
-        _write_all(shard.fd, memoryview(shard.header), 0)
+        if shard.direct is not None:
+            shard.direct.append_bytes(shard.header)
+        else:
+            _write_all(shard.fd, memoryview(shard.header), 0)
 
     def _write_slot(self, slot: _Slot, tensor: torch.Tensor) -> None:
         while self._opened < slot.shard:
@@ -815,6 +857,9 @@ class CheckpointWriter:
             return
         # A view of the tensor's memory without copying; `tensor` stays referenced meanwhile.
         view = memoryview((ctypes.c_ubyte * slot.nbytes).from_address(tensor.data_ptr())).cast("B")
+        if shard.direct is not None:
+            self._stage_slot(shard, slot, tensor.data_ptr(), view)
+            return
         if faults.ARMED:  # a reliability test may stop us half-way through this tensor
             _write_all(shard.fd, view[: slot.nbytes // 2], slot.offset)
             faults.point("writer.mid_tensor")
@@ -824,6 +869,139 @@ class CheckpointWriter:
             shard.xxh128.update(chunk)
             _write_all(shard.fd, chunk, slot.offset + begin)
         _start_writeback(shard.fd, slot.offset, slot.nbytes)
+
+    @staticmethod
+    def _stage_slot(shard: _Shard, slot: _Slot, address: int, view: memoryview) -> None:
+        """`_write_slot` through the shard's O_DIRECT stream: hashed a chunk at a time as
+        it is copied into the stream's aligned buffer."""
+        direct = shard.direct
+        if direct.position != slot.offset:  # slots are written back to back, in order
+            raise ValueError(f"tensor '{slot.name}' is not where the file has got to")
+        begin = 0
+        if faults.ARMED:  # a reliability test may stop us half-way through this tensor
+            half = slot.nbytes // 2
+            shard.sha256.update(view[:half])
+            shard.xxh128.update(view[:half])
+            direct.append(address, half)
+            direct.flush_whole()
+            faults.point("writer.mid_tensor")
+            begin = half
+        while begin < slot.nbytes:
+            end = min(slot.nbytes, begin + _IO_CHUNK)
+            chunk = view[begin:end]
+            shard.sha256.update(chunk)
+            shard.xxh128.update(chunk)
+            direct.append(address + begin, end - begin)
+            begin = end
+
+
+class _DirectFile:
+    """One file written front to back with O_DIRECT, bypassing the page cache.
+
+    Direct I/O wants aligned memory, offsets and lengths, so bytes are staged in two
+    page-aligned buffers: while one is written on ``io`` (a thread), the other fills.
+    ``close`` writes the last partial block padded with zeros, then truncates the file to
+    its true length. Where the filesystem refuses an aligned direct write (EINVAL), the
+    file falls back to ordinary writes through the page cache.
+    """
+
+    _BLOCK = 4096
+    _SIZE = 2 * 2**20
+
+    def __init__(self, fd: int, io: ThreadPoolExecutor):
+        self.fd, self.io = fd, io
+        self.buffers = [mmap.mmap(-1, self._SIZE) for _ in range(2)]
+        self.views = [memoryview(b) for b in self.buffers]
+        # A buffer's address (the ctypes view made for it is dropped at once, so the
+        # mapping can still be closed).
+        self.addresses = [ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in self.buffers]
+        self.current = 0  # the buffer being filled
+        self.start = 0  # file offset of its first byte
+        self.used = 0
+        self.pending: Future | None = None  # the other buffer's write, while in flight
+        self.cached = False  # fell back to writes through the page cache
+
+    @property
+    def position(self) -> int:
+        """The file offset the next appended byte goes to."""
+        return self.start + self.used
+
+    def append_bytes(self, data: bytes) -> None:
+        holder = ctypes.create_string_buffer(data, len(data))
+        self.append(ctypes.addressof(holder), len(data))
+
+    def append(self, address: int, nbytes: int) -> None:
+        """Copy ``nbytes`` at ``address`` into the stream (ctypes.memmove runs without the
+        GIL), handing each buffer that fills to ``io``."""
+        while nbytes:
+            n = min(nbytes, self._SIZE - self.used)
+            ctypes.memmove(self.addresses[self.current] + self.used, address, n)
+            self.used += n
+            address += n
+            nbytes -= n
+            if self.used == self._SIZE:
+                self._wait()
+                self.pending = self.io.submit(self._write, self.current, self._SIZE,
+                                              self.start)
+                self.current ^= 1
+                self.start += self._SIZE
+                self.used = 0
+
+    def flush_whole(self) -> None:
+        """Write the staged whole blocks now, keeping the partial last block staged."""
+        self._wait()
+        whole = self.used - self.used % self._BLOCK
+        if whole:
+            self._write(self.current, whole, self.start)
+            kept = self.used - whole
+            view = self.views[self.current]
+            view[:kept] = view[whole:self.used]
+            self.start += whole
+            self.used = kept
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _write(self, index: int, nbytes: int, offset: int) -> None:
+        data = self.views[index][:nbytes]
+        try:
+            _write_all(self.fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or self.cached:
+                raise
+            import fcntl
+
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.cached = True
+            _write_all(self.fd, data, offset)
+
+    def close(self) -> None:
+        """Write what is staged (the last block padded with zeros), cut the file to its
+        length, free the buffers."""
+        self._wait()
+        length = self.position
+        if self.used:
+            padded = -(-self.used // self._BLOCK) * self._BLOCK
+            self.views[self.current][self.used:padded] = bytes(padded - self.used)
+            self._write(self.current, padded, self.start)
+        if os.fstat(self.fd).st_size != length:
+            os.ftruncate(self.fd, length)
+        self.release()
+
+    def release(self) -> None:
+        """Free the buffers (after the write in flight, whatever its outcome)."""
+        if self.pending is not None:
+            with contextlib.suppress(OSError):
+                self._wait()
+        for view, buffer in zip(self.views, self.buffers, strict=True):
+            view.release()
+            # A failed write's traceback may still hold a slice of it: the mapping then
+            # goes when that error does.
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        self.views, self.buffers = [], []
 
 
 class _Aborted(Exception):
