@@ -4,6 +4,7 @@ One command::
 
     python benchmarks/sweep.py [--size medium] [--methods linear,slerp,ties,dare_ties]
                                [--variants 8] [--repeat 3] [--separate] [--memory warm]
+                               [--through engine|make]
 
 Uses the models of ``benchmarks/run.py`` (generated once under ``benchmarks/.work/``). Each
 timed run is a fresh process that builds through the engine (``run_builds``) into fresh
@@ -13,6 +14,13 @@ import included; peak RSS is the child's own VmHWM (its ``ru_maxrss`` would incl
 driver's). The ratios N-variant / one-variant are what README quotes (CPU time, user + system, beside them: on a loaded machine wall
 time mostly measures the load); runs alternate (1, N, 1, N, …) so load drifts hit both alike,
 and the first pair is a warm-up (page cache, bytecode) left out of the medians.
+
+``--through make`` times what a user types instead: ``mergebuild make -B blend`` (in-process
+in the child, so its own VmHWM is read), where ``blend`` is the same recipe as a Mergefile
+node with a ``sweep:`` of the N points, or a plain node at the first point; the Mergefiles
+and their store live in ``.work/sweep-make/<method>/``, and the warm-up make hashes the
+sources, so the timed makes rebuild the merge and publish it (plan, provenance, card,
+publish included).
 
 The I/O floor is measured in the same run, also for 1 and N outputs: read the method's input
 weight files once, write the output's bytes 1 or N times and fsync them, with plain file I/O
@@ -74,8 +82,57 @@ def variant_jobs(method: str, count: int, paths: dict[str, Path]):
     return jobs
 
 
+def mergefile(method: str, count: int, paths: dict[str, Path]) -> Path:
+    """A Mergefile holding the benchmark recipe of ``method`` as node ``blend``: a sweep of
+    the ``count`` points of ``variant_jobs``, or with ``count`` 1 a plain node at the first
+    point. Its store (``cache/`` beside it) is shared by every run of the method."""
+    points = [round(0.1 + 0.8 * i / max(1, count - 1), 4) for i in range(count)]
+    sources = "".join(f"  {node}: {{source: {json.dumps(str(paths[node]))}}}\n"
+                      for node in ("base", "ft1", "ft2", "ft3"))
+    if method == "linear":
+        recipe = ("    merge_method: linear\n"
+                  "    models:\n"
+                  f"      - {{model: ft1, parameters: {{weight: {points[0]}}}}}\n"
+                  "      - {model: ft2, parameters: {weight: 0.3}}\n"
+                  "      - {model: ft3, parameters: {weight: 0.2}}\n"
+                  "    parameters: {normalize: true}\n")
+        swept = "models.ft1.weight"
+    elif method == "slerp":
+        recipe = ("    merge_method: slerp\n    base_model: base\n"
+                  "    models: [{model: base}, {model: ft1}]\n"
+                  f"    parameters: {{t: {points[0]}}}\n")
+        swept = "t"
+    elif method in ("ties", "dare_ties"):
+        recipe = (f"    merge_method: {method}\n    base_model: base\n"
+                  "    models:\n"
+                  f"      - {{model: ft1, parameters: {{weight: 0.4, density: {points[0]}}}}}\n"
+                  "      - {model: ft2, parameters: {weight: 0.3, density: 0.5}}\n"
+                  "      - {model: ft3, parameters: {weight: 0.3, density: 0.5}}\n"
+                  "    parameters: {normalize: true}\n")
+        swept = "models.ft1.density"
+    else:
+        raise SystemExit(f"no sweep recipe for {method}")
+    sweep = f"    sweep:\n      {swept}: {json.dumps(points)}\n" if count > 1 else ""
+    directory = WORK / "sweep-make" / method
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"Mergefile{count}"
+    path.write_text(f"models:\n{sources}  blend:\n{recipe}    dtype: bfloat16\n{sweep}")
+    return path
+
+
 def child(method: str, count: int, mode: str, size: str, out_root: Path) -> None:
     from run import generate
+
+    if mode == "make":
+        from mergebuild.cli import invoke
+
+        path = mergefile(method, count, generate(size))
+        code = invoke(["-q", "-f", str(path), "make", "-B", "blend"])
+        if code:
+            raise SystemExit(f"make -B blend of {path} exited {code}")
+        status = Path("/proc/self/status").read_text()
+        print(f"PEAK_RSS_KB {status.split('VmHWM:')[1].split()[0]}")
+        return
 
     from mergebuild.build.engine import run_build, run_builds
 
@@ -200,6 +257,11 @@ def main() -> None:
     parser.add_argument("--memory", choices=["as-is", "warm", "cold"], default="warm",
                         help="the free memory's state before each timed run "
                              "(see settle_memory)")
+    parser.add_argument("--through", choices=["engine", "make"], default="engine",
+                        help="time the engine's pass alone (run_builds), or the command a "
+                             "user types: `mergebuild make -B blend` of a Mergefile with the "
+                             "sweep (or one plain node), in a store that has hashed its "
+                             "sources (the warm-up run)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -213,7 +275,8 @@ def main() -> None:
     n = args.variants
     rows, results = [], []
     for method in args.methods.split(","):
-        modes = [("one", 1, "fused"), ("fused", n, "fused")]
+        through = "make" if args.through == "make" else "fused"
+        modes = [("one", 1, through), ("fused", n, through)]
         if args.separate:
             modes.append(("separate", n, "separate"))
         runs: dict[str, list[tuple[float, int, float]]] = {label: [] for label, _, _ in modes}
@@ -241,6 +304,7 @@ def main() -> None:
         rss_ratio = med["fused"][1] / med["one"][1]
         cpu_ratio = med["fused"][2] / med["one"][2]
         result = {"method": method, "variants": n, "size": args.size, "memory": args.memory,
+                  "through": args.through,
                   "runs": {k: [list(x) for x in v] for k, v in runs.items()},
                   "floors": floors, "wall_ratio": wall_ratio, "rss_ratio": rss_ratio,
                   "cpu_ratio": cpu_ratio, "loads": loads}
@@ -266,7 +330,8 @@ def main() -> None:
               f"{' | separate builds' if args.separate else ''} |\n"
               f"|---|---|---|---|---|---|---|---|---|---|{'---|' if args.separate else ''}")
     print("\n" + header + "\n" + "\n".join(rows))
-    (WORK / "sweep-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "sweep-results.json" if args.through == "engine" else "sweep-make-results.json"
+    (WORK / name).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
