@@ -162,6 +162,7 @@ def io_floor(inputs: list[Path], out_bytes: int, count: int, hashed: bool) -> fl
     scratch = WORK / "sweep-floor"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    os.sync()  # see measure
     read = memoryview(bytearray(64 * 2**20))
     block = memoryview(os.urandom(64 * 2**20))
 
@@ -231,8 +232,7 @@ def forget_builds(method: str) -> None:
     """Remove the builds of the ``--through make`` store (objects, their records, the
     Mergefiles' refs), keeping its state (the sources' digests): the next make builds and
     publishes every variant, as the first make of a new sweep does, without hashing the
-    sources again. Deleting them here keeps their cost (0.2 s per 577 MB on this machine's
-    ``discard`` mount) out of the timings."""
+    sources again. Their deletion stays out of the timings (``measure`` syncs after it)."""
     cache = WORK / "sweep-make" / method / "cache"
     for part in ("objects", "published", "refs", "tmp"):
         target = cache / part
@@ -240,9 +240,6 @@ def forget_builds(method: str) -> None:
             for dirpath, dirnames, _ in os.walk(target):  # the store makes objects read-only
                 os.chmod(dirpath, 0o755)
             shutil.rmtree(target)
-    # The freed blocks are discarded when the journal commits (this machine mounts its disk
-    # with ``discard``): commit now, so that work does not land in the timed make.
-    os.sync()
 
 
 def measure(method: str, count: int, mode: str, size: str, memory: str = "as-is",
@@ -252,6 +249,11 @@ def measure(method: str, count: int, mode: str, size: str, memory: str = "as-is"
     out_root.mkdir(parents=True)
     if mode == "make":
         forget_builds(method)
+    # Start from a quiet disk: the files the previous run (or floor) deleted are discarded
+    # when the journal commits (this machine mounts its disk with ``discard``; 0.2 s per
+    # 577 MB), and without this that work, and any writeback left, landed in the next timed
+    # run (until 2026-12-02, mostly in the one-variant runs, which follow the floors).
+    os.sync()
     settle_memory(memory, (count + 1) * out_bytes)
     cmd = [sys.executable, __file__, "--child", method, str(count), mode, size, str(out_root)]
     t0 = time.perf_counter()
