@@ -243,7 +243,10 @@ def forget_builds(method: str) -> None:
 
 
 def measure(method: str, count: int, mode: str, size: str, memory: str = "as-is",
-            out_bytes: int = 0) -> tuple[float, int, float]:
+            warm_bytes: int = 0) -> tuple[float, int, float]:
+    """One timed child: its wall seconds, peak RSS and CPU seconds. ``warm_bytes``: what
+    ``settle_memory`` touches first, the same for the one-variant and the N-variant runs
+    (N + 1 outputs' worth), so neither finds colder pages than the other."""
     out_root = WORK / "sweep-scratch"
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir(parents=True)
@@ -254,7 +257,7 @@ def measure(method: str, count: int, mode: str, size: str, memory: str = "as-is"
     # 577 MB), and without this that work, and any writeback left, landed in the next timed
     # run (until 2026-12-02, mostly in the one-variant runs, which follow the floors).
     os.sync()
-    settle_memory(memory, (count + 1) * out_bytes)
+    settle_memory(memory, warm_bytes)
     cmd = [sys.executable, __file__, "--child", method, str(count), mode, size, str(out_root)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -306,7 +309,8 @@ def main() -> None:
         inputs = method_inputs(method, paths)
         loads = []
         for repeat in range(args.repeat + 1):
-            timed = {label: measure(method, count, mode, args.size, args.memory, out_bytes)
+            timed = {label: measure(method, count, mode, args.size, args.memory,
+                                    (n + 1) * out_bytes)
                      for label, count, mode in modes}
             walls = {"1": io_floor(inputs, out_bytes, 1, False),
                      "N": io_floor(inputs, out_bytes, n, False),
