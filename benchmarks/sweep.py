@@ -13,7 +13,9 @@ one after another, what a sweep cost before the fused pass). Wall time is the ch
 import included; peak RSS is the child's own VmHWM (its ``ru_maxrss`` would include the
 driver's). The ratios N-variant / one-variant are what README quotes (CPU time, user + system, beside them: on a loaded machine wall
 time mostly measures the load); runs alternate (1, N, 1, N, …) so load drifts hit both alike,
-and the first pair is a warm-up (page cache, bytecode) left out of the medians.
+and the first pair is a warm-up (page cache, bytecode) left out of the medians. Every timed
+run and floor starts from a synced disk (deleted files' discards done) and, by default, the
+same warmed memory (``settle_memory``).
 
 ``--through make`` times what a user types instead: ``mergebuild make blend`` (in-process
 in the child, so its own VmHWM is read), where ``blend`` is the same recipe as a Mergefile
