@@ -856,43 +856,34 @@ class CheckpointWriter:
         if slot.nbytes == 0:
             return
         # A view of the tensor's memory without copying; `tensor` stays referenced meanwhile.
-        view = memoryview((ctypes.c_ubyte * slot.nbytes).from_address(tensor.data_ptr())).cast("B")
-        if shard.direct is not None:
-            self._stage_slot(shard, slot, tensor.data_ptr(), view)
-            return
-        if faults.ARMED:  # a reliability test may stop us half-way through this tensor
-            _write_all(shard.fd, view[: slot.nbytes // 2], slot.offset)
-            faults.point("writer.mid_tensor")
-        for begin in range(0, slot.nbytes, _IO_CHUNK):
-            chunk = view[begin : begin + _IO_CHUNK]
-            shard.sha256.update(chunk)
-            shard.xxh128.update(chunk)
-            _write_all(shard.fd, chunk, slot.offset + begin)
-        _start_writeback(shard.fd, slot.offset, slot.nbytes)
-
-    @staticmethod
-    def _stage_slot(shard: _Shard, slot: _Slot, address: int, view: memoryview) -> None:
-        """`_write_slot` through the shard's O_DIRECT stream: hashed a chunk at a time as
-        it is copied into the stream's aligned buffer."""
+        address = tensor.data_ptr()
+        view = memoryview((ctypes.c_ubyte * slot.nbytes).from_address(address)).cast("B")
         direct = shard.direct
-        if direct.position != slot.offset:  # slots are written back to back, in order
+        if direct is not None and direct.position != slot.offset:
             raise ValueError(f"tensor '{slot.name}' is not where the file has got to")
-        begin = 0
-        if faults.ARMED:  # a reliability test may stop us half-way through this tensor
-            half = slot.nbytes // 2
-            shard.sha256.update(view[:half])
-            shard.xxh128.update(view[:half])
-            direct.append(address, half)
-            direct.flush_whole()
-            faults.point("writer.mid_tensor")
-            begin = half
-        while begin < slot.nbytes:
-            end = min(slot.nbytes, begin + _IO_CHUNK)
+
+        def put(begin: int, end: int) -> None:
+            """Hash bytes [begin, end) of the tensor and write them (or stage them, through
+            O_DIRECT, in the stream's aligned buffer)."""
             chunk = view[begin:end]
             shard.sha256.update(chunk)
             shard.xxh128.update(chunk)
-            direct.append(address + begin, end - begin)
-            begin = end
+            if direct is not None:
+                direct.append(address + begin, end - begin)
+            else:
+                _write_all(shard.fd, chunk, slot.offset + begin)
+
+        begin = 0
+        if faults.ARMED:  # a reliability test may stop us half-way through this tensor
+            begin = slot.nbytes // 2
+            put(0, begin)
+            if direct is not None:
+                direct.flush_whole()
+            faults.point("writer.mid_tensor")
+        for start in range(begin, slot.nbytes, _IO_CHUNK):
+            put(start, min(slot.nbytes, start + _IO_CHUNK))
+        if direct is None:
+            _start_writeback(shard.fd, slot.offset, slot.nbytes)
 
 
 class _DirectFile:
